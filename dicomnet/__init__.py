@@ -1,0 +1,55 @@
+"""dicomnet: an asyncio-native DICOM networking framework (PS3.7 DIMSE, PS3.8 Upper Layer)."""
+
+from dicomnet._version import __version__
+from dicomnet.association import Association
+from dicomnet.client import connect, default_contexts
+from dicomnet.contexts import AcceptedContext, PresentationContext
+from dicomnet.errors import (
+    ARTIMTimeout,
+    AssociationAborted,
+    AssociationRejected,
+    ConnectionFailed,
+    ConnectTimeout,
+    DicomNetError,
+    DicomTimeoutError,
+    DimseError,
+    DimseTimeout,
+    IdleTimeout,
+    InvalidStateError,
+    NotNegotiatedError,
+    ProtocolError,
+    Reject,
+)
+from dicomnet.server import AE, Server
+from dicomnet.service import AssociationRequest, EchoRequest, StoreRequest
+from dicomnet.status import Status, StatusCategory
+
+__all__ = [
+    "AE",
+    "ARTIMTimeout",
+    "AcceptedContext",
+    "Association",
+    "AssociationAborted",
+    "AssociationRejected",
+    "AssociationRequest",
+    "ConnectTimeout",
+    "ConnectionFailed",
+    "DicomNetError",
+    "DicomTimeoutError",
+    "DimseError",
+    "DimseTimeout",
+    "EchoRequest",
+    "IdleTimeout",
+    "InvalidStateError",
+    "NotNegotiatedError",
+    "PresentationContext",
+    "ProtocolError",
+    "Reject",
+    "Server",
+    "Status",
+    "StatusCategory",
+    "StoreRequest",
+    "__version__",
+    "connect",
+    "default_contexts",
+]

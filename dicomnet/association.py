@@ -1,0 +1,885 @@
+"""One async `Association` per TCP connection: the shell around the sans-IO core.
+
+A reader task feeds received bytes to the `UpperLayer`, reassembles DIMSE messages,
+routes responses to the waiting request by Message ID Being Responded To, and runs
+SCP handlers in tasks of the association's own task group. Writes go through one
+lock so that a message's PDUs are never interleaved with another's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicomnet.contexts import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    VERIFICATION,
+    AcceptedContext,
+)
+from dicomnet.dimse import (
+    CEchoRQ,
+    CEchoRSP,
+    CFindRQ,
+    CFindRSP,
+    CGetRQ,
+    CGetRSP,
+    CMoveRQ,
+    CMoveRSP,
+    CommandReceived,
+    CStoreRQ,
+    CStoreRSP,
+    DatasetFragment,
+    DimseMessage,
+    MessageAssembler,
+    MessageIDs,
+    OutstandingRequests,
+    encode_command,
+    fragment,
+    max_pdv_data,
+)
+from dicomnet.errors import (
+    AssociationAborted,
+    DicomNetError,
+    DimseError,
+    DimseTimeout,
+    InvalidStateError,
+    NotNegotiatedError,
+    ProtocolError,
+)
+from dicomnet.fsm import State
+from dicomnet.pdu import AAssociateAC, AAssociateRQ, AbortSource, PresentationDataValue
+from dicomnet.service import EchoRequest, StoreRequest
+from dicomnet.status import Status
+from dicomnet.storage import Part10File, Spool, encode_dataset, is_valid_uid, part10_header
+from dicomnet.ul import (
+    NEED_DATA,
+    Aborted,
+    ConnectionClosed,
+    DataReceived,
+    ReleaseConfirmed,
+    ReleaseRequested,
+    UpperLayer,
+)
+
+__all__ = ["Association", "AssociationSettings", "Handlers"]
+
+log = logging.getLogger("dicomnet")
+
+SEND_BATCH = 1 << 20  # bytes per socket write when streaming a data set
+RECEIVE_SIZE = 1 << 18
+MAX_RESPONSE_DATASET = 64 << 20  # a response identifier larger than this is refused
+
+Handler = Callable[..., Any]
+_Delivery = tuple[DimseMessage, bytes | None] | BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationSettings:
+    """Per-association limits and timeouts (seconds; None: no limit)."""
+
+    max_pdu_length: int = 262_144
+    artim_timeout: float = 30.0
+    dimse_timeout: float | None = 60.0
+    idle_timeout: float | None = None
+    spool_threshold: int = 4 << 20
+    spool_dir: Path | None = None
+    fsync: bool = True
+
+
+@dataclass(slots=True)
+class Handlers:
+    """The SCP handlers an association dispatches requests to."""
+
+    on_echo: Handler | None = None
+    on_store: Handler | None = None
+
+
+def _store_status(result: Any) -> tuple[int, str | None]:
+    if result is None:
+        return 0x0000, None
+    if isinstance(result, tuple):
+        status, comment = result
+        return int(status), (str(comment) if comment is not None else None)
+    return int(result), None
+
+
+def _comment(exc: BaseException) -> str:
+    # Error Comment is LO: at most 64 characters (PS3.7 Annex C).
+    text = f"{type(exc).__name__}: {exc}"
+    return text[:64]
+
+
+class _Incoming:
+    """The data set of a message being received."""
+
+    __slots__ = ("buffer", "event", "spool", "status")
+
+    def __init__(self, event: CommandReceived, spool: Spool | None) -> None:
+        self.event = event
+        self.spool = spool
+        self.buffer = bytearray() if spool is None else None
+        self.status: tuple[int, str] | None = None  # a refusal decided before the data set ends
+
+    def write(self, data: memoryview) -> None:
+        if self.spool is not None:
+            self.spool.write(data)
+        elif self.buffer is not None:
+            if len(self.buffer) + len(data) > MAX_RESPONSE_DATASET:
+                raise ProtocolError("response data set larger than 64 MiB")
+            self.buffer += data
+
+
+class Association:
+    """An established association, as requestor (SCU) or acceptor (SCP).
+
+    Made by `dicomnet.connect()` or by `AE.serve()`; not constructed directly.
+    """
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        ul: UpperLayer,
+        *,
+        request: AAssociateRQ,
+        response: AAssociateAC,
+        contexts: dict[int, AcceptedContext],
+        peer_max_pdu_length: int,
+        settings: AssociationSettings,
+        handlers: Handlers | None = None,
+        peer_address: tuple[str, int] = ("", 0),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stream = stream
+        self._ul = ul
+        self.request = request
+        self.response = response
+        self.contexts = contexts
+        self.peer_max_pdu_length = peer_max_pdu_length
+        self.settings = settings
+        self.handlers = handlers or Handlers()
+        self.peer_address = peer_address
+        self.is_requestor = ul.is_requestor
+        self._clock = clock
+        self._send_lock = anyio.Lock()
+        self._ids = MessageIDs()
+        self._outstanding = OutstandingRequests(settings.dimse_timeout, clock)
+        self._waiters: dict[int, MemoryObjectSendStream[_Delivery]] = {}
+        self._assembler = MessageAssembler(self._context_known)
+        self._incoming: _Incoming | None = None
+        self._closed = anyio.Event()
+        self._error: DicomNetError | None = None
+        self._in_flight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._receive_scope: anyio.CancelScope | None = None
+        self._stream_closed = False
+
+    # --- identity --------------------------------------------------------------------------
+
+    @property
+    def local_ae_title(self) -> str:
+        return self.request.calling_ae_title if self.is_requestor else self.request.called_ae_title
+
+    @property
+    def peer_ae_title(self) -> str:
+        return self.request.called_ae_title if self.is_requestor else self.request.calling_ae_title
+
+    @property
+    def is_established(self) -> bool:
+        return self._ul.state == State.STA6
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def accepted_contexts(self) -> list[AcceptedContext]:
+        return list(self.contexts.values())
+
+    def _context_known(self, context_id: int) -> bool:
+        return context_id in self.contexts
+
+    def __repr__(self) -> str:
+        role = "requestor" if self.is_requestor else "acceptor"
+        return (
+            f"<Association {role} {self.local_ae_title!r}<->{self.peer_ae_title!r} "
+            f"state={self._ul.state.name}>"
+        )
+
+    # --- the reader ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read and dispatch until the association ends. Never raises (but cancellation)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                try:
+                    await self._read_loop()
+                except Exception as exc:  # a bug of ours: log it, abort, end cleanly
+                    log.exception("association reader failed")
+                    self._set_error(AssociationAborted(f"internal error: {exc!r}"))
+                    await self._abort_now(str(exc))
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            await self._finish()
+
+    async def _read_loop(self) -> None:
+        ul = self._ul
+        stream = self._stream
+        while True:
+            await self._process_events()
+            out = ul.data_to_send()
+            if out:
+                await self._write(out)
+                if ul.state == State.STA13 and ul.abort_sent is not None:
+                    # We aborted: nothing more to say or hear; close now (PS3.8 AA-1/AA-8).
+                    ul.connection_lost()
+                    continue
+            if ul.state == State.STA1:
+                return
+            deadline = self._next_deadline()
+            timeout = math.inf if deadline is None else max(0.0, deadline - self._clock())
+            data: bytes = b""
+            with anyio.move_on_after(timeout) as scope:
+                self._receive_scope = scope
+                try:
+                    data = await stream.receive(RECEIVE_SIZE)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    data = b""
+                except OSError as exc:
+                    log.debug("connection error: %s", exc)
+                    data = b""
+            self._receive_scope = None
+            if scope.cancelled_caught:
+                self._handle_timers()
+                continue
+            ul.receive_data(data)
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [d for d in (self._ul.get_timer(), self._outstanding.get_timer()) if d]
+        return min(deadlines) if deadlines else None
+
+    def _rearm(self) -> None:
+        """A timer was started outside the reader: shorten the reader's wait to match."""
+        scope = self._receive_scope
+        deadline = self._next_deadline()
+        if scope is not None and deadline is not None:
+            wake = anyio.current_time() + max(0.0, deadline - self._clock())
+            scope.deadline = min(scope.deadline, wake)
+
+    def _handle_timers(self) -> None:
+        expired = self._outstanding.expired()
+        if expired:
+            error = DimseTimeout(
+                f"no DIMSE response within {self.settings.dimse_timeout:g} s "
+                f"(message IDs {sorted(expired)})"
+            )
+            self._set_error(error)
+            for message_id in expired:
+                self._outstanding.responded(message_id, final=True)
+                waiter = self._waiters.get(message_id)
+                if waiter is not None:
+                    try:
+                        waiter.send_nowait(error)
+                    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass
+            self._ul.request_abort(str(error))  # the A-ABORT is written by the read loop
+            return
+        self._ul.handle_timer()
+
+    async def _process_events(self) -> None:
+        ul = self._ul
+        while True:
+            event = ul.next_event()
+            if event is NEED_DATA:
+                return
+            if isinstance(event, DataReceived):
+                try:
+                    for pdv in event.pdu.values:
+                        await self._on_pdv(pdv)
+                except ProtocolError as exc:
+                    log.warning("%r: %s; aborting", self, exc)
+                    self._set_error(exc)
+                    self._discard_incoming()
+                    ul.request_abort(str(exc))
+            elif isinstance(event, ReleaseRequested):
+                log.debug("%r: peer requested release", self)
+                if event.collision and self.is_requestor:
+                    await self._write(ul.release_response())
+                elif not event.collision:
+                    assert self._task_group is not None
+                    self._task_group.start_soon(self._answer_release)
+            elif isinstance(event, ReleaseConfirmed):
+                if ul.state == State.STA12:
+                    await self._write(ul.release_response())
+            elif isinstance(event, Aborted):
+                self._on_aborted(event)
+            elif isinstance(event, ConnectionClosed):
+                self._discard_incoming()
+
+    def _on_aborted(self, event: Aborted) -> None:
+        self._discard_incoming()
+        if event.local:
+            if event.error:
+                log.warning("%r: aborting: %s", self, event.error)
+            if event.source == AbortSource.SERVICE_PROVIDER:
+                # AA-8: the peer sent an invalid or unexpected PDU.
+                self._set_error(ProtocolError(event.error or "invalid PDU received"))
+            else:
+                text = "association aborted locally"
+                self._set_error(
+                    AssociationAborted(
+                        f"{text}: {event.error}" if event.error else text,
+                        event.source,
+                        event.reason,
+                    )
+                )
+        else:
+            who = {0: "peer (service-user)", 2: "service-provider"}.get(event.source, "peer")
+            text = f"association aborted by {who}"
+            if event.error:
+                text += f": {event.error}"
+            log.debug("%r: %s", self, text)
+            self._set_error(AssociationAborted(text, event.source, event.reason))
+
+    def _set_error(self, error: DicomNetError) -> None:
+        if self._error is None:
+            self._error = error
+
+    def _discard_incoming(self) -> None:
+        if self._incoming is not None and self._incoming.spool is not None:
+            self._incoming.spool.discard()
+        self._incoming = None
+
+    async def _answer_release(self) -> None:
+        await self._idle.wait()
+        try:
+            await self._write(self._ul.release_response())
+        except InvalidStateError:
+            pass
+
+    async def _finish(self) -> None:
+        self._discard_incoming()
+        if self._ul.state != State.STA1:
+            self._ul.connection_lost()
+        for waiter in list(self._waiters.values()):
+            waiter.close()
+        await self._close_stream()
+        self._closed.set()
+
+    async def _close_stream(self) -> None:
+        if not self._stream_closed:
+            self._stream_closed = True
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._stream.aclose()
+                except Exception:  # pragma: no cover - closing a broken socket
+                    pass
+
+    # --- receiving DIMSE -------------------------------------------------------------------
+
+    async def _on_pdv(self, pdv: PresentationDataValue) -> None:
+        event = self._assembler.feed(pdv)
+        if event is None:
+            return
+        if isinstance(event, CommandReceived):
+            message = event.message
+            log.debug("%r: received %s", self, message)
+            if not event.has_dataset:
+                if message.is_request:
+                    self._dispatch(event, None)
+                else:
+                    await self._deliver(message, None)
+                return
+            self._incoming = _Incoming(event, self._spool_for(event))
+            return
+        assert isinstance(event, DatasetFragment)
+        incoming = self._incoming
+        if incoming is None:  # pragma: no cover - the assembler guarantees order
+            raise ProtocolError("data set fragment without a command")
+        incoming.write(event.data)
+        if not event.is_last:
+            return
+        self._incoming = None
+        if incoming.spool is not None:
+            incoming.spool.finish()
+            self._dispatch(incoming.event, incoming)
+        elif incoming.event.message.is_request:
+            self._dispatch(incoming.event, incoming)
+        else:
+            await self._deliver(incoming.event.message, bytes(incoming.buffer or b""))
+
+    def _spool_for(self, event: CommandReceived) -> Spool | None:
+        message = event.message
+        if not isinstance(message, CStoreRQ):
+            return None
+        context = self.contexts[event.context_id]
+        if not is_valid_uid(message.affected_sop_instance_uid) or not is_valid_uid(
+            message.affected_sop_class_uid
+        ):
+            return _NullSpool(b"", 0)
+        header = part10_header(
+            message.affected_sop_class_uid,
+            message.affected_sop_instance_uid,
+            context.transfer_syntax,
+            self.peer_ae_title,
+        )
+        return Spool(header, self.settings.spool_threshold, self.settings.spool_dir)
+
+    async def _deliver(self, message: DimseMessage, data: bytes | None) -> None:
+        message_id = getattr(message, "message_id_being_responded_to", None)
+        waiter = self._waiters.get(message_id) if message_id is not None else None
+        if waiter is None:
+            log.warning("%r: response to unknown message ID %s ignored", self, message_id)
+            return
+        final = not Status(getattr(message, "status", 0)).is_pending
+        self._outstanding.responded(message_id, final)  # type: ignore[arg-type]
+        try:
+            await waiter.send((message, data))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    def _dispatch(self, event: CommandReceived, incoming: _Incoming | None) -> None:
+        assert self._task_group is not None
+        self._in_flight += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._task_group.start_soon(self._serve, event, incoming)
+
+    async def _serve(self, event: CommandReceived, incoming: _Incoming | None) -> None:
+        message = event.message
+        context = self.contexts[event.context_id]
+        spool = incoming.spool if incoming is not None else None
+        response: DimseMessage | None = None
+        try:
+            if isinstance(message, CEchoRQ):
+                response = await self._serve_echo(context, message)
+            elif isinstance(message, CStoreRQ):
+                assert spool is not None
+                response = await self._serve_store(context, message, spool)
+            elif isinstance(message, (CFindRQ, CGetRQ, CMoveRQ)):
+                response = _unsupported_response(message)
+            else:
+                log.warning("%r: unexpected request %s ignored", self, type(message).__name__)
+        finally:
+            if spool is not None:
+                spool.close()
+            if response is not None:
+                try:
+                    await self.send_message(context.context_id, response)
+                except DicomNetError as exc:
+                    log.debug("%r: could not send %s: %s", self, type(response).__name__, exc)
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _serve_echo(self, context: AcceptedContext, message: CEchoRQ) -> CEchoRSP:
+        status, comment = 0x0000, None
+        if self.handlers.on_echo is not None:
+            try:
+                status, comment = _store_status(
+                    await self.handlers.on_echo(EchoRequest(self, context, message))
+                )
+            except Exception as exc:
+                log.exception("on_echo handler failed")
+                status, comment = 0xC000, _comment(exc)
+        return CEchoRSP(message.message_id, status, message.affected_sop_class_uid, comment)
+
+    async def _serve_store(
+        self, context: AcceptedContext, message: CStoreRQ, spool: Spool
+    ) -> CStoreRSP:
+        def reply(status: int, comment: str | None = None) -> CStoreRSP:
+            return CStoreRSP(
+                message.message_id,
+                status,
+                message.affected_sop_class_uid,
+                message.affected_sop_instance_uid,
+                comment,
+            )
+
+        if isinstance(spool, _NullSpool):
+            return reply(0xC000, "invalid SOP Class or Instance UID")
+        if message.affected_sop_class_uid != context.abstract_syntax or not context.we_are_scp:
+            return reply(0x0122, "SOP Class not accepted on this presentation context")
+        if self.handlers.on_store is None:
+            return reply(0x0122, "no storage handler")
+        request = StoreRequest(self, context, message, spool, fsync=self.settings.fsync)
+        try:
+            status, comment = _store_status(await self.handlers.on_store(request))
+        except Exception as exc:
+            log.exception("on_store handler failed for %s", message.affected_sop_instance_uid)
+            return reply(0xC000, _comment(exc))
+        return reply(status, comment)
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        async with self._send_lock:
+            await self._write_unlocked(data)
+
+    async def _write_unlocked(self, data: bytes) -> None:
+        try:
+            await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._set_error(AssociationAborted(f"connection lost while sending: {exc!r}"))
+            raise self._termination_error() from exc
+
+    def _check_can_send(self) -> None:
+        if not self._ul.can_send_data:
+            raise self._termination_error()
+
+    def _termination_error(self) -> DicomNetError:
+        if self._error is not None:
+            return self._error
+        return AssociationAborted(f"association is not established ({self._ul.state.name})")
+
+    async def send_message(
+        self, context_id: int, message: DimseMessage, dataset: bytes | memoryview | None = None
+    ) -> None:
+        """Send one DIMSE message (and its data set) as P-DATA-TF PDUs, in one write when small."""
+        log.debug("%r: sending %s", self, message)
+        command = encode_command(message, has_dataset=dataset is not None)
+        max_pdu = self.peer_max_pdu_length
+        async with self._send_lock:
+            self._check_can_send()
+            pieces: Iterable[bytes | memoryview] = fragment(context_id, command, True, max_pdu)
+            if dataset is None:
+                await self._write_unlocked(b"".join(pieces))
+                return
+            batch: list[bytes | memoryview] = list(pieces)
+            size = 0
+            for piece in fragment(context_id, dataset, False, max_pdu):
+                batch.append(piece)
+                size += len(piece)
+                if size >= SEND_BATCH:
+                    await self._write_unlocked(b"".join(batch))
+                    batch, size = [], 0
+            if batch:
+                await self._write_unlocked(b"".join(batch))
+
+    async def _send_file_message(
+        self,
+        context_id: int,
+        message: DimseMessage,
+        part10: Part10File,
+        progress: Callable[[int, int], Any] | None,
+    ) -> None:
+        """Stream a Part-10 file's data set from disk after the command (no decoding)."""
+        log.debug("%r: sending %s from %s", self, message, part10.path)
+        command = encode_command(message, has_dataset=True)
+        max_pdu = self.peer_max_pdu_length
+        per_pdv = max_pdv_data(max_pdu)
+        block_size = max(1, SEND_BATCH // per_pdv) * per_pdv
+        total = part10.dataset_length
+        async with self._send_lock:
+            self._check_can_send()
+            batch: list[bytes | memoryview] = list(fragment(context_id, command, True, max_pdu))
+            with open(part10.path, "rb") as f:
+                f.seek(part10.offset)
+                sent = 0
+                while True:
+                    want = min(block_size, total - sent)
+                    if want > (1 << 16):
+                        block = await anyio.to_thread.run_sync(f.read, want)
+                    else:
+                        block = f.read(want)
+                    if len(block) != want:
+                        raise DicomNetError(f"{part10.path} changed while it was being sent")
+                    sent += len(block)
+                    batch.extend(
+                        fragment(context_id, block, False, max_pdu, is_final=sent >= total)
+                    )
+                    await self._write_unlocked(b"".join(batch))
+                    batch = []
+                    if progress is not None:
+                        progress(sent, total)
+                    if sent >= total:
+                        break
+
+    # --- requests (SCU) --------------------------------------------------------------------
+
+    def _context_for(
+        self, abstract_syntax: str, transfer_syntax: str | None = None
+    ) -> AcceptedContext | None:
+        for context in self.contexts.values():
+            if context.abstract_syntax == abstract_syntax and context.we_are_scu:
+                if transfer_syntax is None or context.transfer_syntax == transfer_syntax:
+                    return context
+        return None
+
+    async def _request(
+        self,
+        make: Callable[[int], DimseMessage],
+        send: Callable[[DimseMessage], Awaitable[None]],
+    ) -> tuple[DimseMessage, bytes | None]:
+        """Send one request and wait for its final response."""
+        message_id = self._ids.allocate()
+        sender, receiver = anyio.create_memory_object_stream[_Delivery](4)
+        self._waiters[message_id] = sender
+        try:
+            if self.is_closed:
+                raise self._termination_error()
+            message = make(message_id)
+            await send(message)
+            self._outstanding.started(message_id)
+            self._rearm()
+            while True:
+                try:
+                    delivery = await receiver.receive()
+                except anyio.EndOfStream:
+                    raise self._termination_error() from None
+                if isinstance(delivery, BaseException):
+                    raise delivery
+                response, data = delivery
+                if not Status(getattr(response, "status", 0)).is_pending:
+                    return response, data
+        finally:
+            self._waiters.pop(message_id, None)
+            self._outstanding.responded(message_id, final=True)
+            self._ids.release(message_id)
+            sender.close()
+            receiver.close()
+
+    async def echo(self) -> Status:
+        """C-ECHO (PS3.7 §9.1.5). Returns the status; a failure raises `DimseError`."""
+        context = self._context_for(VERIFICATION)
+        if context is None:
+            raise NotNegotiatedError("Verification SOP Class (1.2.840.10008.1.1) not accepted")
+        cid = context.context_id
+        response, _ = await self._request(
+            lambda mid: CEchoRQ(mid), lambda msg: self.send_message(cid, msg)
+        )
+        return _check(response)
+
+    async def store(
+        self,
+        dataset_or_path: Dataset | str | os.PathLike[str],
+        *,
+        progress: Callable[[int, int], Any] | None = None,
+        priority: int = 0,
+        move_originator_ae_title: str | None = None,
+        move_originator_message_id: int | None = None,
+    ) -> Status:
+        """C-STORE (PS3.7 §9.1.1) of a pydicom Dataset or a Part-10 file.
+
+        A file is streamed from disk after its file meta, without decoding it, when a
+        context with its own transfer syntax was accepted; otherwise an uncompressed
+        file is converted. `progress(bytes_sent, total)` is called as data goes out.
+        Returns the status (success or warning); a failure raises `DimseError`.
+        """
+        if isinstance(dataset_or_path, Dataset):
+            return await self._store_dataset(
+                dataset_or_path,
+                progress,
+                priority,
+                move_originator_ae_title,
+                move_originator_message_id,
+            )
+        path = Path(dataset_or_path)
+        try:
+            part10 = Part10File.open(path)
+        except ValueError:
+            dataset = await anyio.to_thread.run_sync(lambda: dcmread(path, force=True))
+            return await self._store_dataset(
+                dataset,
+                progress,
+                priority,
+                move_originator_ae_title,
+                move_originator_message_id,
+            )
+        context = self._context_for(part10.sop_class_uid, part10.transfer_syntax)
+        if context is None:
+            if _convertible(part10.transfer_syntax) and self._convertible_context(
+                part10.sop_class_uid
+            ):
+                dataset = await anyio.to_thread.run_sync(lambda: dcmread(path, force=True))
+                return await self._store_dataset(
+                    dataset,
+                    progress,
+                    priority,
+                    move_originator_ae_title,
+                    move_originator_message_id,
+                )
+            raise self._not_negotiated(part10.sop_class_uid, part10.transfer_syntax)
+        cid = context.context_id
+
+        def make(mid: int) -> CStoreRQ:
+            return CStoreRQ(
+                mid,
+                part10.sop_class_uid,
+                part10.sop_instance_uid,
+                priority,
+                move_originator_ae_title,
+                move_originator_message_id,
+            )
+
+        async def send(message: DimseMessage) -> None:
+            await self._send_file_message(cid, message, part10, progress)
+
+        response, _ = await self._request(make, send)
+        return _check(response)
+
+    def _convertible_context(self, sop_class_uid: str) -> AcceptedContext | None:
+        for context in self.contexts.values():
+            if (
+                context.abstract_syntax == sop_class_uid
+                and context.we_are_scu
+                and _convertible(context.transfer_syntax)
+            ):
+                return context
+        return None
+
+    def _not_negotiated(self, sop_class_uid: str, transfer_syntax: str) -> NotNegotiatedError:
+        from pydicom.uid import UID
+
+        offered = sorted(
+            UID(c.transfer_syntax).name
+            for c in self.contexts.values()
+            if c.abstract_syntax == sop_class_uid
+        )
+        text = (
+            f"no accepted presentation context for {UID(sop_class_uid).name} "
+            f"({sop_class_uid}) in {UID(transfer_syntax).name} ({transfer_syntax})"
+        )
+        text += (
+            f"; accepted for this SOP class: {', '.join(offered)}"
+            if offered
+            else ("; the SOP class itself was not accepted")
+        )
+        return NotNegotiatedError(text)
+
+    async def _store_dataset(
+        self,
+        dataset: Dataset,
+        progress: Callable[[int, int], Any] | None,
+        priority: int,
+        move_originator_ae_title: str | None,
+        move_originator_message_id: int | None,
+    ) -> Status:
+        sop_class = str(dataset.get("SOPClassUID", "") or "")
+        sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
+        if not sop_class or not sop_instance:
+            raise ValueError("the data set has no SOP Class UID or SOP Instance UID")
+        meta = getattr(dataset, "file_meta", None)
+        own_ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+        context = self._context_for(sop_class, own_ts) if own_ts else None
+        if context is None and (not own_ts or _convertible(own_ts)):
+            context = self._convertible_context(sop_class)
+        if context is None:
+            raise self._not_negotiated(sop_class, own_ts or UNCOMPRESSED_TRANSFER_SYNTAXES[0])
+        ts = context.transfer_syntax
+        data = await anyio.to_thread.run_sync(lambda: encode_dataset(dataset, ts))
+        cid = context.context_id
+
+        def make(mid: int) -> CStoreRQ:
+            return CStoreRQ(
+                mid,
+                sop_class,
+                sop_instance,
+                priority,
+                move_originator_ae_title,
+                move_originator_message_id,
+            )
+
+        async def send(message: DimseMessage) -> None:
+            await self.send_message(cid, message, data)
+            if progress is not None:
+                progress(len(data), len(data))
+
+        response, _ = await self._request(make, send)
+        return _check(response)
+
+    # --- release and abort -----------------------------------------------------------------
+
+    async def release(self) -> None:
+        """A-RELEASE (PS3.8 §7.2): ask the peer to release and wait until it has."""
+        if self.is_closed:
+            return
+        async with self._send_lock:
+            if self._ul.state != State.STA6:
+                return
+            data = self._ul.release()
+            self._rearm()
+            try:
+                await self._write_unlocked(data)
+            except DicomNetError:
+                pass
+        await self._closed.wait()
+
+    async def abort(self) -> None:
+        """A-ABORT (PS3.8 §7.3): end the association at once."""
+        if self.is_closed:
+            return
+        with anyio.CancelScope(shield=True):
+            self._set_error(AssociationAborted("association aborted locally"))
+            data = self._ul.abort()
+            if data:
+                try:
+                    await self._stream.send(data)
+                except Exception:
+                    pass
+            self._ul.connection_lost()
+            await self._close_stream()
+
+    async def _abort_now(self, error: str) -> None:
+        data = self._ul.abort(error)
+        if data:
+            try:
+                await self._stream.send(data)
+            except Exception:
+                pass
+        self._ul.connection_lost()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+class _NullSpool(Spool):
+    """Swallows a data set that will be refused (its UIDs are unusable)."""
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+
+
+def _convertible(transfer_syntax: str) -> bool:
+    return (
+        transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES
+        or transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+    )
+
+
+def _check(response: DimseMessage) -> Status:
+    status = Status(getattr(response, "status", 0))
+    if status.is_failure or status.is_cancel:
+        raise DimseError(status, getattr(response, "error_comment", None))
+    return status
+
+
+def _unsupported_response(message: CFindRQ | CGetRQ | CMoveRQ) -> DimseMessage:
+    comment = "no handler for this service"
+    if isinstance(message, CFindRQ):
+        return CFindRSP(message.message_id, 0xC000, message.affected_sop_class_uid, comment)
+    if isinstance(message, CGetRQ):
+        return CGetRSP(
+            message.message_id, 0xC000, message.affected_sop_class_uid, error_comment=comment
+        )
+    return CMoveRSP(
+        message.message_id, 0xC000, message.affected_sop_class_uid, error_comment=comment
+    )

@@ -1,0 +1,373 @@
+"""The `dicomnet` command line: echo, store, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from dicomnet._version import __version__
+from dicomnet.client import connect
+from dicomnet.contexts import UNCOMPRESSED_TRANSFER_SYNTAXES, PresentationContext
+from dicomnet.errors import DicomNetError, DimseError
+from dicomnet.storage import Part10File
+
+__all__ = ["main"]
+
+log = logging.getLogger("dicomnet")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aet", default="DICOMNET", help="our AE title (default: DICOMNET)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log associations")
+    parser.add_argument(
+        "--debug", action="store_true", help="log association and DIMSE traffic in detail"
+    )
+
+
+def _remote(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("host", help="the peer's host name or address")
+    parser.add_argument("port", type=int, help="the peer's TCP port")
+    parser.add_argument("--aec", default="ANY-SCP", help="the peer's AE title (default: ANY-SCP)")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="connect/ARTIM timeout, seconds (default 30)"
+    )
+    parser.add_argument(
+        "--dimse-timeout", type=float, default=60.0, help="DIMSE response timeout (default 60)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicomnet", description="DICOM networking: verification, storage and serving."
+    )
+    parser.add_argument("--version", action="version", version=f"dicomnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    echo = sub.add_parser("echo", help="C-ECHO a peer; exit 0 only if every echo succeeded")
+    _remote(echo)
+    _common(echo)
+    echo.add_argument("--count", type=int, default=1, help="number of C-ECHOs (default 1)")
+
+    store = sub.add_parser("store", help="send files and folders (recursive) with C-STORE")
+    _remote(store)
+    _common(store)
+    store.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
+    store.add_argument(
+        "--concurrency", type=int, default=1, help="associations in parallel (default 1)"
+    )
+    store.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+
+    serve = sub.add_parser(
+        "serve", help="run a verification and storage SCP that keeps what it receives"
+    )
+    _common(serve)
+    serve.set_defaults(aet="DICOMNET")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=11112, help="TCP port (default 11112)")
+    serve.add_argument(
+        "--storage", default="./dicomnet-storage", help="folder for received instances"
+    )
+    serve.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="AET=HOST:PORT",
+        help="a known peer (move destination), repeatable",
+    )
+    serve.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="AET",
+        help="accept only these calling AE titles (repeatable)",
+    )
+    serve.add_argument(
+        "--max-associations", type=int, default=None, help="refuse associations past N"
+    )
+    serve.add_argument(
+        "--no-fsync",
+        dest="fsync",
+        action="store_false",
+        help="answer C-STORE before the file is flushed to disk (faster, less durable)",
+    )
+    serve.add_argument(
+        "--idle-timeout", type=float, default=600.0, help="abort silent associations (600 s)"
+    )
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if getattr(args, "verbose", False):
+        level = logging.INFO
+    if getattr(args, "debug", False):
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+# --- echo ------------------------------------------------------------------------------------
+
+
+async def _echo(args: argparse.Namespace) -> int:
+    from dicomnet.contexts import VERIFICATION
+
+    failures = 0
+    async with connect(
+        args.host,
+        args.port,
+        aet=args.aet,
+        aec=args.aec,
+        contexts=[PresentationContext(VERIFICATION)],
+        connect_timeout=args.timeout,
+        artim_timeout=args.timeout,
+        dimse_timeout=args.dimse_timeout,
+    ) as association:
+        for _ in range(max(1, args.count)):
+            start = time.perf_counter()
+            try:
+                status = await association.echo()
+            except DimseError as exc:
+                failures += 1
+                print(f"C-ECHO failed: {exc}")
+                continue
+            elapsed = (time.perf_counter() - start) * 1000
+            print(
+                f"C-ECHO {args.aec}@{args.host}:{args.port}: {status.description} "
+                f"({status}) in {elapsed:.1f} ms"
+            )
+    return 1 if failures else 0
+
+
+# --- store -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _StoreTally:
+    total: int
+    total_bytes: int
+    sent: int = 0
+    warning: int = 0
+    failed: int = 0
+    bytes_done: int = 0
+    failures: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    last_draw: float = 0.0
+    show: bool = False
+
+    def draw(self, force: bool = False) -> None:
+        if not self.show:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        done = self.sent + self.warning + self.failed
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.bytes_done / elapsed / 1e6
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files "
+            f"{self.bytes_done / 1e6:.1f} MB {rate:.1f} MB/s failed {self.failed}  "
+        )
+        sys.stderr.flush()
+
+
+def _collect(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Files to send (folders walked recursively, sorted) and errors for missing paths."""
+    files: list[Path] = []
+    errors: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files.extend(Path(root) / name for name in sorted(names))
+        elif path.is_file():
+            files.append(path)
+        else:
+            errors.append(f"{raw}: no such file or folder")
+    return files, errors
+
+
+def _contexts_for(files: Sequence[Part10File]) -> list[PresentationContext]:
+    """One context per (SOP class, transfer syntax) sent as is, plus a conversion fallback."""
+    pairs: dict[tuple[str, str], None] = {}
+    for f in files:
+        pairs[(f.sop_class_uid, f.transfer_syntax)] = None
+    contexts = [PresentationContext(sop, (ts,)) for sop, ts in pairs]
+    # Where a file is uncompressed, also offer the uncompressed syntaxes to convert to.
+    for sop in dict.fromkeys(sop for sop, ts in pairs if ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
+        contexts.append(PresentationContext(sop, UNCOMPRESSED_TRANSFER_SYNTAXES))
+    return contexts
+
+
+def _batches(files: list[Part10File]) -> list[tuple[list[PresentationContext], list[Part10File]]]:
+    """Split the files so that each batch needs at most 128 presentation contexts."""
+    batches: list[tuple[list[PresentationContext], list[Part10File]]] = []
+    current: list[Part10File] = []
+    for f in files:
+        if len(_contexts_for([*current, f])) > 128 and current:
+            batches.append((_contexts_for(current), current))
+            current = []
+        current.append(f)
+    if current:
+        batches.append((_contexts_for(current), current))
+    return batches
+
+
+async def _store(args: argparse.Namespace) -> int:
+    paths, errors = _collect(args.paths)
+    explicit = {Path(p) for p in args.paths if Path(p).is_file()}
+    infos: list[Part10File] = []
+    skipped = 0
+
+    def inspect() -> None:
+        nonlocal skipped
+        for path in paths:
+            try:
+                infos.append(Part10File.open(path))
+            except Exception as exc:
+                if path in explicit:
+                    errors.append(f"{path}: {exc}")
+                else:
+                    skipped += 1
+                    log.info("skipping %s: %s", path, exc)
+
+    await anyio.to_thread.run_sync(inspect)
+    tally = _StoreTally(
+        total=len(infos),
+        total_bytes=sum(i.dataset_length for i in infos),
+        show=sys.stderr.isatty() and not args.no_progress,
+    )
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    tally.failed += len(errors)
+    tally.total += len(errors)
+
+    async def worker(contexts: list[PresentationContext], queue: list[Part10File]) -> None:
+        attempts = 0
+        while queue:
+            try:
+                async with connect(
+                    args.host,
+                    args.port,
+                    aet=args.aet,
+                    aec=args.aec,
+                    contexts=contexts,
+                    connect_timeout=args.timeout,
+                    artim_timeout=args.timeout,
+                    dimse_timeout=args.dimse_timeout,
+                ) as association:
+                    while queue and not association.is_closed:
+                        item = queue.pop()
+                        try:
+                            status = await association.store(item.path)
+                        except DicomNetError as exc:
+                            tally.failed += 1
+                            tally.failures.append(f"{item.path}: {exc}")
+                        else:
+                            attempts = 0
+                            if status.is_warning:
+                                tally.warning += 1
+                            else:
+                                tally.sent += 1
+                        tally.bytes_done += item.dataset_length
+                        tally.draw()
+            except DicomNetError as exc:
+                tally.failures.append(f"association: {exc}")
+            attempts += 1
+            if attempts >= 3 and queue:
+                # The peer keeps refusing or dropping us: the rest of this queue fails.
+                while queue:
+                    item = queue.pop()
+                    tally.failed += 1
+                    tally.failures.append(f"{item.path}: not sent")
+                return
+
+    for contexts, batch in _batches(infos):
+        queue = list(reversed(batch))
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, min(args.concurrency, len(batch)))):
+                tg.start_soon(worker, contexts, queue)
+    tally.draw(force=True)
+    if tally.show:
+        sys.stderr.write("\n")
+    elapsed = max(time.perf_counter() - tally.started, 1e-9)
+    for failure in tally.failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    mb = tally.bytes_done / 1e6
+    extra = f", skipped {skipped} non-DICOM" if skipped else ""
+    print(
+        f"sent {tally.sent}, warning {tally.warning}, failed {tally.failed}{extra}; "
+        f"{mb:.1f} MB in {elapsed:.2f} s, {mb / elapsed:.1f} MB/s"
+    )
+    return 1 if tally.failed else 0
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+def _parse_peers(raw: Sequence[str]) -> dict[str, tuple[str, int]]:
+    peers: dict[str, tuple[str, int]] = {}
+    for item in raw:
+        try:
+            aet, address = item.split("=", 1)
+            host, port = address.rsplit(":", 1)
+            peers[aet.strip()] = (host, int(port))
+        except ValueError:
+            raise SystemExit(f"dicomnet serve: --peer {item!r} is not AET=HOST:PORT") from None
+    return peers
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from dicomnet.pacs import StorageSCP
+
+    scp = StorageSCP(
+        Path(args.storage),
+        ae_title=args.aet,
+        peers=_parse_peers(args.peer),
+        allowed_calling_ae_titles=args.allow,
+        max_associations=args.max_associations,
+        fsync=args.fsync,
+        idle_timeout=args.idle_timeout,
+    )
+    async with scp.ae.serve(args.host, args.port) as server:
+        print(
+            f"dicomnet {__version__}: {args.aet} listening on {server.host}:{server.port}, "
+            f"storing to {scp.storage.resolve()}",
+            flush=True,
+        )
+        await server.wait_closed()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    runners = {"echo": _echo, "store": _store, "serve": _serve}
+    try:
+        return anyio.run(runners[args.command], args)
+    except KeyboardInterrupt:
+        return 130
+    except DicomNetError as exc:
+        print(f"dicomnet {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""`connect()`: open an association as requestor (SCU) and release it on exit."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+
+from dicomnet.association import Association, AssociationSettings, Handlers
+from dicomnet.contexts import (
+    COMMON_STORAGE_SOP_CLASSES,
+    MODALITY_WORKLIST_FIND,
+    QUERY_RETRIEVE,
+    VERIFICATION,
+    PresentationContext,
+    accepted_as_requestor,
+    build_requestor_contexts,
+)
+from dicomnet.errors import (
+    ARTIMTimeout,
+    AssociationAborted,
+    AssociationRejected,
+    ConnectionFailed,
+    ConnectTimeout,
+    ProtocolError,
+)
+from dicomnet.pdu import (
+    AAssociateRQ,
+    AsyncOperationsWindow,
+    UserIdentityRQ,
+    UserInformation,
+)
+from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnet.transport import next_ul_event
+from dicomnet.ul import Aborted, AssociateAccepted, AssociateRejected, UpperLayer
+
+__all__ = ["connect", "default_contexts", "open_association"]
+
+log = logging.getLogger("dicomnet")
+
+
+def default_contexts() -> list[PresentationContext]:
+    """Verification, Patient/Study Root Q/R, Modality Worklist and common storage classes."""
+    abstract = [VERIFICATION, *QUERY_RETRIEVE, MODALITY_WORKLIST_FIND, *COMMON_STORAGE_SOP_CLASSES]
+    return [PresentationContext(uid) for uid in abstract[:128]]
+
+
+async def open_association(
+    host: str,
+    port: int,
+    *,
+    aet: str = "DICOMNET",
+    aec: str = "ANY-SCP",
+    contexts: Sequence[PresentationContext] | None = None,
+    settings: AssociationSettings | None = None,
+    connect_timeout: float = 30.0,
+    user_identity: UserIdentityRQ | None = None,
+    async_operations_window: tuple[int, int] = (1, 1),
+    handlers: Handlers | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Association:
+    """Connect and negotiate; the caller runs `Association.run()` in a task group."""
+    settings = settings or AssociationSettings()
+    proposed, roles = build_requestor_contexts(
+        list(contexts) if contexts is not None else default_contexts()
+    )
+    window = None
+    if tuple(async_operations_window) != (1, 1):
+        window = AsyncOperationsWindow(*async_operations_window)
+    request = AAssociateRQ(
+        called_ae_title=aec,
+        calling_ae_title=aet,
+        presentation_contexts=proposed,
+        user_information=UserInformation(
+            max_length=settings.max_pdu_length,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+            async_operations_window=window,
+            role_selections=roles,
+            user_identity_rq=user_identity,
+        ),
+    )
+    try:
+        with anyio.fail_after(connect_timeout):
+            stream = await anyio.connect_tcp(host, port)
+    except TimeoutError:
+        raise ConnectTimeout(
+            f"could not connect to {host}:{port} within {connect_timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise ConnectionFailed(
+            f"could not connect to {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    ul = UpperLayer(
+        is_requestor=True,
+        max_pdu_length=settings.max_pdu_length,
+        artim_timeout=settings.artim_timeout,
+        idle_timeout=settings.idle_timeout,
+        clock=clock,
+    )
+    ul.request_association(request)
+    try:
+        await stream.send(ul.connection_made())
+        while True:
+            event = await next_ul_event(stream, ul, clock)
+            if isinstance(event, AssociateAccepted):
+                break
+            if isinstance(event, AssociateRejected):
+                rj = event.response
+                raise AssociationRejected(rj.result, rj.source, rj.reason)
+            if isinstance(event, Aborted):
+                if event.local and "A-ASSOCIATE-RQ" in event.error:
+                    raise ARTIMTimeout(event.error)
+                if event.local:
+                    raise ProtocolError(event.error or "invalid answer to A-ASSOCIATE-RQ")
+                raise AssociationAborted(
+                    "association request aborted by the peer", event.source, event.reason
+                )
+            # Anything else before acceptance means the connection went away.
+            raise AssociationAborted("connection closed before the association was accepted")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    response = event.response
+    accepted = accepted_as_requestor(proposed, response, roles)
+    log.debug(
+        "association %s -> %s accepted: %d of %d contexts",
+        aet,
+        aec,
+        len(accepted),
+        len(proposed),
+    )
+    address = ("", 0)
+    try:
+        address = stream.extra(anyio.abc.SocketAttribute.remote_address)  # type: ignore[assignment]
+    except Exception:  # pragma: no cover
+        pass
+    return Association(
+        stream,
+        ul,
+        request=request,
+        response=response,
+        contexts=accepted,
+        peer_max_pdu_length=response.user_information.max_length or 0,
+        settings=settings,
+        handlers=handlers,
+        peer_address=(str(address[0]), int(address[1])),
+        clock=clock,
+    )
+
+
+@asynccontextmanager
+async def connect(
+    host: str,
+    port: int,
+    *,
+    aet: str = "DICOMNET",
+    aec: str = "ANY-SCP",
+    contexts: Sequence[PresentationContext] | None = None,
+    max_pdu_length: int = 262_144,
+    connect_timeout: float = 30.0,
+    artim_timeout: float = 30.0,
+    dimse_timeout: float | None = 60.0,
+    idle_timeout: float | None = None,
+    user_identity: UserIdentityRQ | None = None,
+    async_operations_window: tuple[int, int] = (1, 1),
+    handlers: Handlers | None = None,
+) -> AsyncIterator[Association]:
+    """Open an association; release it when the block ends, abort it if the block raises.
+
+    `contexts`: what to propose (default: `default_contexts()`). Timeouts in seconds:
+    TCP connect, ARTIM (association and release requests), DIMSE response, idle.
+    """
+    settings = AssociationSettings(
+        max_pdu_length=max_pdu_length,
+        artim_timeout=artim_timeout,
+        dimse_timeout=dimse_timeout,
+        idle_timeout=idle_timeout,
+    )
+    association = await open_association(
+        host,
+        port,
+        aet=aet,
+        aec=aec,
+        contexts=contexts,
+        settings=settings,
+        connect_timeout=connect_timeout,
+        user_identity=user_identity,
+        async_operations_window=async_operations_window,
+        handlers=handlers,
+    )
+    error: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(association.run)
+        try:
+            yield association
+        except BaseException as exc:
+            error = exc
+        with anyio.CancelScope(shield=True):
+            if error is None:
+                await association.release()
+            else:
+                await association.abort()
+            await association.wait_closed()
+    if error is not None:
+        raise error

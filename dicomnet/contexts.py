@@ -1,0 +1,297 @@
+"""Presentation contexts and their negotiation (PS3.8 §7.1.1.13, §9.3.2.2; PS3.7 Annex D).
+
+Sans-IO. `PresentationContext` is what a side proposes (requestor) or supports
+(acceptor); `AcceptedContext` is the negotiated outcome on one association.
+Extended negotiation items (role selection, asynchronous operations window, user
+identity) are answered here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+
+from pydicom._uid_dict import UID_dictionary
+from pydicom.uid import AllTransferSyntaxes
+
+from dicomnet.pdu import (
+    AAssociateAC,
+    AAssociateRQ,
+    AsyncOperationsWindow,
+    PresentationContextAC,
+    PresentationContextResult,
+    PresentationContextRQ,
+    RoleSelection,
+    UserIdentityAC,
+    UserInformation,
+)
+
+__all__ = [
+    "DEFAULT_TRANSFER_SYNTAXES",
+    "AcceptedContext",
+    "PresentationContext",
+    "all_storage_sop_classes",
+    "build_requestor_contexts",
+    "negotiate_as_acceptor",
+]
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+UNCOMPRESSED_TRANSFER_SYNTAXES = (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+)
+DEFAULT_TRANSFER_SYNTAXES = (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN)
+
+VERIFICATION = "1.2.840.10008.1.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+MODALITY_WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+QUERY_RETRIEVE = (
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_MOVE,
+    PATIENT_ROOT_GET,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    STUDY_ROOT_GET,
+)
+
+# The storage SOP classes most often sent, proposed by default (PS3.4 Annex B).
+COMMON_STORAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # Digital Mammography X-Ray Image - For Processing
+    "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis Image
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+    "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image
+    "1.2.840.10008.5.1.4.1.1.12.2",  # X-Ray Radiofluoroscopic Image
+    "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine Image
+    "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography Image
+    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET Image
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
+    "1.2.840.10008.5.1.4.1.1.481.5",  # RT Plan
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+    "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.77.1.4",  # VL Photographic Image
+    "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.9.1.1",  # 12-lead ECG Waveform
+)
+
+
+@cache
+def all_storage_sop_classes() -> tuple[str, ...]:
+    """Every storage SOP class in pydicom's UID dictionary (Storage Commitment excluded)."""
+    return tuple(
+        uid
+        for uid, (name, kind, *_rest) in UID_dictionary.items()
+        if kind == "SOP Class"
+        and "Storage" in name
+        and "Commitment" not in name
+        and "Directory" not in name
+    )
+
+
+@cache
+def all_transfer_syntaxes() -> tuple[str, ...]:
+    """Every transfer syntax pydicom knows, uncompressed first."""
+    rest = [str(ts) for ts in AllTransferSyntaxes if str(ts) not in UNCOMPRESSED_TRANSFER_SYNTAXES]
+    return (
+        *UNCOMPRESSED_TRANSFER_SYNTAXES,
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        *sorted(set(rest) - {DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN}),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PresentationContext:
+    """An abstract syntax with the transfer syntaxes proposed (requestor) or supported.
+
+    `scu_role` / `scp_role`: as requestor, the roles to ask for with SCP/SCU Role
+    Selection (PS3.7 §D.3.3.4) (None: no role selection item); as acceptor, whether a
+    requestor asking for that role gets it.
+    """
+
+    abstract_syntax: str
+    transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedContext:
+    """A presentation context accepted on an association, from our side's point of view.
+
+    `we_are_scu` / `we_are_scp`: the DIMSE roles this side may take on it.
+    """
+
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    we_are_scu: bool = True
+    we_are_scp: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """The outcome of negotiation as acceptor."""
+
+    response: AAssociateAC
+    contexts: dict[int, AcceptedContext] = field(default_factory=dict)
+    peer_max_pdu_length: int = 0
+
+
+def build_requestor_contexts(
+    contexts: Sequence[PresentationContext],
+) -> tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]]:
+    """Number the proposed contexts 1, 3, 5, ... (PS3.8 §9.3.2.2) with their role items."""
+    if len(contexts) > 128:
+        raise ValueError(f"{len(contexts)} presentation contexts proposed; at most 128 fit")
+    items = tuple(
+        PresentationContextRQ(2 * i + 1, ctx.abstract_syntax, tuple(ctx.transfer_syntaxes))
+        for i, ctx in enumerate(contexts)
+    )
+    roles: dict[str, RoleSelection] = {}
+    for ctx in contexts:
+        if ctx.scu_role is not None or ctx.scp_role is not None:
+            roles[ctx.abstract_syntax] = RoleSelection(
+                ctx.abstract_syntax, bool(ctx.scu_role), bool(ctx.scp_role)
+            )
+    return items, tuple(roles.values())
+
+
+def accepted_as_requestor(
+    proposed: Iterable[PresentationContextRQ],
+    response: AAssociateAC,
+    requested_roles: Iterable[RoleSelection],
+) -> dict[int, AcceptedContext]:
+    """The contexts the acceptor accepted, with the roles it granted (PS3.7 Table D.3-10)."""
+    by_id = {ctx.context_id: ctx for ctx in proposed}
+    asked = {role.sop_class_uid: role for role in requested_roles}
+    granted = {role.sop_class_uid: role for role in response.user_information.role_selections}
+    accepted: dict[int, AcceptedContext] = {}
+    for ac in response.presentation_contexts:
+        rq = by_id.get(ac.context_id)
+        if rq is None or not ac.accepted:
+            continue
+        scu, scp = True, False
+        if rq.abstract_syntax in asked:
+            ask = asked[rq.abstract_syntax]
+            grant = granted.get(rq.abstract_syntax)
+            if grant is None:
+                scu, scp = True, False  # defaults apply when the acceptor does not answer
+            else:
+                scu, scp = ask.scu_role and grant.scu_role, ask.scp_role and grant.scp_role
+        accepted[ac.context_id] = AcceptedContext(
+            ac.context_id, rq.abstract_syntax, ac.transfer_syntax, scu, scp
+        )
+    return accepted
+
+
+def negotiate_as_acceptor(
+    request: AAssociateRQ,
+    supported: dict[str, PresentationContext],
+    *,
+    max_pdu_length: int,
+    implementation_class_uid: str,
+    implementation_version_name: str,
+    max_operations_performed: int = 1,
+    user_identity_response: bytes | None = None,
+) -> Negotiated:
+    """Answer each proposed context: the first proposed transfer syntax we support.
+
+    Results per PS3.8 Table 9-18: abstract syntax not supported (3), transfer syntaxes
+    not supported (4). Role selection per PS3.7 §D.3.3.4: a role the requestor asks
+    for is granted when our context allows it.
+    """
+    asked_roles = {role.sop_class_uid: role for role in request.user_information.role_selections}
+    results: list[PresentationContextAC] = []
+    accepted: dict[int, AcceptedContext] = {}
+    granted_roles: dict[str, RoleSelection] = {}
+    for rq in request.presentation_contexts:
+        ours = supported.get(rq.abstract_syntax)
+        if ours is None:
+            results.append(
+                PresentationContextAC(
+                    rq.context_id,
+                    PresentationContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED,
+                    rq.transfer_syntaxes[0],
+                )
+            )
+            continue
+        chosen = next((ts for ts in rq.transfer_syntaxes if ts in ours.transfer_syntaxes), None)
+        if chosen is None:
+            results.append(
+                PresentationContextAC(
+                    rq.context_id,
+                    PresentationContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED,
+                    rq.transfer_syntaxes[0],
+                )
+            )
+            continue
+        # Default roles: requestor SCU, acceptor SCP.
+        their_scu, their_scp = True, False
+        ask = asked_roles.get(rq.abstract_syntax)
+        if ask is not None:
+            their_scu = ask.scu_role and ours.scu_role is not False
+            their_scp = ask.scp_role and bool(ours.scp_role)
+            granted_roles[rq.abstract_syntax] = RoleSelection(
+                rq.abstract_syntax, their_scu, their_scp
+            )
+        results.append(
+            PresentationContextAC(rq.context_id, PresentationContextResult.ACCEPTANCE, chosen)
+        )
+        accepted[rq.context_id] = AcceptedContext(
+            rq.context_id, rq.abstract_syntax, chosen, we_are_scu=their_scp, we_are_scp=their_scu
+        )
+    window = request.user_information.async_operations_window
+    window_ac = None
+    if window is not None:
+        # We invoke one operation at a time as acceptor; perform up to our limit.
+        invoked = 1
+        performed = window.max_invoked if window.max_invoked else max_operations_performed
+        performed = min(performed, max_operations_performed)
+        if (invoked, performed) != (1, 1):
+            window_ac = AsyncOperationsWindow(max_invoked=invoked, max_performed=performed)
+    identity_ac = None
+    identity = request.user_information.user_identity_rq
+    if identity is not None and identity.positive_response_requested:
+        identity_ac = UserIdentityAC(user_identity_response or b"")
+    response = AAssociateAC(
+        called_ae_title=request.called_ae_title,
+        calling_ae_title=request.calling_ae_title,
+        presentation_contexts=tuple(results),
+        user_information=UserInformation(
+            max_length=max_pdu_length,
+            implementation_class_uid=implementation_class_uid,
+            implementation_version_name=implementation_version_name,
+            async_operations_window=window_ac,
+            role_selections=tuple(granted_roles.values()),
+            user_identity_ac=identity_ac,
+        ),
+    )
+    return Negotiated(response, accepted, request.user_information.max_length or 0)

@@ -1,0 +1,556 @@
+"""DIMSE messages (PS3.7 §9, §10): command sets, P-DATA fragmentation, reassembly.
+
+Sans-IO. Command sets are always Implicit VR Little Endian with the Command Group
+Length (0000,0000) first (PS3.7 §6.3.1). A message travels as command PDVs then,
+if the command says so, data set PDVs on the same presentation context (PS3.8
+Annex E).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Final, Union
+
+from dicomnet.errors import ProtocolError
+from dicomnet.pdu import PDV_HEADER_LENGTH, PresentationDataValue, encode_pdata_header
+
+__all__ = [
+    "NO_DATASET",
+    "CCancelRQ",
+    "CEchoRQ",
+    "CEchoRSP",
+    "CFindRQ",
+    "CFindRSP",
+    "CGetRQ",
+    "CGetRSP",
+    "CMoveRQ",
+    "CMoveRSP",
+    "CStoreRQ",
+    "CStoreRSP",
+    "CommandReceived",
+    "DatasetFragment",
+    "DimseMessage",
+    "MessageAssembler",
+    "MessageIDs",
+    "OutstandingRequests",
+    "decode_command",
+    "encode_command",
+    "fragment",
+]
+
+NO_DATASET: Final = 0x0101
+VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
+
+# (0000,eeee) element number -> (keyword, VR)
+_COMMAND_ELEMENTS: dict[int, tuple[str, str]] = {
+    0x0000: ("CommandGroupLength", "UL"),
+    0x0002: ("AffectedSOPClassUID", "UI"),
+    0x0003: ("RequestedSOPClassUID", "UI"),
+    0x0100: ("CommandField", "US"),
+    0x0110: ("MessageID", "US"),
+    0x0120: ("MessageIDBeingRespondedTo", "US"),
+    0x0600: ("MoveDestination", "AE"),
+    0x0700: ("Priority", "US"),
+    0x0800: ("CommandDataSetType", "US"),
+    0x0900: ("Status", "US"),
+    0x0901: ("OffendingElement", "AT"),
+    0x0902: ("ErrorComment", "LO"),
+    0x0903: ("ErrorID", "US"),
+    0x1000: ("AffectedSOPInstanceUID", "UI"),
+    0x1001: ("RequestedSOPInstanceUID", "UI"),
+    0x1002: ("EventTypeID", "US"),
+    0x1005: ("AttributeIdentifierList", "AT"),
+    0x1008: ("ActionTypeID", "US"),
+    0x1020: ("NumberOfRemainingSuboperations", "US"),
+    0x1021: ("NumberOfCompletedSuboperations", "US"),
+    0x1022: ("NumberOfFailedSuboperations", "US"),
+    0x1023: ("NumberOfWarningSuboperations", "US"),
+    0x1030: ("MoveOriginatorApplicationEntityTitle", "AE"),
+    0x1031: ("MoveOriginatorMessageID", "US"),
+}
+_KEYWORD_ELEMENT = {kw: (elem, vr) for elem, (kw, vr) in _COMMAND_ELEMENTS.items()}
+
+# dataclass attribute name -> command keyword
+_ATTRS: dict[str, str] = {
+    "message_id": "MessageID",
+    "message_id_being_responded_to": "MessageIDBeingRespondedTo",
+    "affected_sop_class_uid": "AffectedSOPClassUID",
+    "affected_sop_instance_uid": "AffectedSOPInstanceUID",
+    "requested_sop_class_uid": "RequestedSOPClassUID",
+    "requested_sop_instance_uid": "RequestedSOPInstanceUID",
+    "priority": "Priority",
+    "status": "Status",
+    "error_comment": "ErrorComment",
+    "error_id": "ErrorID",
+    "offending_element": "OffendingElement",
+    "move_destination": "MoveDestination",
+    "move_originator_ae_title": "MoveOriginatorApplicationEntityTitle",
+    "move_originator_message_id": "MoveOriginatorMessageID",
+    "remaining": "NumberOfRemainingSuboperations",
+    "completed": "NumberOfCompletedSuboperations",
+    "failed": "NumberOfFailedSuboperations",
+    "warning": "NumberOfWarningSuboperations",
+}
+
+_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+_UL = struct.Struct("<I")
+
+
+class _Message:
+    command_field: ClassVar[int]
+    is_request: ClassVar[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class CEchoRQ(_Message):
+    """C-ECHO-RQ (PS3.7 §9.3.5.1)."""
+
+    message_id: int
+    affected_sop_class_uid: str = VERIFICATION_SOP_CLASS
+    command_field: ClassVar[int] = 0x0030
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class CEchoRSP(_Message):
+    """C-ECHO-RSP (PS3.7 §9.3.5.2)."""
+
+    message_id_being_responded_to: int
+    status: int = 0
+    affected_sop_class_uid: str | None = VERIFICATION_SOP_CLASS
+    error_comment: str | None = None
+    command_field: ClassVar[int] = 0x8030
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class CStoreRQ(_Message):
+    """C-STORE-RQ (PS3.7 §9.3.1.1)."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    priority: int = 0
+    move_originator_ae_title: str | None = None
+    move_originator_message_id: int | None = None
+    command_field: ClassVar[int] = 0x0001
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class CStoreRSP(_Message):
+    """C-STORE-RSP (PS3.7 §9.3.1.2)."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    error_comment: str | None = None
+    offending_element: tuple[int, ...] | None = None
+    command_field: ClassVar[int] = 0x8001
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class CFindRQ(_Message):
+    """C-FIND-RQ (PS3.7 §9.3.2.1); the identifier follows as the data set."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    priority: int = 0
+    command_field: ClassVar[int] = 0x0020
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class CFindRSP(_Message):
+    """C-FIND-RSP (PS3.7 §9.3.2.2); pending responses carry an identifier."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    error_comment: str | None = None
+    offending_element: tuple[int, ...] | None = None
+    command_field: ClassVar[int] = 0x8020
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class CGetRQ(_Message):
+    """C-GET-RQ (PS3.7 §9.3.3.1)."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    priority: int = 0
+    command_field: ClassVar[int] = 0x0010
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class CGetRSP(_Message):
+    """C-GET-RSP (PS3.7 §9.3.3.2)."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    error_comment: str | None = None
+    command_field: ClassVar[int] = 0x8010
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class CMoveRQ(_Message):
+    """C-MOVE-RQ (PS3.7 §9.3.4.1)."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    move_destination: str
+    priority: int = 0
+    command_field: ClassVar[int] = 0x0021
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class CMoveRSP(_Message):
+    """C-MOVE-RSP (PS3.7 §9.3.4.2)."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    error_comment: str | None = None
+    command_field: ClassVar[int] = 0x8021
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class CCancelRQ(_Message):
+    """C-CANCEL-RQ (PS3.7 §9.3.2.3): cancels the operation it responds to."""
+
+    message_id_being_responded_to: int
+    command_field: ClassVar[int] = 0x0FFF
+    is_request: ClassVar[bool] = True
+
+
+DimseMessage = Union[
+    CEchoRQ,
+    CEchoRSP,
+    CStoreRQ,
+    CStoreRSP,
+    CFindRQ,
+    CFindRSP,
+    CGetRQ,
+    CGetRSP,
+    CMoveRQ,
+    CMoveRSP,
+    CCancelRQ,
+]
+
+_MESSAGE_TYPES: dict[int, type[Any]] = {
+    cls.command_field: cls
+    for cls in (
+        CEchoRQ,
+        CEchoRSP,
+        CStoreRQ,
+        CStoreRSP,
+        CFindRQ,
+        CFindRSP,
+        CGetRQ,
+        CGetRSP,
+        CMoveRQ,
+        CMoveRSP,
+        CCancelRQ,
+    )
+}
+_FIELDS: dict[type[Any], tuple[tuple[str, str, bool], ...]] = {
+    cls: tuple(
+        (f.name, _ATTRS[f.name], f.default is not None and f.default is not f.default_factory)
+        for f in fields(cls)
+    )
+    for cls in _MESSAGE_TYPES.values()
+}
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+def _encode_value(vr: str, value: Any) -> bytes:
+    if vr == "US":
+        return _US.pack(value)
+    if vr == "UL":
+        return _UL.pack(value)
+    if vr == "AT":
+        return b"".join(struct.pack("<HH", tag >> 16, tag & 0xFFFF) for tag in value)
+    raw = str(value).encode("ascii" if vr in ("UI", "AE") else "latin-1", errors="replace")
+    if len(raw) % 2:
+        raw += b"\x00" if vr == "UI" else b" "
+    return raw
+
+
+def encode_command(message: DimseMessage, has_dataset: bool = False) -> bytes:
+    """The command set of `message` (implicit VR LE, group length first)."""
+    elements: list[tuple[int, bytes]] = [
+        (0x0100, _US.pack(message.command_field)),
+        (0x0800, _US.pack(0x0000 if has_dataset else NO_DATASET)),
+    ]
+    for attr, keyword, _ in _FIELDS[type(message)]:
+        value = getattr(message, attr)
+        if value is None:
+            continue
+        element, vr = _KEYWORD_ELEMENT[keyword]
+        elements.append((element, _encode_value(vr, value)))
+    elements.sort()
+    body = b"".join(_ELEMENT.pack(0, e, len(v)) + v for e, v in elements)
+    return _ELEMENT.pack(0, 0, 4) + _UL.pack(len(body)) + body
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def _decode_value(vr: str, raw: memoryview) -> Any:
+    if vr == "US":
+        if len(raw) != 2:
+            raise ProtocolError("US command element must be 2 bytes")
+        return _US.unpack(raw)[0]
+    if vr == "UL":
+        if len(raw) != 4:
+            raise ProtocolError("UL command element must be 4 bytes")
+        return _UL.unpack(raw)[0]
+    if vr == "AT":
+        if len(raw) % 4:
+            raise ProtocolError("AT command element length is not a multiple of 4")
+        return tuple(
+            (g << 16) | e for g, e in struct.iter_unpack("<HH", raw)
+        )
+    text = bytes(raw).decode("ascii" if vr in ("UI", "AE") else "latin-1", errors="replace")
+    return text.strip("\x00 ")
+
+
+def parse_command_elements(data: bytes | memoryview) -> dict[str, Any]:
+    """Parse a command set into {keyword: value}; unknown group-0000 elements are skipped."""
+    view = memoryview(data)
+    values: dict[str, Any] = {}
+    offset = 0
+    end = len(view)
+    while offset < end:
+        if end - offset < 8:
+            raise ProtocolError("command set: truncated element header")
+        group, element, length = _ELEMENT.unpack_from(view, offset)
+        offset += 8
+        if group != 0:
+            raise ProtocolError(f"command set holds element ({group:04X},{element:04X})")
+        if length > end - offset:
+            raise ProtocolError(f"command set: element (0000,{element:04X}) overruns")
+        spec = _COMMAND_ELEMENTS.get(element)
+        if spec is not None:
+            values[spec[0]] = _decode_value(spec[1], view[offset : offset + length])
+        offset += length
+    return values
+
+
+def decode_command(data: bytes | memoryview) -> tuple[DimseMessage, bool]:
+    """Decode a command set into (message, has_dataset)."""
+    values = parse_command_elements(data)
+    command_field = values.get("CommandField")
+    if command_field is None:
+        raise ProtocolError("command set has no Command Field (0000,0100)")
+    cls = _MESSAGE_TYPES.get(command_field)
+    if cls is None:
+        raise ProtocolError(f"unsupported DIMSE command field 0x{command_field:04X}")
+    kwargs: dict[str, Any] = {}
+    for attr, keyword, _ in _FIELDS[cls]:
+        if keyword in values:
+            kwargs[attr] = values[keyword]
+    try:
+        message = cls(**kwargs)
+    except TypeError:
+        missing = [a for a, _, _ in _FIELDS[cls] if a not in kwargs]
+        raise ProtocolError(f"{cls.__name__} lacks required fields: {missing}") from None
+    data_set_type = values.get("CommandDataSetType", NO_DATASET)
+    return message, data_set_type != NO_DATASET
+
+
+# --- fragmentation ---------------------------------------------------------------------------
+
+DEFAULT_FRAGMENT = 1 << 20  # data bytes per PDV when the peer sets no maximum
+
+
+def max_pdv_data(max_pdu_length: int) -> int:
+    """Bytes of data one P-DATA-TF PDU of at most `max_pdu_length` can carry in one PDV."""
+    if max_pdu_length == 0:
+        return DEFAULT_FRAGMENT
+    return max(1, max_pdu_length - PDV_HEADER_LENGTH)
+
+
+def fragment(
+    context_id: int,
+    data: bytes | memoryview,
+    is_command: bool,
+    max_pdu_length: int,
+    *,
+    is_final: bool = True,
+) -> Iterator[bytes | memoryview]:
+    """P-DATA-TF PDUs carrying `data`, one PDV each, as header/data pieces to write.
+
+    `is_final`: the last piece of `data` ends the command or data set (the last-fragment
+    bit is set on it). The pieces share `data`'s memory (no copy).
+    """
+    view = memoryview(data)
+    chunk = max_pdv_data(max_pdu_length)
+    total = len(view)
+    offset = 0
+    base = 1 if is_command else 0
+    while True:
+        size = min(chunk, total - offset)
+        last = offset + size >= total
+        control = base | (2 if last and is_final else 0)
+        yield encode_pdata_header(context_id, control, size)
+        yield view[offset : offset + size]
+        offset += size
+        if last:
+            return
+
+
+def encode_message(
+    context_id: int,
+    message: DimseMessage,
+    dataset: bytes | memoryview | None,
+    max_pdu_length: int,
+) -> bytes:
+    """A whole message (command and, if given, the data set) as P-DATA-TF PDUs, joined."""
+    command = encode_command(message, has_dataset=dataset is not None)
+    pieces = list(fragment(context_id, command, True, max_pdu_length))
+    if dataset is not None:
+        pieces.extend(fragment(context_id, dataset, False, max_pdu_length))
+    return b"".join(pieces)
+
+
+# --- reassembly ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived:
+    """A complete command set arrived; `has_dataset` says whether data set PDVs follow."""
+
+    context_id: int
+    message: DimseMessage
+    has_dataset: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetFragment:
+    """One PDV of the data set of the last command; `is_last` ends it."""
+
+    context_id: int
+    data: memoryview
+    is_last: bool
+
+
+class MessageAssembler:
+    """Reassembles PDVs into commands and data set fragments (PS3.8 Annex E)."""
+
+    def __init__(self, is_context_valid: Callable[[int], bool] | None = None) -> None:
+        self._command = bytearray()
+        self._command_context: int | None = None
+        self._dataset_context: int | None = None
+        self._is_context_valid = is_context_valid
+
+    @property
+    def in_message(self) -> bool:
+        """A message has started and is not complete yet."""
+        return self._command_context is not None or self._dataset_context is not None
+
+    def feed(self, pdv: PresentationDataValue) -> CommandReceived | DatasetFragment | None:
+        context_id = pdv.context_id
+        if self._is_context_valid is not None and not self._is_context_valid(context_id):
+            raise ProtocolError(f"PDV on presentation context {context_id}, which is not accepted")
+        if pdv.is_command:
+            if self._dataset_context is not None:
+                raise ProtocolError("command fragment received in the middle of a data set")
+            if self._command_context is None:
+                self._command_context = context_id
+            elif context_id != self._command_context:
+                raise ProtocolError("command fragments on different presentation contexts")
+            self._command += pdv.data
+            if len(self._command) > 1 << 20:
+                raise ProtocolError("command set larger than 1 MiB")
+            if not pdv.is_last:
+                return None
+            raw = bytes(self._command)
+            self._command.clear()
+            self._command_context = None
+            message, has_dataset = decode_command(raw)
+            if has_dataset:
+                self._dataset_context = context_id
+            return CommandReceived(context_id, message, has_dataset)
+        if self._dataset_context is None:
+            raise ProtocolError("data set fragment received without a command")
+        if context_id != self._dataset_context:
+            raise ProtocolError("data set fragment on a different presentation context")
+        if pdv.is_last:
+            self._dataset_context = None
+        data = pdv.data if isinstance(pdv.data, memoryview) else memoryview(pdv.data)
+        return DatasetFragment(context_id, data, pdv.is_last)
+
+
+# --- message IDs and DIMSE timeouts ----------------------------------------------------------
+
+
+class MessageIDs:
+    """Allocates Message IDs (1..65535) unique among the outstanding requests."""
+
+    def __init__(self) -> None:
+        self._next = 1
+        self.outstanding: set[int] = set()
+
+    def allocate(self) -> int:
+        if len(self.outstanding) >= 0xFFFF:
+            raise RuntimeError("all 65535 message IDs are outstanding")
+        while True:
+            candidate = self._next
+            self._next = candidate % 0xFFFF + 1
+            if candidate not in self.outstanding:
+                self.outstanding.add(candidate)
+                return candidate
+
+    def release(self, message_id: int) -> None:
+        self.outstanding.discard(message_id)
+
+
+class OutstandingRequests:
+    """DIMSE response deadlines per outstanding Message ID, on an injected clock.
+
+    Each response (pending ones too) restarts that request's deadline.
+    """
+
+    def __init__(self, timeout: float | None, clock: Callable[[], float]) -> None:
+        self.timeout = timeout
+        self._clock = clock
+        self._deadlines: dict[int, float] = {}
+
+    def started(self, message_id: int) -> None:
+        if self.timeout is not None:
+            self._deadlines[message_id] = self._clock() + self.timeout
+
+    def responded(self, message_id: int, final: bool) -> None:
+        if final:
+            self._deadlines.pop(message_id, None)
+        elif message_id in self._deadlines and self.timeout is not None:
+            self._deadlines[message_id] = self._clock() + self.timeout
+
+    def get_timer(self) -> float | None:
+        return min(self._deadlines.values()) if self._deadlines else None
+
+    def expired(self) -> list[int]:
+        now = self._clock()
+        return [mid for mid, deadline in self._deadlines.items() if now >= deadline]

@@ -1,0 +1,113 @@
+"""The exception hierarchy: everything dicomnet raises derives from `DicomNetError`."""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "ARTIMTimeout",
+    "AssociationAborted",
+    "AssociationRejected",
+    "ConnectTimeout",
+    "ConnectionFailed",
+    "DicomNetError",
+    "DicomTimeoutError",
+    "DimseError",
+    "DimseTimeout",
+    "IdleTimeout",
+    "InvalidStateError",
+    "NotNegotiatedError",
+    "ProtocolError",
+    "Reject",
+]
+
+
+class DicomNetError(Exception):
+    """Root of every error dicomnet raises."""
+
+
+class ProtocolError(DicomNetError):
+    """The peer sent something the standard does not allow (the association is aborted)."""
+
+
+class InvalidStateError(DicomNetError):
+    """A local request that the Upper Layer state machine does not allow in its current state."""
+
+
+class AssociationRejected(DicomNetError):
+    """The peer answered A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 Table 9-21)."""
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        from dicomnet.pdu import describe_rejection
+
+        self.result = result
+        self.source = source
+        self.reason = reason
+        super().__init__(describe_rejection(result, source, reason))
+
+
+class AssociationAborted(DicomNetError):
+    """The association ended by A-ABORT or A-P-ABORT, or the connection was lost."""
+
+    def __init__(self, message: str, source: int | None = None, reason: int | None = None) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(message)
+
+
+class DimseError(DicomNetError):
+    """A DIMSE response with a failure (or otherwise unexpected) status."""
+
+    def __init__(self, status: int, error_comment: str | None = None, message: str = "") -> None:
+        from dicomnet.status import Status
+
+        self.status = Status(status)
+        self.error_comment = error_comment
+        text = message or f"DIMSE operation failed with status {self.status!r}"
+        if error_comment:
+            text += f": {error_comment}"
+        super().__init__(text)
+
+
+class ConnectionFailed(DicomNetError, ConnectionError):
+    """The TCP connection to the peer could not be opened (refused, unreachable)."""
+
+
+class NotNegotiatedError(DicomNetError):
+    """No accepted presentation context fits what is about to be sent."""
+
+
+class DicomTimeoutError(DicomNetError, builtins.TimeoutError):
+    """Base of dicomnet's timeouts (also a builtin `TimeoutError`)."""
+
+
+class ConnectTimeout(DicomTimeoutError):
+    """The TCP connection could not be opened in time."""
+
+
+class ARTIMTimeout(DicomTimeoutError):
+    """The association request, response or release was not answered in time (PS3.8 §9.1.5)."""
+
+
+class DimseTimeout(DicomTimeoutError):
+    """A DIMSE response did not arrive in time."""
+
+
+class IdleTimeout(DicomTimeoutError):
+    """Nothing arrived on the association for longer than the idle (network) timeout."""
+
+
+class Reject(DicomNetError):
+    """Raised by an `on_association` handler to refuse with A-ASSOCIATE-RJ (PS3.8 Table 9-21).
+
+    `result` 1 = rejected-permanent, 2 = rejected-transient; `source` 1 = service-user,
+    2 = service-provider (ACSE), 3 = service-provider (presentation); `reason` as in the table.
+    """
+
+    def __init__(self, result: int = 1, source: int = 1, reason: int = 1) -> None:
+        from dicomnet.pdu import describe_rejection
+
+        self.result = result
+        self.source = source
+        self.reason = reason
+        super().__init__(describe_rejection(result, source, reason))

@@ -1,0 +1,317 @@
+"""Part-10 files in and out: spooling received data sets, atomic writes, streaming reads.
+
+- `Spool`: a received data set, in memory up to a threshold, then in a temp file that
+  already starts with the Part-10 preamble and file meta (PS3.10 §7.1), so saving it is
+  an fsync and a rename. A discarded spool leaves nothing behind.
+- `Part10File`: what the SCU needs of a file to send it (transfer syntax, SOP Class and
+  Instance UIDs from the data set itself, the data set's byte range) without decoding it.
+- `encode_dataset` / `decode_dataset`: pydicom data sets to and from a transfer syntax.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+import anyio.to_thread
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import UID
+
+from dicomnet._version import __version__
+from dicomnet.contexts import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "Part10File",
+    "Spool",
+    "decode_dataset",
+    "encode_dataset",
+    "is_valid_uid",
+    "part10_header",
+    "write_atomic",
+]
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1452.1"
+IMPLEMENTATION_VERSION_NAME = f"DICOMNET_{__version__}"[:16]
+
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def is_valid_uid(uid: str) -> bool:
+    """A UID per PS3.5 §9.1: digits and dots, at most 64 characters (safe as a file name)."""
+    return 0 < len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
+
+
+def part10_header(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae_title: str = ""
+) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group (PS3.10 §7.1)."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae_title:
+        meta.SourceApplicationEntityTitle = source_ae_title
+    buffer = DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, chunks: list[bytes | memoryview], fsync: bool = True) -> None:
+    """Write `chunks` to `path` via a temp file in the same folder, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        _fsync_directory(path.parent)
+
+
+class Spool:
+    """A data set arriving in fragments: memory up to `threshold` bytes, then a temp file.
+
+    The temp file (in `directory`, created lazily) starts with `header` (preamble + file
+    meta), so `save()` on the same file system renames it into place without a copy.
+    """
+
+    def __init__(self, header: bytes, threshold: int, directory: Path | None = None) -> None:
+        self.header = header
+        self.threshold = threshold
+        self.directory = directory
+        self.size = 0
+        self._memory: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
+        self._path: Path | None = None
+        self._owned = True  # False once the temp file was renamed to a saved file
+        self.complete = False
+
+    @property
+    def on_disk(self) -> bool:
+        return self._path is not None
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self._memory is not None:
+            if len(self._memory) + len(data) <= self.threshold:
+                self._memory += data
+                return
+            self._spill()
+        assert self._file is not None
+        self._file.write(data)
+
+    def _spill(self) -> None:
+        directory = self.directory or Path(tempfile.gettempdir())
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".dicomnet-", suffix=".part", dir=directory)
+        self._path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(self.header)
+        assert self._memory is not None
+        self._file.write(self._memory)
+        self._memory = None
+
+    def finish(self) -> None:
+        """The last fragment has arrived."""
+        self.complete = True
+        if self._file is not None:
+            self._file.flush()
+
+    def discard(self) -> None:
+        """Drop everything; no file is left behind."""
+        self._memory = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            try:
+                self._path.unlink()
+            except FileNotFoundError:
+                pass
+            self._path = None
+
+    def dataset_bytes(self) -> bytes:
+        """The data set bytes exactly as received."""
+        if self._memory is not None:
+            return bytes(self._memory)
+        if self._path is None:
+            raise RuntimeError("the data set is only available while its handler runs")
+        with open(self._path, "rb") as f:
+            f.seek(len(self.header))
+            return f.read()
+
+    def open_part10(self) -> BinaryIO:
+        """A readable Part-10 file object (header + data set)."""
+        if self._memory is not None:
+            return io.BytesIO(self.header + self._memory)
+        if self._path is None:
+            raise RuntimeError("the data set is only available while its handler runs")
+        return open(self._path, "rb")
+
+    def _save_sync(self, path: Path, fsync: bool) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self._memory is not None:
+            write_atomic(path, [self.header, memoryview(self._memory)], fsync)
+            return path
+        assert self._path is not None and self._file is not None
+        self._file.flush()
+        if fsync:
+            os.fsync(self._file.fileno())
+        try:
+            os.replace(self._path, path)
+        except OSError:
+            # Another file system: copy through a temp file next to the target.
+            with open(self._path, "rb") as src:
+                chunks: list[bytes | memoryview] = []
+                while block := src.read(1 << 20):
+                    chunks.append(block)
+            write_atomic(path, chunks, fsync)
+            return path
+        if fsync:
+            _fsync_directory(path.parent)
+        # The spool now lives at `path`; keep reading from there.
+        self._path = path
+        self._file.close()
+        self._file = open(path, "rb+")
+        self._file.seek(0, os.SEEK_END)
+        self._owned = False
+        return path
+
+    async def save(self, path: str | os.PathLike[str], *, fsync: bool = True) -> Path:
+        """Write the Part-10 file atomically (temp + fsync + rename) at `path`."""
+        target = Path(path)
+        if self._path is not None and not self._owned:
+            # Already moved into place once: copy from there.
+            if target.resolve() == self._path.resolve():
+                return target
+            src = self._path
+            await anyio.to_thread.run_sync(_copy_atomic, src, target, fsync)
+            return target
+        return await anyio.to_thread.run_sync(self._save_sync, target, fsync)
+
+    def close(self) -> None:
+        """Release the spool after the handler is done; delete an unsaved temp file."""
+        if not self._owned:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._memory = None
+            return
+        self.discard()
+
+
+def _copy_atomic(src: Path, target: Path, fsync: bool) -> None:
+    with open(src, "rb") as f:
+        data = f.read()
+    write_atomic(target, [data], fsync)
+
+
+@dataclass(frozen=True, slots=True)
+class Part10File:
+    """A Part-10 file as the SCU sends it: its data set streamed from `offset` to the end."""
+
+    path: Path
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    offset: int
+    size: int
+
+    @property
+    def dataset_length(self) -> int:
+        return self.size - self.offset
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Part10File:
+        """Read only the file meta and the SOP Class/Instance UIDs of the data set.
+
+        Raises `ValueError` for a file that is not Part-10 (no preamble/meta).
+        """
+        p = Path(path)
+        with open(p, "rb") as f:
+            preamble = f.read(132)
+            if len(preamble) < 132 or preamble[128:132] != b"DICM":
+                raise ValueError(f"{p} is not a DICOM Part-10 file (no 'DICM' prefix)")
+            meta = _read_file_meta_info(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+        transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+        if not transfer_syntax:
+            raise ValueError(f"{p} has no Transfer Syntax UID in its file meta")
+        ds = dcmread(p, stop_before_pixels=True, specific_tags=[0x00080016, 0x00080018], force=True)
+        sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
+        sop_instance = str(
+            ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")
+        )
+        if not sop_class or not sop_instance:
+            raise ValueError(f"{p} has no SOP Class UID or SOP Instance UID")
+        return cls(p, transfer_syntax, sop_class, sop_instance, offset, size)
+
+
+def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:
+    """Encode `dataset` (no file meta) in `transfer_syntax` (PS3.5 §10; Annex A.5 deflate)."""
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = little
+    buffer.is_implicit_VR = implicit
+    write_dataset(buffer, dataset)
+    data = buffer.getvalue()
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = compressor.compress(data) + compressor.flush()
+        if len(data) % 2:
+            data += b"\x00"
+    return data
+
+
+def decode_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    """Decode data set bytes received in `transfer_syntax` (PS3.5 §10)."""
+    header = part10_header("1.2.3", "1.2.3", transfer_syntax)
+    ds = dcmread(io.BytesIO(header + bytes(data)), force=True)
+    del ds.file_meta
+    return ds

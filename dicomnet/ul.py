@@ -1,0 +1,546 @@
+"""The Upper Layer protocol machine (PS3.8 §9.2), sans-IO.
+
+One `UpperLayer` per TCP connection. The async shell feeds it bytes with
+`receive_data()`, takes events from `next_event()` until `NEED_DATA`, writes out
+whatever `data_to_send()` returns, and calls `handle_timer()` when the deadline
+from `get_timer()` passes. Local requests (`accept()`, `release()`, `abort()`, ...)
+return the bytes to write. Every decision follows `dicomnet.fsm.TRANSITIONS`.
+
+Time comes from the injected `clock` (seconds, monotonic), so ARTIM, the
+association/release request timeout and the idle timeout are testable without
+sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Union
+
+from dicomnet.errors import InvalidStateError, ProtocolError
+from dicomnet.fsm import TRANSITIONS, Action, Event, State
+from dicomnet.pdu import (
+    PDU_HEADER_LENGTH,
+    PDU,
+    AAbort,
+    AAssociateAC,
+    AAssociateRJ,
+    AAssociateRQ,
+    AbortReason,
+    AbortSource,
+    AReleaseRP,
+    AReleaseRQ,
+    PDataTF,
+    PDUType,
+    decode_pdu,
+    parse_pdu_header,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "Aborted",
+    "AssociateAccepted",
+    "AssociateRejected",
+    "AssociateRequested",
+    "ConnectionClosed",
+    "DataReceived",
+    "ReleaseConfirmed",
+    "ReleaseRequested",
+    "UpperLayer",
+    "ULEvent",
+]
+
+# Association-phase PDUs are small; a length above this is refused before allocating.
+MAX_ASSOCIATION_PDU_LENGTH: Final = 1 << 20
+# With no maximum advertised (0 = unlimited) we still refuse P-DATA-TF PDUs above this.
+HARD_MAX_PDU_LENGTH: Final = 64 << 20
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateRequested:
+    """A-ASSOCIATE indication: the peer asks for an association (acceptor, now in Sta3)."""
+
+    request: AAssociateRQ
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateAccepted:
+    """A-ASSOCIATE confirmation (accept): the association is established (requestor)."""
+
+    response: AAssociateAC
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateRejected:
+    """A-ASSOCIATE confirmation (reject) (requestor)."""
+
+    response: AAssociateRJ
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """P-DATA indication."""
+
+    pdu: PDataTF
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequested:
+    """A-RELEASE indication: answer with `release_response()` once done sending.
+
+    `collision` is true when both sides asked to release at once (PS3.8 §9.2.5).
+    """
+
+    collision: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseConfirmed:
+    """A-RELEASE confirmation: the peer answered our A-RELEASE-RQ."""
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    """A-ABORT or A-P-ABORT indication, or a local abort forced by a timer or bad PDU.
+
+    `source`/`reason` are those of the A-ABORT PDU (received or sent). `local` is true
+    when this side aborted (`error` then says why: a `ProtocolError` or a timeout text).
+    """
+
+    source: int
+    reason: int
+    local: bool
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The transport connection is (to be) closed; the machine is back in Sta1."""
+
+
+ULEvent = Union[
+    AssociateRequested,
+    AssociateAccepted,
+    AssociateRejected,
+    DataReceived,
+    ReleaseRequested,
+    ReleaseConfirmed,
+    Aborted,
+    ConnectionClosed,
+]
+
+_PDU_EVENTS: dict[int, Event] = {
+    PDUType.A_ASSOCIATE_AC: Event.EVT3,
+    PDUType.A_ASSOCIATE_RJ: Event.EVT4,
+    PDUType.A_ASSOCIATE_RQ: Event.EVT6,
+    PDUType.P_DATA_TF: Event.EVT10,
+    PDUType.A_RELEASE_RQ: Event.EVT12,
+    PDUType.A_RELEASE_RP: Event.EVT13,
+    PDUType.A_ABORT: Event.EVT16,
+}
+
+
+class UpperLayer:
+    """The PS3.8 protocol machine for one transport connection.
+
+    `is_requestor`: this side opened the connection. `max_pdu_length`: the largest
+    P-DATA-TF PDU we accept (what we advertise; 0 for no limit). `artim_timeout`:
+    seconds for ARTIM and for the peer's answer to our A-ASSOCIATE-RQ or A-RELEASE-RQ.
+    `idle_timeout`: seconds without any received byte after which the association is
+    aborted (None: never).
+    """
+
+    def __init__(
+        self,
+        *,
+        is_requestor: bool,
+        max_pdu_length: int = 0,
+        artim_timeout: float = 30.0,
+        idle_timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.is_requestor = is_requestor
+        self.state = State.STA1
+        self.max_pdu_length = max_pdu_length
+        self.artim_timeout = artim_timeout
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._buffer = bytearray()
+        self._events: deque[ULEvent] = deque()
+        self._outbound = bytearray()
+        self._artim_deadline: float | None = None
+        self._request_deadline: float | None = None
+        self._last_received = clock()
+        self._pending_rq: AAssociateRQ | None = None
+        self._pending_pdu: PDU | None = None
+        self._pending_error = ""
+        self._discard = False
+        self.abort_sent: AAbort | None = None
+        self.request: AAssociateRQ | None = None
+        self.response: AAssociateAC | AAssociateRJ | None = None
+
+    # --- the table --------------------------------------------------------------------------
+
+    def _fire(self, event: Event) -> None:
+        action = TRANSITIONS.get((self.state, event))
+        if action is None:
+            raise InvalidStateError(
+                f"{event.name} is not allowed in {self.state.name} (PS3.8 Table 9-10)"
+            )
+        getattr(self, "_" + action.name.lower())()
+
+    def _emit(self, event: ULEvent) -> None:
+        self._events.append(event)
+
+    def _send_pdu(self, pdu: PDU) -> None:
+        self._outbound += pdu.encode()
+
+    def _start_artim(self) -> None:
+        self._artim_deadline = self._clock() + self.artim_timeout
+
+    def _stop_artim(self) -> None:
+        self._artim_deadline = None
+
+    def _closed(self) -> None:
+        self.state = State.STA1
+        self._artim_deadline = None
+        self._request_deadline = None
+        self._emit(ConnectionClosed())
+
+    # AE: association establishment
+    def _ae_1(self) -> None:
+        self.state = State.STA4
+
+    def _ae_2(self) -> None:
+        assert self._pending_rq is not None
+        self._send_pdu(self._pending_rq)
+        self._request_deadline = self._clock() + self.artim_timeout
+        self.state = State.STA5
+
+    def _ae_3(self) -> None:
+        assert isinstance(self._pending_pdu, AAssociateAC)
+        self.response = self._pending_pdu
+        self._request_deadline = None
+        self.state = State.STA6
+        self._emit(AssociateAccepted(self._pending_pdu))
+
+    def _ae_4(self) -> None:
+        assert isinstance(self._pending_pdu, AAssociateRJ)
+        self.response = self._pending_pdu
+        self._emit(AssociateRejected(self._pending_pdu))
+        self._closed()
+
+    def _ae_5(self) -> None:
+        self._start_artim()
+        self.state = State.STA2
+
+    def _ae_6(self) -> None:
+        # Acceptability by the service-provider: protocol version 1 (bit 0) must be supported.
+        assert isinstance(self._pending_pdu, AAssociateRQ)
+        self._stop_artim()
+        self.request = self._pending_pdu
+        if not self._pending_pdu.protocol_version & 1:
+            self.response = AAssociateRJ(1, 2, 2)  # permanent, ACSE, protocol version
+            self._send_pdu(self.response)
+            self._start_artim()
+            self.state = State.STA13
+            return
+        self.state = State.STA3
+        self._emit(AssociateRequested(self._pending_pdu))
+
+    def _ae_7(self) -> None:
+        assert isinstance(self._pending_pdu, AAssociateAC)
+        self.response = self._pending_pdu
+        self._send_pdu(self._pending_pdu)
+        self.state = State.STA6
+
+    def _ae_8(self) -> None:
+        assert isinstance(self._pending_pdu, AAssociateRJ)
+        self.response = self._pending_pdu
+        self._send_pdu(self._pending_pdu)
+        self._start_artim()
+        self.state = State.STA13
+
+    # DT: data transfer
+    def _dt_1(self) -> None:
+        self.state = State.STA6
+
+    def _dt_2(self) -> None:
+        assert isinstance(self._pending_pdu, PDataTF)
+        self._emit(DataReceived(self._pending_pdu))
+        self.state = State.STA6
+
+    # AR: association release
+    def _ar_1(self) -> None:
+        self._send_pdu(AReleaseRQ())
+        self._request_deadline = self._clock() + self.artim_timeout
+        self.state = State.STA7
+
+    def _ar_2(self) -> None:
+        self.state = State.STA8
+        self._emit(ReleaseRequested())
+
+    def _ar_3(self) -> None:
+        self._emit(ReleaseConfirmed())
+        self._closed()
+
+    def _ar_4(self) -> None:
+        self._send_pdu(AReleaseRP())
+        self._start_artim()
+        self.state = State.STA13
+
+    def _ar_5(self) -> None:
+        self._stop_artim()
+        self._closed()
+
+    def _ar_6(self) -> None:
+        assert isinstance(self._pending_pdu, PDataTF)
+        self._emit(DataReceived(self._pending_pdu))
+        self.state = State.STA7
+
+    def _ar_7(self) -> None:
+        self.state = State.STA8
+
+    def _ar_8(self) -> None:
+        self.state = State.STA9 if self.is_requestor else State.STA10
+        self._emit(ReleaseRequested(collision=True))
+
+    def _ar_9(self) -> None:
+        self._send_pdu(AReleaseRP())
+        self.state = State.STA11
+
+    def _ar_10(self) -> None:
+        self._request_deadline = None  # our A-RELEASE-RQ is answered
+        self._emit(ReleaseConfirmed())
+        self.state = State.STA12
+
+    # AA: abort
+    def _aa_1(self) -> None:
+        self.abort_sent = AAbort(AbortSource.SERVICE_USER, 0)
+        self._send_pdu(self.abort_sent)
+        self._request_deadline = None
+        self._start_artim()
+        was_aborted = self.state == State.STA13
+        self.state = State.STA13
+        if not was_aborted:
+            self._emit(Aborted(AbortSource.SERVICE_USER, 0, local=True, error=self._pending_error))
+
+    def _aa_2(self) -> None:
+        self._stop_artim()
+        self._closed()
+
+    def _aa_3(self) -> None:
+        assert isinstance(self._pending_pdu, AAbort)
+        self._emit(Aborted(self._pending_pdu.source, self._pending_pdu.reason, local=False))
+        self._closed()
+
+    def _aa_4(self) -> None:
+        self._emit(
+            Aborted(
+                AbortSource.SERVICE_PROVIDER,
+                AbortReason.NOT_SPECIFIED,
+                local=False,
+                error=self._pending_error or "transport connection closed",
+            )
+        )
+        self._closed()
+
+    def _aa_5(self) -> None:
+        self._stop_artim()
+        self._closed()
+
+    def _aa_6(self) -> None:
+        self.state = State.STA13
+
+    def _aa_7(self) -> None:
+        self._send_pdu(AAbort(AbortSource.SERVICE_PROVIDER, AbortReason.UNEXPECTED_PDU))
+        self.state = State.STA13
+
+    def _aa_8(self) -> None:
+        reason = AbortReason.UNEXPECTED_PDU
+        if self._pending_error:
+            reason = AbortReason.INVALID_PDU_PARAMETER_VALUE
+        self.abort_sent = AAbort(AbortSource.SERVICE_PROVIDER, reason)
+        self._send_pdu(self.abort_sent)
+        self._request_deadline = None
+        self._start_artim()
+        self.state = State.STA13
+        error = self._pending_error or f"unexpected {type(self._pending_pdu).__name__} PDU"
+        self._emit(Aborted(AbortSource.SERVICE_PROVIDER, reason, local=True, error=error))
+
+    # --- local requests (primitives) --------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Bytes the machine produced (replies, aborts) that the shell must write."""
+        if not self._outbound:
+            return b""
+        data = bytes(self._outbound)
+        self._outbound.clear()
+        return data
+
+    def request_association(self, request: AAssociateRQ) -> None:
+        """A-ASSOCIATE request primitive (Evt1): the shell now opens the connection."""
+        self._fire(Event.EVT1)  # first: a refused request must leave the machine as it was
+        self._pending_rq = request
+        self.request = request
+
+    def connection_made(self) -> bytes:
+        """Transport connect confirm (requestor, Evt2) or indication (acceptor, Evt5)."""
+        self._last_received = self._clock()
+        self._fire(Event.EVT2 if self.is_requestor else Event.EVT5)
+        return self.data_to_send()
+
+    def accept(self, response: AAssociateAC) -> bytes:
+        """A-ASSOCIATE response primitive, accept (Evt7)."""
+        self._pending_pdu = response
+        self._fire(Event.EVT7)
+        return self.data_to_send()
+
+    def reject(self, response: AAssociateRJ) -> bytes:
+        """A-ASSOCIATE response primitive, reject (Evt8)."""
+        self._pending_pdu = response
+        self._fire(Event.EVT8)
+        return self.data_to_send()
+
+    def check_send_data(self) -> None:
+        """P-DATA request primitive (Evt9): raise unless data may be sent now."""
+        self._fire(Event.EVT9)
+
+    @property
+    def can_send_data(self) -> bool:
+        return (self.state, Event.EVT9) in TRANSITIONS
+
+    def release(self) -> bytes:
+        """A-RELEASE request primitive (Evt11)."""
+        self._fire(Event.EVT11)
+        return self.data_to_send()
+
+    def release_response(self) -> bytes:
+        """A-RELEASE response primitive (Evt14)."""
+        self._fire(Event.EVT14)
+        return self.data_to_send()
+
+    def abort(self, error: str = "") -> bytes:
+        """A-ABORT request primitive (Evt15). A no-op where there is nothing to abort."""
+        self.request_abort(error)
+        return self.data_to_send()
+
+    def request_abort(self, error: str = "") -> None:
+        """A-ABORT request primitive (Evt15), its PDU left for `data_to_send()`."""
+        if (self.state, Event.EVT15) in TRANSITIONS:
+            self._pending_error = error
+            self._fire(Event.EVT15)
+
+    def connection_lost(self) -> None:
+        """Transport connection closed indication (Evt17)."""
+        if self.state == State.STA1:
+            return
+        self._pending_error = ""
+        self._fire(Event.EVT17)
+
+    # --- received bytes ---------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the transport; `b""` means the peer closed it."""
+        self._last_received = self._clock()
+        if not data:
+            self.connection_lost()
+            return
+        if self._discard or self.state in (State.STA1, State.STA4):
+            return
+        self._buffer += data
+
+    def _pdu_limit(self, pdu_type: int) -> int:
+        if pdu_type == PDUType.P_DATA_TF:
+            return self.max_pdu_length or HARD_MAX_PDU_LENGTH
+        return MAX_ASSOCIATION_PDU_LENGTH
+
+    def next_event(self) -> ULEvent | _NeedData:
+        """The next event, or `NEED_DATA` when more bytes must be received first."""
+        while not self._events:
+            if not self._parse_one():
+                return NEED_DATA
+        return self._events.popleft()
+
+    def _parse_one(self) -> bool:
+        """Process one PDU from the buffer; False when it holds no complete PDU."""
+        if self.state in (State.STA1, State.STA4):
+            self._buffer.clear()
+            return False
+        buffer = self._buffer
+        if len(buffer) < PDU_HEADER_LENGTH:
+            return False
+        pdu_type, length = parse_pdu_header(buffer)
+        event = _PDU_EVENTS.get(pdu_type)
+        if event is None:
+            self._invalid(f"unrecognized PDU type 0x{pdu_type:02X}")
+            return True
+        limit = self._pdu_limit(pdu_type)
+        if length > limit:
+            self._invalid(f"PDU length {length} exceeds the maximum of {limit}")
+            return True
+        end = PDU_HEADER_LENGTH + length
+        if len(buffer) < end:
+            return False
+        body = bytes(buffer[PDU_HEADER_LENGTH:end])
+        del buffer[:end]
+        try:
+            pdu = decode_pdu(pdu_type, body)
+        except ProtocolError as exc:
+            self._invalid(str(exc))
+            return True
+        self._pending_pdu = pdu
+        self._pending_error = ""
+        self._fire(event)
+        return True
+
+    def _invalid(self, error: str) -> None:
+        """Evt19: unrecognized or invalid PDU. Nothing more is read from this connection."""
+        self._buffer.clear()
+        self._pending_pdu = None
+        self._pending_error = error
+        self._fire(Event.EVT19)
+        # After an invalid PDU the framing is lost: nothing more is read.
+        self._discard = True
+
+    # --- timers -----------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline (clock seconds) at which `handle_timer()` must be called."""
+        deadlines = [d for d in (self._artim_deadline, self._request_deadline) if d is not None]
+        if self.idle_timeout is not None and self.state in _IDLE_STATES:
+            deadlines.append(self._last_received + self.idle_timeout)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self) -> None:
+        """Run whatever timer has expired by now."""
+        now = self._clock()
+        if self._artim_deadline is not None and now >= self._artim_deadline:
+            self._artim_deadline = None
+            self._fire(Event.EVT18)
+            return
+        if self._request_deadline is not None and now >= self._request_deadline:
+            self._request_deadline = None
+            what = "A-ASSOCIATE-RQ" if self.state == State.STA5 else "A-RELEASE-RQ"
+            self.request_abort(f"no answer to {what} within {self.artim_timeout:g} s")
+            return
+        if (
+            self.idle_timeout is not None
+            and self.state in _IDLE_STATES
+            and now >= self._last_received + self.idle_timeout
+        ):
+            self.request_abort(f"nothing received for {self.idle_timeout:g} s")
+
+
+_IDLE_STATES = frozenset({State.STA3, State.STA6, State.STA8, State.STA9, State.STA12})
+_ = Action  # the actions are the methods named after them
