@@ -12,8 +12,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,12 @@ from dicomnet.errors import (
     NotNegotiatedError,
     ProtocolError,
 )
+from dicomnet.extended import (
+    AsyncOperationsWindowNegotiation,
+    ExtendedNegotiation,
+    SOPClassExtendedNegotiations,
+    UserIdentityNegotiation,
+)
 from dicomnet.fsm import State
 from dicomnet.pdu import AAssociateAC, AAssociateRQ, AbortSource, PresentationDataValue
 from dicomnet.service import EchoRequest, StoreRequest
@@ -75,7 +81,7 @@ from dicomnet.ul import (
     UpperLayer,
 )
 
-__all__ = ["Association", "AssociationSettings", "Handlers"]
+__all__ = ["Association", "AssociationSettings", "ExtendedResults", "Handlers"]
 
 log = logging.getLogger("dicomnet")
 
@@ -98,6 +104,22 @@ class AssociationSettings:
     spool_threshold: int = 4 << 20
     spool_dir: Path | None = None
     fsync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedResults:
+    """The extended negotiation of one association (PS3.7 Annex D.3.3)."""
+
+    async_operations_window: AsyncOperationsWindowNegotiation = field(
+        default_factory=AsyncOperationsWindowNegotiation
+    )
+    user_identity: UserIdentityNegotiation = field(default_factory=UserIdentityNegotiation)
+    sop_class_extended: SOPClassExtendedNegotiations = field(
+        default_factory=SOPClassExtendedNegotiations
+    )
+
+    def __iter__(self) -> Iterator[ExtendedNegotiation]:
+        return iter((self.async_operations_window, self.user_identity, self.sop_class_extended))
 
 
 @dataclass(slots=True)
@@ -162,8 +184,10 @@ class Association:
         handlers: Handlers | None = None,
         peer_address: tuple[str, int] = ("", 0),
         clock: Callable[[], float] = time.monotonic,
+        extended: ExtendedResults | None = None,
     ) -> None:
         self._stream = stream
+        self.extended = extended or ExtendedResults()
         self._ul = ul
         self.request = request
         self.response = response
@@ -235,7 +259,12 @@ class Association:
                     self._set_error(AssociationAborted(f"internal error: {exc!r}"))
                     await self._abort_now(str(exc))
                 finally:
-                    tg.cancel_scope.cancel()
+                    self._discard_incoming()
+                    await self._close_stream()
+                    for waiter in list(self._waiters.values()):
+                        waiter.close()
+                # Handlers of requests received in full run to completion (their data is
+                # kept even though no response can be sent any more).
         finally:
             await self._finish()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -351,7 +352,18 @@ async def _serve(args: argparse.Namespace) -> int:
             f"storing to {scp.storage.resolve()}",
             flush=True,
         )
-        await server.wait_closed()
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("received signal %d: shutting down", signum)
+                        await server.close()
+                        return
+
+            tg.start_soon(stop_on_signal)
+            await server.wait_closed()
+            tg.cancel_scope.cancel()
     return 0
 
 

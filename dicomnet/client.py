@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from dicomnet.association import Association, AssociationSettings, Handlers
+from dicomnet.association import Association, AssociationSettings, ExtendedResults, Handlers
 from dicomnet.contexts import (
     COMMON_STORAGE_SOP_CLASSES,
     MODALITY_WORKLIST_FIND,
@@ -27,9 +27,15 @@ from dicomnet.errors import (
     ConnectTimeout,
     ProtocolError,
 )
+from dicomnet.extended import (
+    AsyncOperationsWindowNegotiation,
+    SOPClassExtendedNegotiations,
+    UserIdentityNegotiation,
+)
 from dicomnet.pdu import (
     AAssociateRQ,
-    AsyncOperationsWindow,
+    SOPClassCommonExtendedNegotiation,
+    SOPClassExtendedNegotiation,
     UserIdentityRQ,
     UserInformation,
 )
@@ -59,6 +65,8 @@ async def open_association(
     connect_timeout: float = 30.0,
     user_identity: UserIdentityRQ | None = None,
     async_operations_window: tuple[int, int] = (1, 1),
+    sop_class_extended: Sequence[SOPClassExtendedNegotiation] = (),
+    sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
     handlers: Handlers | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Association:
@@ -67,21 +75,24 @@ async def open_association(
     proposed, roles = build_requestor_contexts(
         list(contexts) if contexts is not None else default_contexts()
     )
-    window = None
-    if tuple(async_operations_window) != (1, 1):
-        window = AsyncOperationsWindow(*async_operations_window)
+    extended = ExtendedResults(
+        AsyncOperationsWindowNegotiation(*async_operations_window),
+        UserIdentityNegotiation(user_identity),
+        SOPClassExtendedNegotiations(tuple(sop_class_extended), tuple(sop_class_common_extended)),
+    )
+    user_information = UserInformation(
+        max_length=settings.max_pdu_length,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+        role_selections=roles,
+    )
+    for extension in extended:
+        user_information = extension.offer(user_information)
     request = AAssociateRQ(
         called_ae_title=aec,
         calling_ae_title=aet,
         presentation_contexts=proposed,
-        user_information=UserInformation(
-            max_length=settings.max_pdu_length,
-            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-            implementation_version_name=IMPLEMENTATION_VERSION_NAME,
-            async_operations_window=window,
-            role_selections=roles,
-            user_identity_rq=user_identity,
-        ),
+        user_information=user_information,
     )
     try:
         with anyio.fail_after(connect_timeout):
@@ -127,6 +138,8 @@ async def open_association(
         raise
     response = event.response
     accepted = accepted_as_requestor(proposed, response, roles)
+    for extension in extended:
+        extension.finalise(request.user_information, response.user_information)
     log.debug(
         "association %s -> %s accepted: %d of %d contexts",
         aet,
@@ -150,6 +163,7 @@ async def open_association(
         handlers=handlers,
         peer_address=(str(address[0]), int(address[1])),
         clock=clock,
+        extended=extended,
     )
 
 
@@ -168,12 +182,17 @@ async def connect(
     idle_timeout: float | None = None,
     user_identity: UserIdentityRQ | None = None,
     async_operations_window: tuple[int, int] = (1, 1),
+    sop_class_extended: Sequence[SOPClassExtendedNegotiation] = (),
+    sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
     handlers: Handlers | None = None,
 ) -> AsyncIterator[Association]:
     """Open an association; release it when the block ends, abort it if the block raises.
 
     `contexts`: what to propose (default: `default_contexts()`). Timeouts in seconds:
     TCP connect, ARTIM (association and release requests), DIMSE response, idle.
+    Extended negotiation (PS3.7 Annex D.3.3): `user_identity`, `async_operations_window`
+    (invoked, performed), `sop_class_extended`, `sop_class_common_extended`; the
+    outcome is on `Association.extended`.
     """
     settings = AssociationSettings(
         max_pdu_length=max_pdu_length,
@@ -191,6 +210,8 @@ async def connect(
         connect_timeout=connect_timeout,
         user_identity=user_identity,
         async_operations_window=async_operations_window,
+        sop_class_extended=sop_class_extended,
+        sop_class_common_extended=sop_class_common_extended,
         handlers=handlers,
     )
     error: BaseException | None = None

@@ -2,8 +2,8 @@
 
 Sans-IO. `PresentationContext` is what a side proposes (requestor) or supports
 (acceptor); `AcceptedContext` is the negotiated outcome on one association.
-Extended negotiation items (role selection, asynchronous operations window, user
-identity) are answered here too.
+SCP/SCU Role Selection is answered here with the contexts it qualifies; the other
+extended negotiation items go through `dicomnet.extended`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from functools import cache
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import AllTransferSyntaxes
 
+from dicomnet.extended import ExtendedNegotiation
 from dicomnet.pdu import (
     AAssociateAC,
     AAssociateRQ,
-    AsyncOperationsWindow,
     PresentationContextAC,
     PresentationContextResult,
     PresentationContextRQ,
     RoleSelection,
-    UserIdentityAC,
     UserInformation,
 )
 
@@ -219,14 +218,14 @@ def negotiate_as_acceptor(
     max_pdu_length: int,
     implementation_class_uid: str,
     implementation_version_name: str,
-    max_operations_performed: int = 1,
-    user_identity_response: bytes | None = None,
+    extensions: Sequence[ExtendedNegotiation] = (),
 ) -> Negotiated:
     """Answer each proposed context: the first proposed transfer syntax we support.
 
     Results per PS3.8 Table 9-18: abstract syntax not supported (3), transfer syntaxes
     not supported (4). Role selection per PS3.7 §D.3.3.4: a role the requestor asks
-    for is granted when our context allows it.
+    for is granted when our context allows it. Each of `extensions` then adds its
+    answer to the user information.
     """
     asked_roles = {role.sop_class_uid: role for role in request.user_information.role_selections}
     results: list[PresentationContextAC] = []
@@ -268,30 +267,18 @@ def negotiate_as_acceptor(
         accepted[rq.context_id] = AcceptedContext(
             rq.context_id, rq.abstract_syntax, chosen, we_are_scu=their_scp, we_are_scp=their_scu
         )
-    window = request.user_information.async_operations_window
-    window_ac = None
-    if window is not None:
-        # We invoke one operation at a time as acceptor; perform up to our limit.
-        invoked = 1
-        performed = window.max_invoked if window.max_invoked else max_operations_performed
-        performed = min(performed, max_operations_performed)
-        if (invoked, performed) != (1, 1):
-            window_ac = AsyncOperationsWindow(max_invoked=invoked, max_performed=performed)
-    identity_ac = None
-    identity = request.user_information.user_identity_rq
-    if identity is not None and identity.positive_response_requested:
-        identity_ac = UserIdentityAC(user_identity_response or b"")
+    user_information = UserInformation(
+        max_length=max_pdu_length,
+        implementation_class_uid=implementation_class_uid,
+        implementation_version_name=implementation_version_name,
+        role_selections=tuple(granted_roles.values()),
+    )
+    for extension in extensions:
+        user_information = extension.answer(request.user_information, user_information)
     response = AAssociateAC(
         called_ae_title=request.called_ae_title,
         calling_ae_title=request.calling_ae_title,
         presentation_contexts=tuple(results),
-        user_information=UserInformation(
-            max_length=max_pdu_length,
-            implementation_class_uid=implementation_class_uid,
-            implementation_version_name=implementation_version_name,
-            async_operations_window=window_ac,
-            role_selections=tuple(granted_roles.values()),
-            user_identity_ac=identity_ac,
-        ),
+        user_information=user_information,
     )
     return Negotiated(response, accepted, request.user_information.max_length or 0)

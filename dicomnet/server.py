@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
-from dicomnet.association import Association, AssociationSettings, Handlers
+from dicomnet.association import Association, AssociationSettings, ExtendedResults, Handlers
 from dicomnet.client import connect
 from dicomnet.contexts import (
     VERIFICATION,
@@ -22,6 +22,11 @@ from dicomnet.contexts import (
     negotiate_as_acceptor,
 )
 from dicomnet.errors import Reject
+from dicomnet.extended import (
+    AsyncOperationsWindowNegotiation,
+    SOPClassExtendedNegotiations,
+    UserIdentityNegotiation,
+)
 from dicomnet.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ
 from dicomnet.service import AssociationRequest
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -83,13 +88,19 @@ class AE:
             fsync=fsync,
         )
         self.peers = dict(peers or {})
+        # SOP Class Extended Negotiation answers (PS3.7 §D.3.3.5): SOP class -> info bytes.
+        self.sop_class_extended: dict[str, bytes] = {}
         self.handlers = Handlers()
         self._on_association: Callable[[AssociationRequest], Any] | None = None
 
     # --- handlers --------------------------------------------------------------------------
 
     def on_association(self, handler: F) -> F:
-        """`async def h(request: AssociationRequest)`; raise `Reject` to refuse."""
+        """`async def h(request: AssociationRequest)`; raise `Reject` to refuse.
+
+        It may return bytes: the User Identity server response (PS3.7 §D.3.3.7.2) sent
+        when the requestor asked for a positive response.
+        """
         self._on_association = handler
         return handler
 
@@ -223,6 +234,7 @@ class Server:
             clock=self.clock,
         )
         reserved = False
+        identity_response: bytes | None = None
         try:
             ul.connection_made()
             event = await next_ul_event(stream, ul, self.clock)
@@ -242,7 +254,12 @@ class Server:
                 reserved = True
                 if ae._on_association is not None:
                     try:
-                        await ae._on_association(AssociationRequest(rq, peer[0], peer[1]))
+                        with anyio.fail_after(settings.artim_timeout):
+                            verdict = await ae._on_association(
+                                AssociationRequest(rq, peer[0], peer[1])
+                            )
+                        if isinstance(verdict, bytes):
+                            identity_response = verdict
                     except Reject as refusal:
                         rejection = AAssociateRJ(refusal.result, refusal.source, refusal.reason)
                     except Exception:
@@ -263,12 +280,18 @@ class Server:
                 while not isinstance(await next_ul_event(stream, ul, self.clock), ConnectionClosed):
                     pass
                 return
+            extended = ExtendedResults(
+                AsyncOperationsWindowNegotiation(1, 1),
+                UserIdentityNegotiation(server_response=identity_response),
+                SOPClassExtendedNegotiations(supported=dict(ae.sop_class_extended)),
+            )
             negotiated = negotiate_as_acceptor(
                 rq,
                 ae.supported_contexts(),
                 max_pdu_length=settings.max_pdu_length,
                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+                extensions=tuple(extended),
             )
             await stream.send(ul.accept(negotiated.response))
             association = Association(
@@ -282,6 +305,7 @@ class Server:
                 handlers=ae.handlers,
                 peer_address=peer,
                 clock=self.clock,
+                extended=extended,
             )
             self.associations.add(association)
             try:

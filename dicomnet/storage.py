@@ -77,6 +77,15 @@ def part10_header(
     return buffer.getvalue()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def _fsync_directory(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -95,6 +104,7 @@ def write_atomic(path: Path, chunks: list[bytes | memoryview], fsync: bool = Tru
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
@@ -148,6 +158,7 @@ class Spool:
         directory = self.directory or Path(tempfile.gettempdir())
         directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".dicomnet-", suffix=".part", dir=directory)
+        os.fchmod(fd, _FILE_MODE)
         self._path = Path(name)
         self._file = os.fdopen(fd, "wb")
         self._file.write(self.header)

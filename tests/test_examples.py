@@ -1,0 +1,37 @@
+"""Every example in examples/ runs as written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.timeout(90)
+def test_echo_and_store(tmp_path: Path) -> None:
+    out = run("echo_and_store.py", str(tmp_path))
+    assert "C-ECHO: Success" in out
+    assert out.count(": Success") == 4
+    assert len(list(tmp_path.glob("*.dcm"))) == 3
+
+
+@pytest.mark.timeout(90)
+def test_forwarding_gateway() -> None:
+    out = run("forwarding_gateway.py")
+    assert out.count(": Success") == 4
+    assert "archive received 4 instances" in out
