@@ -232,6 +232,13 @@ class Association:
         return self._closed.is_set()
 
     @property
+    def outcome(self) -> str:
+        """How the association ended (or 'open')."""
+        if not self.is_closed:
+            return "open"
+        return "released" if self._error is None else str(self._error)
+
+    @property
     def accepted_contexts(self) -> list[AcceptedContext]:
         return list(self.contexts.values())
 
@@ -275,7 +282,8 @@ class Association:
             await self._process_events()
             out = ul.data_to_send()
             if out:
-                await self._write(out)
+                if not await self._write_or_lost(out):
+                    continue
                 if ul.state == State.STA13 and ul.abort_sent is not None:
                     # We aborted: nothing more to say or hear; close now (PS3.8 AA-1/AA-8).
                     ul.connection_lost()
@@ -350,13 +358,13 @@ class Association:
             elif isinstance(event, ReleaseRequested):
                 log.debug("%r: peer requested release", self)
                 if event.collision and self.is_requestor:
-                    await self._write(ul.release_response())
+                    await self._write_or_lost(ul.release_response())
                 elif not event.collision:
                     assert self._task_group is not None
                     self._task_group.start_soon(self._answer_release)
             elif isinstance(event, ReleaseConfirmed):
                 if ul.state == State.STA12:
-                    await self._write(ul.release_response())
+                    await self._write_or_lost(ul.release_response())
             elif isinstance(event, Aborted):
                 self._on_aborted(event)
             elif isinstance(event, ConnectionClosed):
@@ -399,7 +407,7 @@ class Association:
     async def _answer_release(self) -> None:
         await self._idle.wait()
         try:
-            await self._write(self._ul.release_response())
+            await self._write_or_lost(self._ul.release_response())
         except InvalidStateError:
             pass
 
@@ -563,9 +571,19 @@ class Association:
         async with self._send_lock:
             await self._write_unlocked(data)
 
+    async def _write_or_lost(self, data: bytes) -> bool:
+        """Write what the Upper Layer produced; a dead connection becomes Evt17."""
+        try:
+            await self._write(data)
+        except DicomNetError:
+            self._ul.connection_lost()
+            return False
+        return True
+
     async def _write_unlocked(self, data: bytes) -> None:
         try:
             await self._stream.send(data)
+            self._ul.note_activity()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._set_error(AssociationAborted(f"connection lost while sending: {exc!r}"))
             raise self._termination_error() from exc

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Final, Union
+from typing import Any, ClassVar, Final
 
 from dicomnet.errors import ProtocolError
 from dicomnet.pdu import PDV_HEADER_LENGTH, PresentationDataValue, encode_pdata_header
@@ -242,19 +242,19 @@ class CCancelRQ(_Message):
     is_request: ClassVar[bool] = True
 
 
-DimseMessage = Union[
-    CEchoRQ,
-    CEchoRSP,
-    CStoreRQ,
-    CStoreRSP,
-    CFindRQ,
-    CFindRSP,
-    CGetRQ,
-    CGetRSP,
-    CMoveRQ,
-    CMoveRSP,
-    CCancelRQ,
-]
+DimseMessage = (
+    CEchoRQ
+    | CEchoRSP
+    | CStoreRQ
+    | CStoreRSP
+    | CFindRQ
+    | CFindRSP
+    | CGetRQ
+    | CGetRSP
+    | CMoveRQ
+    | CMoveRSP
+    | CCancelRQ
+)
 
 _MESSAGE_TYPES: dict[int, type[Any]] = {
     cls.command_field: cls
@@ -329,9 +329,7 @@ def _decode_value(vr: str, raw: memoryview) -> Any:
     if vr == "AT":
         if len(raw) % 4:
             raise ProtocolError("AT command element length is not a multiple of 4")
-        return tuple(
-            (g << 16) | e for g, e in struct.iter_unpack("<HH", raw)
-        )
+        return tuple((g << 16) | e for g, e in struct.iter_unpack("<HH", raw))
     text = bytes(raw).decode("ascii" if vr in ("UI", "AE") else "latin-1", errors="replace")
     return text.strip("\x00 ")
 

@@ -11,7 +11,6 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Union
 
 from dicomnet.errors import ProtocolError
 
@@ -25,8 +24,8 @@ __all__ = [
     "AReleaseRP",
     "AReleaseRQ",
     "AsyncOperationsWindow",
-    "PDataTF",
     "PDUType",
+    "PDataTF",
     "PresentationContextAC",
     "PresentationContextRQ",
     "PresentationDataValue",
@@ -105,12 +104,16 @@ def _encode_uid(uid: str) -> bytes:
 
 
 def _decode_ae_title(raw: bytes | memoryview) -> str:
-    # PS3.5: default repertoire; be liberal in what we read (never raise on odd bytes).
-    return bytes(raw).decode("ascii", errors="replace").strip(" \x00")
+    # PS3.5: default repertoire. Latin-1 reads any byte and writes it back unchanged, so
+    # an A-ASSOCIATE-AC echoes even an ill-formed title exactly (PS3.8 §9.3.3).
+    return bytes(raw).decode("latin-1").strip(" \x00")
 
 
 def _encode_ae_title(title: str) -> bytes:
-    raw = title.encode("ascii")
+    try:
+        raw = title.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"AE title {title!r} has characters outside ISO 8859-1") from None
     if len(raw) > 16:
         raise ValueError(f"AE title {title!r} is longer than 16 characters")
     return raw.ljust(16, b" ")
@@ -180,7 +183,9 @@ class PresentationContextRQ:
             elif item_type == ItemType.TRANSFER_SYNTAX:
                 transfer.append(_decode_uid(value, "transfer syntax"))
             else:
-                raise ProtocolError(f"unexpected sub-item 0x{item_type:02X} in presentation context")
+                raise ProtocolError(
+                    f"unexpected sub-item 0x{item_type:02X} in presentation context"
+                )
         if abstract is None:
             raise ProtocolError(f"presentation context {context_id} has no abstract syntax")
         if not transfer:
@@ -225,7 +230,9 @@ class PresentationContextAC:
         transfer: str | None = None
         for item_type, value in _iter_items(data[4:], "presentation context (AC)"):
             if item_type != ItemType.TRANSFER_SYNTAX:
-                raise ProtocolError(f"unexpected sub-item 0x{item_type:02X} in presentation context")
+                raise ProtocolError(
+                    f"unexpected sub-item 0x{item_type:02X} in presentation context"
+                )
             if transfer is not None:
                 raise ProtocolError(f"presentation context {context_id} has two transfer syntaxes")
             transfer = _decode_uid(value, "transfer syntax")
@@ -673,7 +680,9 @@ class AAssociateRJ:
     pdu_type = PDUType.A_ASSOCIATE_RJ
 
     def encode(self) -> bytes:
-        return _PDU_HEADER.pack(self.pdu_type, 4) + bytes((0, self.result, self.source, self.reason))
+        return _PDU_HEADER.pack(self.pdu_type, 4) + bytes(
+            (0, self.result, self.source, self.reason)
+        )
 
     @classmethod
     def decode(cls, data: memoryview) -> AAssociateRJ:
@@ -731,7 +740,9 @@ class PDataTF:
             start = offset + PDV_HEADER_LENGTH
             offset = start + length - 2
             values.append(
-                PresentationDataValue(context_id, bool(header & 1), bool(header & 2), data[start:offset])
+                PresentationDataValue(
+                    context_id, bool(header & 1), bool(header & 2), data[start:offset]
+                )
             )
         return cls(tuple(values))
 
@@ -811,7 +822,7 @@ class AAbort:
         return cls(data[2], data[3])
 
 
-PDU = Union[AAssociateRQ, AAssociateAC, AAssociateRJ, PDataTF, AReleaseRQ, AReleaseRP, AAbort]
+PDU = AAssociateRQ | AAssociateAC | AAssociateRJ | PDataTF | AReleaseRQ | AReleaseRP | AAbort
 
 _DECODERS = {
     PDUType.A_ASSOCIATE_RQ: AAssociateRQ.decode,

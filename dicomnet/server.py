@@ -308,10 +308,25 @@ class Server:
                 extended=extended,
             )
             self.associations.add(association)
+            log.info(
+                "association from %r (%s:%s) accepted with %d of %d presentation contexts",
+                rq.calling_ae_title,
+                peer[0],
+                peer[1],
+                len(negotiated.contexts),
+                len(rq.presentation_contexts),
+            )
             try:
                 await association.run()
             finally:
                 self.associations.discard(association)
+                log.info(
+                    "association from %r (%s:%s) ended: %s",
+                    rq.calling_ae_title,
+                    peer[0],
+                    peer[1],
+                    association.outcome,
+                )
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             log.debug("connection from %s:%s lost: %s", peer[0], peer[1], exc)
         except Exception:

@@ -17,13 +17,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final
 
 from dicomnet.errors import InvalidStateError, ProtocolError
 from dicomnet.fsm import TRANSITIONS, Action, Event, State
 from dicomnet.pdu import (
-    PDU_HEADER_LENGTH,
     PDU,
+    PDU_HEADER_LENGTH,
     AAbort,
     AAssociateAC,
     AAssociateRJ,
@@ -48,8 +48,8 @@ __all__ = [
     "DataReceived",
     "ReleaseConfirmed",
     "ReleaseRequested",
-    "UpperLayer",
     "ULEvent",
+    "UpperLayer",
 ]
 
 # Association-phase PDUs are small; a length above this is refused before allocating.
@@ -128,16 +128,16 @@ class ConnectionClosed:
     """The transport connection is (to be) closed; the machine is back in Sta1."""
 
 
-ULEvent = Union[
-    AssociateRequested,
-    AssociateAccepted,
-    AssociateRejected,
-    DataReceived,
-    ReleaseRequested,
-    ReleaseConfirmed,
-    Aborted,
-    ConnectionClosed,
-]
+ULEvent = (
+    AssociateRequested
+    | AssociateAccepted
+    | AssociateRejected
+    | DataReceived
+    | ReleaseRequested
+    | ReleaseConfirmed
+    | Aborted
+    | ConnectionClosed
+)
 
 _PDU_EVENTS: dict[int, Event] = {
     PDUType.A_ASSOCIATE_AC: Event.EVT3,
@@ -185,6 +185,7 @@ class UpperLayer:
         self._pending_pdu: PDU | None = None
         self._pending_error = ""
         self._discard = False
+        self._invalid_reason: int = AbortReason.INVALID_PDU_PARAMETER_VALUE
         self.abort_sent: AAbort | None = None
         self.request: AAssociateRQ | None = None
         self.response: AAssociateAC | AAssociateRJ | None = None
@@ -367,9 +368,7 @@ class UpperLayer:
         self.state = State.STA13
 
     def _aa_8(self) -> None:
-        reason = AbortReason.UNEXPECTED_PDU
-        if self._pending_error:
-            reason = AbortReason.INVALID_PDU_PARAMETER_VALUE
+        reason = self._invalid_reason if self._pending_error else AbortReason.UNEXPECTED_PDU
         self.abort_sent = AAbort(AbortSource.SERVICE_PROVIDER, reason)
         self._send_pdu(self.abort_sent)
         self._request_deadline = None
@@ -450,6 +449,10 @@ class UpperLayer:
 
     # --- received bytes ---------------------------------------------------------------------
 
+    def note_activity(self) -> None:
+        """Data was sent: the idle timeout counts from now as well as from receipt."""
+        self._last_received = self._clock()
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the transport; `b""` means the peer closed it."""
         self._last_received = self._clock()
@@ -483,7 +486,7 @@ class UpperLayer:
         pdu_type, length = parse_pdu_header(buffer)
         event = _PDU_EVENTS.get(pdu_type)
         if event is None:
-            self._invalid(f"unrecognized PDU type 0x{pdu_type:02X}")
+            self._invalid(f"unrecognized PDU type 0x{pdu_type:02X}", AbortReason.UNRECOGNIZED_PDU)
             return True
         limit = self._pdu_limit(pdu_type)
         if length > limit:
@@ -504,11 +507,12 @@ class UpperLayer:
         self._fire(event)
         return True
 
-    def _invalid(self, error: str) -> None:
+    def _invalid(self, error: str, reason: int = AbortReason.INVALID_PDU_PARAMETER_VALUE) -> None:
         """Evt19: unrecognized or invalid PDU. Nothing more is read from this connection."""
         self._buffer.clear()
         self._pending_pdu = None
         self._pending_error = error
+        self._invalid_reason = reason
         self._fire(Event.EVT19)
         # After an invalid PDU the framing is lost: nothing more is read.
         self._discard = True

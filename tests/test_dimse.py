@@ -1,0 +1,497 @@
+"""DIMSE command sets (PS3.7 §6.3, §9.3, §E.1), P-DATA fragmentation and reassembly
+(PS3.8 §9.3.5, Annex E), Message IDs and DIMSE deadlines.
+"""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+
+import pytest
+import strategies as sx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
+
+from dicomnet.dimse import (
+    CCancelRQ,
+    CEchoRQ,
+    CEchoRSP,
+    CFindRQ,
+    CommandReceived,
+    CStoreRQ,
+    CStoreRSP,
+    DatasetFragment,
+    DimseMessage,
+    MessageAssembler,
+    MessageIDs,
+    OutstandingRequests,
+    decode_command,
+    encode_command,
+    encode_message,
+    fragment,
+)
+from dicomnet.errors import ProtocolError
+from dicomnet.pdu import PDataTF, PresentationDataValue, decode_pdu_bytes, parse_pdu_header
+from dicomnet.testing import FakeClock
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Keyword of each dataclass attribute in the command set (PS3.7 Annex E).
+KEYWORDS = {
+    "message_id": "MessageID",
+    "message_id_being_responded_to": "MessageIDBeingRespondedTo",
+    "affected_sop_class_uid": "AffectedSOPClassUID",
+    "affected_sop_instance_uid": "AffectedSOPInstanceUID",
+    "priority": "Priority",
+    "status": "Status",
+    "error_comment": "ErrorComment",
+    "offending_element": "OffendingElement",
+    "move_destination": "MoveDestination",
+    "move_originator_ae_title": "MoveOriginatorApplicationEntityTitle",
+    "move_originator_message_id": "MoveOriginatorMessageID",
+    "remaining": "NumberOfRemainingSuboperations",
+    "completed": "NumberOfCompletedSuboperations",
+    "failed": "NumberOfFailedSuboperations",
+    "warning": "NumberOfWarningSuboperations",
+}
+COMMAND_FIELDS = {
+    "CEchoRQ": 0x0030,
+    "CEchoRSP": 0x8030,
+    "CStoreRQ": 0x0001,
+    "CStoreRSP": 0x8001,
+    "CFindRQ": 0x0020,
+    "CFindRSP": 0x8020,
+    "CGetRQ": 0x0010,
+    "CGetRSP": 0x8010,
+    "CMoveRQ": 0x0021,
+    "CMoveRSP": 0x8021,
+    "CCancelRQ": 0x0FFF,
+}
+
+
+def elements(raw: bytes) -> list[tuple[int, int, bytes]]:
+    """(group, element, value) of each implicit VR little endian element."""
+    out = []
+    offset = 0
+    while offset < len(raw):
+        group, element, length = struct.unpack_from("<HHI", raw, offset)
+        out.append((group, element, raw[offset + 8 : offset + 8 + length]))
+        offset += 8 + length
+    assert offset == len(raw)
+    return out
+
+
+# --- command sets ----------------------------------------------------------------------------
+
+
+def test_c_echo_rq_bytes_by_hand() -> None:
+    # PS3.7 §9.3.5.1 / Annex E: implicit VR little endian, ascending tags, group length first.
+    expected = (
+        bytes.fromhex("0000 0000 04000000 38000000")  # (0000,0000) UL 4: 56
+        + bytes.fromhex("0000 0200 12000000")  # (0000,0002) UI 18
+        + b"1.2.840.10008.1.1\x00"  # padded to even length with NUL
+        + bytes.fromhex("0000 0001 02000000 3000")  # (0000,0100) US: 0030H C-ECHO-RQ
+        + bytes.fromhex("0000 1001 02000000 0100")  # (0000,0110) US: Message ID 1
+        + bytes.fromhex("0000 0008 02000000 0101")  # (0000,0800) US: 0101H no data set
+    )
+    assert encode_command(CEchoRQ(message_id=1)) == expected
+    assert decode_command(expected) == (CEchoRQ(1), False)
+
+
+def test_c_echo_rsp_bytes_by_hand() -> None:
+    expected = (
+        bytes.fromhex("0000 0000 04000000 42000000")  # group length 66
+        + bytes.fromhex("0000 0200 12000000")
+        + b"1.2.840.10008.1.1\x00"
+        + bytes.fromhex("0000 0001 02000000 3080")  # 8030H C-ECHO-RSP
+        + bytes.fromhex("0000 2001 02000000 0500")  # (0000,0120) responding to 5
+        + bytes.fromhex("0000 0008 02000000 0101")
+        + bytes.fromhex("0000 0009 02000000 0000")  # (0000,0900) Status: success
+    )
+    assert encode_command(CEchoRSP(5)) == expected
+
+
+@FAST
+@given(sx.dimse_messages, st.booleans())
+def test_command_round_trip(message: DimseMessage, has_dataset: bool) -> None:
+    raw = encode_command(message, has_dataset=has_dataset)
+    assert decode_command(raw) == (message, has_dataset)
+    assert decode_command(memoryview(raw)) == (message, has_dataset)
+
+
+@FAST
+@given(sx.dimse_messages, st.booleans())
+def test_command_set_structure(message: DimseMessage, has_dataset: bool) -> None:
+    raw = encode_command(message, has_dataset=has_dataset)
+    parsed = elements(raw)
+    group, element, value = parsed[0]
+    assert (group, element, len(value)) == (0, 0, 4)
+    assert struct.unpack("<I", value)[0] == len(raw) - 12  # group length after itself
+    tags = [(g, e) for g, e, _ in parsed]
+    assert tags == sorted(tags) and len(set(tags)) == len(tags)
+    assert all(g == 0 for g, _, _ in parsed)
+    assert all(len(v) % 2 == 0 for _, _, v in parsed)  # PS3.5 §7.1.1: even lengths
+    values = {e: v for _, e, v in parsed}
+    assert struct.unpack("<H", values[0x0100])[0] == COMMAND_FIELDS[type(message).__name__]
+    assert struct.unpack("<H", values[0x0800])[0] == (0x0000 if has_dataset else 0x0101)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sx.dimse_messages, st.booleans())
+def test_pydicom_reads_our_command_sets(message: DimseMessage, has_dataset: bool) -> None:
+    raw = encode_command(message, has_dataset=has_dataset)
+    ds = read_dataset(BytesIO(raw), is_implicit_VR=True, is_little_endian=True)
+    assert ds.CommandGroupLength == len(raw) - 12
+    assert ds.CommandField == message.command_field
+    assert (ds.CommandDataSetType != 0x0101) == has_dataset
+    for attr, keyword in KEYWORDS.items():
+        value = getattr(message, attr, None)
+        if value is None:
+            assert keyword not in ds
+            continue
+        if attr == "offending_element":
+            got = ds[keyword].value
+            tags = list(got) if isinstance(got, (list, MultiValue)) else [got]
+            assert [int(t) for t in tags] == list(value)
+        else:
+            assert ds[keyword].value == value, keyword
+
+
+def test_rsp_without_sop_class_omits_the_element() -> None:
+    raw = encode_command(CEchoRSP(1, affected_sop_class_uid=None))
+    assert 0x0002 not in {e for _, e, _ in elements(raw)}
+    raw = encode_command(CStoreRSP(3, 0x0000))
+    assert {e for _, e, _ in elements(raw)} == {0x0000, 0x0100, 0x0120, 0x0800, 0x0900}
+
+
+def test_store_rq_fields() -> None:
+    message = CStoreRQ(
+        message_id=9,
+        affected_sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+        affected_sop_instance_uid="1.2.3.4.5",
+        priority=2,
+        move_originator_ae_title="MOVER",
+        move_originator_message_id=77,
+    )
+    raw = encode_command(message, has_dataset=True)
+    values = {e: v for _, e, v in elements(raw)}
+    assert values[0x1030] == b"MOVER "  # AE padded with a space to even length
+    assert values[0x1000] == b"1.2.3.4.5\x00"  # UI padded with NUL
+    assert struct.unpack("<H", values[0x1031])[0] == 77
+    assert decode_command(raw) == (message, True)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x00",  # truncated element header
+        bytes.fromhex("0000 0000 04000000 00000000"),  # no command field
+        bytes.fromhex("0000 0001 02000000 3001"),  # command field 0130H: not supported
+        bytes.fromhex("0000 0001 02000000 3000"),  # C-ECHO-RQ without Message ID
+        bytes.fromhex("0000 0001 03000000 300000"),  # US of 3 bytes
+        bytes.fromhex("0000 0001 02000000 30"),  # value overruns
+        bytes.fromhex("0800 1600 02000000 3000"),  # an element outside group 0000
+        bytes.fromhex("0000 0001 02000000 FF0F 0000 0109 03000000 010203"),  # AT not 4n
+    ],
+)
+def test_malformed_command_sets(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_command(raw)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_random_command_bytes_raise_only_protocol_error(raw: bytes) -> None:
+    try:
+        message, _ = decode_command(raw)
+    except ProtocolError:
+        return
+    assert message.command_field in COMMAND_FIELDS.values()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_command_sets_raise_only_protocol_error(data: st.DataObject) -> None:
+    message = data.draw(sx.dimse_messages)
+    raw = data.draw(sx.mutated(encode_command(message)))
+    try:
+        decode_command(raw)
+    except ProtocolError:
+        pass
+
+
+# --- fragmentation ---------------------------------------------------------------------------
+
+max_lengths = st.one_of(st.integers(7, 600), st.sampled_from([0, 4096, 16384, 65536]))
+
+
+def split_pdus(stream: bytes) -> list[PDataTF]:
+    out = []
+    offset = 0
+    while offset < len(stream):
+        _, length = parse_pdu_header(stream, offset)
+        pdu = decode_pdu_bytes(stream[offset : offset + 6 + length])
+        assert isinstance(pdu, PDataTF)
+        out.append(pdu)
+        offset += 6 + length
+    assert offset == len(stream)
+    return out
+
+
+@FAST
+@given(
+    sx.odd_context_ids,
+    st.binary(max_size=3000),
+    st.booleans(),
+    max_lengths,
+    st.booleans(),
+)
+def test_fragment_respects_max_pdu_length(
+    context_id: int, data: bytes, is_command: bool, max_length: int, is_final: bool
+) -> None:
+    pieces = list(fragment(context_id, data, is_command, max_length, is_final=is_final))
+    stream = b"".join(pieces)
+    pdus = split_pdus(stream)
+    offset = 0
+    for pdu in pdus:
+        _, length = parse_pdu_header(pdu.encode())
+        if max_length:
+            assert length <= max_length
+        (pdv,) = pdu.values
+        assert pdv.context_id == context_id
+        assert pdv.is_command == is_command
+        offset += len(pdv.data)
+    assert offset == len(data)
+    assert b"".join(bytes(p.values[0].data) for p in pdus) == data
+    lasts = [p.values[0].is_last for p in pdus]
+    assert lasts == [False] * (len(pdus) - 1) + [is_final]
+    # Fragments are as large as allowed: only the last may be short.
+    if max_length and len(pdus) > 1:
+        assert all(len(p.values[0].data) == max_length - 6 for p in pdus[:-1])
+    # The data pieces share the caller's memory.
+    assert all(isinstance(p, (bytes, memoryview)) for p in pieces)
+    assert all(isinstance(p, memoryview) for p in pieces[1::2])
+
+
+@pytest.mark.parametrize("max_length", [7, 8, 100, 1000, 16384])
+def test_fragment_counts(max_length: int) -> None:
+    payload = max_length - 6
+    for size in (0, 1, payload - 1, payload, payload + 1, 3 * payload, 3 * payload + 1):
+        if size < 0:
+            continue
+        pdus = split_pdus(b"".join(fragment(1, bytes(size), False, max_length)))
+        assert len(pdus) == max(1, -(-size // payload))
+
+
+@FAST
+@given(
+    sx.dimse_messages,
+    st.one_of(st.none(), st.binary(max_size=2000)),
+    max_lengths,
+    sx.odd_context_ids,
+)
+def test_encode_message_and_reassemble(
+    message: DimseMessage, dataset: bytes | None, max_length: int, context_id: int
+) -> None:
+    stream = encode_message(context_id, message, dataset, max_length)
+    pdus = split_pdus(stream)
+    pdvs = [v for p in pdus for v in p.values]
+    if max_length:
+        assert all(len(p.encode()) - 6 <= max_length for p in pdus)
+    commands = [v for v in pdvs if v.is_command]
+    assert pdvs[: len(commands)] == commands  # command first, then the data set
+    assert [v.is_last for v in commands] == [False] * (len(commands) - 1) + [True]
+
+    assembler = MessageAssembler()
+    results = [assembler.feed(v) for v in pdvs]
+    received = [r for r in results if r is not None]
+    assert received[0] == CommandReceived(context_id, message, dataset is not None)
+    fragments = received[1:]
+    assert all(isinstance(f, DatasetFragment) for f in fragments)
+    if dataset is None:
+        assert fragments == []
+    else:
+        assert b"".join(bytes(f.data) for f in fragments) == dataset  # type: ignore[union-attr]
+        assert [f.is_last for f in fragments] == [False] * (len(fragments) - 1) + [True]  # type: ignore[union-attr]
+    assert not assembler.in_message
+
+
+# --- reassembly errors -----------------------------------------------------------------------
+
+
+def pdv(context_id: int, command: bool, last: bool, data: bytes = b"") -> PresentationDataValue:
+    return PresentationDataValue(context_id, command, last, data)
+
+
+def test_dataset_before_command() -> None:
+    with pytest.raises(ProtocolError):
+        MessageAssembler().feed(pdv(1, False, True, b"data"))
+
+
+def test_dataset_after_a_command_without_dataset() -> None:
+    assembler = MessageAssembler()
+    assert assembler.feed(pdv(1, True, True, encode_command(CEchoRQ(1)))) is not None
+    assert not assembler.in_message
+    with pytest.raises(ProtocolError):
+        assembler.feed(pdv(1, False, True, b"data"))
+
+
+def test_command_fragments_on_two_contexts() -> None:
+    raw = encode_command(CEchoRQ(1))
+    assembler = MessageAssembler()
+    assert assembler.feed(pdv(1, True, False, raw[:10])) is None
+    assert assembler.in_message
+    with pytest.raises(ProtocolError):
+        assembler.feed(pdv(3, True, True, raw[10:]))
+
+
+def test_dataset_on_another_context() -> None:
+    assembler = MessageAssembler()
+    received = assembler.feed(
+        pdv(1, True, True, encode_command(CFindRQ(1, "1.2.840.10008.5.1.4.1.2.2.1"), True))
+    )
+    assert isinstance(received, CommandReceived) and received.has_dataset
+    assert assembler.in_message
+    with pytest.raises(ProtocolError):
+        assembler.feed(pdv(3, False, True, b"xx"))
+
+
+def test_command_in_the_middle_of_a_dataset() -> None:
+    assembler = MessageAssembler()
+    assembler.feed(pdv(1, True, True, encode_command(CEchoRQ(1), has_dataset=True)))
+    fragment_ = assembler.feed(pdv(1, False, False, b"part"))
+    assert isinstance(fragment_, DatasetFragment) and not fragment_.is_last
+    with pytest.raises(ProtocolError):
+        assembler.feed(pdv(1, True, True, encode_command(CEchoRQ(2))))
+
+
+def test_unaccepted_context_is_refused() -> None:
+    assembler = MessageAssembler(is_context_valid=lambda cid: cid == 1)
+    with pytest.raises(ProtocolError):
+        assembler.feed(pdv(3, True, True, encode_command(CEchoRQ(1))))
+    received = assembler.feed(pdv(1, True, True, encode_command(CEchoRQ(1))))
+    assert received == CommandReceived(1, CEchoRQ(1), False)
+
+
+def test_oversize_command_set_is_refused() -> None:
+    assembler = MessageAssembler()
+    with pytest.raises(ProtocolError):
+        for _ in range(20):
+            assembler.feed(pdv(1, True, False, bytes(64 * 1024)))
+
+
+def test_many_messages_in_a_row() -> None:
+    assembler = MessageAssembler()
+    stream = b"".join(
+        encode_message(1, CStoreRQ(i, "1.2.3", f"1.2.3.{i}"), bytes([i]) * 100, 64)
+        for i in range(1, 6)
+    ) + encode_message(1, CCancelRQ(3), None, 64)
+    results = [assembler.feed(v) for p in split_pdus(stream) for v in p.values]
+    commands = [r for r in results if isinstance(r, CommandReceived)]
+    assert [c.message for c in commands] == [
+        *(CStoreRQ(i, "1.2.3", f"1.2.3.{i}") for i in range(1, 6)),
+        CCancelRQ(3),
+    ]
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300), st.integers(1, 4))
+def test_garbage_command_pdvs_raise_only_protocol_error(raw: bytes, pieces: int) -> None:
+    assembler = MessageAssembler()
+    size = max(1, -(-len(raw) // pieces))
+    chunks = [raw[i : i + size] for i in range(0, len(raw), size)] or [b""]
+    try:
+        for index, chunk in enumerate(chunks):
+            assembler.feed(pdv(1, True, index == len(chunks) - 1, chunk))
+    except ProtocolError:
+        pass
+
+
+# --- message IDs -----------------------------------------------------------------------------
+
+
+def test_message_ids_count_up_and_wrap_to_one() -> None:
+    ids = MessageIDs()
+    assert [ids.allocate() for _ in range(3)] == [1, 2, 3]
+    ids.release(2)
+    assert ids.allocate() == 4  # counts on, does not reuse at once
+    for n in (1, 3, 4):
+        ids.release(n)
+    for expected in range(5, 0xFFFF):
+        assert ids.allocate() == expected
+        ids.release(expected)
+    assert [ids.allocate(), ids.allocate(), ids.allocate()] == [0xFFFF, 1, 2]
+
+
+def test_message_ids_skip_outstanding_ones_and_run_out() -> None:
+    ids = MessageIDs()
+    allocated = [ids.allocate() for _ in range(0xFFFF)]
+    assert allocated == list(range(1, 0x10000))
+    with pytest.raises(RuntimeError):
+        ids.allocate()
+    ids.release(3)
+    ids.release(4242)
+    assert ids.allocate() == 3  # wrapped: 1 and 2 are still outstanding
+    assert ids.allocate() == 4242
+    ids.release(0xFFFF)
+    assert ids.allocate() == 0xFFFF
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.just(None), st.integers(0, 50)), max_size=200))
+def test_message_ids_unique_among_outstanding(operations: list[int | None]) -> None:
+    ids = MessageIDs()
+    held: list[int] = []
+    for op in operations:
+        if op is None or not held:
+            new = ids.allocate()
+            assert 1 <= new <= 0xFFFF
+            assert new not in held
+            held.append(new)
+        else:
+            ids.release(held.pop(op % len(held)))
+        assert ids.outstanding == set(held)
+
+
+# --- DIMSE deadlines -------------------------------------------------------------------------
+
+
+def test_outstanding_request_deadlines() -> None:
+    clock = FakeClock(100.0)
+    requests = OutstandingRequests(timeout=5.0, clock=clock)
+    assert requests.get_timer() is None and requests.expired() == []
+    requests.started(1)
+    clock.advance(2.0)
+    requests.started(2)
+    assert requests.get_timer() == 105.0
+    clock.advance(2.0)  # t = 104: a pending response restarts request 1's deadline
+    requests.responded(1, final=False)
+    assert requests.get_timer() == 107.0  # request 2: 102 + 5
+    clock.now = 107.0
+    assert requests.expired() == [2]
+    requests.responded(2, final=True)
+    assert requests.get_timer() == 109.0
+    clock.now = 108.999
+    assert requests.expired() == []
+    clock.now = 109.0
+    assert requests.expired() == [1]
+    requests.responded(1, final=True)
+    assert requests.get_timer() is None and requests.expired() == []
+
+
+def test_outstanding_requests_without_timeout() -> None:
+    clock = FakeClock()
+    requests = OutstandingRequests(timeout=None, clock=clock)
+    requests.started(1)
+    requests.responded(1, final=False)
+    clock.advance(1e9)
+    assert requests.get_timer() is None and requests.expired() == []
+
+
+def test_response_to_an_unknown_request_is_harmless() -> None:
+    requests = OutstandingRequests(timeout=1.0, clock=FakeClock())
+    requests.responded(99, final=False)
+    requests.responded(99, final=True)
+    assert requests.get_timer() is None
