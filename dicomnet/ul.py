@@ -54,6 +54,8 @@ __all__ = [
 
 # Association-phase PDUs are small; a length above this is refused before allocating.
 MAX_ASSOCIATION_PDU_LENGTH: Final = 1 << 20
+# Consumed bytes at the front of the receive buffer are dropped past this many.
+_COMPACT_AFTER: Final = 1 << 20
 # With no maximum advertised (0 = unlimited) we still refuse P-DATA-TF PDUs above this.
 HARD_MAX_PDU_LENGTH: Final = 64 << 20
 
@@ -176,6 +178,7 @@ class UpperLayer:
         self.idle_timeout = idle_timeout
         self._clock = clock
         self._buffer = bytearray()
+        self._start = 0  # offset of the first unparsed byte in _buffer
         self._events: deque[ULEvent] = deque()
         self._outbound = bytearray()
         self._artim_deadline: float | None = None
@@ -461,6 +464,9 @@ class UpperLayer:
             return
         if self._discard or self.state in (State.STA1, State.STA4):
             return
+        if self._start and self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
         self._buffer += data
 
     def _pdu_limit(self, pdu_type: int) -> int:
@@ -477,13 +483,15 @@ class UpperLayer:
 
     def _parse_one(self) -> bool:
         """Process one PDU from the buffer; False when it holds no complete PDU."""
-        if self.state in (State.STA1, State.STA4):
-            self._buffer.clear()
-            return False
         buffer = self._buffer
-        if len(buffer) < PDU_HEADER_LENGTH:
+        start = self._start
+        if self.state in (State.STA1, State.STA4):
+            buffer.clear()
+            self._start = 0
             return False
-        pdu_type, length = parse_pdu_header(buffer)
+        if len(buffer) - start < PDU_HEADER_LENGTH:
+            return False
+        pdu_type, length = parse_pdu_header(buffer, start)
         event = _PDU_EVENTS.get(pdu_type)
         if event is None:
             self._invalid(f"unrecognized PDU type 0x{pdu_type:02X}", AbortReason.UNRECOGNIZED_PDU)
@@ -492,11 +500,19 @@ class UpperLayer:
         if length > limit:
             self._invalid(f"PDU length {length} exceeds the maximum of {limit}")
             return True
-        end = PDU_HEADER_LENGTH + length
+        end = start + PDU_HEADER_LENGTH + length
         if len(buffer) < end:
             return False
-        body = bytes(buffer[PDU_HEADER_LENGTH:end])
-        del buffer[:end]
+        with memoryview(buffer) as view:
+            body = bytes(view[start + PDU_HEADER_LENGTH : end])  # the one copy of the PDU
+        if end == len(buffer):
+            buffer.clear()
+            self._start = 0
+        elif end > _COMPACT_AFTER:
+            del buffer[:end]
+            self._start = 0
+        else:
+            self._start = end
         try:
             pdu = decode_pdu(pdu_type, body)
         except ProtocolError as exc:
@@ -510,6 +526,7 @@ class UpperLayer:
     def _invalid(self, error: str, reason: int = AbortReason.INVALID_PDU_PARAMETER_VALUE) -> None:
         """Evt19: unrecognized or invalid PDU. Nothing more is read from this connection."""
         self._buffer.clear()
+        self._start = 0
         self._pending_pdu = None
         self._pending_error = error
         self._invalid_reason = reason
