@@ -635,6 +635,8 @@ class Association:
         per_pdv = max_pdv_data(max_pdu)
         block_size = max(1, SEND_BATCH // per_pdv) * per_pdv
         total = part10.dataset_length
+        # A deflated data set of odd length gets its trailing NUL pad (PS3.5 §A.5).
+        pad = total % 2 == 1 and part10.transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
         async with self._send_lock:
             self._check_can_send()
             batch: list[bytes | memoryview] = list(fragment(context_id, command, True, max_pdu))
@@ -650,6 +652,8 @@ class Association:
                     if len(block) != want:
                         raise DicomNetError(f"{part10.path} changed while it was being sent")
                     sent += len(block)
+                    if sent >= total and pad:
+                        block += b"\x00"
                     batch.extend(
                         fragment(context_id, block, False, max_pdu, is_final=sent >= total)
                     )
