@@ -20,7 +20,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectSendStream
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -31,6 +30,7 @@ from dicomnet.contexts import (
     AcceptedContext,
 )
 from dicomnet.dimse import (
+    CCancelRQ,
     CEchoRQ,
     CEchoRSP,
     CFindRQ,
@@ -165,6 +165,38 @@ class _Incoming:
             self.buffer += data
 
 
+class Operation:
+    """A request this side invoked, keyed by its Message ID (PS3.7 §9.1).
+
+    Request sent, then pending responses, then the final one; or abandoned after a
+    C-CANCEL, in which case the reader drops the remaining responses. The operation
+    holds one slot of the asynchronous operations window until its final response.
+    """
+
+    __slots__ = ("_release", "abandoned", "context", "ended", "message_id", "receiver", "sender")
+
+    def __init__(
+        self,
+        message_id: int,
+        context: AcceptedContext,
+        buffer: int,
+        release: Callable[[Operation], None],
+    ) -> None:
+        self.message_id = message_id
+        self.context = context
+        self.sender, self.receiver = anyio.create_memory_object_stream[_Delivery](buffer)
+        self.abandoned = False
+        self.ended = False
+        self._release = release
+
+    def end(self) -> None:
+        """The final response arrived (or the association ended): free the slot and ID."""
+        if not self.ended:
+            self.ended = True
+            self.sender.close()
+            self._release(self)
+
+
 class Association:
     """An established association, as requestor (SCU) or acceptor (SCP).
 
@@ -201,7 +233,9 @@ class Association:
         self._send_lock = anyio.Lock()
         self._ids = MessageIDs()
         self._outstanding = OutstandingRequests(settings.dimse_timeout, clock)
-        self._waiters: dict[int, MemoryObjectSendStream[_Delivery]] = {}
+        self._operations: dict[int, Operation] = {}
+        window = self.extended.async_operations_window.invoked
+        self._slots = anyio.Semaphore(window if window > 0 else 0xFFFF)
         self._assembler = MessageAssembler(self._context_known)
         self._incoming: _Incoming | None = None
         self._closed = anyio.Event()
@@ -268,8 +302,8 @@ class Association:
                 finally:
                     self._discard_incoming()
                     await self._close_stream()
-                    for waiter in list(self._waiters.values()):
-                        waiter.close()
+                    for operation in list(self._operations.values()):
+                        operation.end()
                 # Handlers of requests received in full run to completion (their data is
                 # kept even though no response can be sent any more).
         finally:
@@ -330,10 +364,10 @@ class Association:
             self._set_error(error)
             for message_id in expired:
                 self._outstanding.responded(message_id, final=True)
-                waiter = self._waiters.get(message_id)
-                if waiter is not None:
+                operation = self._operations.get(message_id)
+                if operation is not None:
                     try:
-                        waiter.send_nowait(error)
+                        operation.sender.send_nowait(error)
                     except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
                         pass
             self._ul.request_abort(str(error))  # the A-ABORT is written by the read loop
@@ -415,8 +449,8 @@ class Association:
         self._discard_incoming()
         if self._ul.state != State.STA1:
             self._ul.connection_lost()
-        for waiter in list(self._waiters.values()):
-            waiter.close()
+        for operation in list(self._operations.values()):
+            operation.end()
         await self._close_stream()
         self._closed.set()
 
@@ -480,17 +514,20 @@ class Association:
         return Spool(header, self.settings.spool_threshold, self.settings.spool_dir)
 
     async def _deliver(self, message: DimseMessage, data: bytes | None) -> None:
-        message_id = getattr(message, "message_id_being_responded_to", None)
-        waiter = self._waiters.get(message_id) if message_id is not None else None
-        if waiter is None:
+        message_id = getattr(message, "message_id_being_responded_to", -1)
+        operation = self._operations.get(message_id)
+        if operation is None:
             log.warning("%r: response to unknown message ID %s ignored", self, message_id)
             return
         final = not Status(getattr(message, "status", 0)).is_pending
-        self._outstanding.responded(message_id, final)  # type: ignore[arg-type]
-        try:
-            await waiter.send((message, data))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
+        self._outstanding.responded(message_id, final)
+        if not operation.abandoned:
+            try:
+                await operation.sender.send((message, data))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+        if final:
+            operation.end()
 
     def _dispatch(self, event: CommandReceived, incoming: _Incoming | None) -> None:
         assert self._task_group is not None
@@ -612,14 +649,27 @@ class Association:
                 return
             batch: list[bytes | memoryview] = list(pieces)
             size = 0
-            for piece in fragment(context_id, dataset, False, max_pdu):
-                batch.append(piece)
-                size += len(piece)
-                if size >= SEND_BATCH:
+            try:
+                for piece in fragment(context_id, dataset, False, max_pdu):
+                    batch.append(piece)
+                    size += len(piece)
+                    if size >= SEND_BATCH:
+                        await self._write_unlocked(b"".join(batch))
+                        batch, size = [], 0
+                if batch:
                     await self._write_unlocked(b"".join(batch))
-                    batch, size = [], 0
-            if batch:
-                await self._write_unlocked(b"".join(batch))
+            except BaseException as exc:
+                await self._broken_message(exc)
+                raise
+
+    async def _broken_message(self, exc: BaseException) -> None:
+        """A message was cut short after part of it went out: abort the association."""
+        if isinstance(exc, DicomNetError) and self._stream_closed:
+            return
+        self._set_error(AssociationAborted(f"sending a message failed: {exc!r}"))
+        with anyio.CancelScope(shield=True):
+            await self._abort_now(str(exc))
+            await self._close_stream()
 
     async def _send_file_message(
         self,
@@ -631,38 +681,51 @@ class Association:
         """Stream a Part-10 file's data set from disk after the command (no decoding)."""
         log.debug("%r: sending %s from %s", self, message, part10.path)
         command = encode_command(message, has_dataset=True)
-        max_pdu = self.peer_max_pdu_length
-        per_pdv = max_pdv_data(max_pdu)
-        block_size = max(1, SEND_BATCH // per_pdv) * per_pdv
         total = part10.dataset_length
         # A deflated data set of odd length gets its trailing NUL pad (PS3.5 §A.5).
         pad = total % 2 == 1 and part10.transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
         async with self._send_lock:
             self._check_can_send()
-            batch: list[bytes | memoryview] = list(fragment(context_id, command, True, max_pdu))
-            with open(part10.path, "rb") as f:
-                f.seek(part10.offset)
-                sent = 0
-                while True:
-                    want = min(block_size, total - sent)
-                    if want > (1 << 16):
-                        block = await anyio.to_thread.run_sync(f.read, want)
-                    else:
-                        block = f.read(want)
-                    if len(block) != want:
-                        raise DicomNetError(f"{part10.path} changed while it was being sent")
-                    sent += len(block)
-                    if sent >= total and pad:
-                        block += b"\x00"
-                    batch.extend(
-                        fragment(context_id, block, False, max_pdu, is_final=sent >= total)
-                    )
-                    await self._write_unlocked(b"".join(batch))
-                    batch = []
-                    if progress is not None:
-                        progress(sent, total)
-                    if sent >= total:
-                        break
+            try:
+                await self._stream_file(context_id, command, part10, progress, pad)
+            except BaseException as exc:
+                await self._broken_message(exc)
+                raise
+
+    async def _stream_file(
+        self,
+        context_id: int,
+        command: bytes,
+        part10: Part10File,
+        progress: Callable[[int, int], Any] | None,
+        pad: bool,
+    ) -> None:
+        max_pdu = self.peer_max_pdu_length
+        per_pdv = max_pdv_data(max_pdu)
+        block_size = max(1, SEND_BATCH // per_pdv) * per_pdv
+        total = part10.dataset_length
+        batch: list[bytes | memoryview] = list(fragment(context_id, command, True, max_pdu))
+        with open(part10.path, "rb") as f:
+            f.seek(part10.offset)
+            sent = 0
+            while True:
+                want = min(block_size, total - sent)
+                if want > (1 << 16):
+                    block = await anyio.to_thread.run_sync(f.read, want)
+                else:
+                    block = f.read(want)
+                if len(block) != want:
+                    raise OSError(f"{part10.path} changed while it was being sent")
+                sent += len(block)
+                if sent >= total and pad:
+                    block += b"\x00"
+                batch.extend(fragment(context_id, block, False, max_pdu, is_final=sent >= total))
+                await self._write_unlocked(b"".join(batch))
+                batch = []
+                if progress is not None:
+                    progress(sent, total)
+                if sent >= total:
+                    break
 
     # --- requests (SCU) --------------------------------------------------------------------
 
@@ -675,38 +738,82 @@ class Association:
                     return context
         return None
 
+    async def begin(self, context: AcceptedContext, buffer: int = 4) -> Operation:
+        """Reserve a slot of the operations window and a Message ID for a new request."""
+        if self.is_closed:
+            raise self._termination_error()
+        await self._slots.acquire()
+        try:
+            message_id = self._ids.allocate()
+        except BaseException:
+            self._slots.release()
+            raise
+        operation = Operation(message_id, context, buffer, self._release_operation)
+        self._operations[message_id] = operation
+        if self.is_closed:
+            operation.end()
+            raise self._termination_error()
+        return operation
+
+    def _release_operation(self, operation: Operation) -> None:
+        self._operations.pop(operation.message_id, None)
+        self._outstanding.responded(operation.message_id, final=True)
+        self._ids.release(operation.message_id)
+        self._slots.release()
+
+    def started(self, operation: Operation) -> None:
+        """The request went out: the DIMSE timeout runs from now."""
+        self._outstanding.started(operation.message_id)
+        self._rearm()
+
+    async def next_response(self, operation: Operation) -> tuple[DimseMessage, bytes | None]:
+        """The next response (pending or final) to `operation`."""
+        try:
+            delivery = await operation.receiver.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self._termination_error() from None
+        if isinstance(delivery, BaseException):
+            raise delivery
+        return delivery
+
+    async def cancel(self, operation: Operation) -> None:
+        """Abandon `operation`: send C-CANCEL-RQ (PS3.7 §9.3.2.3) unless it is over.
+
+        The reader drops the responses still to come and frees the slot at the final one.
+        """
+        if operation.ended or operation.abandoned:
+            return
+        operation.abandoned = True
+        operation.receiver.close()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.send_message(
+                    operation.context.context_id, CCancelRQ(operation.message_id)
+                )
+            except DicomNetError as exc:
+                log.debug("%r: could not send C-CANCEL: %s", self, exc)
+
     async def _request(
         self,
+        context: AcceptedContext,
         make: Callable[[int], DimseMessage],
         send: Callable[[DimseMessage], Awaitable[None]],
     ) -> tuple[DimseMessage, bytes | None]:
         """Send one request and wait for its final response."""
-        message_id = self._ids.allocate()
-        sender, receiver = anyio.create_memory_object_stream[_Delivery](4)
-        self._waiters[message_id] = sender
+        operation = await self.begin(context)
         try:
-            if self.is_closed:
-                raise self._termination_error()
-            message = make(message_id)
-            await send(message)
-            self._outstanding.started(message_id)
-            self._rearm()
+            await send(make(operation.message_id))
+            self.started(operation)
             while True:
-                try:
-                    delivery = await receiver.receive()
-                except anyio.EndOfStream:
-                    raise self._termination_error() from None
-                if isinstance(delivery, BaseException):
-                    raise delivery
-                response, data = delivery
+                response, data = await self.next_response(operation)
                 if not Status(getattr(response, "status", 0)).is_pending:
                     return response, data
         finally:
-            self._waiters.pop(message_id, None)
-            self._outstanding.responded(message_id, final=True)
-            self._ids.release(message_id)
-            sender.close()
-            receiver.close()
+            if not operation.ended:
+                # Left before the final response (error or cancellation): nothing more is
+                # expected by anyone, so drop what still comes.
+                operation.abandoned = True
+                operation.receiver.close()
 
     async def echo(self) -> Status:
         """C-ECHO (PS3.7 §9.1.5). Returns the status; a failure raises `DimseError`."""
@@ -715,7 +822,7 @@ class Association:
             raise NotNegotiatedError("Verification SOP Class (1.2.840.10008.1.1) not accepted")
         cid = context.context_id
         response, _ = await self._request(
-            lambda mid: CEchoRQ(mid), lambda msg: self.send_message(cid, msg)
+            context, lambda mid: CEchoRQ(mid), lambda msg: self.send_message(cid, msg)
         )
         return _check(response)
 
@@ -784,7 +891,7 @@ class Association:
         async def send(message: DimseMessage) -> None:
             await self._send_file_message(cid, message, part10, progress)
 
-        response, _ = await self._request(make, send)
+        response, _ = await self._request(context, make, send)
         return _check(response)
 
     def _convertible_context(self, sop_class_uid: str) -> AcceptedContext | None:
@@ -854,7 +961,7 @@ class Association:
             if progress is not None:
                 progress(len(data), len(data))
 
-        response, _ = await self._request(make, send)
+        response, _ = await self._request(context, make, send)
         return _check(response)
 
     # --- release and abort -----------------------------------------------------------------

@@ -1,0 +1,1210 @@
+"""The embedded Query/Retrieve index behind `dicomnet serve`: SQLite, in the storage folder.
+
+`Index` keeps, for every stored instance, the attributes of the Patient Root and
+Study Root Query/Retrieve information models (PS3.4 §C.6.1.1, §C.6.2.1) that are
+Unique or Required keys at some level, plus a few common optional ones, and the
+instance's file (path relative to the storage folder), transfer syntax and size.
+
+- `Index.query(model, level, identifier)` answers a C-FIND: hierarchical (baseline)
+  search per PS3.4 §C.4.1.2.1 / §C.4.1.3.1, attribute matching per §C.2.2.2 done
+  in SQLite (`dicomnet.matching`), one response identifier per match, streamed from
+  a cursor. Return keys the index does not hold are read from a stored file of the
+  matching entity, and only when asked for (matching on them is then done in
+  Python on that file, §C.2.2.2.6 sequence matching included).
+- `Index.files(model, level, identifier)` lists what a C-MOVE / C-GET retrieves
+  (PS3.4 §C.4.2.2.1, §C.4.3.2.1: unique keys at and above the level, a list of UIDs
+  allowed at the level).
+- `Index.add` / `add_many` / `remove` / `rebuild` keep it up to date.
+
+Errors in an identifier raise `QueryError(status, message)`: 0xA900 (Identifier
+does not match SOP Class) for a missing or wrong Query/Retrieve Level, keys below
+the level, or missing / non-single unique keys of the levels above (a relational
+query, which is not supported); 0xC000 (Unable to process) for a key value that
+cannot be matched (a DA range that is not a date range, ...).
+
+Threads: nothing here is async (the async SCP runs these calls in worker threads,
+``anyio.to_thread.run_sync``). Writes go through one connection opened with
+``check_same_thread=False`` and serialised by a lock, each in its own
+``BEGIN IMMEDIATE`` transaction. Every `query` / `files` iterator opens its own
+read connection (also ``check_same_thread=False``, since successive ``next()``
+calls may run on different worker threads; a generator is never run by two
+threads at once), closed when the iterator is exhausted or closed: a query reads
+one consistent snapshot (WAL mode) and never blocks writers or other queries.
+Several processes may use one database: writers wait for each other (busy
+timeout), readers never wait.
+
+Schema (version `SCHEMA_VERSION`, in ``PRAGMA user_version``; a database of
+another version is dropped and recreated empty, with `Index.created` set so the
+caller rebuilds it from the files)::
+
+    patient (pk, patient_id UNIQUE NOT NULL, patient_name, issuer_of_patient_id,
+             patient_birth_date, patient_sex)
+    study   (pk, patient_pk -> patient, study_instance_uid UNIQUE, study_date,
+             study_time, accession_number, study_id, referring_physician_name,
+             study_description)
+    series  (pk, study_pk -> study, series_instance_uid UNIQUE, modality,
+             series_number, series_description, series_date, series_time)
+    instance(pk, series_pk -> series, sop_instance_uid UNIQUE, sop_class_uid,
+             instance_number, path, transfer_syntax, size)
+
+Each PN, DA, TM, DT, IS and DS column ``x`` has a companion ``x_key`` holding its
+match key (`matching.match_key`: lower-case PN, canonical sortable date/time,
+numeric IS), which is what conditions and indexes use. ModalitiesInStudy,
+SOPClassesInStudy, AvailableTransferSyntaxUID and the Number of ... Related ...
+counts are derived in SQL at query time. Patients are identified by Patient ID
+alone (the unique key of the Patient Root model); an instance without one goes to
+the patient with an empty ID. When an instance arrives whose study, series or
+patient attributes differ from those indexed, the newest values win (attributes
+it lacks keep their indexed value), and entities left without instances are
+deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, NamedTuple, cast
+
+from pydicom import dcmread
+from pydicom.charset import python_encoding
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.valuerep import PersonName
+
+from dicomnet.errors import DicomNetError
+from dicomnet.matching import (
+    KEYED_VRS,
+    MatchError,
+    match_key,
+    match_sequence,
+    matches,
+    normalize,
+    parse_query,
+    query_values,
+    sql_condition,
+)
+
+__all__ = [
+    "INDEX_FILE_NAME",
+    "LEVELS",
+    "SCHEMA_VERSION",
+    "STATUS_IDENTIFIER_DOES_NOT_MATCH",
+    "STATUS_UNABLE_TO_PROCESS",
+    "Index",
+    "IndexCounts",
+    "Level",
+    "Model",
+    "QueryError",
+]
+
+log = logging.getLogger("dicomnet.index")
+
+Model = Literal["patient", "study"]
+Level = Literal["PATIENT", "STUDY", "SERIES", "IMAGE"]
+LEVELS: tuple[Level, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_RANK: dict[str, int] = {level: rank for rank, level in enumerate(LEVELS)}
+
+#: The index's file name inside the storage folder (hidden: `rebuild` skips it).
+INDEX_FILE_NAME = ".dicomnet-index.sqlite"
+SCHEMA_VERSION = 1
+
+#: PS3.4 §C.4.1.1.4 / §C.4.2.1.5 failure statuses.
+STATUS_IDENTIFIER_DOES_NOT_MATCH = 0xA900
+STATUS_UNABLE_TO_PROCESS = 0xC000
+
+_SPECIFIC_CHARACTER_SET = 0x00080005
+_QUERY_RETRIEVE_LEVEL = 0x00080052
+_QUERY_RETRIEVE_VIEW = 0x00080053
+_RETRIEVE_AE_TITLE = 0x00080054
+_INSTANCE_AVAILABILITY = 0x00080056
+_TIMEZONE_OFFSET = 0x00080201
+#: Returned as sent (the SCP fills Retrieve AE Title in if it wants to).
+_ECHOED = frozenset({_QUERY_RETRIEVE_VIEW, _RETRIEVE_AE_TITLE, _TIMEZONE_OFFSET})
+
+_UNIQUE: dict[str, str] = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+
+
+class QueryError(DicomNetError):
+    """An identifier the index cannot answer; `status` is the DIMSE failure status
+    to send, `message` a short Error Comment (at most 64 characters, LO), and
+    `offending` the tags to put in Offending Element (0000,0901)."""
+
+    def __init__(self, status: int, message: str, offending: Iterable[int] = ()) -> None:
+        self.status = status
+        self.message = message[:64]
+        self.offending: tuple[int, ...] = tuple(offending)
+        super().__init__(f"{message} (status 0x{status:04X})")
+
+
+class IndexCounts(NamedTuple):
+    patients: int
+    studies: int
+    series: int
+    instances: int
+
+
+# -- schema ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """An attribute kept in a column (and, for KEYED_VRS, its match key in ``*_key``)."""
+
+    keyword: str
+    vr: str
+    column: str
+
+    @property
+    def key_column(self) -> str:
+        return f"{self.column}_key" if self.vr in KEYED_VRS else self.column
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.column, self.key_column) if self.vr in KEYED_VRS else (self.column,)
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    name: str
+    alias: str
+    level: Level
+    parent: str | None  # foreign key column to the level above
+    parent_table: str | None
+    attributes: tuple[_Stored, ...]  # the first is the unique key
+
+    @property
+    def unique(self) -> _Stored:
+        return self.attributes[0]
+
+
+_TABLES: tuple[_Table, ...] = (
+    _Table(
+        "patient",
+        "p",
+        "PATIENT",
+        None,
+        None,
+        (
+            _Stored("PatientID", "LO", "patient_id"),
+            _Stored("PatientName", "PN", "patient_name"),
+            _Stored("IssuerOfPatientID", "LO", "issuer_of_patient_id"),
+            _Stored("PatientBirthDate", "DA", "patient_birth_date"),
+            _Stored("PatientSex", "CS", "patient_sex"),
+        ),
+    ),
+    _Table(
+        "study",
+        "st",
+        "STUDY",
+        "patient_pk",
+        "patient",
+        (
+            _Stored("StudyInstanceUID", "UI", "study_instance_uid"),
+            _Stored("StudyDate", "DA", "study_date"),
+            _Stored("StudyTime", "TM", "study_time"),
+            _Stored("AccessionNumber", "SH", "accession_number"),
+            _Stored("StudyID", "SH", "study_id"),
+            _Stored("ReferringPhysicianName", "PN", "referring_physician_name"),
+            _Stored("StudyDescription", "LO", "study_description"),
+        ),
+    ),
+    _Table(
+        "series",
+        "se",
+        "SERIES",
+        "study_pk",
+        "study",
+        (
+            _Stored("SeriesInstanceUID", "UI", "series_instance_uid"),
+            _Stored("Modality", "CS", "modality"),
+            _Stored("SeriesNumber", "IS", "series_number"),
+            _Stored("SeriesDescription", "LO", "series_description"),
+            _Stored("SeriesDate", "DA", "series_date"),
+            _Stored("SeriesTime", "TM", "series_time"),
+        ),
+    ),
+    _Table(
+        "instance",
+        "i",
+        "IMAGE",
+        "series_pk",
+        "series",
+        (
+            _Stored("SOPInstanceUID", "UI", "sop_instance_uid"),
+            _Stored("SOPClassUID", "UI", "sop_class_uid"),
+            _Stored("InstanceNumber", "IS", "instance_number"),
+        ),
+    ),
+)
+_TABLE = {table.name: table for table in _TABLES}
+
+
+def _schema() -> list[str]:
+    statements: list[str] = []
+    for table in _TABLES:
+        columns = ["pk INTEGER PRIMARY KEY"]
+        if table.parent is not None:
+            columns.append(
+                f"{table.parent} INTEGER NOT NULL REFERENCES {table.parent_table}(pk)"
+                " ON DELETE CASCADE"
+            )
+        for attr in table.attributes:
+            if attr is table.unique:
+                columns.append(f"{attr.column} TEXT NOT NULL UNIQUE")
+            else:
+                columns.extend(f"{column} TEXT" for column in attr.columns)
+        if table.name == "instance":
+            columns += ["path TEXT NOT NULL", "transfer_syntax TEXT", "size INTEGER"]
+        statements.append(f"CREATE TABLE {table.name} ({', '.join(columns)})")
+        if table.parent is not None:
+            statements.append(
+                f"CREATE INDEX {table.name}_{table.parent} ON {table.name} ({table.parent})"
+            )
+    for name, column in (
+        ("patient", "patient_name_key"),
+        ("study", "study_date_key"),
+        ("study", "accession_number"),
+        ("series", "modality"),
+    ):
+        statements.append(f"CREATE INDEX {name}_{column} ON {name} ({column})")
+    return statements
+
+
+def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
+    """INSERT ... ON CONFLICT(unique) DO UPDATE ... RETURNING pk, and its column order.
+
+    A NULL (attribute absent from the new instance) keeps the indexed value."""
+    columns: list[str] = [table.parent] if table.parent else []
+    updates: list[str] = [f"{table.parent} = excluded.{table.parent}"] if table.parent else []
+    for attr in table.attributes:
+        columns.extend(attr.columns)
+        if attr is table.unique:
+            continue
+        updates.append(f"{attr.column} = COALESCE(excluded.{attr.column}, {attr.column})")
+        if attr.key_column != attr.column:
+            updates.append(
+                f"{attr.key_column} = CASE WHEN excluded.{attr.column} IS NULL"
+                f" THEN {attr.key_column} ELSE excluded.{attr.key_column} END"
+            )
+    if table.name == "instance":
+        columns += ["path", "transfer_syntax", "size"]
+        updates += [f"{c} = excluded.{c}" for c in ("path", "transfer_syntax", "size")]
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(columns)})"
+        f" VALUES ({', '.join('?' * len(columns))})"
+        f" ON CONFLICT({table.unique.column}) DO UPDATE SET {', '.join(updates)}"
+        " RETURNING pk"
+    )
+    return sql, columns
+
+
+_UPSERTS = {table.name: _upsert_sql(table) for table in _TABLES}
+
+# -- query attributes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Attr:
+    """How a key attribute is returned (`value_sql`) and matched (`match_sql`, or
+    `exists` with ``{cond}`` on the inner column `match_sql`) in SQL."""
+
+    level: Level
+    vr: str
+    value_sql: str
+    match_sql: str
+    exists: str | None = None
+
+
+_P_STUDIES = "FROM study AS c1 WHERE c1.patient_pk = p.pk"
+_P_SERIES = "FROM study AS c1 JOIN series AS c2 ON c2.study_pk = c1.pk WHERE c1.patient_pk = p.pk"
+_P_INSTANCES = (
+    "FROM study AS c1 JOIN series AS c2 ON c2.study_pk = c1.pk"
+    " JOIN instance AS c3 ON c3.series_pk = c2.pk WHERE c1.patient_pk = p.pk"
+)
+_ST_SERIES = "FROM series AS c2 WHERE c2.study_pk = st.pk"
+_ST_INSTANCES = (
+    "FROM series AS c2 JOIN instance AS c3 ON c3.series_pk = c2.pk WHERE c2.study_pk = st.pk"
+)
+_SE_INSTANCES = "FROM instance AS c3 WHERE c3.series_pk = se.pk"
+
+
+def _count(level: Level, source: str) -> _Attr:
+    sql = f"CAST((SELECT COUNT(*) {source}) AS TEXT)"
+    return _Attr(level, "IS", sql, sql)
+
+
+def _attributes() -> dict[str, _Attr]:
+    attrs: dict[str, _Attr] = {}
+    for table in _TABLES:
+        for stored in table.attributes:
+            attrs[stored.keyword] = _Attr(
+                table.level,
+                stored.vr,
+                f"{table.alias}.{stored.column}",
+                f"{table.alias}.{stored.key_column}",
+            )
+    attrs.update(
+        NumberOfPatientRelatedStudies=_count("PATIENT", _P_STUDIES),
+        NumberOfPatientRelatedSeries=_count("PATIENT", _P_SERIES),
+        NumberOfPatientRelatedInstances=_count("PATIENT", _P_INSTANCES),
+        NumberOfStudyRelatedSeries=_count("STUDY", _ST_SERIES),
+        NumberOfStudyRelatedInstances=_count("STUDY", _ST_INSTANCES),
+        NumberOfSeriesRelatedInstances=_count("SERIES", _SE_INSTANCES),
+        ModalitiesInStudy=_Attr(
+            "STUDY",
+            "CS",
+            "(SELECT group_concat(m, '\\') FROM (SELECT DISTINCT c2.modality AS m "
+            f"{_ST_SERIES} AND c2.modality IS NOT NULL AND c2.modality != '' ORDER BY m))",
+            "c2.modality",
+            f"EXISTS (SELECT 1 {_ST_SERIES} AND {{cond}})",
+        ),
+        SOPClassesInStudy=_Attr(
+            "STUDY",
+            "UI",
+            "(SELECT group_concat(u, '\\') FROM (SELECT DISTINCT c3.sop_class_uid AS u "
+            f"{_ST_INSTANCES} ORDER BY u))",
+            "c3.sop_class_uid",
+            f"EXISTS (SELECT 1 {_ST_INSTANCES} AND {{cond}})",
+        ),
+        AvailableTransferSyntaxUID=_Attr("IMAGE", "UI", "i.transfer_syntax", "i.transfer_syntax"),
+    )
+    return attrs
+
+
+_ATTRS = _attributes()
+
+#: Keys the index does not hold whose level is known (PS3.4 Tables C.6-1 to C.6-4 and
+#: the modules of each information entity); any other key is taken to belong to the
+#: query level. Values come from the stored files.
+_FILE_LEVELS: dict[str, Level] = {
+    **dict.fromkeys(
+        (
+            "PatientBirthTime",
+            "OtherPatientIDsSequence",
+            "OtherPatientNames",
+            "EthnicGroup",
+            "PatientComments",
+            "ReferencedPatientSequence",
+            "IssuerOfPatientIDQualifiersSequence",
+            "PatientSpeciesDescription",
+            "PatientBreedDescription",
+            "ResponsiblePerson",
+            "PatientIdentityRemoved",
+            "PatientBirthName",
+            "PatientMotherBirthName",
+            "PatientAddress",
+        ),
+        "PATIENT",
+    ),
+    **dict.fromkeys(
+        (
+            "ProcedureCodeSequence",
+            "NameOfPhysiciansReadingStudy",
+            "AdmittingDiagnosesDescription",
+            "ReferencedStudySequence",
+            "PatientAge",
+            "PatientSize",
+            "PatientWeight",
+            "Occupation",
+            "AdditionalPatientHistory",
+            "OtherStudyNumbers",
+            "IssuerOfAccessionNumberSequence",
+            "PhysiciansOfRecord",
+            "AnatomicRegionsInStudyCodeSequence",
+            "RequestingPhysician",
+            "RequestedProcedureDescription",
+        ),
+        "STUDY",
+    ),
+    **dict.fromkeys(
+        (
+            "BodyPartExamined",
+            "ProtocolName",
+            "Laterality",
+            "PerformedProcedureStepStartDate",
+            "PerformedProcedureStepStartTime",
+            "PerformedProcedureStepID",
+            "PerformedProcedureStepDescription",
+            "RequestAttributesSequence",
+            "Manufacturer",
+            "ManufacturerModelName",
+            "InstitutionName",
+            "StationName",
+            "OperatorsName",
+            "PerformingPhysicianName",
+            "FrameOfReferenceUID",
+            "PatientPosition",
+        ),
+        "SERIES",
+    ),
+    **dict.fromkeys(
+        (
+            "ContentDate",
+            "ContentTime",
+            "AcquisitionDate",
+            "AcquisitionTime",
+            "AcquisitionDateTime",
+            "InstanceCreationDate",
+            "InstanceCreationTime",
+            "ImageType",
+            "Rows",
+            "Columns",
+            "NumberOfFrames",
+            "BitsAllocated",
+            "ImageComments",
+            "AlternateRepresentationSequence",
+            "ReferencedImageSequence",
+            "SourceImageSequence",
+            "ContentLabel",
+            "ContentDescription",
+            "ConceptNameCodeSequence",
+            "CompletionFlag",
+            "VerificationFlag",
+            "SliceLocation",
+            "AcquisitionNumber",
+        ),
+        "IMAGE",
+    ),
+}
+
+_FROM: dict[str, str] = {
+    "PATIENT": "patient AS p",
+    "STUDY": "study AS st JOIN patient AS p ON p.pk = st.patient_pk",
+    "SERIES": "series AS se JOIN study AS st ON st.pk = se.study_pk"
+    " JOIN patient AS p ON p.pk = st.patient_pk",
+    "IMAGE": "instance AS i JOIN series AS se ON se.pk = i.series_pk"
+    " JOIN study AS st ON st.pk = se.study_pk JOIN patient AS p ON p.pk = st.patient_pk",
+}
+#: A stored file of the entity a row stands for (read only for keys not indexed).
+_PATH: dict[str, str] = {
+    "PATIENT": f"(SELECT c3.path {_P_INSTANCES} LIMIT 1)",
+    "STUDY": f"(SELECT c3.path {_ST_INSTANCES} LIMIT 1)",
+    "SERIES": f"(SELECT c3.path {_SE_INSTANCES} LIMIT 1)",
+    "IMAGE": "i.path",
+}
+
+#: The attributes `add` reads from a file (when it is not given the data set).
+_INDEXED_TAGS: list[int] = sorted(
+    {_SPECIFIC_CHARACTER_SET}
+    | {tag for t in _TABLES for a in t.attributes if (tag := tag_for_keyword(a.keyword))}
+)
+
+_TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+
+
+# -- query plans --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """One attribute of a response: from a result column, from the file, or fixed."""
+
+    tag: int
+    vr: str
+    source: Literal["column", "file", "level", "echo", "online"]
+    index: int = 0  # result column
+    key: DataElement | None = None  # the key as sent (file / echo)
+    filter: bool = False  # file: the key's value must match
+
+
+@dataclass(slots=True)
+class _FindPlan:
+    level: Level
+    sql: str
+    params: list[str]
+    outputs: list[_Output] = field(default_factory=list)
+    file_tags: list[int] = field(default_factory=list)
+    charset: list[str] | None = None
+
+
+def _keyword(elem: DataElement) -> str:
+    return elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+
+
+def _is_key(tag: int) -> bool:
+    """A key attribute of an identifier (not a group length, not Specific Character
+    Set or Query/Retrieve Level and the like, which are never matched)."""
+    return (
+        tag & 0xFFFF != 0
+        and tag >> 16 > 0x0002
+        and tag
+        not in (
+            _SPECIFIC_CHARACTER_SET,
+            _QUERY_RETRIEVE_LEVEL,
+            _INSTANCE_AVAILABILITY,
+            *_ECHOED,
+        )
+    )
+
+
+def _model_levels(model: Model) -> tuple[Level, ...]:
+    if model == "patient":
+        return LEVELS
+    if model == "study":
+        return LEVELS[1:]
+    raise ValueError(f"unknown information model {model!r} (expected 'patient' or 'study')")
+
+
+def _check_level(model: Model, level: Level | None, identifier: Dataset) -> Level:
+    """The Query/Retrieve Level: from the identifier, checked against `level` and the
+    model (PS3.4 §C.6.1, §C.6.2)."""
+    levels = _model_levels(model)
+    elem = identifier.get(_QUERY_RETRIEVE_LEVEL)
+    given: str | None = None
+    if elem is not None and elem.value not in (None, ""):
+        given = normalize("CS", str(elem.value))
+    if given is None and level is None:
+        raise QueryError(
+            STATUS_IDENTIFIER_DOES_NOT_MATCH,
+            "Query/Retrieve Level (0008,0052) is missing",
+            (_QUERY_RETRIEVE_LEVEL,),
+        )
+    if given is not None and level is not None and given != level:
+        raise QueryError(
+            STATUS_IDENTIFIER_DOES_NOT_MATCH,
+            f"Query/Retrieve Level {given} is not {level}",
+            (_QUERY_RETRIEVE_LEVEL,),
+        )
+    chosen = given if given is not None else level
+    if chosen not in levels:
+        raise QueryError(
+            STATUS_IDENTIFIER_DOES_NOT_MATCH,
+            f"Query/Retrieve Level {chosen!r} not in the {model} root model",
+            (_QUERY_RETRIEVE_LEVEL,),
+        )
+    return chosen
+
+
+def _attribute_level(elem: DataElement, model: Model, level: Level) -> Level:
+    attr = _ATTRS.get(elem.keyword)
+    found = attr.level if attr is not None else _FILE_LEVELS.get(elem.keyword, level)
+    if model == "study" and found == "PATIENT":
+        return "STUDY"  # Study Root: patient attributes are study attributes (§C.6.2.1.2)
+    return found
+
+
+def _check_hierarchy(
+    model: Model, level: Level, identifier: Dataset, keys: list[DataElement]
+) -> None:
+    """Baseline hierarchical search (PS3.4 §C.4.1.2.1): no keys below the level, and a
+    single value for the unique key of every level above it."""
+    rank = _RANK[level]
+    for elem in keys:
+        found = _attribute_level(elem, model, level)
+        if _RANK[found] > rank:
+            raise QueryError(
+                STATUS_IDENTIFIER_DOES_NOT_MATCH,
+                f"{_keyword(elem)} is a {found} key, below the {level} level",
+                (elem.tag,),
+            )
+    for above in _model_levels(model)[: rank - _RANK[_model_levels(model)[0]]]:
+        keyword = _UNIQUE[above]
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        elem = identifier.get(tag)
+        values = query_values(_ATTRS[keyword].vr, elem.value) if elem is not None else []
+        if len(values) != 1 or "*" in values[0] or "?" in values[0]:
+            raise QueryError(
+                STATUS_IDENTIFIER_DOES_NOT_MATCH,
+                f"{keyword} needs a single value at {level} level",
+                (tag,),
+            )
+
+
+def _condition(keyword: str, attr: _Attr, value: object) -> tuple[str, tuple[str, ...]] | None:
+    try:
+        cond = sql_condition(attr.match_sql, attr.vr, value, keyword=keyword)
+    except MatchError as exc:
+        tag = tag_for_keyword(keyword) or 0
+        raise QueryError(STATUS_UNABLE_TO_PROCESS, str(exc), (tag,)) from None
+    if cond is None:
+        return None
+    sql = attr.exists.format(cond=cond.sql) if attr.exists else cond.sql
+    return sql, cond.params
+
+
+def _plan_find(model: Model, level: Level | None, identifier: Dataset) -> _FindPlan:
+    chosen = _check_level(model, level, identifier)
+    elements = list(identifier)
+    keys = [elem for elem in elements if _is_key(elem.tag)]
+    _check_hierarchy(model, chosen, identifier, keys)
+    select: list[str] = []
+    where: list[str] = []
+    plan = _FindPlan(chosen, "", [])
+    for elem in elements:
+        tag = int(elem.tag)
+        if tag == _SPECIFIC_CHARACTER_SET:
+            values = query_values("CS", elem.value) if elem.value else []
+            plan.charset = values or None
+            continue
+        if tag == _QUERY_RETRIEVE_LEVEL:
+            plan.outputs.append(_Output(tag, "CS", "level"))
+            continue
+        if tag == _INSTANCE_AVAILABILITY:
+            plan.outputs.append(_Output(tag, "CS", "online"))
+            continue
+        if tag in _ECHOED:
+            plan.outputs.append(_Output(tag, elem.VR, "echo", key=elem))
+            continue
+        if not _is_key(tag):
+            continue
+        attr = _ATTRS.get(elem.keyword) if elem.keyword else None
+        if attr is not None and elem.VR != "SQ":
+            condition = _condition(elem.keyword, attr, elem.value)
+            if condition is not None:
+                where.append(condition[0])
+                plan.params.extend(condition[1])
+            select.append(attr.value_sql)
+            plan.outputs.append(_Output(tag, attr.vr, "column", index=len(select)))
+            continue
+        needs_filter = elem.VR == "SQ"
+        if not needs_filter:
+            try:
+                needs_filter = not parse_query(elem.VR, elem.value, _keyword(elem)).universal
+            except MatchError as exc:
+                raise QueryError(STATUS_UNABLE_TO_PROCESS, str(exc), (tag,)) from None
+        plan.file_tags.append(tag)
+        plan.outputs.append(_Output(tag, elem.VR, "file", key=elem, filter=needs_filter))
+    path = _PATH[chosen] if plan.file_tags else "NULL"
+    plan.sql = f"SELECT {', '.join([path, *select])} FROM {_FROM[chosen]}"
+    if where:
+        plan.sql += " WHERE " + " AND ".join(where)
+    return plan
+
+
+def _plan_retrieve(
+    model: Model, level: Level | None, identifier: Dataset, select: str
+) -> tuple[str, list[str]]:
+    """The instances a C-MOVE / C-GET retrieves (PS3.4 §C.4.2.2.1, §C.4.3.2.1): the unique
+    keys of the levels above the retrieve level each a single value, the unique key of
+    the retrieve level one value or a list of UIDs; other keys are ignored."""
+    chosen = _check_level(model, level, identifier)
+    levels = _model_levels(model)
+    where: list[str] = []
+    params: list[str] = []
+    for current in levels:
+        keyword = _UNIQUE[current]
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        elem = identifier.get(tag)
+        attr = _ATTRS[keyword]
+        values = query_values(attr.vr, elem.value) if elem is not None else []
+        if _RANK[current] > _RANK[chosen]:
+            if values:
+                raise QueryError(
+                    STATUS_IDENTIFIER_DOES_NOT_MATCH,
+                    f"{keyword} is below the {chosen} retrieve level",
+                    (tag,),
+                )
+            continue
+        if not values:
+            raise QueryError(
+                STATUS_IDENTIFIER_DOES_NOT_MATCH,
+                f"{keyword} is required to retrieve at {chosen} level",
+                (tag,),
+            )
+        if any("*" in v or "?" in v for v in values) or (current != chosen and len(values) > 1):
+            raise QueryError(
+                STATUS_IDENTIFIER_DOES_NOT_MATCH,
+                f"{keyword} must be {'UIDs' if current == chosen else 'one value'}, no wild cards",
+                (tag,),
+            )
+        condition = _condition(keyword, attr, values)
+        assert condition is not None
+        where.append(condition[0])
+        params.extend(condition[1])
+    sql = f"SELECT {select} FROM {_FROM['IMAGE']} WHERE {' AND '.join(where)}"
+    return sql, params
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+def _text(dataset: Dataset, keyword: str, vr: str) -> tuple[str | None, str | None]:
+    """(value, match key) of an attribute to store: None for an absent attribute,
+    '' for an empty one; several values are joined with backslashes."""
+    tag = tag_for_keyword(keyword)
+    elem = dataset.get(tag) if tag is not None else None
+    if elem is None:
+        return None, None
+    value = elem.value
+    if value is None:
+        return "", None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    items = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    texts = [normalize(vr, str(item)) for item in items]
+    text = "\\".join(texts).rstrip("\\")
+    return text, (match_key(vr, texts[0]) if texts else None)
+
+
+def _from_text(vr: str, text: str | None) -> object:
+    if text is None or text == "":
+        return None
+    if "\\" in text and vr not in ("LT", "ST", "UT", "UR"):
+        return text.split("\\")
+    return text
+
+
+def _has_non_ascii(dataset: Dataset) -> bool:
+    for elem in dataset.iterall():
+        if elem.VR not in _TEXT_VRS or elem.value is None:
+            continue
+        values = elem.value if isinstance(elem.value, (MultiValue, list)) else [elem.value]
+        for value in values:
+            if isinstance(value, (str, PersonName)) and not str(value).isascii():
+                return True
+    return False
+
+
+def _encodable(dataset: Dataset, charset: list[str]) -> bool:
+    """True if every text value of `dataset` can be written in the single-byte,
+    non-ISO 2022 character set `charset`."""
+    if len(charset) != 1 or charset[0].startswith("ISO 2022") or charset[0] not in python_encoding:
+        return False
+    codec = python_encoding[charset[0]]
+    for elem in dataset.iterall():
+        if elem.VR not in _TEXT_VRS or elem.value is None:
+            continue
+        values = elem.value if isinstance(elem.value, (MultiValue, list)) else [elem.value]
+        for value in values:
+            try:
+                str(value).encode(codec)
+            except (UnicodeEncodeError, LookupError):
+                return False
+    return True
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """``*.dcm`` files under `folder`, skipping hidden folders and files (``.tmp``)."""
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.lower().endswith(".dcm") and not name.startswith("."):
+                yield Path(current, name)
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """The rows `add` writes for one instance (table name -> values, in upsert order)."""
+
+    rows: dict[str, list[str | int | None]]
+    sop_instance_uid: str
+
+
+# -- the index ---------------------------------------------------------------------------------
+
+
+class Index:
+    """The SQLite index of a storage folder (see the module docstring).
+
+    `path` is the database file (conventionally ``<storage>/.dicomnet-index.sqlite``,
+    `INDEX_FILE_NAME`); `root`, the folder instance paths are stored relative to,
+    defaults to the database's folder. `timeout` is how long a writer waits for
+    another process's write transaction (seconds). `created` is True when this
+    opening created the schema (a new database, or one of another schema version
+    that was dropped): the caller should `rebuild` it from the files."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        root: str | os.PathLike[str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path.parent
+        self.timeout = timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._root_abs = Path(os.path.abspath(self.root))
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, timeout=timeout, check_same_thread=False, isolation_level=None
+        )
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self.created = False
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if version != SCHEMA_VERSION or not tables:
+                if tables:
+                    log.warning(
+                        "index %s has schema version %d, not %d: recreating it",
+                        self.path,
+                        version,
+                        SCHEMA_VERSION,
+                    )
+                for name in reversed([t.name for t in _TABLES]):
+                    conn.execute(f"DROP TABLE IF EXISTS {name}")
+                for statement in _schema():
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self.created = True
+
+    # -- lifetime --
+
+    def close(self) -> None:
+        """Close the write connection (running query iterators keep their own)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.path)!r})"
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError("the index is closed")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _read_connection(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.timeout, check_same_thread=False, isolation_level=None
+        )
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    # -- counts --
+
+    def __len__(self) -> int:
+        """The number of indexed instances."""
+        return self.counts().instances
+
+    def counts(self) -> IndexCounts:
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError("the index is closed")
+            row = self._conn.execute(
+                "SELECT (SELECT COUNT(*) FROM patient), (SELECT COUNT(*) FROM study),"
+                " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instance)"
+            ).fetchone()
+        return IndexCounts(*row)
+
+    # -- writing --
+
+    def _relative(self, path: Path) -> str:
+        absolute = Path(os.path.abspath(path))
+        try:
+            return absolute.relative_to(self._root_abs).as_posix()
+        except ValueError:
+            return str(absolute)
+
+    def _absolute(self, stored: str) -> Path:
+        return self.root / stored
+
+    def add(self, path: str | os.PathLike[str], dataset: Dataset | None = None) -> None:
+        """Index the Part-10 file `path` (read up to the pixel data, and only the indexed
+        attributes, unless its `dataset` is given). Re-adding an instance (same SOP
+        Instance UID) replaces it. Raises `ValueError` for an instance without SOP
+        Instance, Study Instance or Series Instance UID, and pydicom's / the OS's
+        errors for a file that cannot be read."""
+        record = self._record(Path(path), dataset)
+        with self._write() as conn:
+            self._store(conn, record)
+
+    def add_many(
+        self,
+        items: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], Dataset | None]],
+    ) -> int:
+        """`add` each of `items` (paths, or (path, dataset) pairs) in one transaction;
+        files that cannot be indexed are logged and skipped. Returns how many were."""
+        with self._write() as conn:
+            return self._store_all(conn, items)
+
+    def _store_all(
+        self,
+        conn: sqlite3.Connection,
+        items: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], Dataset | None]],
+    ) -> int:
+        count = 0
+        for item in items:
+            path, dataset = item if isinstance(item, tuple) else (item, None)
+            try:
+                record = self._record(Path(path), dataset)
+            except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+                log.warning("not indexed: %s: %s", path, exc)
+                continue
+            self._store(conn, record)
+            count += 1
+        return count
+
+    def remove(self, sop_instance_uid: str) -> bool:
+        """Forget an instance (its file is not touched); series, studies and patients
+        left empty go too. Returns whether it was indexed."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT i.pk, i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
+                " JOIN series AS se ON se.pk = i.series_pk JOIN study AS st ON st.pk = se.study_pk"
+                " WHERE i.sop_instance_uid = ?",
+                (normalize("UI", sop_instance_uid),),
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute("DELETE FROM instance WHERE pk = ?", (row[0],))
+            self._prune(conn, {row[1]}, {row[2]}, {row[3]})
+            return True
+
+    def rebuild(self, storage_folder: str | os.PathLike[str] | None = None) -> int:
+        """Empty the index and add every ``*.dcm`` file under `storage_folder` (default:
+        `root`), skipping hidden folders such as ``.tmp``, in one transaction (queries
+        meanwhile see the old index). Returns the number of instances indexed."""
+        folder = Path(storage_folder) if storage_folder is not None else self.root
+        with self._write() as conn:
+            for table in reversed(_TABLES):
+                conn.execute(f"DELETE FROM {table.name}")
+            return self._store_all(conn, _walk(folder))
+
+    def _record(self, path: Path, dataset: Dataset | None) -> _Record:
+        if dataset is None:
+            dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEXED_TAGS)
+        meta = getattr(dataset, "file_meta", None)
+        if meta is None or "TransferSyntaxUID" not in meta:
+            meta = read_file_meta_info(path)
+        size = path.stat().st_size
+        rows: dict[str, list[str | int | None]] = {}
+        for table in _TABLES:
+            values: list[str | int | None] = []
+            for attr in table.attributes:
+                text, key = _text(dataset, attr.keyword, attr.vr)
+                if attr is table.unique:
+                    if not text and attr.keyword == "SOPInstanceUID":
+                        text = normalize("UI", str(meta.get("MediaStorageSOPInstanceUID", "")))
+                    if not text and attr.keyword != "PatientID":
+                        raise ValueError(f"{attr.keyword} is missing")
+                    values.append(text or "")
+                    continue
+                if attr.keyword == "SOPClassUID" and not text:
+                    text = normalize("UI", str(meta.get("MediaStorageSOPClassUID", ""))) or None
+                    key = text
+                values.append(text)
+                if attr.key_column != attr.column:
+                    values.append(key)
+            rows[table.name] = values
+        transfer_syntax = normalize("UI", str(meta.get("TransferSyntaxUID", "")))
+        rows["instance"] += [self._relative(path), transfer_syntax or None, size]
+        return _Record(rows, cast(str, rows["instance"][0]))
+
+    def _store(self, conn: sqlite3.Connection, record: _Record) -> None:
+        old_series: set[int] = set()
+        old_studies: set[int] = set()
+        old_patients: set[int] = set()
+        row = conn.execute(
+            "SELECT i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
+            " JOIN series AS se ON se.pk = i.series_pk JOIN study AS st ON st.pk = se.study_pk"
+            " WHERE i.sop_instance_uid = ?",
+            (record.sop_instance_uid,),
+        ).fetchone()
+        if row is not None:
+            old_series.add(row[0])
+            old_studies.add(row[1])
+            old_patients.add(row[2])
+        series_uid = record.rows["series"][0]
+        study_uid = record.rows["study"][0]
+        for old in conn.execute(
+            "SELECT se.study_pk, st.patient_pk FROM series AS se"
+            " JOIN study AS st ON st.pk = se.study_pk WHERE se.series_instance_uid = ?",
+            (series_uid,),
+        ):
+            old_studies.add(old[0])
+            old_patients.add(old[1])
+        for old in conn.execute(
+            "SELECT patient_pk FROM study WHERE study_instance_uid = ?", (study_uid,)
+        ):
+            old_patients.add(old[0])
+        parent: int | None = None
+        for table in _TABLES:
+            sql, _ = _UPSERTS[table.name]
+            values = record.rows[table.name]
+            params = [parent, *values] if table.parent else values
+            parent = conn.execute(sql, params).fetchone()[0]
+        self._prune(conn, old_series, old_studies, old_patients)
+
+    @staticmethod
+    def _prune(
+        conn: sqlite3.Connection, series: set[int], studies: set[int], patients: set[int]
+    ) -> None:
+        """Delete the given entities that no longer have children, bottom up."""
+        for pk in series:
+            conn.execute(
+                "DELETE FROM series WHERE pk = ?"
+                " AND NOT EXISTS (SELECT 1 FROM instance WHERE series_pk = ?)",
+                (pk, pk),
+            )
+        for pk in studies:
+            conn.execute(
+                "DELETE FROM study WHERE pk = ?"
+                " AND NOT EXISTS (SELECT 1 FROM series WHERE study_pk = ?)",
+                (pk, pk),
+            )
+        for pk in patients:
+            conn.execute(
+                "DELETE FROM patient WHERE pk = ?"
+                " AND NOT EXISTS (SELECT 1 FROM study WHERE patient_pk = ?)",
+                (pk, pk),
+            )
+
+    # -- C-FIND --
+
+    def query(self, model: Model, level: Level | None, identifier: Dataset) -> Iterator[Dataset]:
+        """Answer a C-FIND: one response identifier per matching entity, streamed.
+
+        `model` is the information model of the negotiated SOP class; `level` the
+        Query/Retrieve Level, or None to take it from the identifier (which must then
+        hold it; if both are given they must agree). Each response holds exactly the
+        attributes of the identifier (Query/Retrieve Level set, Instance Availability
+        ``ONLINE``, Query/Retrieve View, Retrieve AE Title and Timezone Offset From UTC
+        returned as sent), plus Specific Character Set when needed: the identifier's
+        when every value fits it, else ``ISO_IR 192``.
+
+        The identifier is checked now (`QueryError`); the rows are read as the returned
+        iterator is advanced, on a connection of its own that closing the iterator
+        closes."""
+        plan = _plan_find(model, level, identifier)
+        return self._run_find(plan)
+
+    def _run_find(self, plan: _FindPlan) -> Iterator[Dataset]:
+        conn = self._read_connection()
+        try:
+            cursor = conn.execute(plan.sql, plan.params)
+            for row in cursor:
+                response = self._response(plan, row)
+                if response is not None:
+                    yield response
+        finally:
+            conn.close()
+
+    def _read_file(self, stored: str | None, tags: list[int]) -> Dataset | None:
+        if stored is None:
+            return None
+        path = self._absolute(stored)
+        try:
+            return dcmread(
+                path, stop_before_pixels=True, specific_tags=[_SPECIFIC_CHARACTER_SET, *tags]
+            )
+        except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+            log.warning("cannot read %s for a query: %s", path, exc)
+            return None
+
+    def _response(self, plan: _FindPlan, row: tuple[str | None, ...]) -> Dataset | None:
+        source = self._read_file(row[0], plan.file_tags) if plan.file_tags else None
+        out = Dataset()
+        for output in plan.outputs:
+            if output.source == "column":
+                out.add(
+                    DataElement(output.tag, output.vr, _from_text(output.vr, row[output.index]))
+                )
+            elif output.source == "level":
+                out.add(DataElement(output.tag, "CS", plan.level))
+            elif output.source == "online":
+                out.add(DataElement(output.tag, "CS", "ONLINE"))
+            elif output.source == "echo":
+                assert output.key is not None
+                out.add(DataElement(output.tag, output.key.VR, output.key.value))
+            else:
+                elem = self._file_value(output, source)
+                if elem is None:
+                    return None
+                out.add(elem)
+        if _has_non_ascii(out):
+            if plan.charset is not None and _encodable(out, plan.charset):
+                out.SpecificCharacterSet = plan.charset[0]
+            else:
+                out.SpecificCharacterSet = "ISO_IR 192"
+        elif plan.charset is not None:
+            out.SpecificCharacterSet = plan.charset if len(plan.charset) > 1 else plan.charset[0]
+        return out
+
+    @staticmethod
+    def _file_value(output: _Output, source: Dataset | None) -> DataElement | None:
+        """The response element of a key read from the file, or None if it does not match."""
+        key = output.key
+        assert key is not None
+        found = source.get(output.tag) if source is not None else None
+        if key.VR == "SQ":
+            candidate = found.value if found is not None and found.VR == "SQ" else None
+            items = match_sequence(key.value, candidate)
+            if items is None:
+                return None
+            return DataElement(output.tag, "SQ", DicomSequence(items))
+        value = None if found is None else found.value
+        if output.filter and not matches(key.value, key.VR, value):
+            return None
+        if found is None:
+            return DataElement(output.tag, key.VR, None)
+        return DataElement(output.tag, found.VR, value)
+
+    # -- C-MOVE / C-GET --
+
+    def files(
+        self, model: Model, level: Level | None, identifier: Dataset
+    ) -> Iterator[tuple[Path, str, str, str]]:
+        """The instances a C-MOVE or C-GET of `identifier` retrieves, as (file path,
+        SOP Class UID, SOP Instance UID, transfer syntax UID), streamed. `model` and
+        `level` as for `query`. The identifier is checked now (`QueryError`)."""
+        sql, params = _plan_retrieve(
+            model,
+            level,
+            identifier,
+            "i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax",
+        )
+        return self._run_files(sql, params)
+
+    def count_files(self, model: Model, level: Level | None, identifier: Dataset) -> int:
+        """How many instances `files` would yield (for the C-MOVE / C-GET counts)."""
+        sql, params = _plan_retrieve(model, level, identifier, "COUNT(*)")
+        conn = self._read_connection()
+        try:
+            return int(conn.execute(sql, params).fetchone()[0])
+        finally:
+            conn.close()
+
+    def _run_files(self, sql: str, params: list[str]) -> Iterator[tuple[Path, str, str, str]]:
+        conn = self._read_connection()
+        try:
+            for path, sop_class, sop_instance, transfer_syntax in conn.execute(sql, params):
+                yield self._absolute(path), sop_class or "", sop_instance, transfer_syntax or ""
+        finally:
+            conn.close()
