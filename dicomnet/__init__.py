@@ -20,6 +20,7 @@ from dicomnet.errors import (
     ProtocolError,
     Reject,
 )
+from dicomnet.qr import FindRequest, Responses, RetrieveProgress, RetrieveRequest
 from dicomnet.server import AE, Server
 from dicomnet.service import AssociationRequest, EchoRequest, StoreRequest
 from dicomnet.status import Status, StatusCategory
@@ -39,12 +40,16 @@ __all__ = [
     "DimseError",
     "DimseTimeout",
     "EchoRequest",
+    "FindRequest",
     "IdleTimeout",
     "InvalidStateError",
     "NotNegotiatedError",
     "PresentationContext",
     "ProtocolError",
     "Reject",
+    "Responses",
+    "RetrieveProgress",
+    "RetrieveRequest",
     "Server",
     "Status",
     "StatusCategory",

@@ -34,11 +34,8 @@ from dicomnet.dimse import (
     CEchoRQ,
     CEchoRSP,
     CFindRQ,
-    CFindRSP,
     CGetRQ,
-    CGetRSP,
     CMoveRQ,
-    CMoveRSP,
     CommandReceived,
     CStoreRQ,
     CStoreRSP,
@@ -68,6 +65,16 @@ from dicomnet.extended import (
 )
 from dicomnet.fsm import State
 from dicomnet.pdu import AAssociateAC, AAssociateRQ, AbortSource, PresentationDataValue
+from dicomnet.qr import (
+    Responses,
+    RetrieveProgress,
+    Served,
+    serve_find,
+    serve_retrieve,
+)
+from dicomnet.qr import find as _find
+from dicomnet.qr import get as _get
+from dicomnet.qr import move as _move
 from dicomnet.service import EchoRequest, StoreRequest
 from dicomnet.status import Status
 from dicomnet.storage import Part10File, Spool, encode_dataset, is_valid_uid, part10_header
@@ -90,7 +97,7 @@ RECEIVE_SIZE = 1 << 18
 MAX_RESPONSE_DATASET = 64 << 20  # a response identifier larger than this is refused
 
 Handler = Callable[..., Any]
-_Delivery = tuple[DimseMessage, bytes | None] | BaseException
+_Delivery = tuple[DimseMessage, bytes | None] | StoreRequest | BaseException
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +135,11 @@ class Handlers:
 
     on_echo: Handler | None = None
     on_store: Handler | None = None
+    on_find: Handler | None = None
+    on_move: Handler | None = None
+    on_get: Handler | None = None
+    # Move destination AE title -> (host, port), or None when unknown.
+    move_destination: Callable[[str], tuple[str, int] | None] | None = None
 
 
 def _store_status(result: Any) -> tuple[int, str | None]:
@@ -234,6 +246,8 @@ class Association:
         self._ids = MessageIDs()
         self._outstanding = OutstandingRequests(settings.dimse_timeout, clock)
         self._operations: dict[int, Operation] = {}
+        self._served: dict[int, Served] = {}
+        self._retrieve_sinks: list[Operation] = []
         window = self.extended.async_operations_window.invoked
         self._slots = anyio.Semaphore(window if window > 0 else 0xFFFF)
         self._assembler = MessageAssembler(self._context_known)
@@ -304,6 +318,8 @@ class Association:
                     await self._close_stream()
                     for operation in list(self._operations.values()):
                         operation.end()
+                    for served in list(self._served.values()):
+                        served.cancel()
                 # Handlers of requests received in full run to completion (their data is
                 # kept even though no response can be sent any more).
         finally:
@@ -445,7 +461,16 @@ class Association:
         except InvalidStateError:
             pass
 
+    def _serve_cancellable(self, message_id: int) -> Served:
+        served = Served()
+        self._served[message_id] = served
+        if self.is_closed:
+            served.cancel()
+        return served
+
     async def _finish(self) -> None:
+        for served in list(self._served.values()):
+            served.cancel()
         self._discard_incoming()
         if self._ul.state != State.STA1:
             self._ul.connection_lost()
@@ -472,6 +497,11 @@ class Association:
         if isinstance(event, CommandReceived):
             message = event.message
             log.debug("%r: received %s", self, message)
+            if isinstance(message, CCancelRQ):
+                served = self._served.get(message.message_id_being_responded_to)
+                if served is not None:
+                    served.cancel()
+                return
             if not event.has_dataset:
                 if message.is_request:
                     self._dispatch(event, None)
@@ -546,8 +576,10 @@ class Association:
             elif isinstance(message, CStoreRQ):
                 assert spool is not None
                 response = await self._serve_store(context, message, spool)
-            elif isinstance(message, (CFindRQ, CGetRQ, CMoveRQ)):
-                response = _unsupported_response(message)
+            elif isinstance(message, CFindRQ):
+                await serve_find(self, context, message, _payload(incoming))
+            elif isinstance(message, (CGetRQ, CMoveRQ)):
+                await serve_retrieve(self, context, message, _payload(incoming))
             else:
                 log.warning("%r: unexpected request %s ignored", self, type(message).__name__)
         finally:
@@ -588,7 +620,19 @@ class Association:
 
         if isinstance(spool, _NullSpool):
             return reply(0xC000, "invalid SOP Class or Instance UID")
-        if message.affected_sop_class_uid != context.abstract_syntax or not context.we_are_scp:
+        if message.affected_sop_class_uid != context.abstract_syntax:
+            return reply(0x0122, "SOP Class not accepted on this presentation context")
+        sink = next((op for op in self._retrieve_sinks if not op.ended), None)
+        if sink is not None:
+            # A C-STORE sub-operation of our C-GET: hand it to the `get()` loop.
+            request = StoreRequest(self, context, message, spool, fsync=self.settings.fsync)
+            try:
+                await sink.sender.send(request)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return reply(0xA700, "the retrieve was cancelled")
+            await request.acknowledged()
+            return reply(request.status, None)
+        if not context.we_are_scp:
             return reply(0x0122, "SOP Class not accepted on this presentation context")
         if self.handlers.on_store is None:
             return reply(0x0122, "no storage handler")
@@ -774,6 +818,8 @@ class Association:
             raise self._termination_error() from None
         if isinstance(delivery, BaseException):
             raise delivery
+        if isinstance(delivery, StoreRequest):  # pragma: no cover - only C-GET gets these
+            raise ProtocolError("C-STORE sub-operation outside a C-GET")
         return delivery
 
     async def cancel(self, operation: Operation) -> None:
@@ -893,6 +939,46 @@ class Association:
 
         response, _ = await self._request(context, make, send)
         return _check(response)
+
+    def find(
+        self,
+        query: Dataset,
+        *,
+        model: str = "study",
+        level: str | None = None,
+        priority: int = 0,
+    ) -> Responses[Dataset]:
+        """C-FIND (PS3.7 §9.1.2): `async for identifier in assoc.find(query, model=...)`.
+
+        `model`: "patient", "study" or "mwl"; `level` sets Query/Retrieve Level.
+        Leaving the loop early sends C-CANCEL. A failure status raises `DimseError`.
+        """
+        return _find(self, query, model=model, level=level, priority=priority)
+
+    def move(
+        self,
+        query: Dataset,
+        *,
+        destination: str,
+        model: str = "study",
+        level: str | None = None,
+        priority: int = 0,
+    ) -> Responses[RetrieveProgress]:
+        """C-MOVE (PS3.7 §9.1.4) to `destination`: progress of each response."""
+        return _move(
+            self, query, destination=destination, model=model, level=level, priority=priority
+        )
+
+    def get(
+        self,
+        query: Dataset,
+        *,
+        model: str = "study",
+        level: str | None = None,
+        priority: int = 0,
+    ) -> Responses[StoreRequest]:
+        """C-GET (PS3.7 §9.1.3): the instances of the C-STORE sub-operations as they come."""
+        return _get(self, query, model=model, level=level, priority=priority)
 
     def _convertible_context(self, sop_class_uid: str) -> AcceptedContext | None:
         for context in self.contexts.values():
@@ -1030,14 +1116,7 @@ def _check(response: DimseMessage) -> Status:
     return status
 
 
-def _unsupported_response(message: CFindRQ | CGetRQ | CMoveRQ) -> DimseMessage:
-    comment = "no handler for this service"
-    if isinstance(message, CFindRQ):
-        return CFindRSP(message.message_id, 0xC000, message.affected_sop_class_uid, comment)
-    if isinstance(message, CGetRQ):
-        return CGetRSP(
-            message.message_id, 0xC000, message.affected_sop_class_uid, error_comment=comment
-        )
-    return CMoveRSP(
-        message.message_id, 0xC000, message.affected_sop_class_uid, error_comment=comment
-    )
+def _payload(incoming: _Incoming | None) -> bytes | None:
+    if incoming is None or incoming.buffer is None:
+        return None
+    return bytes(incoming.buffer)

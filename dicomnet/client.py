@@ -49,9 +49,18 @@ log = logging.getLogger("dicomnet")
 
 
 def default_contexts() -> list[PresentationContext]:
-    """Verification, Patient/Study Root Q/R, Modality Worklist and common storage classes."""
-    abstract = [VERIFICATION, *QUERY_RETRIEVE, MODALITY_WORKLIST_FIND, *COMMON_STORAGE_SOP_CLASSES]
-    return [PresentationContext(uid) for uid in abstract[:128]]
+    """Verification, Patient/Study Root Q/R, Modality Worklist and common storage classes.
+
+    The storage classes ask for both roles (PS3.7 §D.3.3.4), so that the same
+    association can send instances and receive those of a C-GET.
+    """
+    contexts = [
+        PresentationContext(uid) for uid in (VERIFICATION, *QUERY_RETRIEVE, MODALITY_WORKLIST_FIND)
+    ]
+    contexts += [
+        PresentationContext(uid, scu_role=True, scp_role=True) for uid in COMMON_STORAGE_SOP_CLASSES
+    ]
+    return contexts[:128]
 
 
 async def open_association(

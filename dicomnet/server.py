@@ -15,6 +15,7 @@ import anyio.abc
 from dicomnet.association import Association, AssociationSettings, ExtendedResults, Handlers
 from dicomnet.client import connect
 from dicomnet.contexts import (
+    DEFAULT_TRANSFER_SYNTAXES,
     VERIFICATION,
     PresentationContext,
     all_storage_sop_classes,
@@ -28,6 +29,7 @@ from dicomnet.extended import (
     UserIdentityNegotiation,
 )
 from dicomnet.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ
+from dicomnet.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from dicomnet.service import AssociationRequest
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomnet.transport import next_ul_event
@@ -90,7 +92,7 @@ class AE:
         self.peers = dict(peers or {})
         # SOP Class Extended Negotiation answers (PS3.7 §D.3.3.5): SOP class -> info bytes.
         self.sop_class_extended: dict[str, bytes] = {}
-        self.handlers = Handlers()
+        self.handlers = Handlers(move_destination=self.peers.get)
         self._on_association: Callable[[AssociationRequest], Any] | None = None
 
     # --- handlers --------------------------------------------------------------------------
@@ -114,6 +116,25 @@ class AE:
         self.handlers.on_store = handler
         return handler
 
+    def on_find(self, handler: F) -> F:
+        """`async def h(request: FindRequest)`, an async generator: each yield (a Dataset,
+        or `(dataset, pending_status)`) is one pending C-FIND response."""
+        self.handlers.on_find = handler
+        return handler
+
+    def on_move(self, handler: F) -> F:
+        """`async def h(request: RetrieveRequest)`, an async generator yielding the
+        instances (Datasets or Part-10 paths) to send to `request.destination`, which
+        is resolved with `peers` (or `handlers.move_destination`)."""
+        self.handlers.on_move = handler
+        return handler
+
+    def on_get(self, handler: F) -> F:
+        """`async def h(request: RetrieveRequest)`, an async generator yielding the
+        instances to send back over the same association."""
+        self.handlers.on_get = handler
+        return handler
+
     # --- negotiation -----------------------------------------------------------------------
 
     def supported_contexts(self) -> dict[str, PresentationContext]:
@@ -121,10 +142,22 @@ class AE:
         if self.contexts is not None:
             return {ctx.abstract_syntax: ctx for ctx in self.contexts}
         every = all_transfer_syntaxes()
+        handlers = self.handlers
         supported = {VERIFICATION: PresentationContext(VERIFICATION, every)}
-        if self.handlers.on_store is not None:
+        models: list[str] = []
+        if handlers.on_find is not None:
+            models += FIND_MODELS.values()
+        if handlers.on_move is not None:
+            models += MOVE_MODELS.values()
+        if handlers.on_get is not None:
+            models += GET_MODELS.values()
+        for uid in models:
+            supported[uid] = PresentationContext(uid, DEFAULT_TRANSFER_SYNTAXES)
+        if handlers.on_store is not None or handlers.on_get is not None:
+            # C-GET sends its sub-operations back: the requestor may take the SCP role.
+            scu, scp = handlers.on_store is not None, handlers.on_get is not None
             for uid in all_storage_sop_classes():
-                supported[uid] = PresentationContext(uid, every, scu_role=True, scp_role=False)
+                supported[uid] = PresentationContext(uid, every, scu_role=scu, scp_role=scp)
         return supported
 
     # --- SCU -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -72,7 +73,16 @@ class StoreRequest:
     message: CStoreRQ
     spool: Spool
     fsync: bool = True
+    status: int = 0x0000  # the C-STORE response status, for instances received by C-GET
     _dataset: Dataset | None = field(default=None, repr=False)
+    _done: anyio.Event = field(default_factory=anyio.Event, repr=False)
+
+    def acknowledge(self) -> None:
+        """Done with this instance: its C-STORE response (`status`) may be sent."""
+        self._done.set()
+
+    async def acknowledged(self) -> None:
+        await self._done.wait()
 
     @property
     def sop_class_uid(self) -> str:

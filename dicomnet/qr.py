@@ -1,0 +1,697 @@
+"""Query/Retrieve: C-FIND, C-MOVE and C-GET as async generators on both sides.
+
+SCU (PS3.7 §9.1.2 to §9.1.4): `find()`, `move()` and `get()` return a `Responses` object:
+an async iterator over the pending responses (identifiers, progress, or the
+instances arriving by C-GET) that also keeps the final status. Leaving the loop
+early sends C-CANCEL for that Message ID and the remaining responses are dropped;
+the operation keeps its slot of the operations window until the final response, so
+the next request on the association waits for it.
+
+SCP (PS3.4 Annex C): `on_find`, `on_move` and `on_get` handlers are async
+generators. The framework sends each yielded identifier as a pending C-FIND
+response, or runs a C-STORE sub-operation for each yielded instance (to the move
+destination, or back over the same association for C-GET) and reports the counts.
+A C-CANCEL, an abort or a release closes the handler's generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+import anyio
+from pydicom.dataset import Dataset
+
+from dicomnet.contexts import (
+    DEFAULT_TRANSFER_SYNTAXES,
+    MODALITY_WORKLIST_FIND,
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
+    STUDY_ROOT_MOVE,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    AcceptedContext,
+    PresentationContext,
+)
+from dicomnet.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CMoveRSP
+from dicomnet.errors import (
+    AssociationAborted,
+    DicomNetError,
+    DimseError,
+    NotNegotiatedError,
+)
+from dicomnet.status import Status
+from dicomnet.storage import Part10File, decode_dataset, encode_dataset
+
+if TYPE_CHECKING:
+    from dicomnet.association import Association, Operation
+    from dicomnet.service import StoreRequest
+
+__all__ = [
+    "FIND_MODELS",
+    "GET_MODELS",
+    "MOVE_MODELS",
+    "FindRequest",
+    "Responses",
+    "RetrieveProgress",
+    "RetrieveRequest",
+]
+
+log = logging.getLogger("dicomnet")
+
+Model = Literal["patient", "study", "mwl"]
+FIND_MODELS: dict[str, str] = {
+    "patient": PATIENT_ROOT_FIND,
+    "study": STUDY_ROOT_FIND,
+    "mwl": MODALITY_WORKLIST_FIND,
+}
+MOVE_MODELS: dict[str, str] = {"patient": PATIENT_ROOT_MOVE, "study": STUDY_ROOT_MOVE}
+GET_MODELS: dict[str, str] = {"patient": PATIENT_ROOT_GET, "study": STUDY_ROOT_GET}
+_MODEL_OF: dict[str, str] = {
+    uid: name for table in (FIND_MODELS, MOVE_MODELS, GET_MODELS) for name, uid in table.items()
+}
+
+T = TypeVar("T")
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveProgress:
+    """The counts of one C-MOVE or C-GET response (PS3.4 §C.4.2.1.4, §C.4.3.1.4)."""
+
+    status: Status
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    failed_sop_instance_uids: tuple[str, ...] = ()
+    error_comment: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return not self.status.is_pending
+
+
+class Responses(Generic[T]):
+    """The responses to one C-FIND, C-MOVE or C-GET: iterate once with `async for`.
+
+    Leaving the loop early (`break`, an exception, cancellation) sends C-CANCEL.
+    After the loop, `status` is the final status (None if the loop was left early),
+    `warnings` the warning statuses seen in pending responses (e.g. 0xFF01), and
+    `progress` the last sub-operation counts (C-MOVE, C-GET). A failure final status
+    raises `DimseError` from the loop.
+    """
+
+    def __init__(self, start: Callable[[Responses[T]], AsyncGenerator[T, None]]) -> None:
+        self._start: Callable[[Responses[T]], AsyncGenerator[T, None]] | None = start
+        self.status: Status | None = None
+        self.error_comment: str | None = None
+        self.warnings: list[Status] = []
+        self.progress: RetrieveProgress | None = None
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        if self._start is None:
+            raise RuntimeError("these responses have already been iterated")
+        start, self._start = self._start, None
+        # The loop holds the generator, not this object: leaving the loop drops it and
+        # its clean-up (the C-CANCEL) runs even when the caller keeps `Responses`.
+        return start(self)
+
+    async def collect(self) -> list[T]:
+        """All responses in a list (for small results)."""
+        return [item async for item in self]
+
+
+# --- SCU -------------------------------------------------------------------------------------
+
+
+def _context(association: Association, sop_class: str, what: str) -> AcceptedContext:
+    context = association._context_for(sop_class)
+    if context is None:
+        raise NotNegotiatedError(f"{what} ({sop_class}) was not accepted on this association")
+    return context
+
+
+def _identifier(query: Dataset, level: str | None) -> Dataset:
+    identifier = Dataset()
+    identifier.update(query)
+    if level is not None:
+        identifier.QueryRetrieveLevel = level.upper()
+    return identifier
+
+
+def find(
+    association: Association,
+    query: Dataset,
+    *,
+    model: str = "study",
+    level: str | None = None,
+    priority: int = 0,
+) -> Responses[Dataset]:
+    """C-FIND (PS3.7 §9.1.2): one identifier per pending response."""
+    if model not in FIND_MODELS:
+        raise ValueError(f"model must be one of {sorted(FIND_MODELS)}, not {model!r}")
+    sop_class = FIND_MODELS[model]
+
+    async def run(outcome: Responses[Dataset]) -> AsyncGenerator[Dataset, None]:
+        context = _context(association, sop_class, f"{model} C-FIND")
+        identifier = _identifier(query, level)
+        data = encode_dataset(identifier, context.transfer_syntax)
+        operation = await association.begin(context, buffer=16)
+        try:
+            message = CFindRQ(operation.message_id, sop_class, priority)
+            await association.send_message(context.context_id, message, data)
+            association.started(operation)
+            while True:
+                response, payload = await association.next_response(operation)
+                status = Status(getattr(response, "status", 0))
+                if status.is_pending:
+                    if status != 0xFF00:
+                        outcome.warnings.append(status)
+                    if payload is not None:
+                        yield decode_dataset(payload, context.transfer_syntax)
+                    continue
+                outcome.status = status
+                outcome.error_comment = getattr(response, "error_comment", None)
+                if status.is_failure:
+                    raise DimseError(status, outcome.error_comment)
+                return
+        finally:
+            await _leave(association, operation)
+
+    return Responses(run)
+
+
+async def _leave(association: Association, operation: Operation) -> None:
+    """Clean-up of an SCU operation: C-CANCEL unless its final response arrived."""
+    if not operation.ended:
+        await association.cancel(operation)
+
+
+def _progress(response: Any, payload: bytes | None, transfer_syntax: str) -> RetrieveProgress:
+    failed_uids: tuple[str, ...] = ()
+    if payload:
+        try:
+            identifier = decode_dataset(payload, transfer_syntax)
+            value = identifier.get("FailedSOPInstanceUIDList", None)
+            if value:
+                failed_uids = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
+                if len(failed_uids) == 1 and "\\" in failed_uids[0]:
+                    failed_uids = tuple(failed_uids[0].split("\\"))
+        except Exception:  # a malformed identifier in a response does not hide the counts
+            log.debug("could not decode the identifier of a retrieve response")
+    return RetrieveProgress(
+        Status(response.status),
+        response.remaining,
+        response.completed,
+        response.failed,
+        response.warning,
+        failed_uids,
+        getattr(response, "error_comment", None),
+    )
+
+
+def move(
+    association: Association,
+    query: Dataset,
+    *,
+    destination: str,
+    model: str = "study",
+    level: str | None = None,
+    priority: int = 0,
+) -> Responses[RetrieveProgress]:
+    """C-MOVE (PS3.7 §9.1.4): progress from each pending response and the final one."""
+    if model not in MOVE_MODELS:
+        raise ValueError(f"model must be one of {sorted(MOVE_MODELS)}, not {model!r}")
+    sop_class = MOVE_MODELS[model]
+
+    async def run(outcome: Responses[RetrieveProgress]) -> AsyncGenerator[RetrieveProgress, None]:
+        context = _context(association, sop_class, f"{model} C-MOVE")
+        data = encode_dataset(_identifier(query, level), context.transfer_syntax)
+        operation = await association.begin(context, buffer=16)
+        try:
+            message = CMoveRQ(operation.message_id, sop_class, destination, priority)
+            await association.send_message(context.context_id, message, data)
+            association.started(operation)
+            while True:
+                response, payload = await association.next_response(operation)
+                progress = _progress(response, payload, context.transfer_syntax)
+                outcome.progress = progress
+                if progress.is_final:
+                    outcome.status = progress.status
+                    outcome.error_comment = progress.error_comment
+                    if progress.status.is_failure:
+                        error = DimseError(progress.status, progress.error_comment)
+                        error.progress = progress  # type: ignore[attr-defined]
+                        raise error
+                yield progress
+                if progress.is_final:
+                    return
+        finally:
+            await _leave(association, operation)
+
+    return Responses(run)
+
+
+def get(
+    association: Association,
+    query: Dataset,
+    *,
+    model: str = "study",
+    level: str | None = None,
+    priority: int = 0,
+) -> Responses[StoreRequest]:
+    """C-GET (PS3.7 §9.1.3): each C-STORE sub-operation's instance, as it arrives.
+
+    An instance (a `StoreRequest`: `.dataset`, `await .save(path)`) is acknowledged
+    with success when the loop asks for the next one; set `instance.status` to
+    answer otherwise. The storage contexts need the SCP role (role selection).
+    """
+    if model not in GET_MODELS:
+        raise ValueError(f"model must be one of {sorted(GET_MODELS)}, not {model!r}")
+    sop_class = GET_MODELS[model]
+
+    async def run(outcome: Responses[StoreRequest]) -> AsyncGenerator[StoreRequest, None]:
+        from dicomnet.service import StoreRequest
+
+        context = _context(association, sop_class, f"{model} C-GET")
+        data = encode_dataset(_identifier(query, level), context.transfer_syntax)
+        operation = await association.begin(context, buffer=4)
+        association._retrieve_sinks.append(operation)
+        current: StoreRequest | None = None
+        try:
+            message = CGetRQ(operation.message_id, sop_class, priority)
+            await association.send_message(context.context_id, message, data)
+            association.started(operation)
+            while True:
+                try:
+                    delivery = await operation.receiver.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    raise association._termination_error() from None
+                if isinstance(delivery, BaseException):
+                    raise delivery
+                if isinstance(delivery, StoreRequest):
+                    current = delivery
+                    yield delivery
+                    delivery.acknowledge()
+                    current = None
+                    continue
+                response, payload = delivery
+                progress = _progress(response, payload, context.transfer_syntax)
+                outcome.progress = progress
+                if progress.is_final:
+                    outcome.status = progress.status
+                    outcome.error_comment = progress.error_comment
+                    if progress.status.is_failure:
+                        error = DimseError(progress.status, progress.error_comment)
+                        error.progress = progress  # type: ignore[attr-defined]
+                        raise error
+                    return
+        finally:
+            if current is not None:
+                current.acknowledge()
+            if operation in association._retrieve_sinks:
+                association._retrieve_sinks.remove(operation)
+            await _leave(association, operation)
+
+    return Responses(run)
+
+
+# --- SCP -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FindRequest:
+    """A C-FIND-RQ for the `on_find` handler: `identifier` is the decoded query."""
+
+    association: Association
+    context: AcceptedContext
+    message: CFindRQ
+    identifier: Dataset
+    model: str
+
+    @property
+    def level(self) -> str | None:
+        value = self.identifier.get("QueryRetrieveLevel", None)
+        return str(value) if value else None
+
+
+@dataclass(slots=True)
+class RetrieveRequest:
+    """A C-MOVE-RQ or C-GET-RQ for `on_move` / `on_get`; `destination` is the move's."""
+
+    association: Association
+    context: AcceptedContext
+    message: CMoveRQ | CGetRQ
+    identifier: Dataset
+    model: str
+    destination: str | None = None
+
+    @property
+    def level(self) -> str | None:
+        value = self.identifier.get("QueryRetrieveLevel", None)
+        return str(value) if value else None
+
+
+@dataclass
+class Served:
+    """A request being performed by a handler, so that C-CANCEL can reach it."""
+
+    cancelled: bool = False
+    scope: anyio.CancelScope | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+async def _next(generator: AsyncGenerator[Any, None], served: Served) -> tuple[bool, Any]:
+    """The generator's next item, or (False, None) when it ends or the request is cancelled."""
+    if served.cancelled:
+        return False, None
+    with anyio.CancelScope() as scope:
+        served.scope = scope
+        try:
+            return True, await generator.__anext__()
+        except StopAsyncIteration:
+            return False, None
+        finally:
+            served.scope = None
+    return False, None
+
+
+def _decode_identifier(
+    data: bytes | None, context: AcceptedContext
+) -> tuple[Dataset | None, str | None]:
+    if data is None:
+        return None, "the request has no identifier"
+    try:
+        return decode_dataset(data, context.transfer_syntax), None
+    except Exception as exc:
+        return None, f"identifier cannot be decoded: {exc}"[:64]
+
+
+def _comment(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:64]
+
+
+async def serve_find(
+    association: Association, context: AcceptedContext, message: CFindRQ, data: bytes | None
+) -> None:
+    """Perform a C-FIND with the `on_find` handler (PS3.4 §C.4.1)."""
+    sop_class = message.affected_sop_class_uid
+    ts = context.transfer_syntax
+
+    async def reply(
+        status: int, identifier: Dataset | None = None, comment: str | None = None
+    ) -> None:
+        payload = encode_dataset(identifier, ts) if identifier is not None else None
+        response = CFindRSP(message.message_id, status, sop_class, comment)
+        await association.send_message(context.context_id, response, payload)
+
+    handler = association.handlers.on_find
+    identifier, problem = _decode_identifier(data, context)
+    if handler is None:
+        await reply(0xC000, comment="no C-FIND handler")
+        return
+    if identifier is None:
+        await reply(0xA900, comment=problem)
+        return
+    served = association._serve_cancellable(message.message_id)
+    request = FindRequest(association, context, message, identifier, _MODEL_OF.get(sop_class, ""))
+    generator: AsyncGenerator[Any, None] = handler(request)
+    status, comment = 0x0000, None
+    try:
+        while True:
+            more, item = await _next(generator, served)
+            if not more:
+                break
+            if isinstance(item, tuple):
+                match, pending = item
+            else:
+                match, pending = item, 0xFF00
+            await reply(pending, match)
+    except DicomNetError:
+        return  # the association is gone: nothing more can be sent
+    except Exception as exc:
+        log.exception("on_find handler failed")
+        status, comment = 0xC000, _comment(exc)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await generator.aclose()
+        association._served.pop(message.message_id, None)
+    if served.cancelled and status == 0x0000:
+        status = 0xFE00
+    try:
+        await reply(status, comment=comment)
+    except DicomNetError as exc:
+        log.debug("could not send the final C-FIND response: %s", exc)
+
+
+@dataclass
+class _Item:
+    """One instance to send by a C-STORE sub-operation."""
+
+    source: Dataset | Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str | None  # None: a data set, encoded as negotiated
+
+
+def _item(value: Any) -> _Item:
+    if isinstance(value, Dataset):
+        meta = getattr(value, "file_meta", None)
+        ts = str(getattr(meta, "TransferSyntaxUID", "") or "") or None if meta else None
+        return _Item(value, str(value.SOPClassUID), str(value.SOPInstanceUID), ts)
+    if isinstance(value, Part10File):
+        return _Item(value.path, value.sop_class_uid, value.sop_instance_uid, value.transfer_syntax)
+    if isinstance(value, (str, os.PathLike)):
+        info = Part10File.open(value)
+        return _Item(info.path, info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax)
+    raise TypeError(f"a retrieve handler yielded {type(value).__name__}, not a Dataset or path")
+
+
+def storage_contexts(items: list[_Item]) -> list[PresentationContext]:
+    """Contexts to send `items` as they are, plus uncompressed fallbacks (<= 128)."""
+    pairs: dict[tuple[str, str | None], None] = {
+        (i.sop_class_uid, i.transfer_syntax): None for i in items
+    }
+    contexts = [
+        PresentationContext(sop, (ts,) if ts else DEFAULT_TRANSFER_SYNTAXES) for sop, ts in pairs
+    ]
+    for sop in dict.fromkeys(sop for sop, ts in pairs if ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
+        contexts.append(PresentationContext(sop, UNCOMPRESSED_TRANSFER_SYNTAXES))
+    return contexts[:128]
+
+
+@dataclass
+class _Counts:
+    remaining: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+
+async def serve_retrieve(
+    association: Association,
+    context: AcceptedContext,
+    message: CMoveRQ | CGetRQ,
+    data: bytes | None,
+) -> None:
+    """Perform a C-MOVE or C-GET with the `on_move` / `on_get` handler (PS3.4 §C.4.2, C.4.3)."""
+    is_move = isinstance(message, CMoveRQ)
+    sop_class = message.affected_sop_class_uid
+    ts = context.transfer_syntax
+    rsp_type = CMoveRSP if is_move else CGetRSP
+
+    async def reply(status: int, counts: _Counts | None = None, comment: str | None = None) -> None:
+        payload = None
+        if counts is not None and counts.failed_uids and not Status(status).is_pending:
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = counts.failed_uids
+            payload = encode_dataset(failed, ts)
+        state = Status(status)
+        response = rsp_type(
+            message.message_id,
+            status,
+            sop_class,
+            counts.remaining if counts and (state.is_pending or state.is_cancel) else None,
+            counts.completed if counts else None,
+            counts.failed if counts else None,
+            counts.warning if counts else None,
+            comment,
+        )
+        await association.send_message(context.context_id, response, payload)
+
+    handler = association.handlers.on_move if is_move else association.handlers.on_get
+    identifier, problem = _decode_identifier(data, context)
+    if handler is None:
+        await reply(0xC000, comment="no retrieve handler")
+        return
+    if identifier is None:
+        await reply(0xA900, comment=problem)
+        return
+    destination: tuple[str, int] | None = None
+    if isinstance(message, CMoveRQ):
+        resolve = association.handlers.move_destination
+        destination = resolve(message.move_destination) if resolve is not None else None
+        if destination is None:
+            await reply(
+                0xA801, _Counts(0), f"unknown move destination {message.move_destination!r}"[:64]
+            )
+            return
+    served = association._serve_cancellable(message.message_id)
+    request = RetrieveRequest(
+        association,
+        context,
+        message,
+        identifier,
+        _MODEL_OF.get(sop_class, ""),
+        message.move_destination if isinstance(message, CMoveRQ) else None,
+    )
+    generator: AsyncGenerator[Any, None] = handler(request)
+    items: list[_Item] = []
+    try:
+        try:
+            while True:
+                more, value = await _next(generator, served)
+                if not more:
+                    break
+                items.append(await anyio.to_thread.run_sync(_item, value))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await generator.aclose()
+    except Exception as exc:
+        association._served.pop(message.message_id, None)
+        log.exception("retrieve handler failed")
+        await reply(0xC000, _Counts(0), _comment(exc))
+        return
+    counts = _Counts(len(items))
+    try:
+        if served.cancelled:
+            status = 0xFE00
+        elif isinstance(message, CMoveRQ):
+            assert destination is not None
+            status = await _move_items(
+                association, message, destination, items, counts, served, reply
+            )
+        else:
+            status = await _get_items(association, items, counts, served, reply)
+    except DicomNetError as exc:
+        if association.is_closed:
+            return
+        log.warning("retrieve failed: %s", exc)
+        status = 0xA702
+    finally:
+        association._served.pop(message.message_id, None)
+    try:
+        await reply(status, counts)
+    except DicomNetError as exc:
+        log.debug("could not send the final retrieve response: %s", exc)
+
+
+def _final_status(counts: _Counts, cancelled: bool) -> int:
+    if cancelled:
+        return 0xFE00
+    if counts.failed == 0 and counts.warning == 0:
+        return 0x0000
+    if counts.completed == 0 and counts.warning == 0:
+        return 0xA702  # every sub-operation failed
+    return 0xB000  # sub-operations complete, one or more failures or warnings
+
+
+async def _run_sub_operations(
+    items: list[_Item],
+    counts: _Counts,
+    served: Served,
+    store: Callable[[_Item], Any],
+    reply: Callable[..., Any],
+) -> int:
+    for item in items:
+        if served.cancelled:
+            break
+        try:
+            status: Status = await store(item)
+        except (DimseError, NotNegotiatedError) as exc:
+            log.info("sub-operation for %s failed: %s", item.sop_instance_uid, exc)
+            counts.failed += 1
+            counts.failed_uids.append(item.sop_instance_uid)
+        else:
+            if status.is_warning:
+                counts.warning += 1
+            else:
+                counts.completed += 1
+        counts.remaining -= 1
+        if counts.remaining > 0 and not served.cancelled:
+            await reply(0xFF00, counts)
+    return _final_status(counts, served.cancelled)
+
+
+async def _get_items(
+    association: Association,
+    items: list[_Item],
+    counts: _Counts,
+    served: Served,
+    reply: Callable[..., Any],
+) -> int:
+    async def store(item: _Item) -> Status:
+        return await association.store(item.source)
+
+    return await _run_sub_operations(items, counts, served, store, reply)
+
+
+async def _move_items(
+    association: Association,
+    message: CMoveRQ,
+    destination: tuple[str, int],
+    items: list[_Item],
+    counts: _Counts,
+    served: Served,
+    reply: Callable[..., Any],
+) -> int:
+    if not items:
+        return 0x0000
+    from dicomnet.client import connect
+
+    host, port = destination
+    try:
+        async with connect(
+            host,
+            port,
+            aet=association.local_ae_title,
+            aec=message.move_destination,
+            contexts=storage_contexts(items),
+            connect_timeout=association.settings.artim_timeout,
+            artim_timeout=association.settings.artim_timeout,
+            dimse_timeout=association.settings.dimse_timeout,
+        ) as sub:
+
+            async def store(item: _Item) -> Status:
+                return await sub.store(
+                    item.source,
+                    move_originator_ae_title=association.peer_ae_title,
+                    move_originator_message_id=message.message_id,
+                )
+
+            return await _run_sub_operations(items, counts, served, store, reply)
+    except (AssociationAborted, DicomNetError) as exc:
+        if association.is_closed:
+            raise
+        log.warning("C-MOVE to %s (%s:%s) failed: %s", message.move_destination, host, port, exc)
+        # The destination could not be reached or went away: what is left fails.
+        done = counts.completed + counts.warning + counts.failed
+        for item in items[done:]:
+            counts.failed += 1
+            counts.failed_uids.append(item.sop_instance_uid)
+        counts.remaining = 0
+        return _final_status(counts, served.cancelled)
