@@ -185,7 +185,17 @@ class Operation:
     holds one slot of the asynchronous operations window until its final response.
     """
 
-    __slots__ = ("_release", "abandoned", "context", "ended", "message_id", "receiver", "sender")
+    __slots__ = (
+        "_release",
+        "abandoned",
+        "context",
+        "ended",
+        "final_status",
+        "finished",
+        "message_id",
+        "receiver",
+        "sender",
+    )
 
     def __init__(
         self,
@@ -199,6 +209,8 @@ class Operation:
         self.sender, self.receiver = anyio.create_memory_object_stream[_Delivery](buffer)
         self.abandoned = False
         self.ended = False
+        self.finished = anyio.Event()
+        self.final_status: Status | None = None
         self._release = release
 
     def end(self) -> None:
@@ -207,6 +219,7 @@ class Operation:
             self.ended = True
             self.sender.close()
             self._release(self)
+            self.finished.set()
 
 
 class Association:
@@ -549,8 +562,11 @@ class Association:
         if operation is None:
             log.warning("%r: response to unknown message ID %s ignored", self, message_id)
             return
-        final = not Status(getattr(message, "status", 0)).is_pending
+        status = Status(getattr(message, "status", 0))
+        final = not status.is_pending
         self._outstanding.responded(message_id, final)
+        if final:
+            operation.final_status = status
         if not operation.abandoned:
             try:
                 await operation.sender.send((message, data))

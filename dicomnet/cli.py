@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -46,6 +47,29 @@ def _remote(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _query(
+    parser: argparse.ArgumentParser, models: tuple[str, ...] = ("patient", "study", "mwl")
+) -> None:
+    parser.add_argument(
+        "-k",
+        "--key",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="a query key: a keyword or gggg,eeee, with an optional value (repeatable); "
+        "nested: SequenceKeyword[0].Keyword=VALUE",
+    )
+    parser.add_argument(
+        "--model", choices=models, default="study", help="information model (default study)"
+    )
+    parser.add_argument(
+        "--level",
+        type=str.upper,
+        choices=("PATIENT", "STUDY", "SERIES", "IMAGE"),
+        help="Query/Retrieve Level (default: the model's top level)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomnet", description="DICOM networking: verification, storage and serving."
@@ -68,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
     )
+
+    find = sub.add_parser("find", help="C-FIND: query a peer")
+    _remote(find)
+    _common(find)
+    _query(find)
+    find.add_argument("--json", action="store_true", help="one DICOM JSON object a line")
+
+    move = sub.add_parser("move", help="C-MOVE: have a peer send instances to an AE")
+    _remote(move)
+    _common(move)
+    _query(move, models=("patient", "study"))
+    move.add_argument("--dest", required=True, metavar="AET", help="the move destination")
+
+    get = sub.add_parser("get", help="C-GET: retrieve instances into a folder")
+    _remote(get)
+    _common(get)
+    _query(get, models=("patient", "study"))
+    get.add_argument("--out", required=True, metavar="DIR", help="folder for the instances")
 
     serve = sub.add_parser(
         "serve", help="run a verification and storage SCP that keeps what it receives"
@@ -319,6 +361,208 @@ async def _store(args: argparse.Namespace) -> int:
     return 1 if tally.failed else 0
 
 
+# --- find / move / get ----------------------------------------------------------------------
+
+
+def _tag(text: str) -> int:
+    """A keyword or `gggg,eeee` (parentheses optional) as a tag."""
+    from pydicom.datadict import tag_for_keyword
+
+    raw = text.strip().strip("()")
+    if "," in raw:
+        group, element = raw.split(",", 1)
+        try:
+            return (int(group, 16) << 16) | int(element, 16)
+        except ValueError:
+            raise SystemExit(f"dicomnet: {text!r} is not a tag (gggg,eeee)") from None
+    tag = tag_for_keyword(raw)
+    if tag is None:
+        raise SystemExit(f"dicomnet: {text!r} is not a DICOM keyword")
+    return int(tag)
+
+
+def _set_key(dataset: Any, path: str, value: str | None) -> None:
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataset import Dataset
+
+    head, _, rest = path.partition(".")
+    index = None
+    if head.endswith("]") and "[" in head:
+        head, _, number = head[:-1].partition("[")
+        index = int(number)
+    tag = _tag(head)
+    if rest or index is not None:
+        if tag not in dataset:
+            dataset.add_new(tag, "SQ", [])
+        items = dataset[tag].value
+        position = index or 0
+        while len(items) <= position:
+            items.append(Dataset())
+        if rest:
+            _set_key(items[position], rest, value)
+        return
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        vr = "LO"
+    if vr == "SQ":
+        dataset.add_new(tag, vr, [])
+    else:
+        dataset.add_new(tag, vr, value or None)
+
+
+def _build_query(keys: Sequence[str]) -> Any:
+    from pydicom.dataset import Dataset
+
+    query = Dataset()
+    for key in keys:
+        name, has_value, value = key.partition("=")
+        _set_key(query, name, value if has_value else None)
+    return query
+
+
+_TOP_LEVEL = {"patient": "PATIENT", "study": "STUDY"}
+
+
+def _level(args: argparse.Namespace) -> str | None:
+    if args.level:
+        return str(args.level)
+    return _TOP_LEVEL.get(args.model)
+
+
+def _describe(dataset: Any) -> str:
+    parts = []
+    for element in dataset:
+        if element.VR == "SQ":
+            parts.append(f"{element.keyword or element.tag}=[{len(element.value)} item(s)]")
+        else:
+            parts.append(f"{element.keyword or element.tag}={element.value}")
+    return "  ".join(parts)
+
+
+def _qr_contexts(kind: str, model: str) -> list[PresentationContext]:
+    from dicomnet.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
+
+    table = {"find": FIND_MODELS, "move": MOVE_MODELS, "get": GET_MODELS}[kind]
+    return [PresentationContext(table[model])]
+
+
+async def _find(args: argparse.Namespace) -> int:
+    query = _build_query(args.key)
+    count = 0
+    async with connect(
+        args.host,
+        args.port,
+        aet=args.aet,
+        aec=args.aec,
+        contexts=_qr_contexts("find", args.model),
+        connect_timeout=args.timeout,
+        artim_timeout=args.timeout,
+        dimse_timeout=args.dimse_timeout,
+    ) as association:
+        responses = association.find(query, model=args.model, level=_level(args))
+        async for identifier in responses:
+            count += 1
+            if args.json:
+                print(identifier.to_json(), flush=False)
+            else:
+                print(_describe(identifier))
+    status = responses.status
+    print(f"{count} match(es); final status {status!r}", file=sys.stderr)
+    return 0 if status is not None and not status.is_failure else 1
+
+
+async def _move(args: argparse.Namespace) -> int:
+    query = _build_query(args.key)
+    async with connect(
+        args.host,
+        args.port,
+        aet=args.aet,
+        aec=args.aec,
+        contexts=_qr_contexts("move", args.model),
+        connect_timeout=args.timeout,
+        artim_timeout=args.timeout,
+        dimse_timeout=args.dimse_timeout,
+    ) as association:
+        responses = association.move(
+            query, destination=args.dest, model=args.model, level=_level(args)
+        )
+        async for progress in responses:
+            label = "final" if progress.is_final else "pending"
+            print(
+                f"{label}: remaining {progress.remaining}, completed {progress.completed}, "
+                f"failed {progress.failed}, warning {progress.warning} ({progress.status!r})"
+            )
+            for uid in progress.failed_sop_instance_uids:
+                print(f"failed: {uid}")
+    final = responses.progress
+    if final is None or responses.status is None:
+        return 1
+    return 0 if responses.status.is_success and not final.failed else 1
+
+
+def get_contexts(model: str) -> list[PresentationContext]:
+    """The C-GET model plus storage contexts asking for the SCP role (PS3.7 §D.3.3.4)."""
+    from dicomnet.contexts import COMMON_STORAGE_SOP_CLASSES, all_storage_sop_classes
+    from dicomnet.qr import GET_MODELS
+
+    receivable = (
+        *UNCOMPRESSED_TRANSFER_SYNTAXES,
+        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+    )
+    classes = list(dict.fromkeys((*COMMON_STORAGE_SOP_CLASSES, *all_storage_sop_classes())))
+    contexts = [PresentationContext(GET_MODELS[model])]
+    contexts += [
+        PresentationContext(uid, receivable, scu_role=False, scp_role=True) for uid in classes[:127]
+    ]
+    return contexts
+
+
+async def _get(args: argparse.Namespace) -> int:
+    query = _build_query(args.key)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = 0
+    async with connect(
+        args.host,
+        args.port,
+        aet=args.aet,
+        aec=args.aec,
+        contexts=get_contexts(args.model),
+        connect_timeout=args.timeout,
+        artim_timeout=args.timeout,
+        dimse_timeout=args.dimse_timeout,
+    ) as association:
+        responses = association.get(query, model=args.model, level=_level(args))
+        async for instance in responses:
+            from dicomnet.storage import is_valid_uid
+
+            if not is_valid_uid(instance.sop_instance_uid):
+                instance.status = 0xC000
+                continue
+            await instance.save(out / f"{instance.sop_instance_uid}.dcm", fsync=False)
+            saved += 1
+    final = responses.progress
+    print(
+        f"received {saved} instance(s) into {out}; "
+        f"completed {final.completed if final else 0}, failed {final.failed if final else 0}, "
+        f"warning {final.warning if final else 0}; final status {responses.status!r}",
+        file=sys.stderr,
+    )
+    if responses.status is None or responses.status.is_failure:
+        return 1
+    return 0 if not (final and final.failed) else 1
+
+
 # --- serve -----------------------------------------------------------------------------------
 
 
@@ -371,7 +615,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
-    runners = {"echo": _echo, "store": _store, "serve": _serve}
+    runners = {
+        "echo": _echo,
+        "store": _store,
+        "find": _find,
+        "move": _move,
+        "get": _get,
+        "serve": _serve,
+    }
     try:
         return anyio.run(runners[args.command], args)
     except KeyboardInterrupt:

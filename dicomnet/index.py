@@ -72,7 +72,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, NamedTuple, cast
 
-from pydicom import dcmread
+from pydicom import config, dcmread
 from pydicom.charset import python_encoding
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -81,6 +81,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
 from dicomnet.errors import DicomNetError
@@ -316,6 +317,10 @@ def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
 
 
 _UPSERTS = {table.name: _upsert_sql(table) for table in _TABLES}
+_STORED_TAGS: dict[str, BaseTag] = {
+    attr.keyword: Tag(attr.keyword) for table in _TABLES for attr in table.attributes
+}
+_STORED_TAG_SET = frozenset(_STORED_TAGS.values())
 
 # -- query attributes -------------------------------------------------------------------
 
@@ -505,6 +510,9 @@ _INDEXED_TAGS: list[int] = sorted(
     {_SPECIFIC_CHARACTER_SET}
     | {tag for t in _TABLES for a in t.attributes if (tag := tag_for_keyword(a.keyword))}
 )
+
+#: Values from the index were valid when stored: no validation when they are returned.
+_TRUSTED = config.IGNORE
 
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 
@@ -737,11 +745,13 @@ def _plan_retrieve(
 # -- values ---------------------------------------------------------------------------------
 
 
-def _text(dataset: Dataset, keyword: str, vr: str) -> tuple[str | None, str | None]:
+def _text(
+    dataset: Dataset, tag: BaseTag, vr: str, present: frozenset[BaseTag]
+) -> tuple[str | None, str | None]:
     """(value, match key) of an attribute to store: None for an absent attribute,
-    '' for an empty one; several values are joined with backslashes."""
-    tag = tag_for_keyword(keyword)
-    elem = dataset.get(tag) if tag is not None else None
+    '' for an empty one; several values are joined with backslashes. `present` is
+    the set of the data set's tags among those indexed."""
+    elem = dataset[tag] if tag in present else None
     if elem is None:
         return None, None
     value = elem.value
@@ -901,8 +911,15 @@ class Index:
             conn.execute("COMMIT")
 
     def _read_connection(self) -> sqlite3.Connection:
+        """A connection for one query iterator (never creates the database file)."""
+        if self._conn is None:
+            raise RuntimeError("the index is closed")
         conn = sqlite3.connect(
-            self.path, timeout=self.timeout, check_same_thread=False, isolation_level=None
+            f"{Path(os.path.abspath(self.path)).as_uri()}?mode=rw",
+            uri=True,
+            timeout=self.timeout,
+            check_same_thread=False,
+            isolation_level=None,
         )
         conn.execute("PRAGMA query_only = ON")
         return conn
@@ -943,7 +960,7 @@ class Index:
         errors for a file that cannot be read."""
         record = self._record(Path(path), dataset)
         with self._write() as conn:
-            self._store(conn, record)
+            self._store(conn, record, {})
 
     def add_many(
         self,
@@ -960,14 +977,15 @@ class Index:
         items: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], Dataset | None]],
     ) -> int:
         count = 0
+        cache: dict[str, tuple[object, int]] = {}
         for item in items:
             path, dataset = item if isinstance(item, tuple) else (item, None)
             try:
                 record = self._record(Path(path), dataset)
-            except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+            except Exception as exc:  # a damaged file must not stop a rebuild
                 log.warning("not indexed: %s: %s", path, exc)
                 continue
-            self._store(conn, record)
+            self._store(conn, record, cache)
             count += 1
         return count
 
@@ -1004,11 +1022,12 @@ class Index:
         if meta is None or "TransferSyntaxUID" not in meta:
             meta = read_file_meta_info(path)
         size = path.stat().st_size
+        present = _STORED_TAG_SET.intersection(dataset.keys())
         rows: dict[str, list[str | int | None]] = {}
         for table in _TABLES:
             values: list[str | int | None] = []
             for attr in table.attributes:
-                text, key = _text(dataset, attr.keyword, attr.vr)
+                text, key = _text(dataset, _STORED_TAGS[attr.keyword], attr.vr, present)
                 if attr is table.unique:
                     if not text and attr.keyword == "SOPInstanceUID":
                         text = normalize("UI", str(meta.get("MediaStorageSOPInstanceUID", "")))
@@ -1027,7 +1046,14 @@ class Index:
         rows["instance"] += [self._relative(path), transfer_syntax or None, size]
         return _Record(rows, cast(str, rows["instance"][0]))
 
-    def _store(self, conn: sqlite3.Connection, record: _Record) -> None:
+    def _store(
+        self, conn: sqlite3.Connection, record: _Record, cache: dict[str, tuple[object, int]]
+    ) -> None:
+        """Upsert one instance and its parents, then prune what it left empty.
+
+        `cache` (per transaction) remembers the last patient / study / series row
+        written: an instance whose parents are the same as the previous one's skips
+        their upserts (a rebuild walks folders series by series)."""
         old_series: set[int] = set()
         old_studies: set[int] = set()
         old_patients: set[int] = set()
@@ -1041,50 +1067,54 @@ class Index:
             old_series.add(row[0])
             old_studies.add(row[1])
             old_patients.add(row[2])
-        series_uid = record.rows["series"][0]
-        study_uid = record.rows["study"][0]
-        for old in conn.execute(
-            "SELECT se.study_pk, st.patient_pk FROM series AS se"
-            " JOIN study AS st ON st.pk = se.study_pk WHERE se.series_instance_uid = ?",
-            (series_uid,),
-        ):
-            old_studies.add(old[0])
-            old_patients.add(old[1])
-        for old in conn.execute(
-            "SELECT patient_pk FROM study WHERE study_instance_uid = ?", (study_uid,)
-        ):
-            old_patients.add(old[0])
         parent: int | None = None
         for table in _TABLES:
-            sql, _ = _UPSERTS[table.name]
             values = record.rows[table.name]
+            key = (parent, *values)
+            hit = cache.get(table.name)
+            if hit is not None and hit[0] == key:
+                parent = hit[1]
+                continue
+            if table.name == "study":  # the study may move to another patient
+                for (old,) in conn.execute(
+                    "SELECT patient_pk FROM study WHERE study_instance_uid = ?", (values[0],)
+                ):
+                    old_patients.add(old)
+            elif table.name == "series":  # the series may move to another study
+                for old_study, old_patient in conn.execute(
+                    "SELECT se.study_pk, st.patient_pk FROM series AS se"
+                    " JOIN study AS st ON st.pk = se.study_pk WHERE se.series_instance_uid = ?",
+                    (values[0],),
+                ):
+                    old_studies.add(old_study)
+                    old_patients.add(old_patient)
+            sql, _ = _UPSERTS[table.name]
             params = [parent, *values] if table.parent else values
             parent = conn.execute(sql, params).fetchone()[0]
-        self._prune(conn, old_series, old_studies, old_patients)
+            if table.name != "instance":
+                cache[table.name] = (key, cast(int, parent))
+        if self._prune(conn, old_series, old_studies, old_patients):
+            cache.clear()  # a remembered row may be gone
 
     @staticmethod
     def _prune(
         conn: sqlite3.Connection, series: set[int], studies: set[int], patients: set[int]
-    ) -> None:
-        """Delete the given entities that no longer have children, bottom up."""
-        for pk in series:
-            conn.execute(
-                "DELETE FROM series WHERE pk = ?"
-                " AND NOT EXISTS (SELECT 1 FROM instance WHERE series_pk = ?)",
-                (pk, pk),
-            )
-        for pk in studies:
-            conn.execute(
-                "DELETE FROM study WHERE pk = ?"
-                " AND NOT EXISTS (SELECT 1 FROM series WHERE study_pk = ?)",
-                (pk, pk),
-            )
-        for pk in patients:
-            conn.execute(
-                "DELETE FROM patient WHERE pk = ?"
-                " AND NOT EXISTS (SELECT 1 FROM study WHERE patient_pk = ?)",
-                (pk, pk),
-            )
+    ) -> int:
+        """Delete the given entities that no longer have children, bottom up; returns
+        how many rows went."""
+        deleted = 0
+        for table, child, parent_column, pks in (
+            ("series", "instance", "series_pk", series),
+            ("study", "series", "study_pk", studies),
+            ("patient", "study", "patient_pk", patients),
+        ):
+            for pk in pks:
+                deleted += conn.execute(
+                    f"DELETE FROM {table} WHERE pk = ?"
+                    f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {parent_column} = ?)",
+                    (pk, pk),
+                ).rowcount
+        return deleted
 
     # -- C-FIND --
 
@@ -1103,6 +1133,8 @@ class Index:
         iterator is advanced, on a connection of its own that closing the iterator
         closes."""
         plan = _plan_find(model, level, identifier)
+        if self._conn is None:
+            raise RuntimeError("the index is closed")
         return self._run_find(plan)
 
     def _run_find(self, plan: _FindPlan) -> Iterator[Dataset]:
@@ -1133,9 +1165,8 @@ class Index:
         out = Dataset()
         for output in plan.outputs:
             if output.source == "column":
-                out.add(
-                    DataElement(output.tag, output.vr, _from_text(output.vr, row[output.index]))
-                )
+                value = _from_text(output.vr, row[output.index])
+                out.add(DataElement(output.tag, output.vr, value, validation_mode=_TRUSTED))
             elif output.source == "level":
                 out.add(DataElement(output.tag, "CS", plan.level))
             elif output.source == "online":
@@ -1182,14 +1213,18 @@ class Index:
         self, model: Model, level: Level | None, identifier: Dataset
     ) -> Iterator[tuple[Path, str, str, str]]:
         """The instances a C-MOVE or C-GET of `identifier` retrieves, as (file path,
-        SOP Class UID, SOP Instance UID, transfer syntax UID), streamed. `model` and
-        `level` as for `query`. The identifier is checked now (`QueryError`)."""
+        SOP Class UID, SOP Instance UID, transfer syntax UID), streamed. The path is
+        `root` joined with the stored relative path (absolute for files added from
+        outside `root`). `model` and `level` as for `query`. The identifier is checked
+        now (`QueryError`)."""
         sql, params = _plan_retrieve(
             model,
             level,
             identifier,
             "i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax",
         )
+        if self._conn is None:
+            raise RuntimeError("the index is closed")
         return self._run_files(sql, params)
 
     def count_files(self, model: Model, level: Level | None, identifier: Dataset) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,8 @@ class Responses(Generic[T]):
     """The responses to one C-FIND, C-MOVE or C-GET: iterate once with `async for`.
 
     Leaving the loop early (`break`, an exception, cancellation) sends C-CANCEL.
-    After the loop, `status` is the final status (None if the loop was left early),
+    After the loop, `status` is the final status (Cancel, 0xFE00, when the loop was
+    left early: use `async with` to wait for it deterministically),
     `warnings` the warning statuses seen in pending responses (e.g. 0xFF01), and
     `progress` the last sub-operation counts (C-MOVE, C-GET). A failure final status
     raises `DimseError` from the loop.
@@ -116,6 +118,8 @@ class Responses(Generic[T]):
         self.error_comment: str | None = None
         self.warnings: list[Status] = []
         self.progress: RetrieveProgress | None = None
+        self._done = anyio.Event()
+        self._running: weakref.ref[AsyncGenerator[T, None]] | None = None
 
     def __aiter__(self) -> AsyncIterator[T]:
         if self._start is None:
@@ -123,7 +127,24 @@ class Responses(Generic[T]):
         start, self._start = self._start, None
         # The loop holds the generator, not this object: leaving the loop drops it and
         # its clean-up (the C-CANCEL) runs even when the caller keeps `Responses`.
-        return start(self)
+        generator = start(self)
+        self._running = weakref.ref(generator)
+        return generator
+
+    async def aclose(self) -> None:
+        """End the operation now (C-CANCEL if it is still going) and wait until it is over."""
+        generator = self._running() if self._running is not None else None
+        if generator is not None:
+            await generator.aclose()
+        if self._running is not None:
+            await self._done.wait()
+
+    async def __aenter__(self) -> Responses[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
 
     async def collect(self) -> list[T]:
         """All responses in a list (for small results)."""
@@ -185,15 +206,24 @@ def find(
                     raise DimseError(status, outcome.error_comment)
                 return
         finally:
-            await _leave(association, operation)
+            await _leave(association, operation, outcome)
 
     return Responses(run)
 
 
-async def _leave(association: Association, operation: Operation) -> None:
-    """Clean-up of an SCU operation: C-CANCEL unless its final response arrived."""
-    if not operation.ended:
-        await association.cancel(operation)
+async def _leave(association: Association, operation: Operation, outcome: Responses[Any]) -> None:
+    """Clean-up of an SCU operation: C-CANCEL unless its final response arrived, then
+    wait (shielded, at most the DIMSE timeout) for the final response to record it."""
+    try:
+        if not operation.ended:
+            await association.cancel(operation)
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(association.settings.dimse_timeout or 60.0):
+                    await operation.finished.wait()
+        if outcome.status is None and operation.final_status is not None:
+            outcome.status = operation.final_status
+    finally:
+        outcome._done.set()
 
 
 def _progress(response: Any, payload: bytes | None, transfer_syntax: str) -> RetrieveProgress:
@@ -203,9 +233,8 @@ def _progress(response: Any, payload: bytes | None, transfer_syntax: str) -> Ret
             identifier = decode_dataset(payload, transfer_syntax)
             value = identifier.get("FailedSOPInstanceUIDList", None)
             if value:
-                failed_uids = tuple(str(v) for v in (value if isinstance(value, list) else [value]))
-                if len(failed_uids) == 1 and "\\" in failed_uids[0]:
-                    failed_uids = tuple(failed_uids[0].split("\\"))
+                values = [value] if isinstance(value, str) else list(value)
+                failed_uids = tuple(str(v) for v in values)
         except Exception:  # a malformed identifier in a response does not hide the counts
             log.debug("could not decode the identifier of a retrieve response")
     return RetrieveProgress(
@@ -256,7 +285,7 @@ def move(
                 if progress.is_final:
                     return
         finally:
-            await _leave(association, operation)
+            await _leave(association, operation, outcome)
 
     return Responses(run)
 
@@ -320,7 +349,7 @@ def get(
                 current.acknowledge()
             if operation in association._retrieve_sinks:
                 association._retrieve_sinks.remove(operation)
-            await _leave(association, operation)
+            await _leave(association, operation, outcome)
 
     return Responses(run)
 

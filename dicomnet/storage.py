@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -22,11 +23,10 @@ from typing import BinaryIO
 import anyio
 import anyio.to_thread
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import UID
+from pydicom.filereader import _read_file_meta_info, read_dataset
+from pydicom.filewriter import write_dataset
 
 from dicomnet._version import __version__
 from dicomnet.contexts import (
@@ -58,23 +58,35 @@ def is_valid_uid(uid: str) -> bool:
     return 0 < len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
 
 
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002 (PS3.10 §7.1)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 2, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", errors="replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
 def part10_header(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae_title: str = ""
 ) -> bytes:
     """Preamble, 'DICM' and the File Meta Information group (PS3.10 §7.1)."""
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    elements = [
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _meta_element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+    ]
     if source_ae_title:
-        meta.SourceApplicationEntityTitle = source_ae_title
-    buffer = DicomBytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
+        elements.append(_meta_element(0x0016, b"AE", _padded(source_ae_title.strip(), b" ")))
+    body = b"".join(elements)
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 def _umask() -> int:
@@ -322,7 +334,12 @@ def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:
 
 def decode_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
     """Decode data set bytes received in `transfer_syntax` (PS3.5 §10)."""
-    header = part10_header("1.2.3", "1.2.3", transfer_syntax)
-    ds = dcmread(io.BytesIO(header + bytes(data)), force=True)
-    del ds.file_meta
-    return ds
+    raw = bytes(data)
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    fp = io.BytesIO(raw)
+    dataset = read_dataset(fp, implicit, little)
+    dataset.set_original_encoding(implicit, little)
+    return dataset
