@@ -20,7 +20,14 @@ from dicomnet.errors import (
     ProtocolError,
     Reject,
 )
-from dicomnet.qr import FindRequest, Responses, RetrieveProgress, RetrieveRequest
+from dicomnet.qr import (
+    FindRequest,
+    Responses,
+    RetrieveListener,
+    RetrieveProgress,
+    RetrieveRequest,
+    retrieve_listener,
+)
 from dicomnet.server import AE, Server
 from dicomnet.service import AssociationRequest, EchoRequest, StoreRequest
 from dicomnet.status import Status, StatusCategory
@@ -48,6 +55,7 @@ __all__ = [
     "ProtocolError",
     "Reject",
     "Responses",
+    "RetrieveListener",
     "RetrieveProgress",
     "RetrieveRequest",
     "Server",
@@ -57,4 +65,5 @@ __all__ = [
     "__version__",
     "connect",
     "default_contexts",
+    "retrieve_listener",
 ]

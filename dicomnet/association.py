@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -67,6 +67,7 @@ from dicomnet.fsm import State
 from dicomnet.pdu import AAssociateAC, AAssociateRQ, AbortSource, PresentationDataValue
 from dicomnet.qr import (
     Responses,
+    RetrieveListener,
     RetrieveProgress,
     Served,
     serve_find,
@@ -75,6 +76,7 @@ from dicomnet.qr import (
 from dicomnet.qr import find as _find
 from dicomnet.qr import get as _get
 from dicomnet.qr import move as _move
+from dicomnet.qr import retrieve as _retrieve
 from dicomnet.service import EchoRequest, StoreRequest
 from dicomnet.status import Status
 from dicomnet.storage import Part10File, Spool, encode_dataset, is_valid_uid, part10_header
@@ -995,6 +997,22 @@ class Association:
     ) -> Responses[StoreRequest]:
         """C-GET (PS3.7 §9.1.3): the instances of the C-STORE sub-operations as they come."""
         return _get(self, query, model=model, level=level, priority=priority)
+
+    def retrieve(
+        self,
+        query: Dataset,
+        *,
+        model: str = "study",
+        level: str | None = None,
+        via: Literal["auto", "get", "move"] = "auto",
+        listener: RetrieveListener | None = None,
+        priority: int = 0,
+    ) -> Responses[StoreRequest]:
+        """The matching instances themselves: by C-GET where the peer accepted it,
+        else by C-MOVE to `listener` (see `dicomnet.retrieve_listener`)."""
+        return _retrieve(
+            self, query, model=model, level=level, via=via, listener=listener, priority=priority
+        )
 
     def _convertible_context(self, sop_class_uid: str) -> AcceptedContext | None:
         for context in self.contexts.values():

@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(get)
     _query(get, models=("patient", "study"))
     get.add_argument("--out", required=True, metavar="DIR", help="folder for the instances")
+    get.add_argument(
+        "--via",
+        choices=("get", "move"),
+        default="get",
+        help="C-GET (default), or C-MOVE to a listener of ours (the peer must know --aet "
+        "at --listen-host/--listen-port as a move destination)",
+    )
+    get.add_argument("--listen-host", default="127.0.0.1", help="listener address (--via move)")
+    get.add_argument(
+        "--listen-port", type=int, default=11113, help="listener port (--via move, 11113)"
+    )
 
     serve = sub.add_parser(
         "serve", help="run a verification and storage SCP that keeps what it receives"
@@ -528,29 +539,43 @@ def get_contexts(model: str) -> list[PresentationContext]:
 
 
 async def _get(args: argparse.Namespace) -> int:
+    from dicomnet.qr import MOVE_MODELS, retrieve_listener
+    from dicomnet.storage import is_valid_uid
+
     query = _build_query(args.key)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = 0
-    async with connect(
-        args.host,
-        args.port,
-        aet=args.aet,
-        aec=args.aec,
-        contexts=get_contexts(args.model),
-        connect_timeout=args.timeout,
-        artim_timeout=args.timeout,
-        dimse_timeout=args.dimse_timeout,
-    ) as association:
-        responses = association.get(query, model=args.model, level=_level(args))
-        async for instance in responses:
-            from dicomnet.storage import is_valid_uid
 
+    async def receive(association: Any, listener: Any) -> Any:
+        nonlocal saved
+        responses = association.retrieve(
+            query, model=args.model, level=_level(args), via=args.via, listener=listener
+        )
+        async for instance in responses:
             if not is_valid_uid(instance.sop_instance_uid):
                 instance.status = 0xC000
                 continue
             await instance.save(out / f"{instance.sop_instance_uid}.dcm", fsync=False)
             saved += 1
+        return responses
+
+    settings = {
+        "aet": args.aet,
+        "aec": args.aec,
+        "connect_timeout": args.timeout,
+        "artim_timeout": args.timeout,
+        "dimse_timeout": args.dimse_timeout,
+    }
+    if args.via == "move":
+        contexts = [PresentationContext(MOVE_MODELS[args.model])]
+        async with retrieve_listener(args.aet, args.listen_host, args.listen_port) as listener:
+            async with connect(args.host, args.port, contexts=contexts, **settings) as association:
+                responses = await receive(association, listener)
+    else:
+        contexts = get_contexts(args.model)
+        async with connect(args.host, args.port, contexts=contexts, **settings) as association:
+            responses = await receive(association, None)
     final = responses.progress
     print(
         f"received {saved} instance(s) into {out}; "

@@ -690,6 +690,8 @@ def _plan_find(model: Model, level: Level | None, identifier: Dataset) -> _FindP
                 raise QueryError(STATUS_UNABLE_TO_PROCESS, str(exc), (tag,)) from None
         plan.file_tags.append(tag)
         plan.outputs.append(_Output(tag, elem.VR, "file", key=elem, filter=needs_filter))
+    if not any(output.source == "level" for output in plan.outputs):
+        plan.outputs.append(_Output(_QUERY_RETRIEVE_LEVEL, "CS", "level"))
     path = _PATH[chosen] if plan.file_tags else "NULL"
     plan.sql = f"SELECT {', '.join([path, *select])} FROM {_FROM[chosen]}"
     if where:

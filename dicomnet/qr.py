@@ -20,6 +20,7 @@ import logging
 import os
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -60,8 +61,10 @@ __all__ = [
     "MOVE_MODELS",
     "FindRequest",
     "Responses",
+    "RetrieveListener",
     "RetrieveProgress",
     "RetrieveRequest",
+    "retrieve_listener",
 ]
 
 log = logging.getLogger("dicomnet")
@@ -309,46 +312,163 @@ def get(
     sop_class = GET_MODELS[model]
 
     async def run(outcome: Responses[StoreRequest]) -> AsyncGenerator[StoreRequest, None]:
-        from dicomnet.service import StoreRequest
-
         context = _context(association, sop_class, f"{model} C-GET")
-        data = encode_dataset(_identifier(query, level), context.transfer_syntax)
         operation = await association.begin(context, buffer=4)
         association._retrieve_sinks.append(operation)
-        current: StoreRequest | None = None
         try:
             message = CGetRQ(operation.message_id, sop_class, priority)
-            await association.send_message(context.context_id, message, data)
-            association.started(operation)
-            while True:
-                try:
-                    delivery = await operation.receiver.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    raise association._termination_error() from None
-                if isinstance(delivery, BaseException):
-                    raise delivery
-                if isinstance(delivery, StoreRequest):
-                    current = delivery
-                    yield delivery
-                    delivery.acknowledge()
-                    current = None
-                    continue
-                response, payload = delivery
-                progress = _progress(response, payload, context.transfer_syntax)
-                outcome.progress = progress
-                if progress.is_final:
-                    outcome.status = progress.status
-                    outcome.error_comment = progress.error_comment
-                    if progress.status.is_failure:
-                        error = DimseError(progress.status, progress.error_comment)
-                        error.progress = progress  # type: ignore[attr-defined]
-                        raise error
-                    return
+            async for instance in _retrieve_loop(
+                association, operation, message, query, level, outcome
+            ):
+                yield instance
         finally:
-            if current is not None:
-                current.acknowledge()
             if operation in association._retrieve_sinks:
                 association._retrieve_sinks.remove(operation)
+            await _leave(association, operation, outcome)
+
+    return Responses(run)
+
+
+async def _retrieve_loop(
+    association: Association,
+    operation: Operation,
+    message: CGetRQ | CMoveRQ,
+    query: Dataset,
+    level: str | None,
+    outcome: Responses[StoreRequest],
+) -> AsyncGenerator[StoreRequest, None]:
+    """Send a C-GET or C-MOVE and yield the instances arriving for it, until the final
+    response. Instances are acknowledged (their C-STORE answered) on the next step."""
+    from dicomnet.service import StoreRequest
+
+    context = operation.context
+    data = encode_dataset(_identifier(query, level), context.transfer_syntax)
+    current: StoreRequest | None = None
+    try:
+        await association.send_message(context.context_id, message, data)
+        association.started(operation)
+        while True:
+            try:
+                delivery = await operation.receiver.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise association._termination_error() from None
+            if isinstance(delivery, BaseException):
+                raise delivery
+            if isinstance(delivery, StoreRequest):
+                current = delivery
+                yield delivery
+                delivery.acknowledge()
+                current = None
+                continue
+            response, payload = delivery
+            progress = _progress(response, payload, context.transfer_syntax)
+            outcome.progress = progress
+            if progress.is_final:
+                outcome.status = progress.status
+                outcome.error_comment = progress.error_comment
+                if progress.status.is_failure:
+                    error = DimseError(progress.status, progress.error_comment)
+                    error.progress = progress  # type: ignore[attr-defined]
+                    raise error
+                return
+    finally:
+        if current is not None:
+            current.acknowledge()
+
+
+class RetrieveListener:
+    """A storage SCP of ours that receives the C-STORE sub-operations of our C-MOVEs.
+
+    Made by `retrieve_listener()`. Arriving instances are matched to the C-MOVE by
+    Move Originator AE Title and Message ID (0000,1030 / 0000,1031; PS3.7 §9.1.1.1);
+    a peer that leaves those out is matched when only one retrieve is running.
+    """
+
+    def __init__(self, ae_title: str) -> None:
+        self.ae_title = ae_title
+        self.host = ""
+        self.port = 0
+        self._sinks: dict[tuple[str, int], Operation] = {}
+
+    def _register(self, originator: str, operation: Operation) -> None:
+        self._sinks[(originator.strip(), operation.message_id)] = operation
+
+    def _unregister(self, originator: str, operation: Operation) -> None:
+        self._sinks.pop((originator.strip(), operation.message_id), None)
+
+    async def _on_store(self, request: StoreRequest) -> int | tuple[int, str]:
+        key = (
+            (request.move_originator_ae_title or "").strip(),
+            request.move_originator_message_id or -1,
+        )
+        sink = self._sinks.get(key)
+        if sink is None and len(self._sinks) == 1 and request.move_originator_message_id is None:
+            sink = next(iter(self._sinks.values()))
+        if sink is None or sink.ended:
+            return 0xA900, "not part of a retrieve in progress"
+        try:
+            await sink.sender.send(request)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return 0xA700, "the retrieve was cancelled"
+        await request.acknowledged()
+        return request.status
+
+
+@asynccontextmanager
+async def retrieve_listener(
+    ae_title: str, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[RetrieveListener]:
+    """Serve a storage SCP under `ae_title` for `Association.retrieve(..., listener=)`.
+
+    The peer must know `ae_title` as a move destination at this host and port.
+    """
+    from dicomnet.server import AE
+
+    listener = RetrieveListener(ae_title)
+    ae = AE(ae_title)
+    ae.on_store(listener._on_store)
+    async with ae.serve(host, port) as server:
+        listener.host, listener.port = server.host, server.port
+        yield listener
+
+
+def retrieve(
+    association: Association,
+    query: Dataset,
+    *,
+    model: str = "study",
+    level: str | None = None,
+    via: Literal["auto", "get", "move"] = "auto",
+    listener: RetrieveListener | None = None,
+    priority: int = 0,
+) -> Responses[StoreRequest]:
+    """The instances themselves: by C-GET where the peer accepted it (and `via` allows),
+    otherwise by C-MOVE to `listener` (a `retrieve_listener()` of ours)."""
+    get_context = association._context_for(GET_MODELS.get(model, ""))
+    if via == "get" or (via == "auto" and get_context is not None):
+        return get(association, query, model=model, level=level, priority=priority)
+    if listener is None:
+        raise NotNegotiatedError(
+            "C-GET is not available on this association: retrieving by C-MOVE needs a "
+            "listener (dicomnet.retrieve_listener)"
+        )
+    if model not in MOVE_MODELS:
+        raise ValueError(f"model must be one of {sorted(MOVE_MODELS)}, not {model!r}")
+    sop_class = MOVE_MODELS[model]
+    originator = association.local_ae_title
+
+    async def run(outcome: Responses[StoreRequest]) -> AsyncGenerator[StoreRequest, None]:
+        context = _context(association, sop_class, f"{model} C-MOVE")
+        operation = await association.begin(context, buffer=4)
+        listener._register(originator, operation)
+        try:
+            message = CMoveRQ(operation.message_id, sop_class, listener.ae_title, priority)
+            async for instance in _retrieve_loop(
+                association, operation, message, query, level, outcome
+            ):
+                yield instance
+        finally:
+            listener._unregister(originator, operation)
             await _leave(association, operation, outcome)
 
     return Responses(run)

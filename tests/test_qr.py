@@ -313,3 +313,36 @@ async def test_get_without_storage_role_fails_sub_operations() -> None:
             assert info.value.status == 0xA702
             assert info.value.progress.failed == 1  # type: ignore[attr-defined]
             assert await assoc.echo() == 0
+
+
+async def test_retrieve_by_move_to_own_listener(tmp_path: Path) -> None:
+    """Retrieve to self: C-MOVE to a listener of ours, instances matched to the move."""
+    paths = instances(5, tmp_path)
+    async with dicomnet.retrieve_listener("ME") as listener:
+        ae = dicomnet.AE("PACS", peers={"ME": (listener.host, listener.port)})
+        mover(ae, paths, Counter())
+        async with ae.serve("127.0.0.1", 0) as server:
+            contexts = [PresentationContext("1.2.840.10008.5.1.4.1.2.1.2")]
+            async with dicomnet.connect(
+                "127.0.0.1", server.port, aet="ME", contexts=contexts
+            ) as assoc:
+                with pytest.raises(dicomnet.NotNegotiatedError):
+                    assoc.retrieve(query(), model="patient")
+                responses = assoc.retrieve(query(), model="patient", listener=listener)
+                got = [instance.sop_instance_uid async for instance in responses]
+    assert got == [str(dcmread(p).SOPInstanceUID) for p in paths]
+    assert responses.status == 0
+    assert responses.progress is not None and responses.progress.completed == 5
+
+
+async def test_retrieve_prefers_get_when_accepted() -> None:
+    ae = dicomnet.AE("PACS")
+
+    @ae.on_get
+    async def get(request: dicomnet.RetrieveRequest) -> AsyncIterator[str]:
+        yield FILES[1]
+
+    async with ae.serve("127.0.0.1", 0) as server:
+        async with dicomnet.connect("127.0.0.1", server.port) as assoc:
+            got = [i.sop_instance_uid async for i in assoc.retrieve(query(), model="patient")]
+    assert got == [str(dcmread(FILES[1]).SOPInstanceUID)]
