@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     serve = sub.add_parser(
-        "serve", help="run a verification and storage SCP that keeps what it receives"
+        "serve", help="run a storage and query/retrieve SCP over what it receives"
     )
     _common(serve)
     serve.set_defaults(aet="DICOMNET")
@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--idle-timeout", type=float, default=600.0, help="abort silent associations (600 s)"
     )
+    serve.add_argument(
+        "--reindex", action="store_true", help="rebuild the index from the stored files first"
+    )
+
+    index = sub.add_parser("index", help="rebuild the query/retrieve index of a storage folder")
+    index.add_argument("storage", metavar="DIR", help="the folder `dicomnet serve` stores to")
+    index.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    index.add_argument("--debug", action="store_true", help="log in detail")
     return parser
 
 
@@ -614,6 +622,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_associations=args.max_associations,
         fsync=args.fsync,
         idle_timeout=args.idle_timeout,
+        reindex=args.reindex,
     )
     async with scp.ae.serve(args.host, args.port) as server:
         print(
@@ -633,6 +642,24 @@ async def _serve(args: argparse.Namespace) -> int:
             tg.start_soon(stop_on_signal)
             await server.wait_closed()
             tg.cancel_scope.cancel()
+    scp.close()
+    return 0
+
+
+async def _index(args: argparse.Namespace) -> int:
+    from dicomnet.index import INDEX_FILE_NAME, Index
+
+    storage = Path(args.storage)
+    if not storage.is_dir():
+        print(f"dicomnet index: {storage} is not a folder", file=sys.stderr)
+        return 2
+
+    def rebuild() -> int:
+        with Index(storage / INDEX_FILE_NAME, root=storage) as index:
+            return index.rebuild(storage)
+
+    count = await anyio.to_thread.run_sync(rebuild)
+    print(f"indexed {count} instance(s) in {storage}")
     return 0
 
 
@@ -647,11 +674,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "move": _move,
         "get": _get,
         "serve": _serve,
+        "index": _index,
     }
     try:
         return anyio.run(runners[args.command], args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`, which stopped reading: not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except DicomNetError as exc:
         print(f"dicomnet {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -1,11 +1,20 @@
-"""The embedded SCP behind `dicomnet serve`: verification and storage to a folder."""
+"""The embedded SCP behind `dicomnet serve`: verification, storage to a folder, and
+query/retrieve (C-FIND, C-MOVE, C-GET) over an SQLite index of what is stored."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
+from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
+from pydicom.dataset import Dataset
+
+from dicomnet.index import INDEX_FILE_NAME, Index, QueryError
+from dicomnet.qr import FindRequest, RetrieveRequest
 from dicomnet.server import AE
 from dicomnet.service import StoreRequest
 from dicomnet.storage import is_valid_uid
@@ -15,13 +24,34 @@ __all__ = ["StorageSCP"]
 log = logging.getLogger("dicomnet")
 
 SPOOL_FOLDER = ".tmp"
+BATCH = 64  # index rows fetched per trip to the worker thread
+
+T = TypeVar("T")
+
+
+async def _batches(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
+    """Iterate a blocking iterator (an SQLite cursor) in a worker thread, a batch at a time."""
+    iterator = await anyio.to_thread.run_sync(make)
+    try:
+        while True:
+            batch = await anyio.to_thread.run_sync(lambda: list(islice(iterator, BATCH)))
+            if not batch:
+                return
+            for item in batch:
+                yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await anyio.to_thread.run_sync(close)
 
 
 class StorageSCP:
-    """Stores every received instance as `<storage>/<SOPInstanceUID>.dcm`, bit-preserving.
+    """Stores every received instance as `<storage>/<SOPInstanceUID>.dcm`, bit-preserving,
+    indexes it, and answers C-FIND / C-MOVE / C-GET from the index.
 
     Data sets are spooled in `<storage>/.tmp` (same file system, so the final rename is
-    atomic); leftovers of an earlier crash there are removed at start.
+    atomic); leftovers of an earlier crash there are removed at start. The index lives
+    in `<storage>/.dicomnet-index.sqlite`; a new or outdated one is rebuilt from the files.
     """
 
     def __init__(
@@ -34,6 +64,7 @@ class StorageSCP:
         max_associations: int | None = None,
         fsync: bool = True,
         idle_timeout: float | None = 600.0,
+        reindex: bool = False,
     ) -> None:
         self.storage = storage
         storage.mkdir(parents=True, exist_ok=True)
@@ -43,6 +74,10 @@ class StorageSCP:
             leftover.unlink(missing_ok=True)
         for leftover in storage.glob(".*.part"):
             leftover.unlink(missing_ok=True)
+        self.index = Index(storage / INDEX_FILE_NAME, root=storage)
+        if reindex or self.index.created:
+            count = self.index.rebuild(storage)
+            log.info("indexed %d instance(s) in %s", count, storage)
         self.ae = AE(
             ae_title,
             max_associations=max_associations,
@@ -53,6 +88,12 @@ class StorageSCP:
             peers=peers,
         )
         self.ae.on_store(self.store)
+        self.ae.on_find(self.find)
+        self.ae.on_move(self.retrieve)
+        self.ae.on_get(self.retrieve)
+
+    def close(self) -> None:
+        self.index.close()
 
     def path_for(self, sop_instance_uid: str) -> Path:
         return self.storage / f"{sop_instance_uid}.dcm"
@@ -63,5 +104,26 @@ class StorageSCP:
             return 0xC000, "invalid SOP Instance UID"
         path = self.path_for(uid)
         await request.save(path)
+        try:
+            await anyio.to_thread.run_sync(self.index.add, path)
+        except Exception as exc:
+            # The file is kept (nothing received is lost); `dicomnet index` can retry.
+            log.error("stored %s but could not index it: %s", path.name, exc)
         log.info("stored %s from %r (%d bytes)", path.name, request.calling_ae_title, request.size)
         return 0x0000
+
+    async def find(self, request: FindRequest) -> AsyncIterator[Dataset | tuple[Dataset, int]]:
+        if request.model not in ("patient", "study"):
+            raise QueryError(0xC000, f"the {request.model or 'requested'} model is not served")
+        model: Any = request.model
+        level: Any = request.level
+        identifier = request.identifier
+        async for match in _batches(lambda: self.index.query(model, level, identifier)):
+            yield match
+
+    async def retrieve(self, request: RetrieveRequest) -> AsyncIterator[Path]:
+        model: Any = request.model
+        level: Any = request.level
+        identifier = request.identifier
+        async for path, *_ in _batches(lambda: self.index.files(model, level, identifier)):
+            yield path

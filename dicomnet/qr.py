@@ -553,6 +553,17 @@ def _comment(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:64]
 
 
+def _failure(exc: Exception, handler: str) -> tuple[int, str]:
+    """The failure status for a handler's exception: its own `status` (a `DimseError`,
+    an index `QueryError`) if it has a failure one, else 0xC000 (unable to process)."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and Status(status).is_failure:
+        log.info("%s handler refused the request: %s", handler, exc)
+        return status, str(getattr(exc, "error_comment", None) or exc)[:64]
+    log.exception("%s handler failed", handler)
+    return 0xC000, _comment(exc)
+
+
 async def serve_find(
     association: Association, context: AcceptedContext, message: CFindRQ, data: bytes | None
 ) -> None:
@@ -588,12 +599,12 @@ async def serve_find(
                 match, pending = item
             else:
                 match, pending = item, 0xFF00
-            await reply(pending, match)
-    except DicomNetError:
-        return  # the association is gone: nothing more can be sent
+            try:
+                await reply(pending, match)
+            except DicomNetError:
+                return  # the association is gone: nothing more can be sent
     except Exception as exc:
-        log.exception("on_find handler failed")
-        status, comment = 0xC000, _comment(exc)
+        status, comment = _failure(exc, "on_find")
     finally:
         with anyio.CancelScope(shield=True):
             await generator.aclose()
@@ -722,8 +733,11 @@ async def serve_retrieve(
                 await generator.aclose()
     except Exception as exc:
         association._served.pop(message.message_id, None)
-        log.exception("retrieve handler failed")
-        await reply(0xC000, _Counts(0), _comment(exc))
+        status, comment = _failure(exc, "on_move" if is_move else "on_get")
+        try:
+            await reply(status, _Counts(0), comment)
+        except DicomNetError as error:
+            log.debug("could not send the final retrieve response: %s", error)
         return
     counts = _Counts(len(items))
     try:
