@@ -16,6 +16,13 @@ instance's file (path relative to the storage folder), transfer syntax and size.
   allowed at the level).
 - `Index.add` / `add_many` / `remove` / `rebuild` keep it up to date.
 
+Where baseline hierarchical search leaves the SCP a choice, this one is lenient:
+Required / Optional keys of levels above the query level (which an SCU should not
+send) are matched and returned like the others; the unique key of the query level
+may be absent; a key whose level is not known (a private or rare attribute) is
+taken as an Optional key of the query level, read from the files. Keys of levels
+below the query level are refused.
+
 Errors in an identifier raise `QueryError(status, message)`: 0xA900 (Identifier
 does not match SOP Class) for a missing or wrong Query/Retrieve Level, keys below
 the level, or missing / non-single unique keys of the levels above (a relational
@@ -31,7 +38,9 @@ calls may run on different worker threads; a generator is never run by two
 threads at once), closed when the iterator is exhausted or closed: a query reads
 one consistent snapshot (WAL mode) and never blocks writers or other queries.
 Several processes may use one database: writers wait for each other (busy
-timeout), readers never wait.
+timeout), readers never wait. ``synchronous = NORMAL``: a commit is atomic and
+survives a crash of the process, but a power loss may lose the last few additions
+(the files are the truth; `rebuild` restores the index from them).
 
 Schema (version `SCHEMA_VERSION`, in ``PRAGMA user_version``; a database of
 another version is dropped and recreated empty, with `Index.created` set so the
@@ -150,6 +159,8 @@ class QueryError(DicomNetError):
     def __init__(self, status: int, message: str, offending: Iterable[int] = ()) -> None:
         self.status = status
         self.message = message[:64]
+        #: The same as `message`, under the name `DimseError` uses for it.
+        self.error_comment = self.message
         self.offending: tuple[int, ...] = tuple(offending)
         super().__init__(f"{message} (status 0x{status:04X})")
 

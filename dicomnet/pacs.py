@@ -118,7 +118,10 @@ class StorageSCP:
         model: Any = request.model
         level: Any = request.level
         identifier = request.identifier
+        fill_retrieve_ae = "RetrieveAETitle" in identifier
         async for match in _batches(lambda: self.index.query(model, level, identifier)):
+            if fill_retrieve_ae:
+                match.RetrieveAETitle = self.ae.ae_title
             yield match
 
     async def retrieve(self, request: RetrieveRequest) -> AsyncIterator[Path]:
