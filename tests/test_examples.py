@@ -35,3 +35,11 @@ def test_forwarding_gateway() -> None:
     out = run("forwarding_gateway.py")
     assert out.count(": Success") == 4
     assert "archive received 4 instances" in out
+
+
+@pytest.mark.timeout(90)
+def test_find_then_move() -> None:
+    out = run("find_then_move.py")
+    assert "patient 1CT1: 3 studies" in out
+    assert out.count(": 2 moved, 0 failed") == 3
+    assert "archive received 6 instances; 6 reported moved" in out
