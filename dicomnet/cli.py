@@ -180,6 +180,20 @@ def _configure_logging(args: argparse.Namespace) -> None:
     )
 
 
+def _connect(args: argparse.Namespace, contexts: Sequence[PresentationContext]) -> Any:
+    """`connect()` with the command line's peer, titles and timeouts."""
+    return connect(
+        args.host,
+        args.port,
+        aet=args.aet,
+        aec=args.aec,
+        contexts=contexts,
+        connect_timeout=args.timeout,
+        artim_timeout=args.timeout,
+        dimse_timeout=args.dimse_timeout,
+    )
+
+
 # --- echo ------------------------------------------------------------------------------------
 
 
@@ -187,16 +201,7 @@ async def _echo(args: argparse.Namespace) -> int:
     from dicomnet.contexts import VERIFICATION
 
     failures = 0
-    async with connect(
-        args.host,
-        args.port,
-        aet=args.aet,
-        aec=args.aec,
-        contexts=[PresentationContext(VERIFICATION)],
-        connect_timeout=args.timeout,
-        artim_timeout=args.timeout,
-        dimse_timeout=args.dimse_timeout,
-    ) as association:
+    async with _connect(args, [PresentationContext(VERIFICATION)]) as association:
         for _ in range(max(1, args.count)):
             start = time.perf_counter()
             try:
@@ -324,16 +329,7 @@ async def _store(args: argparse.Namespace) -> int:
         attempts = 0
         while queue:
             try:
-                async with connect(
-                    args.host,
-                    args.port,
-                    aet=args.aet,
-                    aec=args.aec,
-                    contexts=contexts,
-                    connect_timeout=args.timeout,
-                    artim_timeout=args.timeout,
-                    dimse_timeout=args.dimse_timeout,
-                ) as association:
+                async with _connect(args, contexts) as association:
                     while queue and not association.is_closed:
                         item = queue.pop()
                         try:
@@ -469,16 +465,7 @@ def _qr_contexts(kind: str, model: str) -> list[PresentationContext]:
 async def _find(args: argparse.Namespace) -> int:
     query = _build_query(args.key)
     count = 0
-    async with connect(
-        args.host,
-        args.port,
-        aet=args.aet,
-        aec=args.aec,
-        contexts=_qr_contexts("find", args.model),
-        connect_timeout=args.timeout,
-        artim_timeout=args.timeout,
-        dimse_timeout=args.dimse_timeout,
-    ) as association:
+    async with _connect(args, _qr_contexts("find", args.model)) as association:
         responses = association.find(query, model=args.model, level=_level(args))
         async for identifier in responses:
             count += 1
@@ -493,16 +480,7 @@ async def _find(args: argparse.Namespace) -> int:
 
 async def _move(args: argparse.Namespace) -> int:
     query = _build_query(args.key)
-    async with connect(
-        args.host,
-        args.port,
-        aet=args.aet,
-        aec=args.aec,
-        contexts=_qr_contexts("move", args.model),
-        connect_timeout=args.timeout,
-        artim_timeout=args.timeout,
-        dimse_timeout=args.dimse_timeout,
-    ) as association:
+    async with _connect(args, _qr_contexts("move", args.model)) as association:
         responses = association.move(
             query, destination=args.dest, model=args.model, level=_level(args)
         )
@@ -568,21 +546,14 @@ async def _get(args: argparse.Namespace) -> int:
             saved += 1
         return responses
 
-    settings = {
-        "aet": args.aet,
-        "aec": args.aec,
-        "connect_timeout": args.timeout,
-        "artim_timeout": args.timeout,
-        "dimse_timeout": args.dimse_timeout,
-    }
     if args.via == "move":
         contexts = [PresentationContext(MOVE_MODELS[args.model])]
         async with retrieve_listener(args.aet, args.listen_host, args.listen_port) as listener:
-            async with connect(args.host, args.port, contexts=contexts, **settings) as association:
+            async with _connect(args, contexts) as association:
                 responses = await receive(association, listener)
     else:
         contexts = get_contexts(args.model)
-        async with connect(args.host, args.port, contexts=contexts, **settings) as association:
+        async with _connect(args, contexts) as association:
             responses = await receive(association, None)
     final = responses.progress
     print(
