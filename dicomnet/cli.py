@@ -467,15 +467,29 @@ async def _find(args: argparse.Namespace) -> int:
     count = 0
     async with _connect(args, _qr_contexts("find", args.model)) as association:
         responses = association.find(query, model=args.model, level=_level(args))
-        async for identifier in responses:
-            count += 1
-            if args.json:
-                print(identifier.to_json(), flush=False)
-            else:
-                print(_describe(identifier))
+        try:
+            async for identifier in responses:
+                count += 1
+                if args.json:
+                    print(identifier.to_json(), flush=False)
+                else:
+                    print(_describe(identifier))
+        except DimseError as exc:
+            print(f"dicomnet find: {exc} (after {count} match(es))", file=sys.stderr)
+            return 1
     status = responses.status
     print(f"{count} match(es); final status {status!r}", file=sys.stderr)
     return 0 if status is not None and not status.is_failure else 1
+
+
+def _print_progress(progress: Any) -> None:
+    label = "final" if progress.is_final else "pending"
+    print(
+        f"{label}: remaining {progress.remaining}, completed {progress.completed}, "
+        f"failed {progress.failed}, warning {progress.warning} ({progress.status!r})"
+    )
+    for uid in progress.failed_sop_instance_uids:
+        print(f"failed: {uid}")
 
 
 async def _move(args: argparse.Namespace) -> int:
@@ -484,14 +498,16 @@ async def _move(args: argparse.Namespace) -> int:
         responses = association.move(
             query, destination=args.dest, model=args.model, level=_level(args)
         )
-        async for progress in responses:
-            label = "final" if progress.is_final else "pending"
-            print(
-                f"{label}: remaining {progress.remaining}, completed {progress.completed}, "
-                f"failed {progress.failed}, warning {progress.warning} ({progress.status!r})"
-            )
-            for uid in progress.failed_sop_instance_uids:
-                print(f"failed: {uid}")
+        try:
+            async for progress in responses:
+                _print_progress(progress)
+        except DimseError as exc:
+            # A failure final status: show its counts, then release normally.
+            progress = getattr(exc, "progress", None)
+            if progress is not None:
+                _print_progress(progress)
+            print(f"dicomnet move: {exc}", file=sys.stderr)
+            return 1
     final = responses.progress
     if final is None or responses.status is None:
         return 1
@@ -538,12 +554,15 @@ async def _get(args: argparse.Namespace) -> int:
         responses = association.retrieve(
             query, model=args.model, level=_level(args), via=args.via, listener=listener
         )
-        async for instance in responses:
-            if not is_valid_uid(instance.sop_instance_uid):
-                instance.status = 0xC000
-                continue
-            await instance.save(out / f"{instance.sop_instance_uid}.dcm", fsync=False)
-            saved += 1
+        try:
+            async for instance in responses:
+                if not is_valid_uid(instance.sop_instance_uid):
+                    instance.status = 0xC000
+                    continue
+                await instance.save(out / f"{instance.sop_instance_uid}.dcm", fsync=False)
+                saved += 1
+        except DimseError as exc:
+            print(f"dicomnet get: {exc}", file=sys.stderr)
         return responses
 
     if args.via == "move":

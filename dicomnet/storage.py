@@ -18,7 +18,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.to_thread
@@ -273,6 +273,13 @@ def _copy_atomic(src: Path, target: Path, fsync: bool) -> None:
     write_atomic(target, [data], fsync)
 
 
+_SOP_TAGS = [0x00080016, 0x00080018]
+
+
+def _past_sop_instance_uid(tag: Any, vr: str | None, length: int) -> bool:
+    return int(tag) > 0x00080018
+
+
 @dataclass(frozen=True, slots=True)
 class Part10File:
     """A Part-10 file as the SCU sends it: its data set streamed from `offset` to the end."""
@@ -302,10 +309,21 @@ class Part10File:
             meta = _read_file_meta_info(f)
             offset = f.tell()
             size = os.fstat(f.fileno()).st_size
-        transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
-        if not transfer_syntax:
-            raise ValueError(f"{p} has no Transfer Syntax UID in its file meta")
-        ds = dcmread(p, stop_before_pixels=True, specific_tags=[0x00080016, 0x00080018], force=True)
+            transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+            if not transfer_syntax:
+                raise ValueError(f"{p} has no Transfer Syntax UID in its file meta")
+            ds: Dataset
+            if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+                ds = dcmread(p, stop_before_pixels=True, specific_tags=_SOP_TAGS, force=True)
+            else:
+                # Read the data set itself only up to SOP Instance UID (0008,0018).
+                ds = read_dataset(
+                    f,
+                    transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                    transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
+                    stop_when=_past_sop_instance_uid,
+                    defer_size=256,
+                )
         sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
         sop_instance = str(
             ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")

@@ -1,0 +1,221 @@
+"""Server subprocesses: start, wait until listening, sample /proc, stop for sure.
+
+Linux only (/proc). Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# dicomnet / pynetdicom logging ("WARNING", "ERROR", tracebacks), DCMTK ("W: ", "E: ", "F: ").
+_ISSUE = re.compile(r"\b(WARNING|ERROR|CRITICAL|Traceback|Exception)\b|^[WEF]: ")
+
+
+class ServerError(RuntimeError):
+    """A server subprocess did not start, or died while being measured."""
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _listening_inodes(port: int) -> set[str]:
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) >= 10 and parts[3] == "0A":  # 0A = LISTEN
+                if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(parts[9])
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes: set[str] = set()
+    try:
+        entries = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for entry in entries:
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def listening(port: int, pid: int) -> bool:
+    """Whether process `pid` owns a socket listening on `port` (no connection is made)."""
+    inodes = _listening_inodes(port)
+    return bool(inodes) and bool(inodes & _socket_inodes(pid))
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSample:
+    """CPU seconds (user + system, all threads) and peak RSS (VmHWM) of one process."""
+
+    cpu_seconds: float
+    peak_rss_kib: int
+
+
+def sample(pid: int) -> ProcSample:
+    """Read /proc/PID/stat (utime + stime) and /proc/PID/status (VmHWM)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may contain spaces: split after its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    hwm = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+            break
+    return ProcSample((utime + stime) / CLOCK_TICKS, hwm)
+
+
+class ServerProcess:
+    """A server subprocess with its output in a log file; `stop()` always ends it.
+
+    Used as a context manager: the process is stopped (SIGTERM, then SIGKILL after a
+    grace period) when the block ends, whatever happened inside it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int,
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.port = port
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.baseline: ProcSample | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise ServerError(f"{self.name} was not started")
+        return self.proc.pid
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        try:
+            self._wait_listening()
+            self.baseline = sample(self.pid)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ServerError(
+                    f"{self.name} exited with {self.returncode()} before listening on "
+                    f"{self.port}; log:\n{self.log_tail()}"
+                )
+            if listening(self.port, self.pid):
+                return
+            time.sleep(0.02)
+        raise ServerError(f"{self.name} not listening on {self.port} after {self.start_timeout} s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, size: int = 4000) -> str:
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return "<no log>"
+        return data[-size:].decode("utf-8", "replace")
+
+    def log_issues(self, limit: int = 5) -> list[str]:
+        """Lines of the server's output that look like warnings, errors or tracebacks."""
+        try:
+            lines = self.log_path.read_text("utf-8", "replace").splitlines()[1:]
+        except OSError:
+            return []
+        found = [line.strip() for line in lines if _ISSUE.search(line)]
+        if len(found) > limit:
+            found = [*found[:limit], f"... and {len(found) - limit} more such lines"]
+        return found
+
+    def measure(self) -> tuple[float, int]:
+        """(CPU seconds since it was listening, peak RSS in KiB); the process must be alive."""
+        if not self.alive():
+            raise ServerError(
+                f"{self.name} died during the run (exit {self.returncode()}); "
+                f"log:\n{self.log_tail()}"
+            )
+        now = sample(self.pid)
+        base = self.baseline.cpu_seconds if self.baseline is not None else 0.0
+        return now.cpu_seconds - base, now.peak_rss_kib
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL; safe to call twice."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        # The server runs in its own session (start_new_session): signal only its group.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=grace)
