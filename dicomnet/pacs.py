@@ -86,6 +86,7 @@ class StorageSCP:
             fsync=fsync,
             idle_timeout=idle_timeout,
             peers=peers,
+            query_models=("patient", "study"),
         )
         self.ae.on_store(self.store)
         self.ae.on_find(self.find)

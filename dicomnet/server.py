@@ -68,6 +68,7 @@ class AE:
         spool_dir: str | Path | None = None,
         fsync: bool = True,
         peers: dict[str, tuple[str, int]] | None = None,
+        query_models: Iterable[str] = ("patient", "study", "mwl"),
     ) -> None:
         if not 0 < len(ae_title.strip()) <= 16:
             raise ValueError("an AE title has 1 to 16 characters")
@@ -90,6 +91,8 @@ class AE:
             fsync=fsync,
         )
         self.peers = dict(peers or {})
+        # The information models accepted for C-FIND/C-MOVE/C-GET when handlers are set.
+        self.query_models = tuple(query_models)
         # SOP Class Extended Negotiation answers (PS3.7 §D.3.3.5): SOP class -> info bytes.
         self.sop_class_extended: dict[str, bytes] = {}
         self.handlers = Handlers(move_destination=self.peers.get)
@@ -145,12 +148,13 @@ class AE:
         handlers = self.handlers
         supported = {VERIFICATION: PresentationContext(VERIFICATION, every)}
         models: list[str] = []
-        if handlers.on_find is not None:
-            models += FIND_MODELS.values()
-        if handlers.on_move is not None:
-            models += MOVE_MODELS.values()
-        if handlers.on_get is not None:
-            models += GET_MODELS.values()
+        for handler, table in (
+            (handlers.on_find, FIND_MODELS),
+            (handlers.on_move, MOVE_MODELS),
+            (handlers.on_get, GET_MODELS),
+        ):
+            if handler is not None:
+                models += [uid for name, uid in table.items() if name in self.query_models]
         for uid in models:
             supported[uid] = PresentationContext(uid, DEFAULT_TRANSFER_SYNTAXES)
         if handlers.on_store is not None or handlers.on_get is not None:
