@@ -8,10 +8,11 @@ lock so that a message's PDUs are never interleaved with another's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ from dicomnet.qr import retrieve as _retrieve
 from dicomnet.service import EchoRequest, StoreRequest
 from dicomnet.status import Status
 from dicomnet.storage import Part10File, Spool, encode_dataset, is_valid_uid, part10_header
+from dicomnet.stream import DicomStream
 from dicomnet.ul import (
     NEED_DATA,
     Aborted,
@@ -179,6 +181,75 @@ class _Incoming:
             self.buffer += data
 
 
+class Mailbox:
+    """A bounded FIFO from the reader to one operation, on plain asyncio futures.
+
+    `put` waits while it is full (backpressure: the reader stops reading the socket);
+    `get` raises `anyio.EndOfStream` once it is closed and empty; after
+    `close_receiver` nothing more is accepted (`anyio.BrokenResourceError`).
+    """
+
+    __slots__ = ("_getter", "_items", "_putters", "_size", "closed", "receiver_closed")
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[Any] = deque()
+        self._size = size
+        self._getter: asyncio.Future[None] | None = None
+        self._putters: deque[asyncio.Future[None]] = deque()
+        self.closed = False
+        self.receiver_closed = False
+
+    async def put(self, item: Any) -> None:
+        while len(self._items) >= self._size and not self.receiver_closed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._putters.append(waiter)
+            await waiter
+        self.put_nowait(item)
+
+    def put_nowait(self, item: Any) -> None:
+        """Add `item` even past the size (for errors that must get through)."""
+        if self.receiver_closed or self.closed:
+            raise anyio.BrokenResourceError
+        self._items.append(item)
+        getter = self._getter
+        if getter is not None and not getter.done():
+            getter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self.closed or self.receiver_closed:
+                raise anyio.EndOfStream
+            getter = asyncio.get_running_loop().create_future()
+            self._getter = getter
+            try:
+                await getter
+            finally:
+                self._getter = None
+        item = self._items.popleft()
+        if self._putters:
+            putter = self._putters.popleft()
+            if not putter.done():
+                putter.set_result(None)
+        return item
+
+    def close(self) -> None:
+        """No more items will come (what is queued can still be taken)."""
+        self.closed = True
+        getter = self._getter
+        if getter is not None and not getter.done():
+            getter.set_result(None)
+
+    def close_receiver(self) -> None:
+        """Nobody takes items any more: drop them and release waiting writers."""
+        self.receiver_closed = True
+        self._items.clear()
+        while self._putters:
+            putter = self._putters.popleft()
+            if not putter.done():
+                putter.set_result(None)
+        self.close()
+
+
 class Operation:
     """A request this side invoked, keyed by its Message ID (PS3.7 §9.1).
 
@@ -194,9 +265,8 @@ class Operation:
         "ended",
         "final_status",
         "finished",
+        "mailbox",
         "message_id",
-        "receiver",
-        "sender",
     )
 
     def __init__(
@@ -208,10 +278,10 @@ class Operation:
     ) -> None:
         self.message_id = message_id
         self.context = context
-        self.sender, self.receiver = anyio.create_memory_object_stream[_Delivery](buffer)
+        self.mailbox = Mailbox(buffer)
         self.abandoned = False
         self.ended = False
-        self.finished = anyio.Event()
+        self.finished = asyncio.Event()
         self.final_status: Status | None = None
         self._release = release
 
@@ -219,7 +289,7 @@ class Operation:
         """The final response arrived (or the association ended): free the slot and ID."""
         if not self.ended:
             self.ended = True
-            self.sender.close()
+            self.mailbox.close()
             self._release(self)
             self.finished.set()
 
@@ -232,7 +302,7 @@ class Association:
 
     def __init__(
         self,
-        stream: anyio.abc.ByteStream,
+        stream: DicomStream,
         ul: UpperLayer,
         *,
         request: AAssociateRQ,
@@ -257,23 +327,22 @@ class Association:
         self.peer_address = peer_address
         self.is_requestor = ul.is_requestor
         self._clock = clock
-        self._send_lock = anyio.Lock()
+        self._send_lock = asyncio.Lock()
         self._ids = MessageIDs()
         self._outstanding = OutstandingRequests(settings.dimse_timeout, clock)
         self._operations: dict[int, Operation] = {}
         self._served: dict[int, Served] = {}
         self._retrieve_sinks: list[Operation] = []
         window = self.extended.async_operations_window.invoked
-        self._slots = anyio.Semaphore(window if window > 0 else 0xFFFF)
+        self._slots = asyncio.Semaphore(window if window > 0 else 0xFFFF)
         self._assembler = MessageAssembler(self._context_known)
         self._incoming: _Incoming | None = None
-        self._closed = anyio.Event()
+        self._closed = asyncio.Event()
         self._error: DicomNetError | None = None
         self._in_flight = 0
-        self._idle = anyio.Event()
+        self._idle = asyncio.Event()
         self._idle.set()
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._receive_scope: anyio.CancelScope | None = None
         self._stream_closed = False
 
     # --- identity --------------------------------------------------------------------------
@@ -356,19 +425,9 @@ class Association:
             if ul.state == State.STA1:
                 return
             deadline = self._next_deadline()
-            timeout = math.inf if deadline is None else max(0.0, deadline - self._clock())
-            data: bytes = b""
-            with anyio.move_on_after(timeout) as scope:
-                self._receive_scope = scope
-                try:
-                    data = await stream.receive(RECEIVE_SIZE)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    data = b""
-                except OSError as exc:
-                    log.debug("connection error: %s", exc)
-                    data = b""
-            self._receive_scope = None
-            if scope.cancelled_caught:
+            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            data = await stream.receive(RECEIVE_SIZE, timeout)
+            if data is None:
                 self._handle_timers()
                 continue
             ul.receive_data(data)
@@ -379,11 +438,9 @@ class Association:
 
     def _rearm(self) -> None:
         """A timer was started outside the reader: shorten the reader's wait to match."""
-        scope = self._receive_scope
         deadline = self._next_deadline()
-        if scope is not None and deadline is not None:
-            wake = anyio.current_time() + max(0.0, deadline - self._clock())
-            scope.deadline = min(scope.deadline, wake)
+        if deadline is not None:
+            self._stream.reschedule(deadline - self._clock())
 
     def _handle_timers(self) -> None:
         expired = self._outstanding.expired()
@@ -398,8 +455,8 @@ class Association:
                 operation = self._operations.get(message_id)
                 if operation is not None:
                     try:
-                        operation.sender.send_nowait(error)
-                    except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        operation.mailbox.put_nowait(error)
+                    except anyio.BrokenResourceError:
                         pass
             self._ul.request_abort(str(error))  # the A-ABORT is written by the read loop
             return
@@ -497,11 +554,7 @@ class Association:
     async def _close_stream(self) -> None:
         if not self._stream_closed:
             self._stream_closed = True
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._stream.aclose()
-                except Exception:  # pragma: no cover - closing a broken socket
-                    pass
+            self._stream.close()
 
     # --- receiving DIMSE -------------------------------------------------------------------
 
@@ -571,7 +624,7 @@ class Association:
             operation.final_status = status
         if not operation.abandoned:
             try:
-                await operation.sender.send((message, data))
+                await operation.mailbox.put((message, data))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
         if final:
@@ -580,7 +633,7 @@ class Association:
     def _dispatch(self, event: CommandReceived, incoming: _Incoming | None) -> None:
         assert self._task_group is not None
         self._in_flight += 1
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._idle = asyncio.Event() if self._idle.is_set() else self._idle
         self._task_group.start_soon(self._serve, event, incoming)
 
     async def _serve(self, event: CommandReceived, incoming: _Incoming | None) -> None:
@@ -645,7 +698,7 @@ class Association:
             # A C-STORE sub-operation of our C-GET: hand it to the `get()` loop.
             request = StoreRequest(self, context, message, spool, fsync=self.settings.fsync)
             try:
-                await sink.sender.send(request)
+                await sink.mailbox.put(request)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return reply(0xA700, "the retrieve was cancelled")
             await request.acknowledged()
@@ -831,7 +884,7 @@ class Association:
     async def next_response(self, operation: Operation) -> tuple[DimseMessage, bytes | None]:
         """The next response (pending or final) to `operation`."""
         try:
-            delivery = await operation.receiver.receive()
+            delivery: _Delivery = await operation.mailbox.get()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise self._termination_error() from None
         if isinstance(delivery, BaseException):
@@ -848,7 +901,7 @@ class Association:
         if operation.ended or operation.abandoned:
             return
         operation.abandoned = True
-        operation.receiver.close()
+        operation.mailbox.close_receiver()
         with anyio.CancelScope(shield=True):
             try:
                 await self.send_message(
@@ -877,7 +930,7 @@ class Association:
                 # Left before the final response (error or cancellation): nothing more is
                 # expected by anyone, so drop what still comes.
                 operation.abandoned = True
-                operation.receiver.close()
+                operation.mailbox.close_receiver()
 
     async def echo(self) -> Status:
         """C-ECHO (PS3.7 §9.1.5). Returns the status; a failure raises `DimseError`."""

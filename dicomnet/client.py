@@ -40,6 +40,7 @@ from dicomnet.pdu import (
     UserInformation,
 )
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnet.stream import open_connection
 from dicomnet.transport import next_ul_event
 from dicomnet.ul import Aborted, AssociateAccepted, AssociateRejected, UpperLayer
 
@@ -105,7 +106,7 @@ async def open_association(
     )
     try:
         with anyio.fail_after(connect_timeout):
-            stream = await anyio.connect_tcp(host, port)
+            stream = await open_connection(host, port)
     except TimeoutError:
         raise ConnectTimeout(
             f"could not connect to {host}:{port} within {connect_timeout:g} s"
@@ -142,8 +143,7 @@ async def open_association(
             # Anything else before acceptance means the connection went away.
             raise AssociationAborted("connection closed before the association was accepted")
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            await stream.aclose()
+        stream.close()
         raise
     response = event.response
     accepted = accepted_as_requestor(proposed, response, roles)
@@ -156,11 +156,7 @@ async def open_association(
         len(accepted),
         len(proposed),
     )
-    address = ("", 0)
-    try:
-        address = stream.extra(anyio.abc.SocketAttribute.remote_address)  # type: ignore[assignment]
-    except Exception:  # pragma: no cover
-        pass
+    address = stream.remote_address
     return Association(
         stream,
         ul,

@@ -16,6 +16,7 @@ A C-CANCEL, an abort or a release closes the handler's generator.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import weakref
@@ -121,7 +122,7 @@ class Responses(Generic[T]):
         self.error_comment: str | None = None
         self.warnings: list[Status] = []
         self.progress: RetrieveProgress | None = None
-        self._done = anyio.Event()
+        self._done = asyncio.Event()
         self._running: weakref.ref[AsyncGenerator[T, None]] | None = None
 
     def __aiter__(self) -> AsyncIterator[T]:
@@ -349,7 +350,7 @@ async def _retrieve_loop(
         association.started(operation)
         while True:
             try:
-                delivery = await operation.receiver.receive()
+                delivery = await operation.mailbox.get()
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 raise association._termination_error() from None
             if isinstance(delivery, BaseException):
@@ -407,7 +408,7 @@ class RetrieveListener:
         if sink is None or sink.ended:
             return 0xA900, "not part of a retrieve in progress"
         try:
-            await sink.sender.send(request)
+            await sink.mailbox.put(request)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return 0xA700, "the retrieve was cancelled"
         await request.acknowledged()
@@ -603,6 +604,8 @@ async def serve_find(
                 await reply(pending, match)
             except DicomNetError:
                 return  # the association is gone: nothing more can be sent
+            # Let the reader (a C-CANCEL) and other associations run between responses.
+            await asyncio.sleep(0)
     except Exception as exc:
         status, comment = _failure(exc, "on_find")
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -32,6 +33,7 @@ from dicomnet.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ
 from dicomnet.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from dicomnet.service import AssociationRequest
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnet.stream import DicomStream, start_server
 from dicomnet.transport import next_ul_event
 from dicomnet.ul import AssociateRequested, ConnectionClosed, UpperLayer
 
@@ -177,15 +179,18 @@ class AE:
     async def serve(
         self, host: str = "127.0.0.1", port: int = 11112, *, reuse_port: bool = False
     ) -> AsyncIterator[Server]:
-        """Listen and serve associations until the block ends (then stop and abort all)."""
-        listener = await anyio.create_tcp_listener(
-            local_host=host, local_port=port, reuse_port=reuse_port
-        )
-        server = Server(self, listener)
+        """Listen and serve associations until the block ends (then stop and abort all).
+
+        `reuse_port` sets SO_REUSEPORT, so several processes can serve one port.
+        """
+        server = Server(self)
         async with anyio.create_task_group() as tg:
             server._task_group = tg
-            for sub in getattr(listener, "listeners", [listener]):
-                tg.start_soon(server._accept_loop, sub)
+            server._listener = await start_server(
+                server._on_connection, host, port, reuse_port=reuse_port
+            )
+            sockname = server._listener.sockets[0].getsockname()
+            server.host, server.port = str(sockname[0]), int(sockname[1])
             try:
                 yield server
             finally:
@@ -193,19 +198,17 @@ class AE:
 
 
 class Server:
-    """A listening AE: `port`, `close()`, `wait_closed()`, `associations`."""
+    """A listening AE: `host`, `port`, `close()`, `wait_closed()`, `associations`."""
 
-    def __init__(self, ae: AE, listener: anyio.abc.Listener[Any]) -> None:
+    def __init__(self, ae: AE) -> None:
         self.ae = ae
-        self._listener = listener
+        self._listener: asyncio.Server | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._closed = anyio.Event()
+        self._closed = asyncio.Event()
         self._reserved = 0
         self.associations: set[Association] = set()
-        first = getattr(listener, "listeners", [listener])[0]
-        sockname = first.extra(anyio.abc.SocketAttribute.local_address)
-        self.host = str(sockname[0])
-        self.port = int(first.extra(anyio.abc.SocketAttribute.local_port))
+        self.host = ""
+        self.port = 0
         self.clock: Callable[[], float] = time.monotonic
 
     async def close(self) -> None:
@@ -214,10 +217,8 @@ class Server:
             return
         self._closed.set()
         with anyio.CancelScope(shield=True):
-            try:
-                await self._listener.aclose()
-            except Exception:  # pragma: no cover
-                pass
+            if self._listener is not None:
+                self._listener.close()
             for association in list(self.associations):
                 await association.abort()
         if self._task_group is not None:
@@ -226,18 +227,11 @@ class Server:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    async def _accept_loop(self, listener: Any) -> None:
-        assert self._task_group is not None
-        while not self._closed.is_set():
-            try:
-                stream = await listener.accept()
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                return
-            except OSError as exc:  # e.g. too many open files: keep serving the others
-                log.error("accept failed: %s", exc)
-                await anyio.sleep(0.1)
-                continue
-            self._task_group.start_soon(self._handle_connection, stream)
+    def _on_connection(self, stream: DicomStream) -> None:
+        if self._closed.is_set() or self._task_group is None:
+            stream.abort()
+            return
+        self._task_group.start_soon(self._handle_connection, stream)
 
     def _verdict(self, rq: AAssociateRQ) -> AAssociateRJ | None:
         ae = self.ae
@@ -254,15 +248,10 @@ class Server:
             return AAssociateRJ(1, 1, 7)  # permanent, user, called AE title not recognized
         return None
 
-    async def _handle_connection(self, stream: anyio.abc.ByteStream) -> None:
+    async def _handle_connection(self, stream: DicomStream) -> None:
         ae = self.ae
         settings = ae.settings
-        peer: tuple[str, int] = ("", 0)
-        try:
-            raw = stream.extra(anyio.abc.SocketAttribute.remote_address)
-            peer = (str(raw[0]), int(raw[1]))
-        except Exception:  # pragma: no cover
-            pass
+        peer = stream.remote_address
         ul = UpperLayer(
             is_requestor=False,
             max_pdu_length=settings.max_pdu_length,
@@ -371,8 +360,4 @@ class Server:
         finally:
             if reserved:
                 self._reserved -= 1
-            with anyio.CancelScope(shield=True):
-                try:
-                    await stream.aclose()
-                except Exception:  # pragma: no cover
-                    pass
+            stream.close()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anyio
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -75,7 +75,7 @@ class StoreRequest:
     fsync: bool = True
     status: int = 0x0000  # the C-STORE response status, for instances received by C-GET
     _dataset: Dataset | None = field(default=None, repr=False)
-    _done: anyio.Event = field(default_factory=anyio.Event, repr=False)
+    _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def acknowledge(self) -> None:
         """Done with this instance: its C-STORE response (`status`) may be sent."""

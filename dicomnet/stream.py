@@ -1,0 +1,209 @@
+"""A lean TCP byte stream on asyncio's Protocol API, for the association shell.
+
+Each association reads through one `DicomStream`: data arrives in `data_received`
+callbacks and is handed to the single reader without extra event-loop round trips,
+with a receive deadline as a plain loop timer (no cancel scope per read). Writes go
+straight to the transport; `send()` waits only while the transport asks to pause.
+TCP_NODELAY is set on every connection (PS3.8 §9.1.1: a message written in two pieces
+must not wait for an ACK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+__all__ = ["DicomStream", "open_connection", "start_server"]
+
+# Stop reading from the socket when this much received data is waiting to be parsed.
+HIGH_WATER = 4 << 20
+
+
+class DicomStream(asyncio.Protocol):
+    """One TCP connection: `receive()`, `send()`, `aclose()`."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused_reading = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.connected = self._loop.create_future()
+        self.remote_address: tuple[str, int] = ("", 0)
+        self.local_address: tuple[str, int] = ("", 0)
+
+    # --- protocol callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover - not a TCP socket
+                pass
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.remote_address = (str(peer[0]), int(peer[1]))
+        self.local_address = (str(local[0]), int(local[1]))
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._paused_reading and self._transport:
+            self._paused_reading = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._closed = True
+        if exc is not None:
+            self._error = exc
+        self._wake()
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    async def receive(self, max_bytes: int = 1 << 18, timeout: float | None = None) -> bytes | None:
+        """Received bytes; b"" once the peer closed; None when `timeout` seconds passed."""
+        if not self._chunks and not self._eof:
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            if timeout is not None:
+                self._timer = self._loop.call_later(max(0.0, timeout), self._time_out, waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            if not self._chunks and not self._eof:
+                return None  # the deadline passed
+        if not self._chunks:
+            return b""
+        chunk = self._chunks.popleft()
+        if len(chunk) > max_bytes:
+            self._chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._buffered -= len(chunk)
+        if self._paused_reading and self._buffered < HIGH_WATER // 2 and self._transport:
+            self._paused_reading = False
+            self._transport.resume_reading()
+        return chunk
+
+    def _time_out(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def reschedule(self, timeout: float) -> None:
+        """Make a pending `receive()` give up after `timeout` seconds if that is sooner."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        when = self._loop.time() + max(0.0, timeout)
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._time_out, waiter)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        """Write `data`; wait while the transport's buffer is over its high-water mark."""
+        transport = self._transport
+        if transport is None or self._closed or transport.is_closing():
+            raise anyio.BrokenResourceError("the connection is closed")
+        transport.write(data)
+        while self._write_paused and not self._closed:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+        if self._closed and self._error is not None:
+            raise anyio.BrokenResourceError(str(self._error))
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+        self._closed = True
+        self._eof = True
+        self._wake()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent data (the peer sees a reset)."""
+        if self._transport is not None:
+            self._transport.abort()
+        self.close()
+
+
+async def open_connection(host: str, port: int) -> DicomStream:
+    """Connect over TCP (IPv4 or IPv6, as `host` resolves)."""
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(DicomStream, host, port)
+    return protocol
+
+
+async def start_server(
+    on_connection: Callable[[DicomStream], Any],
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    backlog: int = 1024,
+) -> asyncio.Server:
+    """Listen; `on_connection(stream)` is called (synchronously) for each new connection."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> DicomStream:
+        stream = DicomStream()
+        stream.connected.add_done_callback(lambda _: on_connection(stream))
+        return stream
+
+    return await loop.create_server(
+        factory, host, port, reuse_port=reuse_port or None, backlog=backlog
+    )
