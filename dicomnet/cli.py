@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--reindex", action="store_true", help="rebuild the index from the stored files first"
     )
 
+    from dicomnet import bench
+
+    bench.add_parser(sub)
+
     index = sub.add_parser("index", help="rebuild the query/retrieve index of a storage folder")
     index.add_argument("storage", metavar="DIR", help="the folder `dicomnet serve` stores to")
     index.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -636,6 +640,12 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _bench(args: argparse.Namespace) -> int:
+    from dicomnet import bench
+
+    return await bench.run(args)
+
+
 async def _index(args: argparse.Namespace) -> int:
     from dicomnet.index import INDEX_FILE_NAME, Index
 
@@ -665,6 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "get": _get,
         "serve": _serve,
         "index": _index,
+        "bench": _bench,
     }
     try:
         return anyio.run(runners[args.command], args)
