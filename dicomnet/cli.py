@@ -618,7 +618,7 @@ async def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         reindex=args.reindex,
     )
-    async with scp.ae.serve(args.host, args.port) as server:
+    async with scp.serve(args.host, args.port) as server:
         print(
             f"dicomnet {__version__}: {args.aet} listening on {server.host}:{server.port}, "
             f"storing to {scp.storage.resolve()}",

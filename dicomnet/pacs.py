@@ -3,8 +3,10 @@ query/retrieve (C-FIND, C-MOVE, C-GET) over an SQLite index of what is stored.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicomnet.index import INDEX_FILE_NAME, Index, QueryError
 from dicomnet.qr import FindRequest, RetrieveRequest
-from dicomnet.server import AE
+from dicomnet.server import AE, Server
 from dicomnet.service import StoreRequest
 from dicomnet.storage import is_valid_uid
 
@@ -43,6 +45,54 @@ async def _batches(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
         close = getattr(iterator, "close", None)
         if close is not None:
             await anyio.to_thread.run_sync(close)
+
+
+class Indexer:
+    """Indexes stored files in the background, many per transaction (group commit).
+
+    A C-STORE is answered once its file is safely in place; indexing follows within
+    milliseconds. Queries first `drain()` the queue, so a query sees every instance
+    whose C-STORE was answered before it.
+    """
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self._pending: list[Path] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._running = False
+
+    def add(self, path: Path) -> None:
+        self._pending.append(path)
+        self._idle.clear()
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Wait until everything added so far is indexed."""
+        if not self._running:
+            await self._flush()  # nobody runs the background task: index now
+        elif self._pending or not self._idle.is_set():
+            await self._idle.wait()
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await anyio.to_thread.run_sync(self.index.add_many, batch)
+            except Exception as exc:  # files are kept; `dicomnet index` can retry
+                log.error("could not index %d stored file(s): %s", len(batch), exc)
+        self._idle.set()
+
+    async def run(self) -> None:
+        self._running = True
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self._flush()
+        finally:
+            self._running = False
 
 
 class StorageSCP:
@@ -88,10 +138,22 @@ class StorageSCP:
             peers=peers,
             query_models=("patient", "study"),
         )
+        self.indexer = Indexer(self.index)
         self.ae.on_store(self.store)
         self.ae.on_find(self.find)
         self.ae.on_move(self.retrieve)
         self.ae.on_get(self.retrieve)
+
+    @asynccontextmanager
+    async def serve(self, host: str = "127.0.0.1", port: int = 11112) -> AsyncIterator[Server]:
+        """Serve, with the background indexer running; stops both at the end."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.indexer.run)
+            async with self.ae.serve(host, port) as server:
+                yield server
+            with anyio.CancelScope(shield=True):
+                await self.indexer.drain()
+            tg.cancel_scope.cancel()
 
     def close(self) -> None:
         self.index.close()
@@ -105,17 +167,14 @@ class StorageSCP:
             return 0xC000, "invalid SOP Instance UID"
         path = self.path_for(uid)
         await request.save(path)
-        try:
-            await anyio.to_thread.run_sync(self.index.add, path)
-        except Exception as exc:
-            # The file is kept (nothing received is lost); `dicomnet index` can retry.
-            log.error("stored %s but could not index it: %s", path.name, exc)
+        self.indexer.add(path)
         log.info("stored %s from %r (%d bytes)", path.name, request.calling_ae_title, request.size)
         return 0x0000
 
     async def find(self, request: FindRequest) -> AsyncIterator[Dataset | tuple[Dataset, int]]:
         if request.model not in ("patient", "study"):
             raise QueryError(0xC000, f"the {request.model or 'requested'} model is not served")
+        await self.indexer.drain()
         model: Any = request.model
         level: Any = request.level
         identifier = request.identifier
@@ -126,6 +185,7 @@ class StorageSCP:
             yield match
 
     async def retrieve(self, request: RetrieveRequest) -> AsyncIterator[Path]:
+        await self.indexer.drain()
         model: Any = request.model
         level: Any = request.level
         identifier = request.identifier

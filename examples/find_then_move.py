@@ -65,7 +65,7 @@ async def main() -> int:
             pacs = StorageSCP(
                 Path(folder), ae_title="PACS", peers={"ARCHIVE": ("127.0.0.1", archive_server.port)}
             )
-            async with pacs.ae.serve("127.0.0.1", 0) as pacs_server:
+            async with pacs.serve("127.0.0.1", 0) as pacs_server:
                 # Load the PACS: three studies of one patient, two instances each.
                 async with dicomnet.connect("127.0.0.1", pacs_server.port, aec="PACS") as assoc:
                     source = dcmread(get_testdata_file("CT_small.dcm"))
