@@ -572,7 +572,7 @@ class Association:
                 return
             if not event.has_dataset:
                 if message.is_request:
-                    self._dispatch(event, None)
+                    await self._dispatch(event, None)
                 else:
                     await self._deliver(message, None)
                 return
@@ -588,9 +588,9 @@ class Association:
         self._incoming = None
         if incoming.spool is not None:
             incoming.spool.finish()
-            self._dispatch(incoming.event, incoming)
+            await self._dispatch(incoming.event, incoming)
         elif incoming.event.message.is_request:
-            self._dispatch(incoming.event, incoming)
+            await self._dispatch(incoming.event, incoming)
         else:
             await self._deliver(incoming.event.message, bytes(incoming.buffer or b""))
 
@@ -630,11 +630,19 @@ class Association:
         if final:
             operation.end()
 
-    def _dispatch(self, event: CommandReceived, incoming: _Incoming | None) -> None:
+    async def _dispatch(self, event: CommandReceived, incoming: _Incoming | None) -> None:
         assert self._task_group is not None
         self._in_flight += 1
         self._idle = asyncio.Event() if self._idle.is_set() else self._idle
-        self._task_group.start_soon(self._serve, event, incoming)
+        if (
+            isinstance(event.message, (CEchoRQ, CStoreRQ))
+            and self.extended.async_operations_window.performed == 1
+        ):
+            # One operation at a time (PS3.7 §D.3.3.3): the peer waits for this answer
+            # anyway, so serve it right here instead of in a task of its own.
+            await self._serve(event, incoming)
+        else:
+            self._task_group.start_soon(self._serve, event, incoming)
 
     async def _serve(self, event: CommandReceived, incoming: _Incoming | None) -> None:
         message = event.message
