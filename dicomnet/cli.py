@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -161,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--reindex", action="store_true", help="rebuild the index from the stored files first"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N processes on one port (SO_REUSEPORT), to use every core",
+    )
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
 
     from dicomnet import bench
 
@@ -605,9 +614,31 @@ def _parse_peers(raw: Sequence[str]) -> dict[str, tuple[str, int]]:
     return peers
 
 
+def _worker_argv(argv: Sequence[str]) -> list[str]:
+    """The command line of a worker process: the same `serve`, as one worker."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--workers":
+            skip = True
+            continue
+        if item.startswith("--workers=") or item == "--reindex":
+            continue
+        out.append(item)
+    return [sys.executable, "-m", "dicomnet", *out, "--worker-of", str(os.getpid())]
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from dicomnet.pacs import StorageSCP
 
+    workers = max(1, args.workers)
+    is_worker = args.worker_of is not None
+    if workers > 1 and args.port == 0:
+        print("dicomnet serve: --workers needs a fixed --port", file=sys.stderr)
+        return 2
     scp = StorageSCP(
         Path(args.storage),
         ae_title=args.aet,
@@ -616,14 +647,21 @@ async def _serve(args: argparse.Namespace) -> int:
         max_associations=args.max_associations,
         fsync=args.fsync,
         idle_timeout=args.idle_timeout,
-        reindex=args.reindex,
+        reindex=args.reindex and not is_worker,
+        clean_spool=not is_worker,
     )
-    async with scp.serve(args.host, args.port) as server:
-        print(
-            f"dicomnet {__version__}: {args.aet} listening on {server.host}:{server.port}, "
-            f"storing to {scp.storage.resolve()}",
-            flush=True,
-        )
+    reuse_port = workers > 1 or is_worker
+    children: list[subprocess.Popen[bytes]] = []
+    async with scp.serve(args.host, args.port, reuse_port=reuse_port) as server:
+        if not is_worker:
+            for _ in range(workers - 1):
+                children.append(subprocess.Popen(_worker_argv(args.argv)))
+            print(
+                f"dicomnet {__version__}: {args.aet} listening on {server.host}:{server.port}"
+                f"{f' with {workers} processes' if workers > 1 else ''}, "
+                f"storing to {scp.storage.resolve()}",
+                flush=True,
+            )
         async with anyio.create_task_group() as tg:
 
             async def stop_on_signal() -> None:
@@ -633,9 +671,24 @@ async def _serve(args: argparse.Namespace) -> int:
                         await server.close()
                         return
 
+            async def stop_with_parent(parent: int) -> None:
+                # A worker ends when the process that started it is gone.
+                while os.getppid() == parent:
+                    await anyio.sleep(1.0)
+                await server.close()
+
             tg.start_soon(stop_on_signal)
+            if is_worker:
+                tg.start_soon(stop_with_parent, args.worker_of)
             await server.wait_closed()
             tg.cancel_scope.cancel()
+    for child in children:
+        child.terminate()
+    for child in children:
+        try:
+            await anyio.to_thread.run_sync(child.wait, 10)
+        except subprocess.TimeoutExpired:
+            child.kill()
     scp.close()
     return 0
 
@@ -663,9 +716,22 @@ async def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_options() -> dict[str, Any]:
+    """uvloop when it is installed (`pip install dicomnet[speed]`) and not turned off with
+    DICOMNET_LOOP=asyncio."""
+    if os.environ.get("DICOMNET_LOOP", "").lower() == "asyncio":
+        return {}
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _configure_logging(args)
     runners = {
         "echo": _echo,
@@ -678,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": _bench,
     }
     try:
-        return anyio.run(runners[args.command], args)
+        return anyio.run(runners[args.command], args, backend_options=_backend_options())
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -124,7 +124,12 @@ async def open_association(
     )
     ul.request_association(request)
     try:
-        await stream.send(ul.connection_made())
+        try:
+            await stream.send(ul.connection_made())
+        except anyio.BrokenResourceError:
+            raise AssociationAborted(
+                f"the connection to {host}:{port} closed before the association request"
+            ) from None
         while True:
             event = await next_ul_event(stream, ul, clock)
             if isinstance(event, AssociateAccepted):

@@ -115,15 +115,17 @@ class StorageSCP:
         fsync: bool = True,
         idle_timeout: float | None = 600.0,
         reindex: bool = False,
+        clean_spool: bool = True,
     ) -> None:
         self.storage = storage
         storage.mkdir(parents=True, exist_ok=True)
         spool = storage / SPOOL_FOLDER
         spool.mkdir(exist_ok=True)
-        for leftover in spool.glob("*.part"):
-            leftover.unlink(missing_ok=True)
-        for leftover in storage.glob(".*.part"):
-            leftover.unlink(missing_ok=True)
+        if clean_spool:  # not in a worker: the others may be writing there
+            for leftover in spool.glob("*.part"):
+                leftover.unlink(missing_ok=True)
+            for leftover in storage.glob(".*.part"):
+                leftover.unlink(missing_ok=True)
         self.index = Index(storage / INDEX_FILE_NAME, root=storage)
         if reindex or self.index.created:
             count = self.index.rebuild(storage)
@@ -145,11 +147,13 @@ class StorageSCP:
         self.ae.on_get(self.retrieve)
 
     @asynccontextmanager
-    async def serve(self, host: str = "127.0.0.1", port: int = 11112) -> AsyncIterator[Server]:
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 11112, *, reuse_port: bool = False
+    ) -> AsyncIterator[Server]:
         """Serve, with the background indexer running; stops both at the end."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.indexer.run)
-            async with self.ae.serve(host, port) as server:
+            async with self.ae.serve(host, port, reuse_port=reuse_port) as server:
                 yield server
             with anyio.CancelScope(shield=True):
                 await self.indexer.drain()
