@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-associations", type=int, default=None, help="refuse associations past N"
     )
     serve.add_argument(
-        "--no-fsync",
-        dest="fsync",
-        action="store_false",
-        help="answer C-STORE before the file is flushed to disk (faster, less durable)",
+        "--fsync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer C-STORE only once the file and its folder entry are on disk (default); "
+        "--no-fsync answers sooner and is less durable",
     )
     serve.add_argument(
         "--idle-timeout", type=float, default=600.0, help="abort silent associations (600 s)"
