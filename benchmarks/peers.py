@@ -100,7 +100,7 @@ def dicomnet_scp(*, fsync: bool) -> SCPSpec:
 
     # `dicomnet serve` also records every instance in its SQLite index (Q/R), before the
     # response: the file is re-read up to the pixel data, one commit (WAL, synchronous=NORMAL).
-    index = "; then a SQLite index row (WAL, one commit per instance, no fsync per commit)"
+    index = "; indexed in SQLite in the background, in batches (WAL, no fsync per commit)"
     if fsync:
         return SCPSpec(
             "dicomnet-fsync",

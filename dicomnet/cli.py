@@ -729,11 +729,29 @@ def _backend_options() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
+def _raise_open_file_limit() -> None:
+    """Thousands of associations need thousands of sockets: lift the soft limit on open
+    files to the hard one (as far as 65536)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _configure_logging(args)
+    if args.command in ("serve", "bench", "store"):
+        _raise_open_file_limit()
     runners = {
         "echo": _echo,
         "store": _store,
