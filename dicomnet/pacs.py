@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from itertools import islice
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,21 +50,44 @@ async def _batches(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
             await anyio.to_thread.run_sync(close)
 
 
+def _index_worker(database: str, root: str, connection: Connection) -> None:
+    """The indexer process: index each batch of paths it is sent, answer with the count."""
+    with Index(database, root=root) as index:
+        while True:
+            try:
+                batch = connection.recv()
+            except EOFError:
+                return
+            if batch is None:
+                return
+            try:
+                count = index.add_many(batch)
+            except Exception as exc:  # answer anyway: the files stay, a reindex retries
+                log.error("could not index %d stored file(s): %s", len(batch), exc)
+                count = 0
+            connection.send(count)
+
+
 class Indexer:
     """Indexes stored files in the background, many per transaction (group commit).
 
     A C-STORE is answered once its file is safely in place; indexing follows within
     milliseconds. Queries first `drain()` the queue, so a query sees every instance
-    whose C-STORE was answered before it.
+    whose C-STORE was answered before it. The parsing runs in a process of its own
+    (`use_process`), so it does not compete with the event loop for the GIL; in a
+    worker thread when that process cannot be started.
     """
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, *, use_process: bool = True) -> None:
         self.index = index
+        self.use_process = use_process
         self._pending: list[Path] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = False
+        self._process: BaseProcess | None = None
+        self._connection: Connection | None = None
 
     def add(self, path: Path) -> None:
         self._pending.append(path)
@@ -75,9 +101,55 @@ class Indexer:
         elif self._pending or not self._idle.is_set():
             await self._idle.wait()
 
+    def _start_process(self) -> None:
+        if not self.use_process:
+            return
+        try:
+            context = multiprocessing.get_context("spawn")
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=_index_worker,
+                args=(str(self.index.path), str(self.index.root), theirs),
+                name="dicomnet-indexer",
+                daemon=True,
+            )
+            process.start()
+            theirs.close()
+        except Exception as exc:
+            log.warning("indexing in a thread: could not start the indexer process: %s", exc)
+            return
+        self._process, self._connection = process, ours
+
+    async def _index_in_process(self, batch: list[Path]) -> bool:
+        connection = self._connection
+        if connection is None:
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            connection.send([str(path) for path in batch])
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(connection.fileno(), readable)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(connection.fileno())
+            connection.recv()
+            return True
+        except (EOFError, OSError) as exc:
+            log.warning("the indexer process stopped (%s): indexing in a thread", exc)
+            self._connection = None
+            return False
+
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+            if await self._index_in_process(batch):
+                continue
             try:
                 await anyio.to_thread.run_sync(self.index.add_many, batch)
             except Exception as exc:  # files are kept; `dicomnet index` can retry
@@ -85,6 +157,7 @@ class Indexer:
         self._idle.set()
 
     async def run(self) -> None:
+        self._start_process()
         self._running = True
         try:
             while True:
@@ -93,6 +166,22 @@ class Indexer:
                 await self._flush()
         finally:
             self._running = False
+            with anyio.CancelScope(shield=True):
+                await self._stop_process()
+
+    async def _stop_process(self) -> None:
+        connection, process = self._connection, self._process
+        self._connection = self._process = None
+        if connection is not None:
+            try:
+                connection.send(None)
+            except OSError:
+                pass
+            connection.close()
+        if process is not None:
+            await anyio.to_thread.run_sync(process.join, 5)
+            if process.is_alive():
+                process.terminate()
 
 
 class StorageSCP:
