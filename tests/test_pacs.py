@@ -1,0 +1,65 @@
+"""The embedded SCP's background indexer, in a process and in a thread."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from dicomnet.index import INDEX_FILE_NAME, Index
+from dicomnet.pacs import Indexer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def files(folder: Path, count: int) -> list[Path]:
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    paths = []
+    for i in range(count):
+        source.SOPInstanceUID = generate_uid()
+        path = folder / f"{i}.dcm"
+        source.save_as(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("use_process", [True, False])
+async def test_indexer_indexes_everything_before_drain_returns(
+    tmp_path: Path, use_process: bool
+) -> None:
+    paths = files(tmp_path, 30)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        indexer = Indexer(index, use_process=use_process)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            for path in paths[:10]:
+                indexer.add(path)
+            await indexer.drain()
+            assert len(index) == 10
+            for path in paths[10:]:
+                indexer.add(path)
+            await indexer.drain()
+            assert len(index) == 30
+            assert (indexer._process is not None) == use_process
+            tg.cancel_scope.cancel()
+        assert indexer._process is None  # the indexer process is stopped with the task
+
+
+async def test_drain_without_the_background_task_indexes_inline(tmp_path: Path) -> None:
+    paths = files(tmp_path, 3)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        indexer = Indexer(index)
+        for path in paths:
+            indexer.add(path)
+        await indexer.drain()
+        assert len(index) == 3
