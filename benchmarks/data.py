@@ -18,7 +18,15 @@ from pydicom.uid import (
     generate_uid,
 )
 
-__all__ = ["InstanceSet", "dataset_length", "make_ct_512k", "make_sc_2k", "subset"]
+__all__ = [
+    "InstanceSet",
+    "dataset_length",
+    "make_big",
+    "make_ct_512k",
+    "make_sc_2k",
+    "split",
+    "subset",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,3 +182,56 @@ def make_sc_2k(folder: Path, count: int) -> InstanceSet:
 def make_ct_512k(folder: Path, count: int) -> InstanceSet:
     """`count` CT Image instances of about 512 KB, each with its own SOP Instance UID."""
     return _write(folder, count, _CT512K)
+
+
+MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC Image Storage
+_FRAME_BYTES = 512 * 512 * 2
+
+
+def make_big(folder: Path, mib: int) -> InstanceSet:
+    """One uncompressed multi-frame instance with `mib` MiB of pixel data (16-bit 512 x 512
+    frames, Multi-frame Grayscale Word Secondary Capture, Explicit VR LE).
+
+    The header is written with pydicom, the Pixel Data element is appended in 1 MiB chunks
+    so that a 2 GiB instance never sits in memory. Written once, reused by every run.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = mib * 1024 * 1024 // _FRAME_BYTES
+    ds = Dataset()
+    _common(ds, MULTIFRAME_WORD_SC, generate_uid(), generate_uid(), 1)
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = 512, 512
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    path = folder / "big.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    chunk = np.random.default_rng(7).integers(0, 4096, size=512 * 1024, dtype=np.uint16)
+    block = chunk.tobytes()  # 1 MiB
+    total = frames * _FRAME_BYTES
+    with open(path, "ab") as f:
+        # (7FE0,0010) OW, 2 reserved bytes, 32-bit length: the last element of the data set.
+        f.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, total))
+        left = total
+        while left > 0:
+            piece = block[: min(left, len(block))]
+            f.write(piece)
+            left -= len(piece)
+    return InstanceSet(folder, (path,), dataset_length(path), MULTIFRAME_WORD_SC)
+
+
+def split(instances: InstanceSet, folder: Path, parts: int) -> list[InstanceSet]:
+    """`instances` dealt into `parts` folders of consecutive files (hard links), for S6's
+    concurrent DCMTK `storescu` processes, one folder each."""
+    per = -(-len(instances.files) // parts)
+    out: list[InstanceSet] = []
+    for i in range(parts):
+        chunk = instances.files[i * per : (i + 1) * per]
+        if not chunk:
+            break
+        part = InstanceSet(
+            instances.folder, chunk, sum(dataset_length(f) for f in chunk), instances.sop_class_uid
+        )
+        out.append(subset(part, folder / f"part{i:03d}", len(chunk)))
+    return out

@@ -71,24 +71,67 @@ def listening(port: int, pid: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ProcSample:
-    """CPU seconds (user + system, all threads) and peak RSS (VmHWM) of one process."""
+    """CPU seconds (user + system, all threads), peak RSS (VmHWM), current RSS (VmRSS) in KiB
+    and threads of one process (or of a process group: CPU and RSS summed, see `sample`)."""
 
     cpu_seconds: float
     peak_rss_kib: int
+    rss_kib: int = 0
+    threads: int = 0
+
+
+def _status_fields(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS", "Threads"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def _stat_fields(pid: int) -> list[str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may contain spaces: split after its closing parenthesis.
+    return stat[stat.rindex(")") + 2 :].split()
 
 
 def sample(pid: int) -> ProcSample:
-    """Read /proc/PID/stat (utime + stime) and /proc/PID/status (VmHWM)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may contain spaces: split after its closing parenthesis.
-    fields = stat[stat.rindex(")") + 2 :].split()
+    """Read /proc/PID/stat (utime + stime) and /proc/PID/status (VmHWM, VmRSS, Threads)."""
+    fields = _stat_fields(pid)
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    hwm = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            hwm = int(line.split()[1])
-            break
-    return ProcSample((utime + stime) / CLOCK_TICKS, hwm)
+    status = _status_fields(pid)
+    return ProcSample(
+        (utime + stime) / CLOCK_TICKS,
+        status.get("VmHWM", 0),
+        status.get("VmRSS", 0),
+        status.get("Threads", 0),
+    )
+
+
+def sample_group(pgid: int) -> ProcSample:
+    """`sample` summed over the live processes of process group `pgid` (a server and the
+    workers or per-association children it forked), plus the CPU of the children it has
+    already reaped (cutime + cstime). Peak RSS: the sum of each member's VmHWM (an upper
+    bound when the members did not peak together); for one process it is `sample`."""
+    cpu = 0.0
+    hwm = rss = threads = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            fields = _stat_fields(pid)
+            if int(fields[2]) != pgid:  # field 5 of proc(5): pgrp
+                continue
+            status = _status_fields(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        ticks = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        cpu += ticks / CLOCK_TICKS
+        hwm += status.get("VmHWM", 0)
+        rss += status.get("VmRSS", 0)
+        threads += status.get("Threads", 0)
+    return ProcSample(cpu, hwm, rss, threads)
 
 
 class ServerProcess:
@@ -108,6 +151,7 @@ class ServerProcess:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         start_timeout: float = 30.0,
+        listeners: int = 1,
     ) -> None:
         self.name = name
         self.argv = [str(a) for a in argv]
@@ -117,6 +161,7 @@ class ServerProcess:
         self.cwd = cwd
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self.listeners = listeners  # listening sockets to wait for (serve --workers N: N)
         self.baseline: ProcSample | None = None
 
     @property
@@ -148,7 +193,7 @@ class ServerProcess:
             )
         try:
             self._wait_listening()
-            self.baseline = sample(self.pid)
+            self.baseline = sample_group(self.pid)
         except BaseException:
             self.stop()
             raise
@@ -161,7 +206,9 @@ class ServerProcess:
                     f"{self.name} exited with {self.returncode()} before listening on "
                     f"{self.port}; log:\n{self.log_tail()}"
                 )
-            if listening(self.port, self.pid):
+            if listening(self.port, self.pid) and (
+                self.listeners <= 1 or len(_listening_inodes(self.port)) >= self.listeners
+            ):
                 return
             time.sleep(0.02)
         raise ServerError(f"{self.name} not listening on {self.port} after {self.start_timeout} s")
@@ -197,9 +244,27 @@ class ServerProcess:
                 f"{self.name} died during the run (exit {self.returncode()}); "
                 f"log:\n{self.log_tail()}"
             )
-        now = sample(self.pid)
+        now = self.sample()
         base = self.baseline.cpu_seconds if self.baseline is not None else 0.0
         return now.cpu_seconds - base, now.peak_rss_kib
+
+    def settle(self, limit: float = 10.0) -> None:
+        """Wait until the process group's RSS stops changing (helpers it starts after
+        listening, such as dicomnet's indexer process, have finished starting: at most
+        `limit` s), then take the baseline again: growth is then measured from there."""
+        deadline = time.monotonic() + limit
+        last = self.sample()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.sample()
+            if abs(now.rss_kib - last.rss_kib) < 512:
+                break
+            last = now
+        self.baseline = self.sample()
+
+    def sample(self) -> ProcSample:
+        """The server's process group now (CPU since it started, not since listening)."""
+        return sample_group(self.pid)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL; safe to call twice."""

@@ -28,6 +28,9 @@ class RunRecord:
     stored: int | None  # files found in the SCP's storage folder afterwards
     errors: list[str] = field(default_factory=list)
     scp_log_issues: list[str] = field(default_factory=list)  # warning/error lines of the SCP
+    # Scenario-specific figures: scp_rss_growth_mib (VmHWM at the end - VmRSS once
+    # listening), scu_peak_rss_mib, S8's kib_per_association, idle_cpu_percent, ...
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -52,6 +55,23 @@ class Summary:
     failed: int
     errors: list[str]
     note: str
+    # Medians of RunRecord.extra over the same repetitions as `rate`; the RSS figures
+    # (keys containing "rss") are the largest over the repetitions instead.
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _extras(basis: list[RunRecord], runs: list[RunRecord]) -> dict[str, float]:
+    keys = sorted({k for r in runs for k in r.extra})
+    out: dict[str, float] = {}
+    for key in keys:
+        if "rss" in key:
+            values = [r.extra[key] for r in runs if key in r.extra]
+            out[key] = max(values)
+        else:
+            values = [r.extra[key] for r in basis if key in r.extra]
+            if values:
+                out[key] = statistics.median(values)
+    return out
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
@@ -98,23 +118,31 @@ def summarise(records: list[RunRecord]) -> list[Summary]:
                     failed=sum(r.failed for r in runs),
                     errors=errors,
                     note=p.note,
+                    extra=_extras(basis, runs),
                 )
             )
     return out
 
 
+def scenarios_run(summaries: list[Summary]) -> list[str]:
+    """The scenarios present in `summaries`, in the order of SCENARIOS."""
+    present = {s.scenario for s in summaries}
+    return [k for k in SCENARIOS if k in present]
+
+
 def ratios(summaries: list[Summary]) -> list[tuple[str, dict[str, float | None]]]:
-    """For each ratio of scenarios.RATIOS: {scenario: numerator rate / denominator rate}."""
+    """For each ratio of scenarios.RATIOS: {scenario: numerator rate / denominator rate},
+    over the scenarios that ran."""
     by_key = {(s.pairing, s.scenario): s for s in summaries}
     rows: list[tuple[str, dict[str, float | None]]] = []
     for ratio in RATIOS:
         values: dict[str, float | None] = {}
-        for scenario in SCENARIOS:
+        for scenario in scenarios_run(summaries):
             if ratio.only is not None and scenario not in ratio.only:
                 values[scenario] = None
                 continue
             num = by_key.get((ratio.numerator_for(scenario), scenario))
-            den = by_key.get((ratio.denominator, scenario))
+            den = by_key.get((ratio.denominator_for(scenario), scenario))
             usable = (
                 num is not None
                 and den is not None
@@ -159,7 +187,27 @@ RATE_HEADERS = (
     "SCP CPU s",
     "SCP peak RSS",
     "failed",
+    "other",
 )
+
+# How RunRecord.extra keys are shown in the "other" column.
+_EXTRA_FORMAT: dict[str, tuple[str, str]] = {
+    "scp_rss_growth_mib": ("SCP RSS growth", " MiB"),
+    "scu_peak_rss_mib": ("SCU peak RSS", " MiB"),
+    "kib_per_association": ("", " KiB/assoc"),
+    "idle_cpu_percent": ("idle CPU", " %"),
+    "new_association_ms": ("new assoc+echo", " ms"),
+    "scp_threads": ("SCP threads", ""),
+}
+
+
+def _other(s: Summary) -> str:
+    parts: list[str] = []
+    for key in SCENARIOS[s.scenario].extras:
+        if key in s.extra:
+            label, unit = _EXTRA_FORMAT.get(key, (key, ""))
+            parts.append(f"{label} {_num(s.extra[key])}{unit}".strip())
+    return "; ".join(parts) or "-"
 
 
 def rate_rows(summaries: list[Summary]) -> list[list[str]]:
@@ -179,13 +227,15 @@ def rate_rows(summaries: list[Summary]) -> list[list[str]]:
                 _num(s.scp_cpu_seconds),
                 _num(s.scp_peak_rss_mib, " MiB"),
                 str(s.failed),
+                _other(s),
             ]
         )
     return rows
 
 
 def ratio_rows(summaries: list[Summary]) -> list[list[str]]:
-    return [[label, *(_ratio(values[k]) for k in SCENARIOS)] for label, values in ratios(summaries)]
+    keys = scenarios_run(summaries)
+    return [[label, *(_ratio(values[k]) for k in keys)] for label, values in ratios(summaries)]
 
 
 def _pairing_order(key: str) -> int:
@@ -199,7 +249,7 @@ def text_table(headers: tuple[str, ...] | list[str], rows: list[list[str]]) -> s
     for row in rows:
         cells = []
         for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
-            cells.append(cell.ljust(w) if i < 3 else cell.rjust(w))
+            cells.append(cell.ljust(w) if i < 3 or i == len(row) - 1 else cell.rjust(w))
         lines.append("  ".join(cells))
     return "\n".join(lines)
 
@@ -224,7 +274,7 @@ def render_text(machine: str, summaries: list[Summary]) -> str:
         "",
         text_table(RATE_HEADERS, rate_rows(summaries)),
         "",
-        text_table(["ratio (rates, median)", *SCENARIOS], ratio_rows(summaries)),
+        text_table(["ratio (rates, median)", *scenarios_run(summaries)], ratio_rows(summaries)),
         "",
         "SCP durability: " + "; ".join(durability_lines(summaries)),
         "",
@@ -243,7 +293,10 @@ def failure_lines(summaries: list[Summary], per_row: int = 3) -> list[str]:
 
 
 def render_markdown(machine: str, date: str, summaries: list[Summary]) -> str:
-    scen = "\n".join(f"- **{s.key}**: {s.title} ({s.unit})" for s in SCENARIOS.values())
+    ran = scenarios_run(summaries)
+    scen = "\n".join(
+        f"- **{SCENARIOS[k].key}**: {SCENARIOS[k].title} ({SCENARIOS[k].unit})" for k in ran
+    )
     durability = "\n".join(f"- {line}" for line in durability_lines(summaries))
     failures = failure_lines(summaries)
     fail_text = "\n\n" + "\n".join(f"- {line}" for line in failures) if failures else "none"
@@ -255,7 +308,7 @@ def render_markdown(machine: str, date: str, summaries: list[Summary]) -> str:
             "",
             markdown_table(RATE_HEADERS, rate_rows(summaries)),
             "",
-            markdown_table(["ratio (median rates)", *SCENARIOS], ratio_rows(summaries)),
+            markdown_table(["ratio (median rates)", *ran], ratio_rows(summaries)),
             "",
             "SCP durability:",
             "",

@@ -28,11 +28,11 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make `benchmarks` i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import peers, report
-from benchmarks.data import InstanceSet, make_ct_512k, make_sc_2k, subset
+from benchmarks.data import InstanceSet, make_big, make_ct_512k, make_sc_2k, split, subset
 from benchmarks.procs import ServerError, ServerProcess, free_port
 from benchmarks.scenarios import PAIRINGS, SCENARIOS, Pairing, Scenario
 
-DCMTK_TOOLS = ("echoscu", "storescu", "storescp")
+DCMTK_TOOLS = ("echoscu", "storescu", "storescp", "findscu")
 
 
 # --- machine -------------------------------------------------------------------------------
@@ -119,12 +119,27 @@ class Runner:
         self.quick = quick
         self.timeout = timeout
         self.keep = keep
+        # (data, count), or ("big", -MiB) for the one big instance of S5.
         self.instances: dict[tuple[str, int], InstanceSet] = {}
+        self._parts: dict[tuple[str, int], list[InstanceSet]] = {}
 
     def count(self, pairing: Pairing, scenario: Scenario) -> int:
         if self.quick:
             return pairing.quick_counts.get(scenario.key, scenario.quick_count)
         return pairing.counts.get(scenario.key, scenario.count)
+
+    def size_mib(self, scenario: Scenario) -> int:
+        return scenario.quick_size_mib if self.quick else scenario.size_mib
+
+    def associations(self, scenario: Scenario) -> int:
+        return scenario.quick_associations if self.quick else scenario.associations
+
+    def instances_for(self, scenario: Scenario, count: int) -> InstanceSet | None:
+        if scenario.data is None:
+            return None
+        if scenario.data == "big":
+            return self.instances[(scenario.data, -self.size_mib(scenario))]
+        return self.instances[(scenario.data, count)]
 
     def prepare_data(self, pairings: list[Pairing], scenarios: dict[str, Scenario]) -> None:
         """Generate each data set once, at the largest count needed; subsets are hard links."""
@@ -132,8 +147,20 @@ class Runner:
         for pairing in pairings:
             for key in pairing.scenarios:
                 scenario = scenarios.get(key)
-                if scenario is not None and scenario.data is not None:
-                    needed.setdefault(scenario.data, set()).add(self.count(pairing, scenario))
+                if scenario is None or scenario.data is None:
+                    continue
+                if scenario.data == "big":  # one instance of the scenario's size, made once
+                    mib = self.size_mib(scenario)
+                    if ("big", -mib) not in self.instances:
+                        t0 = time.perf_counter()
+                        folder = self.workdir / "data" / f"big-{mib}m"
+                        self.instances[("big", -mib)] = make_big(folder, mib)
+                        print(
+                            f"generated one {mib} MiB instance in {time.perf_counter() - t0:.1f} s",
+                            flush=True,
+                        )
+                    continue
+                needed.setdefault(scenario.data, set()).add(self.count(pairing, scenario))
         makers = {"sc2k": make_sc_2k, "ct512k": make_ct_512k}
         for data, counts in needed.items():
             top = max(counts)
@@ -148,14 +175,23 @@ class Runner:
             for n in counts - {top}:
                 self.instances[(data, n)] = subset(full, self.workdir / "data" / f"{data}-{n}", n)
 
+    def parts(self, instances: InstanceSet, associations: int) -> list[InstanceSet]:
+        """S6: `instances` dealt into one folder per association (made once, hard links)."""
+        key = (str(instances.folder), associations)
+        if key not in self._parts:
+            folder = self.workdir / "data" / f"{instances.folder.name}-parts{associations}"
+            self._parts[key] = split(instances, folder, associations)
+        return self._parts[key]
+
     def run_one(self, pairing: Pairing, scenario: Scenario, repetition: int) -> report.RunRecord:
         count = self.count(pairing, scenario)
         name = f"{_slug(pairing.key)}-{scenario.key}-r{repetition}"
         storage = self.workdir / "storage" / name
         storage.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        argv, env = pairing.scp.command(port, storage)
-        instances = self.instances[(scenario.data, count)] if scenario.data is not None else None
+        argv, env = pairing.scp.command(port, storage, count)
+        instances = self.instances_for(scenario, count)
+        timeout = max(self.timeout, scenario.min_timeout)
         record = report.RunRecord(
             pairing=pairing.key,
             scenario=scenario.key,
@@ -178,18 +214,33 @@ class Runner:
             self.workdir / "logs" / f"{name}.log",
             env=env,
             cwd=peers.REPO_ROOT,
+            listeners=pairing.scp.listeners,
         )
         try:
             with server:
+                if scenario.key not in ("S1", "S2", "S3", "S4"):
+                    server.settle()  # S5-S9 measure growth over the idle server
                 scu = pairing.scu()
                 if scenario.kind == "echo-associations":
-                    result = scu.echo_associations(port, count, self.timeout)
+                    result = scu.echo_associations(port, count, timeout)
                 elif scenario.kind == "echo-one":
-                    result = scu.echo_one(port, count, self.timeout)
+                    result = scu.echo_one(port, count, timeout)
+                elif scenario.kind == "find":
+                    result = scu.find(port, count, timeout)
+                elif scenario.kind == "idle":
+                    result = scu.idle(port, count, timeout, server)
+                elif scenario.kind == "store-concurrent":
+                    assert instances is not None
+                    parts = self.parts(instances, self.associations(scenario))
+                    result = scu.store_concurrent(port, parts, timeout)
                 else:
                     assert instances is not None
-                    result = scu.store_one(port, instances, self.timeout)
+                    result = scu.store_one(port, instances, timeout)
                 scp_cpu, rss = server.measure()
+                if server.baseline is not None:
+                    # Peak RSS over the run minus RSS once listening (S5: must stay flat).
+                    growth = (rss - server.baseline.rss_kib) / 1024
+                    result.extra["scp_rss_growth_mib"] = growth
             record = replace(
                 record,
                 seconds=result.seconds,
@@ -200,6 +251,7 @@ class Runner:
                 scp_cpu_seconds=scp_cpu,
                 scp_peak_rss_kib=rss,
                 errors=list(result.errors),
+                extra=dict(result.extra),
             )
             if instances is not None:
                 record.stored = peers.count_stored(storage)
@@ -219,6 +271,9 @@ class Runner:
                 shutil.rmtree(storage, ignore_errors=True)
         unit = scenario.unit
         extra = f", {record.mb_per_s:.1f} MB/s" if scenario.megabytes and record.mb_per_s else ""
+        extra += "".join(
+            f", {k} {record.extra[k]:.1f}" for k in scenario.extras if k in record.extra
+        )
         print(
             f"  {scenario.key} {pairing.key:34s} rep {repetition}: {record.rate:9.1f} {unit}"
             f"{extra} ({record.ok}/{count} ok in {record.seconds:.2f} s)"
@@ -267,6 +322,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--keep", action="store_true", help="keep data, storage and SCP logs")
+    parser.add_argument(
+        "--huge",
+        action="store_true",
+        help="also S5-2G: one 2 GiB C-STORE, dicomnet pair only (needs ~4.5 GiB of disk)",
+    )
     return parser.parse_args(argv)
 
 
@@ -274,9 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     repetitions = args.repetitions or (1 if args.quick else 3)
-    scenarios = {k: s for k, s in SCENARIOS.items() if args.scenario is None or k in args.scenario}
+    scenarios = {
+        k: s
+        for k, s in SCENARIOS.items()
+        if (k in args.scenario if args.scenario is not None else not s.optional)
+        or (args.huge and s.optional)
+    }
     pairings = [p for p in PAIRINGS if args.pairing is None or p.key in args.pairing]
-    missing = [t for t in DCMTK_TOOLS if shutil.which(t) is None]
+    missing = [t for t in DCMTK_TOOLS if shutil.which(peers.dcmtk(t)) is None]
     if missing:
         print(f"DCMTK tools missing ({', '.join(missing)}): skipping the DCMTK pairings")
         pairings = [
@@ -307,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                 if pairing.repetitions is not None and rep > pairing.repetitions:
                     continue
                 for key in pairing.scenarios:
-                    if key in scenarios:
-                        records.append(runner.run_one(pairing, scenarios[key], rep))
+                    scenario = scenarios.get(key)
+                    if scenario is None:
+                        continue
+                    if scenario.repetitions is not None and rep > scenario.repetitions:
+                        continue
+                    records.append(runner.run_one(pairing, scenario, rep))
     except KeyboardInterrupt:
         print("interrupted: reporting what was measured", file=sys.stderr)
     finally:

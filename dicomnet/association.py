@@ -46,6 +46,7 @@ from dicomnet.dimse import (
     MessageIDs,
     OutstandingRequests,
     encode_command,
+    encode_small_message,
     fragment,
     max_pdv_data,
 )
@@ -97,6 +98,7 @@ __all__ = ["Association", "AssociationSettings", "ExtendedResults", "Handlers"]
 log = logging.getLogger("dicomnet")
 
 SEND_BATCH = 1 << 20  # bytes per socket write when streaming a data set
+SMALL_MESSAGE = 1 << 16  # data sets below this go in the command's P-DATA-TF PDU if they fit
 RECEIVE_SIZE = 1 << 18
 MAX_RESPONSE_DATASET = 64 << 20  # a response identifier larger than this is refused
 
@@ -766,6 +768,11 @@ class Association:
         max_pdu = self.peer_max_pdu_length
         async with self._send_lock:
             self._check_can_send()
+            if dataset is not None and len(dataset) < SMALL_MESSAGE:
+                packed = encode_small_message(context_id, command, dataset, max_pdu)
+                if packed is not None:
+                    await self._write_unlocked(packed)
+                    return
             pieces: Iterable[bytes | memoryview] = fragment(context_id, command, True, max_pdu)
             if dataset is None:
                 await self._write_unlocked(b"".join(pieces))

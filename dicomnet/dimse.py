@@ -95,6 +95,8 @@ _ATTRS: dict[str, str] = {
 }
 
 _ELEMENT = struct.Struct("<HHI")
+_PDU_HEADER = struct.Struct(">BxI")
+_PDV_HEADER = struct.Struct(">IBB")
 _US = struct.Struct("<H")
 _UL = struct.Struct("<I")
 
@@ -417,6 +419,26 @@ def fragment(
         offset += size
         if last:
             return
+
+
+def encode_small_message(
+    context_id: int, command: bytes, dataset: bytes | memoryview, max_pdu_length: int
+) -> bytes | None:
+    """Command and data set as ONE P-DATA-TF PDU with two PDVs (PS3.8 §9.3.5), when
+    that fits the peer's maximum length; else None. Halves the PDUs of small messages
+    (C-FIND identifiers, small C-STOREs)."""
+    length = PDV_HEADER_LENGTH * 2 + len(command) + len(dataset)
+    if (max_pdu_length and length > max_pdu_length) or length > DEFAULT_FRAGMENT:
+        return None
+    return b"".join(
+        (
+            _PDU_HEADER.pack(0x04, length),
+            _PDV_HEADER.pack(len(command) + 2, context_id, 0x03),
+            command,
+            _PDV_HEADER.pack(len(dataset) + 2, context_id, 0x02),
+            dataset,
+        )
+    )
 
 
 def encode_message(

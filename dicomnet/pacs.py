@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from itertools import islice
@@ -51,7 +52,13 @@ async def _batches(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
 
 
 def _index_worker(database: str, root: str, connection: Connection) -> None:
-    """The indexer process: index each batch of paths it is sent, answer with the count."""
+    """The indexer process: index each batch of paths it is sent, answer with the count.
+
+    It ignores SIGINT/SIGTERM (a Ctrl-C or a signal to the process group): the serving
+    process stops it by closing the pipe, after the last batch.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with Index(database, root=root) as index:
         while True:
             try:
