@@ -48,9 +48,10 @@ from dicomnet.association import Association
 from dicomnet.client import connect
 from dicomnet.contexts import (
     EXPLICIT_VR_LITTLE_ENDIAN,
-    UNCOMPRESSED_TRANSFER_SYNTAXES,
     VERIFICATION,
+    ContextCount,
     PresentationContext,
+    contexts_for_instances,
 )
 from dicomnet.errors import (
     ARTIMTimeout,
@@ -529,12 +530,7 @@ def _write_instance(path: Path, size: int, sop_instance_uid: str) -> None:
 
 
 def _contexts_for(files: Sequence[Part10File]) -> list[PresentationContext]:
-    """One context per (SOP class, transfer syntax), plus uncompressed ones to convert to."""
-    pairs = dict.fromkeys((f.sop_class_uid, f.transfer_syntax) for f in files)
-    contexts = [PresentationContext(sop, (ts,)) for sop, ts in pairs]
-    for sop in dict.fromkeys(sop for sop, ts in pairs if ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
-        contexts.append(PresentationContext(sop, UNCOMPRESSED_TRANSFER_SYNTAXES))
-    return contexts
+    return contexts_for_instances((f.sop_class_uid, f.transfer_syntax) for f in files)
 
 
 def _load_files(paths: Sequence[str]) -> tuple[list[Part10File], int, list[str]]:
@@ -553,6 +549,7 @@ def _load_files(paths: Sequence[str]) -> tuple[list[Part10File], int, list[str]]
             errors.append(f"{raw}: no such file or folder")
     files: list[Part10File] = []
     skipped = 0
+    count = ContextCount()
     for path in found:
         try:
             info = Part10File.open(path)
@@ -560,11 +557,12 @@ def _load_files(paths: Sequence[str]) -> tuple[list[Part10File], int, list[str]]
             skipped += 1
             log.info("skipping %s: %s", path, exc)
             continue
-        if len(_contexts_for([*files, info])) > 128:
+        if count.with_(info.sop_class_uid, info.transfer_syntax) > 128:
             skipped += 1
             log.warning("skipping %s: more than 128 presentation contexts needed", path)
             continue
         files.append(info)
+        count.add(info.sop_class_uid, info.transfer_syntax)
     return files, skipped, errors
 
 

@@ -19,7 +19,12 @@ import anyio.to_thread
 
 from dicomnet._version import __version__
 from dicomnet.client import connect
-from dicomnet.contexts import UNCOMPRESSED_TRANSFER_SYNTAXES, PresentationContext
+from dicomnet.contexts import (
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    ContextCount,
+    PresentationContext,
+    contexts_for_instances,
+)
 from dicomnet.errors import DicomNetError, DimseError
 from dicomnet.storage import Part10File
 
@@ -285,26 +290,20 @@ def _collect(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
 
 
 def _contexts_for(files: Sequence[Part10File]) -> list[PresentationContext]:
-    """One context per (SOP class, transfer syntax) sent as is, plus a conversion fallback."""
-    pairs: dict[tuple[str, str], None] = {}
-    for f in files:
-        pairs[(f.sop_class_uid, f.transfer_syntax)] = None
-    contexts = [PresentationContext(sop, (ts,)) for sop, ts in pairs]
-    # Where a file is uncompressed, also offer the uncompressed syntaxes to convert to.
-    for sop in dict.fromkeys(sop for sop, ts in pairs if ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
-        contexts.append(PresentationContext(sop, UNCOMPRESSED_TRANSFER_SYNTAXES))
-    return contexts
+    return contexts_for_instances((f.sop_class_uid, f.transfer_syntax) for f in files)
 
 
 def _batches(files: list[Part10File]) -> list[tuple[list[PresentationContext], list[Part10File]]]:
     """Split the files so that each batch needs at most 128 presentation contexts."""
     batches: list[tuple[list[PresentationContext], list[Part10File]]] = []
     current: list[Part10File] = []
+    count = ContextCount()
     for f in files:
-        if len(_contexts_for([*current, f])) > 128 and current:
+        if current and count.with_(f.sop_class_uid, f.transfer_syntax) > 128:
             batches.append((_contexts_for(current), current))
-            current = []
+            current, count = [], ContextCount()
         current.append(f)
+        count.add(f.sop_class_uid, f.transfer_syntax)
     if current:
         batches.append((_contexts_for(current), current))
     return batches

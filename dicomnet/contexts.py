@@ -29,9 +29,11 @@ from dicomnet.pdu import (
 __all__ = [
     "DEFAULT_TRANSFER_SYNTAXES",
     "AcceptedContext",
+    "ContextCount",
     "PresentationContext",
     "all_storage_sop_classes",
     "build_requestor_contexts",
+    "contexts_for_instances",
     "negotiate_as_acceptor",
 ]
 
@@ -162,6 +164,50 @@ class Negotiated:
     response: AAssociateAC
     contexts: dict[int, AcceptedContext] = field(default_factory=dict)
     peer_max_pdu_length: int = 0
+
+
+def contexts_for_instances(
+    pairs: Iterable[tuple[str, str | None]],
+) -> list[PresentationContext]:
+    """What to propose to send instances given as (SOP Class UID, transfer syntax) pairs.
+
+    One context per pair, so each instance can go as it is (a None syntax: a data set in
+    memory, Explicit or Implicit VR Little Endian); plus, per SOP class with an
+    uncompressed instance, one context of the uncompressed syntaxes to convert to.
+    """
+    unique = dict.fromkeys(pairs)
+    contexts = [
+        PresentationContext(sop, (ts,) if ts else DEFAULT_TRANSFER_SYNTAXES) for sop, ts in unique
+    ]
+    for sop in dict.fromkeys(sop for sop, ts in unique if ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
+        contexts.append(PresentationContext(sop, UNCOMPRESSED_TRANSFER_SYNTAXES))
+    return contexts
+
+
+class ContextCount:
+    """How many contexts `contexts_for_instances` makes, kept up as instances are added
+    (so that splitting many files into associations of <= 128 contexts stays linear)."""
+
+    def __init__(self) -> None:
+        self._pairs: set[tuple[str, str | None]] = set()
+        self._convertible: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._pairs) + len(self._convertible)
+
+    def with_(self, sop_class_uid: str, transfer_syntax: str | None) -> int:
+        """The count if this instance were added."""
+        new_pair = (sop_class_uid, transfer_syntax) not in self._pairs
+        new_fallback = (
+            transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES
+            and sop_class_uid not in self._convertible
+        )
+        return len(self) + int(new_pair) + int(new_fallback)
+
+    def add(self, sop_class_uid: str, transfer_syntax: str | None) -> None:
+        self._pairs.add((sop_class_uid, transfer_syntax))
+        if transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES:
+            self._convertible.add(sop_class_uid)
 
 
 def build_requestor_contexts(

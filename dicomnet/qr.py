@@ -30,7 +30,6 @@ import anyio
 from pydicom.dataset import Dataset
 
 from dicomnet.contexts import (
-    DEFAULT_TRANSFER_SYNTAXES,
     MODALITY_WORKLIST_FIND,
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_GET,
@@ -38,9 +37,8 @@ from dicomnet.contexts import (
     STUDY_ROOT_FIND,
     STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
-    UNCOMPRESSED_TRANSFER_SYNTAXES,
     AcceptedContext,
-    PresentationContext,
+    contexts_for_instances,
 )
 from dicomnet.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CMoveRSP
 from dicomnet.errors import (
@@ -643,19 +641,6 @@ def _item(value: Any) -> _Item:
     raise TypeError(f"a retrieve handler yielded {type(value).__name__}, not a Dataset or path")
 
 
-def storage_contexts(items: list[_Item]) -> list[PresentationContext]:
-    """Contexts to send `items` as they are, plus uncompressed fallbacks (<= 128)."""
-    pairs: dict[tuple[str, str | None], None] = {
-        (i.sop_class_uid, i.transfer_syntax): None for i in items
-    }
-    contexts = [
-        PresentationContext(sop, (ts,) if ts else DEFAULT_TRANSFER_SYNTAXES) for sop, ts in pairs
-    ]
-    for sop in dict.fromkeys(sop for sop, ts in pairs if ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
-        contexts.append(PresentationContext(sop, UNCOMPRESSED_TRANSFER_SYNTAXES))
-    return contexts[:128]
-
-
 @dataclass
 class _Counts:
     remaining: int
@@ -836,7 +821,9 @@ async def _move_items(
             port,
             aet=association.local_ae_title,
             aec=message.move_destination,
-            contexts=storage_contexts(items),
+            contexts=contexts_for_instances((i.sop_class_uid, i.transfer_syntax) for i in items)[
+                :128
+            ],
             connect_timeout=association.settings.artim_timeout,
             artim_timeout=association.settings.artim_timeout,
             dimse_timeout=association.settings.dimse_timeout,
