@@ -8,6 +8,7 @@ Annex E).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -300,7 +301,17 @@ def _encode_value(vr: str, value: Any) -> bytes:
 
 
 def encode_command(message: DimseMessage, has_dataset: bool = False) -> bytes:
-    """The command set of `message` (implicit VR LE, group length first)."""
+    """The command set of `message` (implicit VR LE, group length first).
+
+    Recently encoded command sets are reused: the pending responses of one C-FIND are
+    all the same message."""
+    try:
+        return _encode_command_cached(message, has_dataset)
+    except TypeError:  # a field value that cannot be hashed
+        return _encode_command(message, has_dataset)
+
+
+def _encode_command(message: DimseMessage, has_dataset: bool) -> bytes:
     elements: list[tuple[int, bytes]] = [
         (0x0100, _US.pack(message.command_field)),
         (0x0800, _US.pack(0x0000 if has_dataset else NO_DATASET)),
@@ -314,6 +325,9 @@ def encode_command(message: DimseMessage, has_dataset: bool = False) -> bytes:
     elements.sort()
     body = b"".join(_ELEMENT.pack(0, e, len(v)) + v for e, v in elements)
     return _ELEMENT.pack(0, 0, 4) + _UL.pack(len(body)) + body
+
+
+_encode_command_cached = functools.lru_cache(maxsize=256)(_encode_command)
 
 
 # --- decoding --------------------------------------------------------------------------------

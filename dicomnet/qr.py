@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import weakref
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -563,6 +564,85 @@ def _failure(exc: Exception, handler: str) -> tuple[int, str]:
     return 0xC000, _comment(exc)
 
 
+# Matches a C-FIND handler may produce ahead of the responses sent (backpressure).
+FIND_AHEAD = 32
+
+
+class _Handoff:
+    """Items from one producer task to one consumer, at most `limit` waiting.
+
+    Cheaper than a memory object stream: neither side yields to the event loop unless it
+    has to wait, so the consumer sends the waiting matches back to back.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._items: deque[Any] = deque()
+        self._limit = limit
+        self._closed = False  # the producer is done
+        self._abandoned = False  # the consumer is done
+        self.error: Exception | None = None
+        self._get_waiter: asyncio.Future[None] | None = None
+        self._put_waiter: asyncio.Future[None] | None = None
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def put(self, item: Any) -> bool:
+        """Hand `item` over; False once the consumer has stopped taking items."""
+        while len(self._items) >= self._limit and not self._abandoned:
+            self._put_waiter = self._loop.create_future()
+            await self._put_waiter
+        if self._abandoned:
+            return False
+        self._items.append(item)
+        self._wake(self._get_waiter)
+        return True
+
+    def close(self, error: Exception | None = None) -> None:
+        self._closed = True
+        self.error = error
+        self._wake(self._get_waiter)
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self._items.clear()
+        self._wake(self._put_waiter)
+
+    async def get(self) -> tuple[bool, Any]:
+        """(True, item), or (False, None) once the producer is done and nothing is left."""
+        while not self._items:
+            if self._closed:
+                return False, None
+            self._get_waiter = self._loop.create_future()
+            await self._get_waiter
+        item = self._items.popleft()
+        self._wake(self._put_waiter)
+        return True, item
+
+
+async def _produce(generator: AsyncGenerator[Any, None], served: Served, out: _Handoff) -> None:
+    """Run a handler's generator in a task of its own, so that C-CANCEL can stop it wherever
+    it waits (one cancel scope for the whole run, not one per item)."""
+    error: Exception | None = None
+    with anyio.CancelScope() as scope:
+        served.scope = scope
+        try:
+            if not served.cancelled:
+                async for item in generator:
+                    if not await out.put(item) or served.cancelled:
+                        break
+        except Exception as exc:
+            error = exc
+        finally:
+            served.scope = None
+            with anyio.CancelScope(shield=True):
+                await generator.aclose()
+            out.close(error)
+
+
 async def serve_find(
     association: Association, context: AcceptedContext, message: CFindRQ, data: bytes | None
 ) -> None:
@@ -587,29 +667,32 @@ async def serve_find(
         return
     served = association._serve_cancellable(message.message_id)
     request = FindRequest(association, context, message, identifier, _MODEL_OF.get(sop_class, ""))
-    generator: AsyncGenerator[Any, None] = handler(request)
-    status, comment = 0x0000, None
+    matches = _Handoff(FIND_AHEAD)
+    failure: Exception | None = None
     try:
-        while True:
-            more, item = await _next(generator, served)
-            if not more:
-                break
-            if isinstance(item, tuple):
-                match, pending = item
-            else:
-                match, pending = item, 0xFF00
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_produce, handler(request), served, matches)
             try:
-                await reply(pending, match)
-            except DicomNetError:
-                return  # the association is gone: nothing more can be sent
-            # Let the reader (a C-CANCEL) and other associations run between responses.
-            await asyncio.sleep(0)
-    except Exception as exc:
-        status, comment = _failure(exc, "on_find")
+                while not served.cancelled:
+                    more, item = await matches.get()
+                    if not more:
+                        failure = matches.error
+                        break
+                    match, pending = item if isinstance(item, tuple) else (item, 0xFF00)
+                    try:
+                        await reply(pending, match)
+                    except DicomNetError:
+                        served.cancel()
+                        return  # the association is gone: nothing more can be sent
+                    except Exception as exc:  # a match that cannot be encoded
+                        failure = exc
+                        served.cancel()  # stop the handler wherever it waits
+                        break
+            finally:
+                matches.abandon()
     finally:
-        with anyio.CancelScope(shield=True):
-            await generator.aclose()
         association._served.pop(message.message_id, None)
+    status, comment = _failure(failure, "on_find") if failure is not None else (0x0000, None)
     if served.cancelled and status == 0x0000:
         status = 0xFE00
     try:

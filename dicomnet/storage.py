@@ -30,6 +30,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.filewriter import write_dataset
 
 from dicomnet._version import __version__
+from dicomnet.codec import decode_flat, encode_flat
 from dicomnet.contexts import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -356,11 +357,13 @@ def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:
     """Encode `dataset` (no file meta) in `transfer_syntax` (PS3.5 §10; Annex A.5 deflate)."""
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = little
-    buffer.is_implicit_VR = implicit
-    write_dataset(buffer, dataset)
-    data = buffer.getvalue()
+    data = encode_flat(dataset, implicit) if little else None
+    if data is None:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian = little
+        buffer.is_implicit_VR = implicit
+        write_dataset(buffer, dataset)
+        data = buffer.getvalue()
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
         data = compressor.compress(data) + compressor.flush()
@@ -376,6 +379,10 @@ def decode_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
         raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    if little:
+        flat = decode_flat(raw, implicit)
+        if flat is not None:
+            return flat
     fp = io.BytesIO(raw)
     dataset = read_dataset(fp, implicit, little)
     dataset.set_original_encoding(implicit, little)

@@ -2,8 +2,10 @@
 
 Each association reads through one `DicomStream`: data arrives in `data_received`
 callbacks and is handed to the single reader without extra event-loop round trips,
-with a receive deadline as a plain loop timer (no cancel scope per read). Writes go
-straight to the transport; `send()` waits only while the transport asks to pause.
+with a receive deadline as a plain loop timer (no cancel scope per read). Small writes
+made in one turn of the event loop go to the transport together at the end of that turn
+(one system call for a burst of C-FIND responses); larger ones go straight through.
+`send()` waits only while the transport asks to pause.
 TCP_NODELAY is set on every connection (PS3.8 §9.1.1: a message written in two pieces
 must not wait for an ACK).
 """
@@ -22,6 +24,8 @@ __all__ = ["DicomStream", "open_connection", "start_server"]
 
 # Stop reading from the socket when this much received data is waiting to be parsed.
 HIGH_WATER = 4 << 20
+# Writes smaller than this are gathered until the end of the event loop's turn.
+COALESCE_LIMIT = 64 << 10
 
 
 class DicomStream(asyncio.Protocol):
@@ -40,6 +44,9 @@ class DicomStream(asyncio.Protocol):
         self._paused_reading = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._flush_scheduled = False
         self.connected = self._loop.create_future()
         self.remote_address: tuple[str, int] = ("", 0)
         self.local_address: tuple[str, int] = ("", 0)
@@ -76,6 +83,7 @@ class DicomStream(asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._pending.clear()
         self._eof = True
         self._closed = True
         if exc is not None:
@@ -154,7 +162,17 @@ class DicomStream(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closed or transport.is_closing():
             raise anyio.BrokenResourceError("the connection is closed")
-        transport.write(data)
+        if len(data) < COALESCE_LIMIT:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size >= COALESCE_LIMIT:
+                self.flush()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._scheduled_flush)
+        else:
+            self.flush()
+            transport.write(data)
         while self._write_paused and not self._closed:
             waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
@@ -162,9 +180,25 @@ class DicomStream(asyncio.Protocol):
         if self._closed and self._error is not None:
             raise anyio.BrokenResourceError(str(self._error))
 
+    def flush(self) -> None:
+        """Hand the gathered small writes to the transport now."""
+        if not self._pending:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        self._pending_size = 0
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
     # --- closing ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        self.flush()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
         self._closed = True
@@ -176,6 +210,7 @@ class DicomStream(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once, dropping unsent data (the peer sees a reset)."""
+        self._pending.clear()
         if self._transport is not None:
             self._transport.abort()
         self.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -346,3 +347,66 @@ async def test_retrieve_prefers_get_when_accepted() -> None:
         async with dicomnet.connect("127.0.0.1", server.port) as assoc:
             got = [i.sop_instance_uid async for i in assoc.retrieve(query(), model="patient")]
     assert got == [str(dcmread(FILES[1]).SOPInstanceUID)]
+
+
+async def test_a_match_that_cannot_be_encoded_fails_the_find() -> None:
+    ae = dicomnet.AE("PACS")
+    counter = Counter()
+
+    @ae.on_find
+    async def find(request: dicomnet.FindRequest) -> AsyncIterator[object]:
+        try:
+            yield match(1)
+            bad = Dataset()
+            bad.PatientID = "X"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bad.add_new(0x00280010, "US", "abc")  # Rows: cannot be encoded
+            yield bad
+            while True:
+                counter.yielded += 1
+                yield match(2)
+        finally:
+            counter.closed.set()
+
+    async with ae.serve("127.0.0.1", 0) as server:
+        async with dicomnet.connect("127.0.0.1", server.port) as assoc:
+            responses = assoc.find(query(), model="patient")
+            got = []
+            with pytest.raises(dicomnet.DimseError) as info:
+                async for ds in responses:
+                    got.append(ds.PatientID)
+            assert got == ["P0000001"]
+            assert info.value.status.is_failure
+            with anyio.fail_after(10):
+                await counter.closed.wait()
+            assert await assoc.echo() == 0
+
+
+async def test_cancel_reaches_a_handler_waiting_between_matches() -> None:
+    ae = dicomnet.AE("PACS")
+    counter = Counter()
+
+    @ae.on_find
+    async def find(request: dicomnet.FindRequest) -> AsyncIterator[Dataset]:
+        try:
+            for i in range(3):
+                yield match(i)
+            await anyio.sleep_forever()  # a slow index
+            yield match(99)
+        finally:
+            counter.closed.set()
+
+    async with ae.serve("127.0.0.1", 0) as server:
+        async with dicomnet.connect("127.0.0.1", server.port) as assoc:
+            with anyio.fail_after(10):
+                async with assoc.find(query(), model="patient") as responses:
+                    ids = []
+                    async for ds in responses:
+                        ids.append(ds.PatientID)
+                        if len(ids) == 3:
+                            break
+            assert ids == [f"P{i:07d}" for i in range(3)]
+            assert responses.status is not None and responses.status.is_cancel
+            assert counter.closed.is_set()
+            assert await assoc.echo() == 0
