@@ -48,6 +48,7 @@ from dicomnet.dimse import (
     encode_command,
     encode_small_message,
     fragment,
+    fragments_into,
     max_pdv_data,
 )
 from dicomnet.errors import (
@@ -742,7 +743,7 @@ class Association:
             return False
         return True
 
-    async def _write_unlocked(self, data: bytes) -> None:
+    async def _write_unlocked(self, data: bytes | bytearray) -> None:
         try:
             await self._stream.send(data)
             self._ul.note_activity()
@@ -833,29 +834,49 @@ class Association:
         max_pdu = self.peer_max_pdu_length
         per_pdv = max_pdv_data(max_pdu)
         block_size = max(1, SEND_BATCH // per_pdv) * per_pdv
-        total = part10.dataset_length
-        batch: list[bytes | memoryview] = list(fragment(context_id, command, True, max_pdu))
-        with open(part10.path, "rb") as f:
+        in_file = part10.dataset_length
+        total = in_file + (1 if pad else 0)  # the pad byte is the buffer's own zero
+        prefix = b"".join(fragment(context_id, command, True, max_pdu))
+        with open(part10.path, "rb", buffering=0) as f:
             f.seek(part10.offset)
+            read = 0
+
+            def fill(view: memoryview) -> None:
+                nonlocal read
+                want = min(len(view), in_file - read)
+                while want:
+                    got = f.readinto(view[:want])
+                    if not got:
+                        raise OSError(f"{part10.path} changed while it was being sent")
+                    view = view[got:]
+                    read += got
+                    want -= got
+
             sent = 0
-            while True:
-                want = min(block_size, total - sent)
-                if want > (1 << 16):
-                    block = await anyio.to_thread.run_sync(f.read, want)
+            while sent < total:
+                size = min(block_size, total - sent)
+                final = sent + size >= total
+
+                def build(
+                    size: int = size, final: bool = final, prefix: bytes = prefix
+                ) -> bytearray:
+                    return fragments_into(
+                        context_id, size, max_pdu, fill, is_final=final, prefix=prefix
+                    )
+
+                if size > (1 << 16):
+                    block = await anyio.to_thread.run_sync(build)
                 else:
-                    block = f.read(want)
-                if len(block) != want:
-                    raise OSError(f"{part10.path} changed while it was being sent")
-                sent += len(block)
-                if sent >= total and pad:
-                    block += b"\x00"
-                batch.extend(fragment(context_id, block, False, max_pdu, is_final=sent >= total))
-                await self._write_unlocked(b"".join(batch))
-                batch = []
+                    block = build()
+                prefix = b""
+                sent += size
+                await self._write_unlocked(block)
                 if progress is not None:
-                    progress(sent, total)
-                if sent >= total:
-                    break
+                    progress(min(sent, in_file), in_file)
+            if in_file == 0:
+                await self._write_unlocked(
+                    prefix + b"".join(fragment(context_id, b"", False, max_pdu))
+                )
 
     # --- requests (SCU) --------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ handles the common case directly and returns None for anything else, which the c
 - decoding: elements of defined length with a known VR (or implicit VR); not sequences or
   undefined lengths. The result is the same `Dataset` of raw elements pydicom's
   `read_dataset` builds, with the same original encoding.
+- the head of a Part-10 file (PS3.10 §7.1): its file meta and the SOP Class and Instance
+  UIDs at the start of its data set, which is all an SCU needs to send it.
 
 Both produce exactly what pydicom would; a property test checks it.
 """
@@ -35,7 +37,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
-__all__ = ["decode_flat", "encode_flat"]
+__all__ = ["decode_flat", "encode_flat", "scan_part10_head"]
 
 _TAG = Struct("<HH")
 _TAG_LENGTH32 = Struct("<HHL")  # implicit VR: tag, 4-byte length
@@ -226,3 +228,88 @@ def decode_flat(data: bytes, implicit: bool) -> Dataset | None:
         encoding = convert_encodings(convert_raw_data_element(charset).value)
     dataset.set_original_encoding(implicit, True, encoding)
     return dataset
+
+
+_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_NOT_SCANNED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")  # deflated, big endian
+
+
+def _uid(value: bytes) -> str | None:
+    try:
+        return value.rstrip(b"\x00 ").decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def _element_at(head: bytes, position: int, implicit: bool) -> tuple[int, int, int] | None:
+    """(tag, value start, value length) of the element at `position`, if it is all there."""
+    end = len(head)
+    if position + 8 > end:
+        return None
+    if implicit:
+        group, number, length = _TAG_LENGTH32.unpack_from(head, position)
+        start = position + 8
+    else:
+        group, number, vr, length = _SHORT_HEADER.unpack_from(head, position)
+        if vr in _LONG_VR_BYTES:
+            if position + 12 > end:
+                return None
+            length = _U32.unpack_from(head, position + 8)[0]
+            start = position + 12
+        elif vr in _KNOWN_VR_BYTES:
+            start = position + 8
+        else:
+            return None
+    if length == 0xFFFFFFFF or start + length > end:
+        return None
+    return group << 16 | number, start, length
+
+
+def scan_part10_head(head: bytes) -> tuple[str, str, str, int] | None:
+    """(Transfer Syntax UID, SOP Class UID, SOP Instance UID, offset of the data set) from
+    the first bytes of a Part-10 file, or None if pydicom must read it.
+
+    The UIDs come from (0008,0016) and (0008,0018) of the data set, else from the file
+    meta's (0002,0002) and (0002,0003), as pydicom's reading of the same file gives them.
+    """
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    meta: dict[int, str | None] = {}
+    position = 132
+    while True:  # the file meta: group 0002, explicit VR little endian (PS3.10 §7.1)
+        found = _element_at(head, position, implicit=False)
+        if found is None:
+            if position + 2 <= len(head) and _U16.unpack_from(head, position)[0] != 2:
+                break  # the data set starts here, with an element we cannot read yet
+            return None
+        tag, start, length = found
+        if tag >> 16 != 2:
+            break
+        if tag in (0x00020002, 0x00020003, 0x00020010):
+            meta[tag] = _uid(head[start : start + length])
+        position = start + length
+    offset = position
+    transfer_syntax = meta.get(0x00020010)
+    if not transfer_syntax or transfer_syntax in _NOT_SCANNED:
+        return None
+    implicit = transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN
+    sop: dict[int, str | None] = {}
+    while True:  # the data set, up to (0008,0018)
+        if position + 4 <= len(head) and _TAG.unpack_from(head, position) > (0x0008, 0x0018):
+            break
+        found = _element_at(head, position, implicit)
+        if found is None:
+            return None
+        tag, start, length = found
+        if tag in (0x00080016, 0x00080018):
+            sop[tag] = _uid(head[start : start + length])
+        position = start + length
+        if tag == 0x00080018:
+            break
+    if None in meta.values() or None in sop.values():
+        return None  # a UID that is not ASCII: let pydicom make of it what it can
+    sop_class = sop.get(0x00080016) or meta.get(0x00020002)
+    sop_instance = sop.get(0x00080018) or meta.get(0x00020003)
+    if not sop_class or not sop_instance:
+        return None
+    return transfer_syntax, sop_class, sop_instance, offset

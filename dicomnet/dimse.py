@@ -435,6 +435,41 @@ def fragment(
             return
 
 
+def fragments_into(
+    context_id: int,
+    length: int,
+    max_pdu_length: int,
+    fill: Callable[[memoryview], None],
+    *,
+    is_final: bool = True,
+    prefix: bytes = b"",
+) -> bytearray:
+    """P-DATA-TF PDUs (one PDV each) carrying `length` bytes of a data set, built in one
+    buffer: `fill(view)` puts each PDV's data in place (a file's `readinto`), so the bytes
+    are copied once on their way to the socket. `prefix` (the command's PDUs) goes first.
+    """
+    chunk = max_pdv_data(max_pdu_length)
+    pieces = max(1, -(-length // chunk))
+    header_length = len(encode_pdata_header(context_id, 0, 0))
+    out = bytearray(len(prefix) + length + pieces * header_length)
+    view = memoryview(out)
+    view[: len(prefix)] = prefix
+    position = len(prefix)
+    offset = 0
+    while True:
+        size = min(chunk, length - offset)
+        last = offset + size >= length
+        view[position : position + header_length] = encode_pdata_header(
+            context_id, 2 if last and is_final else 0, size
+        )
+        position += header_length
+        fill(view[position : position + size])
+        position += size
+        offset += size
+        if last:
+            return out
+
+
 def encode_small_message(
     context_id: int, command: bytes, dataset: bytes | memoryview, max_pdu_length: int
 ) -> bytes | None:

@@ -30,7 +30,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.filewriter import write_dataset
 
 from dicomnet._version import __version__
-from dicomnet.codec import decode_flat, encode_flat
+from dicomnet.codec import decode_flat, encode_flat, scan_part10_head
 from dicomnet.contexts import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
@@ -124,6 +124,31 @@ def _ensure_folder(folder: Path) -> None:
             _known_folders.add(folder)
 
 
+# At most this many buffers per gathering write (POSIX guarantees IOV_MAX >= 16).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+
+def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
+    """Write every chunk, in order: one writev() for many when the platform has it."""
+    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    if not hasattr(os, "writev"):  # pragma: no cover - Windows
+        for view in views:
+            while view:
+                view = view[os.write(fd, view) :]
+        return
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        # Drop what was written; a partial write leaves the rest of a buffer.
+        done = 0
+        while done < len(batch) and written >= len(batch[done]):
+            written -= len(batch[done])
+            done += 1
+        views = views[done:]
+        if written:
+            views[0] = views[0][written:]
+
+
 def write_atomic(path: Path, chunks: list[bytes | memoryview], fsync: bool = True) -> None:
     """Write `chunks` to `path` via a temp file in the same folder, fsync and rename."""
     _ensure_folder(path.parent)
@@ -132,10 +157,7 @@ def write_atomic(path: Path, chunks: list[bytes | memoryview], fsync: bool = Tru
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+            _write_all(fd, chunks)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -156,6 +178,8 @@ class Spool:
 
     The temp file (in `directory`, created lazily) starts with `header` (preamble + file
     meta), so `save()` on the same file system renames it into place without a copy.
+    In memory, read-only fragments (the received PDUs' own buffers) are kept as they are,
+    not copied, and written out with one gathering write.
     """
 
     def __init__(self, header: bytes, threshold: int, directory: Path | None = None) -> None:
@@ -163,7 +187,7 @@ class Spool:
         self.threshold = threshold
         self.directory = directory
         self.size = 0
-        self._memory: bytearray | None = bytearray()
+        self._memory: list[bytes | memoryview] | None = []
         self._file: BinaryIO | None = None
         self._path: Path | None = None
         self._owned = True  # False once the temp file was renamed to a saved file
@@ -174,12 +198,17 @@ class Spool:
         return self._path is not None
 
     def write(self, data: bytes | memoryview) -> None:
-        self.size += len(data)
         if self._memory is not None:
-            if len(self._memory) + len(data) <= self.threshold:
-                self._memory += data
+            if self.size + len(data) <= self.threshold:
+                if not isinstance(data, bytes) and not (
+                    isinstance(data, memoryview) and data.readonly
+                ):
+                    data = bytes(data)  # a buffer its owner may change: copy it
+                self._memory.append(data)
+                self.size += len(data)
                 return
             self._spill()
+        self.size += len(data)
         assert self._file is not None
         self._file.write(data)
 
@@ -192,7 +221,8 @@ class Spool:
         self._file = os.fdopen(fd, "wb")
         self._file.write(self.header)
         assert self._memory is not None
-        self._file.write(self._memory)
+        for chunk in self._memory:
+            self._file.write(chunk)
         self._memory = None
 
     def finish(self) -> None:
@@ -217,7 +247,7 @@ class Spool:
     def dataset_bytes(self) -> bytes:
         """The data set bytes exactly as received."""
         if self._memory is not None:
-            return bytes(self._memory)
+            return b"".join(self._memory)
         if self._path is None:
             raise RuntimeError("the data set is only available while its handler runs")
         with open(self._path, "rb") as f:
@@ -227,7 +257,7 @@ class Spool:
     def open_part10(self) -> BinaryIO:
         """A readable Part-10 file object (header + data set)."""
         if self._memory is not None:
-            return io.BytesIO(self.header + self._memory)
+            return io.BytesIO(b"".join([self.header, *self._memory]))
         if self._path is None:
             raise RuntimeError("the data set is only available while its handler runs")
         return open(self._path, "rb")
@@ -235,7 +265,7 @@ class Spool:
     def _save_sync(self, path: Path, fsync: bool) -> Path:
         _ensure_folder(path.parent)
         if self._memory is not None:
-            write_atomic(path, [self.header, memoryview(self._memory)], fsync)
+            write_atomic(path, [self.header, *self._memory], fsync)
             return path
         assert self._path is not None and self._file is not None
         self._file.flush()
@@ -294,6 +324,8 @@ def _copy_atomic(src: Path, target: Path, fsync: bool) -> None:
 
 
 _SOP_TAGS = [0x00080016, 0x00080018]
+# Bytes read from the start of a file to find its file meta and SOP UIDs without pydicom.
+_HEAD_LENGTH = 8192
 
 
 def _past_sop_instance_uid(tag: Any, vr: str | None, length: int) -> bool:
@@ -323,27 +355,36 @@ class Part10File:
         """
         p = Path(path)
         with open(p, "rb") as f:
-            preamble = f.read(132)
-            if len(preamble) < 132 or preamble[128:132] != b"DICM":
+            head = f.read(_HEAD_LENGTH)
+            if len(head) < 132 or head[128:132] != b"DICM":
                 raise ValueError(f"{p} is not a DICOM Part-10 file (no 'DICM' prefix)")
-            meta = _read_file_meta_info(f)
-            offset = f.tell()
             size = os.fstat(f.fileno()).st_size
-            transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
-            if not transfer_syntax:
-                raise ValueError(f"{p} has no Transfer Syntax UID in its file meta")
-            ds: Dataset
-            if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-                ds = dcmread(p, stop_before_pixels=True, specific_tags=_SOP_TAGS, force=True)
-            else:
-                # Read the data set itself only up to SOP Instance UID (0008,0018).
-                ds = read_dataset(
-                    f,
-                    transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
-                    transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
-                    stop_when=_past_sop_instance_uid,
-                    defer_size=256,
-                )
+            scanned = scan_part10_head(head)
+            if scanned is not None and scanned[1] and scanned[2]:
+                return cls(p, scanned[0], scanned[1], scanned[2], scanned[3], size)
+            f.seek(132)
+            return cls._open_with_pydicom(p, f, size)
+
+    @classmethod
+    def _open_with_pydicom(cls, p: Path, f: BinaryIO, size: int) -> Part10File:
+        """What `open` does for files the quick scan leaves alone (pydicom reads them)."""
+        meta = _read_file_meta_info(f)
+        offset = f.tell()
+        transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+        if not transfer_syntax:
+            raise ValueError(f"{p} has no Transfer Syntax UID in its file meta")
+        ds: Dataset
+        if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            ds = dcmread(p, stop_before_pixels=True, specific_tags=_SOP_TAGS, force=True)
+        else:
+            # Read the data set itself only up to SOP Instance UID (0008,0018).
+            ds = read_dataset(
+                f,
+                transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
+                stop_when=_past_sop_instance_uid,
+                defer_size=256,
+            )
         sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
         sop_instance = str(
             ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")

@@ -44,7 +44,7 @@ class DicomStream(asyncio.Protocol):
         self._paused_reading = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | bytearray] = []
         self._pending_size = 0
         self._flush_scheduled = False
         self.connected = self._loop.create_future()
@@ -157,7 +157,7 @@ class DicomStream(asyncio.Protocol):
 
     # --- writing ---------------------------------------------------------------------------
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray) -> None:
         """Write `data`; wait while the transport's buffer is over its high-water mark."""
         transport = self._transport
         if transport is None or self._closed or transport.is_closing():

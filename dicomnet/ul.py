@@ -58,6 +58,11 @@ MAX_ASSOCIATION_PDU_LENGTH: Final = 1 << 20
 _COMPACT_AFTER: Final = 1 << 20
 # With no maximum advertised (0 = unlimited) we still refuse P-DATA-TF PDUs above this.
 HARD_MAX_PDU_LENGTH: Final = 64 << 20
+# A PDU body at least this long that has not fully arrived is received straight into a
+# buffer of its own (each byte copied once); up to the upper bound, so that a header alone
+# never makes us allocate more than this.
+_OWN_BUFFER_MIN: Final = 64 << 10
+_OWN_BUFFER_MAX: Final = 16 << 20
 
 
 class _NeedData:
@@ -179,6 +184,12 @@ class UpperLayer:
         self._clock = clock
         self._buffer = bytearray()
         self._start = 0  # offset of the first unparsed byte in _buffer
+        # A large PDU being received into its own buffer: its type, body and bytes so far.
+        self._body_type = 0
+        self._body: bytearray | None = None
+        self._body_filled = 0
+        # Large PDUs received in full, not parsed yet; they come before the buffer's bytes.
+        self._complete: deque[tuple[int, memoryview]] = deque()
         self._events: deque[ULEvent] = deque()
         self._outbound = bytearray()
         self._artim_deadline: float | None = None
@@ -464,6 +475,47 @@ class UpperLayer:
             return
         if self._discard or self.state in (State.STA1, State.STA4):
             return
+        view = memoryview(data)
+        while view:
+            body = self._body
+            if body is not None:
+                # The rest of a large PDU: straight into its own buffer.
+                filled = self._body_filled
+                n = min(len(body) - filled, len(view))
+                body[filled : filled + n] = view[:n]
+                view = view[n:]
+                self._body_filled = filled + n
+                if self._body_filled == len(body):
+                    # Nobody writes to it any more: the PDU's values can point into it.
+                    self._complete.append((self._body_type, memoryview(body).toreadonly()))
+                    self._body = None
+                continue
+            if (
+                self._start == len(self._buffer)
+                and len(view) >= PDU_HEADER_LENGTH
+                and view[0] == PDUType.P_DATA_TF
+            ):
+                length = int.from_bytes(view[2:PDU_HEADER_LENGTH], "big")
+                if (
+                    _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX
+                    and length <= self._pdu_limit(PDUType.P_DATA_TF)
+                    and len(view) - PDU_HEADER_LENGTH < length
+                ):
+                    self._start_own_buffer(PDUType.P_DATA_TF, length, b"")
+                    view = view[PDU_HEADER_LENGTH:]
+                    continue
+            self._append(view)
+            break
+
+    def _start_own_buffer(self, pdu_type: int, length: int, received: memoryview | bytes) -> None:
+        """Receive a large PDU's body into a buffer of its own, each byte copied once."""
+        own = bytearray(length)
+        own[: len(received)] = received
+        self._body = own
+        self._body_filled = len(received)
+        self._body_type = pdu_type
+
+    def _append(self, data: bytes | bytearray | memoryview) -> None:
         if self._start and self._start == len(self._buffer):
             self._buffer.clear()
             self._start = 0
@@ -488,7 +540,14 @@ class UpperLayer:
         if self.state in (State.STA1, State.STA4):
             buffer.clear()
             self._start = 0
+            self._body = None
+            self._complete.clear()
             return False
+        if self._complete:
+            self._decode_and_fire(*self._complete.popleft())
+            return True
+        if self._body is not None:
+            return False  # the buffer is empty while a large PDU is arriving
         if len(buffer) - start < PDU_HEADER_LENGTH:
             return False
         pdu_type, length = parse_pdu_header(buffer, start)
@@ -502,6 +561,14 @@ class UpperLayer:
             return True
         end = start + PDU_HEADER_LENGTH + length
         if len(buffer) < end:
+            if _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX:
+                # Receive the rest of this PDU straight into a buffer of its own.
+                with memoryview(buffer) as view:
+                    received = view[start + PDU_HEADER_LENGTH :]
+                    self._start_own_buffer(pdu_type, length, received)
+                    received.release()
+                buffer.clear()
+                self._start = 0
             return False
         with memoryview(buffer) as view:
             body = bytes(view[start + PDU_HEADER_LENGTH : end])  # the one copy of the PDU
@@ -513,20 +580,26 @@ class UpperLayer:
             self._start = 0
         else:
             self._start = end
+        self._decode_and_fire(pdu_type, body)
+        return True
+
+    def _decode_and_fire(self, pdu_type: int, body: bytes | memoryview) -> None:
+        event = _PDU_EVENTS[pdu_type]
         try:
             pdu = decode_pdu(pdu_type, body)
         except ProtocolError as exc:
             self._invalid(str(exc))
-            return True
+            return
         self._pending_pdu = pdu
         self._pending_error = ""
         self._fire(event)
-        return True
 
     def _invalid(self, error: str, reason: int = AbortReason.INVALID_PDU_PARAMETER_VALUE) -> None:
         """Evt19: unrecognized or invalid PDU. Nothing more is read from this connection."""
         self._buffer.clear()
         self._start = 0
+        self._body = None
+        self._complete.clear()
         self._pending_pdu = None
         self._pending_error = error
         self._invalid_reason = reason

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
+from pathlib import Path
 from typing import Any
 
+import pydicom.data
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,8 +23,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicomnet.codec import decode_flat, encode_flat
-from dicomnet.storage import decode_dataset, encode_dataset
+from dicomnet.codec import decode_flat, encode_flat, scan_part10_head
+from dicomnet.storage import Part10File, decode_dataset, encode_dataset
 
 ascii_text = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="\\"))
 dates = st.one_of(
@@ -191,3 +194,62 @@ def test_a_changed_character_set_makes_raw_text_go_through_pydicom() -> None:
     out = encode_dataset(decoded, ImplicitVRLittleEndian)
     assert decode_dataset(out, ImplicitVRLittleEndian).PatientName == "Müller"
     assert "Müller".encode() in out
+
+
+def _pydicom_open(path: str) -> Part10File | str:
+    with open(path, "rb") as f:
+        head = f.read(132)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            return "not part 10"
+        size = os.fstat(f.fileno()).st_size
+        try:
+            return Part10File._open_with_pydicom(Path(path), f, size)
+        except Exception as exc:
+            return type(exc).__name__
+
+
+def _open(path: str) -> Part10File | str:
+    try:
+        return Part10File.open(path)
+    except ValueError as exc:
+        return "not part 10" if "DICM" in str(exc) else "ValueError"
+    except Exception as exc:
+        return type(exc).__name__
+
+
+# pydicom's own test files (the local ones: nothing is downloaded).
+TEST_FILES = sorted(
+    str(p) for p in (Path(pydicom.data.__file__).parent / "test_files").glob("*.dcm")
+)
+
+
+def test_the_quick_head_scan_agrees_with_pydicom_on_its_test_files() -> None:
+    assert len(TEST_FILES) > 50
+    scanned = 0
+    for path in TEST_FILES:
+        with open(path, "rb") as f:
+            if scan_part10_head(f.read(8192)) is not None:
+                scanned += 1
+        assert _open(path) == _pydicom_open(path), path
+    assert scanned > len(TEST_FILES) // 2  # the quick path is the common one
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    index=st.integers(0, 10**6),
+    cut=st.integers(0, 8192),
+    flips=st.lists(st.tuples(st.integers(0, 8191), st.integers(0, 255)), max_size=4),
+)
+def test_the_head_scan_of_damaged_heads_never_raises(
+    index: int, cut: int, flips: list[tuple[int, int]]
+) -> None:
+    with open(TEST_FILES[index % len(TEST_FILES)], "rb") as f:
+        head = bytearray(f.read(8192))
+    for position, value in flips:
+        if position < len(head):
+            head[position] = value
+    result = scan_part10_head(bytes(head[:cut]))
+    if result is not None:
+        transfer_syntax, sop_class, sop_instance, offset = result
+        assert transfer_syntax and sop_class and sop_instance
+        assert 132 < offset <= cut

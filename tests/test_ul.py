@@ -5,6 +5,7 @@ between an in-memory requestor/acceptor pair.
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from dicomnet.pdu import (
     AReleaseRP,
     AReleaseRQ,
     PDataTF,
+    PresentationDataValue,
     decode_pdu_bytes,
     parse_pdu_header,
 )
@@ -553,6 +555,59 @@ def test_a_stream_of_p_data_in_random_pieces(pdus: list[PDataTF], data: st.DataO
         start = cut
     assert events == [DataReceived(p) for p in pdus]
     assert d.ul.state == State.STA6 and d.ul.data_to_send() == b""
+
+
+def large_pdv(context_id: int, size: int, fill: int) -> PresentationDataValue:
+    return PresentationDataValue(context_id, False, False, bytes([fill]) * size)
+
+
+@PARTIAL
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([10, 1_000, 65_530, 65_536, 70_000, 200_000]), st.integers(0, 255)
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.data(),
+)
+def test_large_p_data_in_random_pieces_arrive_intact_and_stay_so(
+    sizes: list[tuple[int, int]], data: st.DataObject
+) -> None:
+    """Large PDUs are received into buffers of their own; what was handed out never
+    changes as more bytes arrive."""
+    pdus = [PDataTF((large_pdv(1, size, fill),)) for size, fill in sizes]
+    stream = b"".join(p.encode() for p in pdus)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    d = drive(State.STA6, ACCEPTOR, max_pdu_length=0)
+    events: list[ULEvent] = []
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        events += feed(d.ul, stream[start:cut])
+        start = cut
+    assert events == [DataReceived(p) for p in pdus]
+    for event in events:
+        assert isinstance(event, DataReceived)
+        (value,) = [pdv.data for pdv in event.pdu.values]
+        assert isinstance(value, bytes) or value.readonly
+    # More traffic after them leaves the values handed out as they were.
+    feed(d.ul, stream)
+    assert events == [DataReceived(p) for p in pdus]
+
+
+def test_a_large_pdu_header_alone_allocates_little() -> None:
+    """A peer announcing a huge PDU gets no buffer of that size until its bytes arrive."""
+    d = drive(State.STA6, ACCEPTOR, max_pdu_length=0)
+    header = bytes.fromhex("04 00") + HARD_MAX_PDU_LENGTH.to_bytes(4, "big")
+    tracemalloc.start()
+    try:
+        assert feed(d.ul, header + b"\x00" * 100) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert d.ul.state == State.STA6
 
 
 GARBAGE_SETTINGS = settings(
