@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,51 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+class _DirectorySyncs:
+    """Group commit of directory fsyncs (PS3.4 leaves durability to the SCP; this is ours).
+
+    A thread that renamed a file into a directory takes a ticket and returns once an fsync
+    of that directory has *started* after its ticket: one fsync then covers every rename
+    made before it, so concurrent stores into one folder share it instead of queueing one
+    each.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        # directory -> [last ticket issued, last ticket covered, an fsync is running]
+        self._state: dict[Path, list[Any]] = {}
+
+    def sync(self, directory: Path) -> None:
+        with self._condition:
+            state = self._state.setdefault(directory, [0, 0, False])
+            state[0] += 1
+            ticket = state[0]
+            while state[1] < ticket:
+                if state[2]:
+                    self._condition.wait()
+                    continue
+                state[2] = True
+                covers = state[0]
+                self._condition.release()
+                try:
+                    _fsync_directory_now(directory)
+                finally:
+                    self._condition.acquire()
+                    state[2] = False
+                    state[1] = max(state[1], covers)
+                    self._condition.notify_all()
+            if not state[2] and state[1] == state[0] and self._state.get(directory) is state:
+                del self._state[directory]
+
+
+_directory_syncs = _DirectorySyncs()
+
+
 def _fsync_directory(directory: Path) -> None:
+    _directory_syncs.sync(directory)
+
+
+def _fsync_directory_now(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
