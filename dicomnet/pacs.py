@@ -72,7 +72,10 @@ def _index_worker(database: str, root: str, connection: Connection) -> None:
             except Exception as exc:  # answer anyway: the files stay, a reindex retries
                 log.error("could not index %d stored file(s): %s", len(batch), exc)
                 count = 0
-            connection.send(count)
+            try:
+                connection.send(count)
+            except OSError:  # the serving process is gone; the batch is indexed
+                return
 
 
 class Indexer:
@@ -140,12 +143,15 @@ class Indexer:
                 if not ready.done():
                     ready.set_result(None)
 
-            loop.add_reader(connection.fileno(), readable)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(connection.fileno())
-            connection.recv()
+            # A batch sent is a batch answered, even when serving stops meanwhile: the
+            # answer must not be left in the pipe for the next batch to read.
+            with anyio.CancelScope(shield=True):
+                loop.add_reader(connection.fileno(), readable)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(connection.fileno())
+                connection.recv()
             return True
         except (EOFError, OSError) as exc:
             log.warning("the indexer process stopped (%s): indexing in a thread", exc)
@@ -155,12 +161,17 @@ class Indexer:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            if await self._index_in_process(batch):
-                continue
             try:
+                if await self._index_in_process(batch):
+                    continue
                 await anyio.to_thread.run_sync(self.index.add_many, batch)
             except Exception as exc:  # files are kept; `dicomnet index` can retry
                 log.error("could not index %d stored file(s): %s", len(batch), exc)
+            except BaseException:
+                # Cancelled (serving stops): keep the batch for the last flush. Indexing
+                # one twice is harmless (an upsert).
+                self._pending[:0] = batch
+                raise
         self._idle.set()
 
     async def run(self) -> None:
@@ -174,6 +185,8 @@ class Indexer:
         finally:
             self._running = False
             with anyio.CancelScope(shield=True):
+                # Index what was stored before serving stopped, then stop the process.
+                await self._flush()
                 await self._stop_process()
 
     async def _stop_process(self) -> None:

@@ -63,3 +63,25 @@ async def test_drain_without_the_background_task_indexes_inline(tmp_path: Path) 
             indexer.add(path)
         await indexer.drain()
         assert len(index) == 3
+
+
+@pytest.mark.parametrize("use_process", [True, False])
+async def test_stopping_the_indexer_indexes_what_is_pending(
+    tmp_path: Path, use_process: bool
+) -> None:
+    """Serving stops (Ctrl-C, SIGTERM) right after stores were answered: their files are
+    indexed before the indexer goes, in whatever state its last batch was."""
+    paths = files(tmp_path, 40)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        indexer = Indexer(index, use_process=use_process)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            for path in paths[:20]:
+                indexer.add(path)
+            await anyio.sleep(0)  # a batch may now be on its way
+            for path in paths[20:]:
+                indexer.add(path)
+            tg.cancel_scope.cancel()
+        assert indexer._process is None
+        assert len(index) == 40
