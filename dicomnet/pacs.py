@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -28,6 +29,9 @@ from dicomnet.storage import is_valid_uid
 __all__ = ["StorageSCP"]
 
 log = logging.getLogger("dicomnet")
+
+# The indexer process runs at this lower priority (nice(2) increment).
+INDEXER_NICENESS = 10
 
 SPOOL_FOLDER = ".tmp"
 BATCH = 64  # index rows fetched per trip to the worker thread
@@ -59,6 +63,11 @@ def _index_worker(database: str, root: str, connection: Connection) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        # Background work: on a busy machine, answering associations comes first.
+        os.nice(INDEXER_NICENESS)
+    except (AttributeError, OSError):  # pragma: no cover - Windows, or not permitted
+        pass
     with Index(database, root=root) as index:
         while True:
             try:
