@@ -37,7 +37,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
-__all__ = ["decode_flat", "encode_flat", "scan_part10_head"]
+__all__ = ["decode_flat", "encode_flat", "part10_meta", "scan_part10_head", "top_level_values"]
 
 _TAG = Struct("<HH")
 _TAG_LENGTH32 = Struct("<HHL")  # implicit VR: tag, 4-byte length
@@ -313,3 +313,119 @@ def scan_part10_head(head: bytes) -> tuple[str, str, str, int] | None:
     if not sop_class or not sop_instance:
         return None
     return transfer_syntax, sop_class, sop_instance, offset
+
+
+def part10_meta(head: bytes) -> tuple[dict[int, bytes], int] | None:
+    """The file meta elements of a Part-10 file's first bytes (tag -> raw value) and the
+    offset of its data set (PS3.10 §7.1), or None if they are not all there or odd."""
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    meta: dict[int, bytes] = {}
+    position = 132
+    while position + 2 <= len(head) and _U16.unpack_from(head, position)[0] == 2:
+        found = _element_at(head, position, implicit=False)
+        if found is None:
+            return None
+        tag, start, length = found
+        meta[tag] = head[start : start + length]
+        position = start + length
+    if position + 2 > len(head):
+        return None
+    return meta, position
+
+
+def _header_at(data: bytes, position: int, implicit: bool) -> tuple[int, int] | None:
+    """(value start, value length) of the element at `position`; the value may run past
+    the end of `data`. None if the header itself is not all there or has an unknown VR."""
+    end = len(data)
+    if position + 8 > end:
+        return None
+    if implicit:
+        return position + 8, _U32.unpack_from(data, position + 4)[0]
+    vr = data[position + 4 : position + 6]
+    if vr in _LONG_VR_BYTES:
+        if position + 12 > end:
+            return None
+        return position + 12, _U32.unpack_from(data, position + 8)[0]
+    if vr in _KNOWN_VR_BYTES:
+        return position + 8, _U16.unpack_from(data, position + 6)[0]
+    return None
+
+
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_MAX_DEPTH = 32
+
+
+def _skip_sequence(data: bytes, position: int, implicit: bool, depth: int) -> int | None:
+    """The position after an undefined-length sequence whose items start at `position`
+    (PS3.5 §7.5), or None if it does not end within `data`."""
+    if depth > _MAX_DEPTH:
+        return None
+    while position + 8 <= len(data):
+        group, number, length = _TAG_LENGTH32.unpack_from(data, position)
+        tag = group << 16 | number
+        position += 8
+        if tag == _SEQUENCE_END:
+            return position
+        if tag != _ITEM:
+            return None
+        if length != 0xFFFFFFFF:
+            position += length
+            continue
+        # An item of undefined length: its elements up to the item delimiter.
+        while True:
+            if position + 8 > len(data):
+                return None
+            group, number = _TAG.unpack_from(data, position)
+            if group << 16 | number == _ITEM_END:
+                position += 8
+                break
+            header = _header_at(data, position, implicit)
+            if header is None:
+                return None
+            start, value_length = header
+            if value_length == 0xFFFFFFFF:
+                after = _skip_sequence(data, start, implicit, depth + 1)
+                if after is None:
+                    return None
+                position = after
+            else:
+                position = start + value_length
+    return None
+
+
+def top_level_values(
+    data: bytes, position: int, implicit: bool, wanted: frozenset[int], complete: bool
+) -> dict[int, bytes] | None:
+    """The raw values of the `wanted` top-level elements of the little endian data set at
+    `position`, reading no further than the last of them; sequences are skipped whatever
+    their length. `complete`: `data` holds the whole data set. None if a needed part is
+    not in `data` or looks odd (the caller then asks pydicom)."""
+    last = max(wanted)
+    found: dict[int, bytes] = {}
+    end = len(data)
+    while position < end:
+        if position + 4 > end:
+            return None
+        group, number = _TAG.unpack_from(data, position)
+        tag = group << 16 | number
+        if tag > last:
+            return found
+        if group == 0xFFFE:
+            return None
+        header = _header_at(data, position, implicit)
+        if header is None:
+            return None
+        start, length = header
+        if length == 0xFFFFFFFF:
+            after = _skip_sequence(data, start, implicit, 0)
+            if after is None:
+                return None
+            position = after
+            continue
+        if start + length > end:
+            return None
+        if tag in wanted:
+            found[tag] = data[start : start + length]
+        position = start + length
+    return found if complete and position == end else None

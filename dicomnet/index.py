@@ -74,7 +74,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +93,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
+from dicomnet.codec import part10_meta, top_level_values
 from dicomnet.errors import DicomNetError
 from dicomnet.matching import (
     KEYED_VRS,
@@ -778,6 +779,79 @@ def _text(
     return text, (match_key(vr, texts[0]) if texts else None)
 
 
+_META_KEYWORDS = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+_META_TAGS = {
+    0x00020002: _META_KEYWORDS[0],
+    0x00020003: _META_KEYWORDS[1],
+    0x00020010: _META_KEYWORDS[2],
+}
+_STORED_TAG_INTS = frozenset(int(tag) for tag in _STORED_TAG_SET)
+# Bytes read from the start of a file to index it without pydicom; more is left to pydicom.
+_QUICK_FIRST = 16 << 10
+_QUICK_HEAD = 256 << 10
+_NOT_SCANNED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")  # deflated, big endian
+
+
+class _NeedsPydicom(Exception):
+    """A value the quick path does not read exactly as pydicom would."""
+
+
+def _quick_values(path: Path) -> tuple[dict[int, bytes], dict[str, str]] | None:
+    """The raw values of the indexed attributes and the file meta UIDs of a Part-10 file,
+    read from its first bytes without pydicom; None if pydicom must read it."""
+    with open(path, "rb") as f:
+        head = f.read(_QUICK_FIRST)
+        quick = _quick_values_of(head, complete=len(head) < _QUICK_FIRST)
+        if quick is None and len(head) == _QUICK_FIRST:  # a long header: read more of it
+            head += f.read(_QUICK_HEAD - _QUICK_FIRST)
+            quick = _quick_values_of(head, complete=len(head) < _QUICK_HEAD)
+    return quick
+
+
+def _quick_values_of(head: bytes, complete: bool) -> tuple[dict[int, bytes], dict[str, str]] | None:
+    found = part10_meta(head)
+    if found is None:
+        return None
+    raw_meta, offset = found
+    meta: dict[str, str] = {}
+    for tag, keyword in _META_TAGS.items():
+        try:
+            meta[keyword] = normalize("UI", raw_meta.get(tag, b"").decode("ascii"))
+        except UnicodeDecodeError:
+            return None
+    transfer_syntax = meta["TransferSyntaxUID"]
+    if not transfer_syntax or transfer_syntax in _NOT_SCANNED:
+        return None
+    implicit = transfer_syntax == "1.2.840.10008.1.2"
+    values = top_level_values(head, offset, implicit, _STORED_TAG_INTS, complete=complete)
+    return None if values is None else (values, meta)
+
+
+def _text_of_raw(values: dict[int, bytes], tag: BaseTag, vr: str) -> tuple[str | None, str | None]:
+    """What `_text` gives for the same attribute read by pydicom, from its raw bytes; raises
+    `_NeedsPydicom` for what only pydicom reads right (other character sets, odd IS)."""
+    raw = values.get(int(tag))
+    if raw is None:
+        return None, None
+    try:
+        value = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise _NeedsPydicom from None
+    items = value.rstrip(" \x00").split("\\")
+    if any(item.startswith(" ") for item in items):
+        raise _NeedsPydicom  # pydicom's own stripping differs from VR to VR
+    if vr == "IS":
+        if items == [""]:
+            return "", None  # pydicom reads an empty IS as None
+        if not all(
+            item.strip() == str(int(item)) if item.strip().isdigit() else False for item in items
+        ):
+            raise _NeedsPydicom  # IS keeps its own string form
+    texts = [normalize(vr, item) for item in items]
+    text = "\\".join(texts).rstrip("\\")
+    return text, match_key(vr, texts[0])
+
+
 def _from_text(vr: str, text: str | None) -> object:
     if text is None or text == "":
         return None
@@ -1030,32 +1104,52 @@ class Index:
 
     def _record(self, path: Path, dataset: Dataset | None) -> _Record:
         if dataset is None:
+            quick = _quick_values(path)
+            if quick is not None:
+                values, meta = quick
+                try:
+                    return self._build_record(
+                        path, lambda tag, vr: _text_of_raw(values, tag, vr), meta.get
+                    )
+                except _NeedsPydicom:
+                    pass
             dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEXED_TAGS)
-        meta = getattr(dataset, "file_meta", None)
-        if meta is None or "TransferSyntaxUID" not in meta:
-            meta = read_file_meta_info(path)
-        size = path.stat().st_size
+        file_meta = getattr(dataset, "file_meta", None)
+        if file_meta is None or "TransferSyntaxUID" not in file_meta:
+            file_meta = read_file_meta_info(path)
         present = _STORED_TAG_SET.intersection(dataset.keys())
+        meta = {
+            keyword: normalize("UI", str(file_meta.get(keyword, ""))) for keyword in _META_KEYWORDS
+        }
+        return self._build_record(path, lambda tag, vr: _text(dataset, tag, vr, present), meta.get)
+
+    def _build_record(
+        self,
+        path: Path,
+        text_of: Callable[[BaseTag, str], tuple[str | None, str | None]],
+        meta: Callable[[str], str | None],
+    ) -> _Record:
+        size = path.stat().st_size
         rows: dict[str, list[str | int | None]] = {}
         for table in _TABLES:
             values: list[str | int | None] = []
             for attr in table.attributes:
-                text, key = _text(dataset, _STORED_TAGS[attr.keyword], attr.vr, present)
+                text, key = text_of(_STORED_TAGS[attr.keyword], attr.vr)
                 if attr is table.unique:
                     if not text and attr.keyword == "SOPInstanceUID":
-                        text = normalize("UI", str(meta.get("MediaStorageSOPInstanceUID", "")))
+                        text = meta("MediaStorageSOPInstanceUID") or ""
                     if not text and attr.keyword != "PatientID":
                         raise ValueError(f"{attr.keyword} is missing")
                     values.append(text or "")
                     continue
                 if attr.keyword == "SOPClassUID" and not text:
-                    text = normalize("UI", str(meta.get("MediaStorageSOPClassUID", ""))) or None
+                    text = meta("MediaStorageSOPClassUID") or None
                     key = text
                 values.append(text)
                 if attr.key_column != attr.column:
                     values.append(key)
             rows[table.name] = values
-        transfer_syntax = normalize("UI", str(meta.get("TransferSyntaxUID", "")))
+        transfer_syntax = meta("TransferSyntaxUID")
         rows["instance"] += [self._relative(path), transfer_syntax or None, size]
         return _Record(rows, cast(str, rows["instance"][0]))
 

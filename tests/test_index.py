@@ -16,19 +16,24 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
+import pydicom.data
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from dicomnet.errors import DicomNetError
 from dicomnet.index import (
+    _INDEXED_TAGS,
     INDEX_FILE_NAME,
     SCHEMA_VERSION,
     STATUS_IDENTIFIER_DOES_NOT_MATCH,
     Index,
     IndexCounts,
     QueryError,
+    _quick_values,
 )
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -1029,3 +1034,134 @@ def test_concurrent_writers_processes(corpus: Corpus, tmp_path: Path) -> None:
     with Index(db, root=corpus.root) as idx:
         assert len(idx) == len(paths)
         assert idx.counts().studies == len(corpus.studies())
+
+
+# --- indexing without pydicom ----------------------------------------------------------------
+
+PYDICOM_TEST_FILES = sorted((Path(pydicom.data.__file__).parent / "test_files").glob("*.dcm"))
+
+
+def _both_ways(index: Index, path: Path) -> tuple[object, object]:
+    """(the record `add` makes of `path`, the record pydicom's reading gives), or the
+    exception type each raised."""
+
+    def attempt(dataset: Dataset | None) -> object:
+        try:
+            return index._record(path, dataset)
+        except Exception as exc:
+            return type(exc)
+
+    try:
+        dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEXED_TAGS)
+    except Exception as exc:
+        return attempt(None), type(exc)
+    return attempt(None), attempt(dataset)
+
+
+def test_quick_indexing_agrees_with_pydicom_on_its_test_files(tmp_path: Path) -> None:
+    quick = 0
+    with Index(tmp_path / "index.sqlite", root=Path(pydicom.data.__file__).parent) as index:
+        for path in PYDICOM_TEST_FILES:
+            ours, pydicoms = _both_ways(index, path)
+            if isinstance(pydicoms, type):
+                continue  # pydicom cannot read it either way: `add` logs and skips it
+            assert ours == pydicoms, path
+            quick += _quick_values(path) is not None
+    assert quick > len(PYDICOM_TEST_FILES) // 2
+
+
+text_values = st.text(st.sampled_from(list("AB1^ \\=-.é")), max_size=12)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=st.fixed_dictionaries(
+        {},
+        optional={
+            "PatientName": text_values,
+            "PatientID": text_values,
+            "StudyDescription": text_values,
+            "Modality": st.sampled_from(["CT", " CT", "CT ", "CT\\MR", ""]),
+            "SeriesNumber": st.sampled_from(["1", "0012", " 7", "3 ", "1\\2", "", "-4"]),
+            "InstanceNumber": st.sampled_from(["", "5", "42"]),
+            "StudyDate": st.sampled_from(["20240101", "", " 2024", "20240101\\20240102"]),
+            "AccessionNumber": text_values,
+        },
+    ),
+    implicit=st.booleans(),
+    charset=st.sampled_from([None, "ISO_IR 100", "ISO_IR 192"]),
+    sequence=st.sampled_from([None, "defined", "undefined"]),
+)
+def test_quick_indexing_agrees_with_pydicom_on_odd_values(
+    tmp_path: Path,
+    values: dict[str, str],
+    implicit: bool,
+    charset: str | None,
+    sequence: str | None,
+) -> None:
+    ds = Dataset()
+    if charset:
+        ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.4"
+    if sequence:
+        item = Dataset()
+        item.ReferencedSOPClassUID = "1.2.3"
+        inner = Dataset()
+        inner.CodeValue = "X"
+        item.ConceptNameCodeSequence = [inner]
+        ds.ReferencedStudySequence = [item, Dataset()]
+        ds["ReferencedStudySequence"].is_undefined_length = sequence == "undefined"
+        ds.ReferencedStudySequence[0]["ConceptNameCodeSequence"].is_undefined_length = (
+            sequence == "undefined"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        )
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        try:
+            ds.save_as(path, enforce_file_format=True)
+        except (UnicodeEncodeError, ValueError):
+            return  # pydicom will not write this value in this character set
+        with Index(tmp_path / "index.sqlite", root=tmp_path) as index:
+            ours, pydicoms = _both_ways(index, path)
+    assert ours == pydicoms
+    if sequence:
+        assert _quick_values(path) is not None  # sequences are skipped, not given up on
+
+
+@pytest.mark.parametrize("size", [100, 30_000, 300_000])
+def test_quick_indexing_reads_further_into_a_long_header(tmp_path: Path, size: int) -> None:
+    """An element of `size` bytes before the patient module: the quick path reads past its
+    first 16 KiB, and leaves headers longer than 256 KiB to pydicom; same record."""
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = generate_uid()
+    ds.add_new(0x00091010, "OB", b"\x01" * size)
+    ds.PatientID = "LONG"
+    ds.PatientName = "Long^Header"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = tmp_path / "long.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with Index(tmp_path / "index.sqlite", root=tmp_path) as index:
+        ours, pydicoms = _both_ways(index, path)
+        assert ours == pydicoms
+        assert (_quick_values(path) is not None) == (size < 200_000)
+        index.add(path)
+        assert index.counts().instances == 1
