@@ -37,7 +37,14 @@ from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.valuerep import PersonName
 
-__all__ = ["decode_flat", "encode_flat", "part10_meta", "scan_part10_head", "top_level_values"]
+__all__ = [
+    "UNSCANNED_TRANSFER_SYNTAXES",
+    "decode_flat",
+    "encode_flat",
+    "part10_meta",
+    "scan_part10_head",
+    "top_level_values",
+]
 
 _TAG = Struct("<HH")
 _TAG_LENGTH32 = Struct("<HHL")  # implicit VR: tag, 4-byte length
@@ -231,7 +238,8 @@ def decode_flat(data: bytes, implicit: bool) -> Dataset | None:
 
 
 _IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-_NOT_SCANNED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")  # deflated, big endian
+# Transfer syntaxes the scanners leave to pydicom: deflated, big endian.
+UNSCANNED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
 
 
 def _uid(value: bytes) -> str | None:
@@ -272,25 +280,16 @@ def scan_part10_head(head: bytes) -> tuple[str, str, str, int] | None:
     The UIDs come from (0008,0016) and (0008,0018) of the data set, else from the file
     meta's (0002,0002) and (0002,0003), as pydicom's reading of the same file gives them.
     """
-    if len(head) < 132 or head[128:132] != b"DICM":
+    file_meta = part10_meta(head)
+    if file_meta is None:
         return None
-    meta: dict[int, str | None] = {}
-    position = 132
-    while True:  # the file meta: group 0002, explicit VR little endian (PS3.10 §7.1)
-        found = _element_at(head, position, implicit=False)
-        if found is None:
-            if position + 2 <= len(head) and _U16.unpack_from(head, position)[0] != 2:
-                break  # the data set starts here, with an element we cannot read yet
-            return None
-        tag, start, length = found
-        if tag >> 16 != 2:
-            break
-        if tag in (0x00020002, 0x00020003, 0x00020010):
-            meta[tag] = _uid(head[start : start + length])
-        position = start + length
+    raw_meta, position = file_meta
+    meta = {
+        tag: _uid(raw_meta[tag]) for tag in (0x00020002, 0x00020003, 0x00020010) if tag in raw_meta
+    }
     offset = position
     transfer_syntax = meta.get(0x00020010)
-    if not transfer_syntax or transfer_syntax in _NOT_SCANNED:
+    if not transfer_syntax or transfer_syntax in UNSCANNED_TRANSFER_SYNTAXES:
         return None
     implicit = transfer_syntax == _IMPLICIT_VR_LITTLE_ENDIAN
     sop: dict[int, str | None] = {}

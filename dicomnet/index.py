@@ -93,7 +93,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
-from dicomnet.codec import part10_meta, top_level_values
+from dicomnet.codec import UNSCANNED_TRANSFER_SYNTAXES, part10_meta, top_level_values
 from dicomnet.errors import DicomNetError
 from dicomnet.matching import (
     KEYED_VRS,
@@ -789,7 +789,6 @@ _STORED_TAG_INTS = frozenset(int(tag) for tag in _STORED_TAG_SET)
 # Bytes read from the start of a file to index it without pydicom; more is left to pydicom.
 _QUICK_FIRST = 16 << 10
 _QUICK_HEAD = 256 << 10
-_NOT_SCANNED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")  # deflated, big endian
 
 
 class _NeedsPydicom(Exception):
@@ -820,7 +819,7 @@ def _quick_values_of(head: bytes, complete: bool) -> tuple[dict[int, bytes], dic
         except UnicodeDecodeError:
             return None
     transfer_syntax = meta["TransferSyntaxUID"]
-    if not transfer_syntax or transfer_syntax in _NOT_SCANNED:
+    if not transfer_syntax or transfer_syntax in UNSCANNED_TRANSFER_SYNTAXES:
         return None
     implicit = transfer_syntax == "1.2.840.10008.1.2"
     values = top_level_values(head, offset, implicit, _STORED_TAG_INTS, complete=complete)
