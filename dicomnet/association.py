@@ -9,6 +9,7 @@ lock so that a message's PDUs are never interleaved with another's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -853,30 +854,20 @@ class Association:
                     want -= got
 
             sent = 0
-            while sent < total:
+            while True:  # at least once: an empty data set is one empty last fragment
                 size = min(block_size, total - sent)
-                final = sent + size >= total
-
-                def build(
-                    size: int = size, final: bool = final, prefix: bytes = prefix
-                ) -> bytearray:
-                    return fragments_into(
-                        context_id, size, max_pdu, fill, is_final=final, prefix=prefix
-                    )
-
-                if size > (1 << 16):
-                    block = await anyio.to_thread.run_sync(build)
-                else:
-                    block = build()
-                prefix = b""
                 sent += size
+                build = functools.partial(
+                    fragments_into, context_id, size, max_pdu, fill, is_final=sent >= total,
+                    prefix=prefix,
+                )  # fmt: skip
+                block = await anyio.to_thread.run_sync(build) if size > (1 << 16) else build()
+                prefix = b""
                 await self._write_unlocked(block)
                 if progress is not None:
                     progress(min(sent, in_file), in_file)
-            if in_file == 0:
-                await self._write_unlocked(
-                    prefix + b"".join(fragment(context_id, b"", False, max_pdu))
-                )
+                if sent >= total:
+                    break
 
     # --- requests (SCU) --------------------------------------------------------------------
 

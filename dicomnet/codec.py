@@ -251,25 +251,13 @@ def _uid(value: bytes) -> str | None:
 
 def _element_at(head: bytes, position: int, implicit: bool) -> tuple[int, int, int] | None:
     """(tag, value start, value length) of the element at `position`, if it is all there."""
-    end = len(head)
-    if position + 8 > end:
+    header = _header_at(head, position, implicit)
+    if header is None:
         return None
-    if implicit:
-        group, number, length = _TAG_LENGTH32.unpack_from(head, position)
-        start = position + 8
-    else:
-        group, number, vr, length = _SHORT_HEADER.unpack_from(head, position)
-        if vr in _LONG_VR_BYTES:
-            if position + 12 > end:
-                return None
-            length = _U32.unpack_from(head, position + 8)[0]
-            start = position + 12
-        elif vr in _KNOWN_VR_BYTES:
-            start = position + 8
-        else:
-            return None
-    if length == 0xFFFFFFFF or start + length > end:
+    start, length = header
+    if length == 0xFFFFFFFF or start + length > len(head):
         return None
+    group, number = _TAG.unpack_from(head, position)
     return group << 16 | number, start, length
 
 

@@ -842,10 +842,8 @@ def _text_of_raw(values: dict[int, bytes], tag: BaseTag, vr: str) -> tuple[str |
     if vr == "IS":
         if items == [""]:
             return "", None  # pydicom reads an empty IS as None
-        if not all(
-            item.strip() == str(int(item)) if item.strip().isdigit() else False for item in items
-        ):
-            raise _NeedsPydicom  # IS keeps its own string form
+        if not all(item.rstrip().isdigit() and item.rstrip() == str(int(item)) for item in items):
+            raise _NeedsPydicom  # only plain digits: pydicom has its own view of the rest
     texts = [normalize(vr, item) for item in items]
     text = "\\".join(texts).rstrip("\\")
     return text, match_key(vr, texts[0])
