@@ -3,7 +3,7 @@
 Every C-FIND (Patient Root, any query) is answered with `--matches` generated patient-level
 identifiers (QueryRetrieveLevel PATIENT, PatientID, PatientName), one pending response
 each, from an `on_find` async generator: nothing is read from disk or an index.
-uvloop when installed, as the `dicomnet` commands do.
+uvloop when installed, as the `dicomnet` commands do (`DICOMNET_LOOP=asyncio` turns it off).
 
     python -m benchmarks.find_scp --port P --matches N
 """
@@ -11,6 +11,7 @@ uvloop when installed, as the `dicomnet` commands do.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +23,13 @@ import dicomnet
 from dicomnet.qr import FindRequest
 
 
-def backend_options() -> dict[str, Any]:
+def backend_options(loop: str | None = None) -> dict[str, Any]:
+    """anyio's options for `loop`: "uvloop" (when installed) or "asyncio"; by default the
+    `DICOMNET_LOOP` environment variable decides, as for the `dicomnet` commands."""
+    if loop is None:
+        loop = os.environ.get("DICOMNET_LOOP", "")
+    if loop.lower() == "asyncio":
+        return {}
     try:
         import uvloop  # noqa: F401
     except ImportError:

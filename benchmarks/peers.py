@@ -108,7 +108,17 @@ def _base_env(*, nodelay: bool) -> dict[str, str]:
     return env
 
 
-def dicomnet_scp(*, fsync: bool, workers: int = 1) -> SCPSpec:
+def _loop_env(env: dict[str, str], loop: str) -> dict[str, str]:
+    """The `dicomnet` commands run on uvloop when it is installed, unless told otherwise."""
+    env = {k: v for k, v in env.items() if k != "DICOMNET_LOOP"}
+    if loop == "asyncio":
+        env["DICOMNET_LOOP"] = "asyncio"
+    return env
+
+
+def dicomnet_scp(*, fsync: bool, workers: int = 1, loop: str = "uvloop") -> SCPSpec:
+    """`dicomnet serve`; `loop="asyncio"` runs it without uvloop."""
+
     def build(port: int, storage: Path, _count: int) -> tuple[list[str], dict[str, str]]:
         argv = [
             sys.executable,
@@ -126,7 +136,7 @@ def dicomnet_scp(*, fsync: bool, workers: int = 1) -> SCPSpec:
             argv.append("--no-fsync")
         if workers > 1:
             argv += ["--workers", str(workers)]
-        return argv, _base_env(nodelay=False)
+        return argv, _loop_env(_base_env(nodelay=False), loop)
 
     # `dicomnet serve` also records every instance in its SQLite index (Q/R), before the
     # response: the file is re-read up to the pixel data, one commit (WAL, synchronous=NORMAL).
@@ -136,6 +146,9 @@ def dicomnet_scp(*, fsync: bool, workers: int = 1) -> SCPSpec:
     if workers > 1:
         key += f"-w{workers}"
         label += f" --workers {workers}"
+    if loop == "asyncio":
+        key += "-asyncio"
+        label = f"DICOMNET_LOOP=asyncio {label}"
     if fsync:
         durability = "temp file, fsync, atomic rename, fsync of the folder" + index
     else:
@@ -258,13 +271,14 @@ def _kill_all(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 class DicomnetSCU:
-    """dicomnet's Python API in this process (anyio on asyncio)."""
+    """dicomnet's Python API in this process, on uvloop when installed (as the `dicomnet`
+    commands run) or, with `loop="asyncio"`, on asyncio's own loop."""
 
-    key = "dicomnet"
-    label = "dicomnet (in-process API)"
-
-    def __init__(self, aec: str = "ANY-SCP") -> None:
+    def __init__(self, aec: str = "ANY-SCP", loop: str = "uvloop") -> None:
         self.aec = aec
+        self.loop = loop
+        self.key = "dicomnet" if loop == "uvloop" else f"dicomnet-{loop}"
+        self.label = f"dicomnet (in-process API, {loop})"
 
     def echo_associations(self, port: int, count: int, timeout: float) -> ClientResult:
         import dicomnet
@@ -348,7 +362,12 @@ class DicomnetSCU:
         cpu0, t0 = _children_cpu(), time.perf_counter()
         try:
             proc = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+                env=_loop_env(dict(os.environ), self.loop),
             )
         except subprocess.TimeoutExpired:
             result.failed = total
@@ -393,6 +412,7 @@ class DicomnetSCU:
                 timeout=timeout + 30,
                 check=False,
                 cwd=REPO_ROOT,
+                env=_loop_env(dict(os.environ), self.loop),
             )
             out: dict[str, Any] = json.loads(proc.stdout.decode().strip().splitlines()[-1])
         except subprocess.TimeoutExpired:
@@ -475,13 +495,15 @@ class DicomnetSCU:
         run.seconds = result.seconds
         return run
 
-    @staticmethod
     def _run(
+        self,
         body: Callable[[ClientResult], Awaitable[None]],
         timeout: float,
         result: ClientResult | None = None,
     ) -> ClientResult:
         import anyio
+
+        from benchmarks.find_scp import backend_options
 
         result = result if result is not None else ClientResult(0.0, 0, 0, 0.0)
 
@@ -491,7 +513,7 @@ class DicomnetSCU:
 
         cpu0, t0 = time.process_time(), time.perf_counter()
         try:
-            anyio.run(main)
+            anyio.run(main, backend_options=backend_options(self.loop))
         except TimeoutError:
             result.error(f"timed out after {timeout:g} s")
         if result.seconds == 0.0:

@@ -113,6 +113,9 @@ PAIRINGS: tuple[Pairing, ...] = (
             peers.dicomnet_scp(fsync=True, workers=2), ("S6",)),
     Pairing("dicomnet>dicomnet(workers 2, no-fsync)", peers.DicomnetSCU,
             peers.dicomnet_scp(fsync=False, workers=2), ("S6",)),
+    # Both sides on asyncio's own loop (the rows above use uvloop, installed with .[speed]).
+    Pairing("dicomnet>dicomnet(asyncio, no-fsync)", lambda: peers.DicomnetSCU(loop="asyncio"),
+            peers.dicomnet_scp(fsync=False, loop="asyncio"), ("S2", *STORES, "S6")),
     Pairing("dicomnet>dicomnet(on_find)", lambda: peers.DicomnetSCU("FINDSCP"),
             peers.dicomnet_find_scp(), ("S7", "S9")),
     Pairing("dcmtk>dicomnet", peers.DcmtkSCU, peers.dicomnet_scp(fsync=True),
@@ -192,4 +195,6 @@ RATIOS: tuple[Ratio, ...] = (
     Ratio("DCMTK as shipped (Nagle): dicomnet SCP / storescp", "dcmtk(nagle)>dicomnet(no-fsync)",
           "dcmtk(nagle)>dcmtk(nagle)"),
     Ratio("dicomnet pair: fsync / no fsync", "dicomnet>dicomnet", "dicomnet>dicomnet(no-fsync)"),
+    Ratio("dicomnet pair: asyncio / uvloop (no fsync)", "dicomnet>dicomnet(asyncio, no-fsync)",
+          "dicomnet>dicomnet(no-fsync)", denominators={"S2": "dicomnet>dicomnet"}),
 )  # fmt: skip

@@ -33,6 +33,12 @@ log = logging.getLogger("dicomnet")
 # The indexer process runs at this lower priority (nice(2) increment).
 INDEXER_NICENESS = 10
 
+# A stored file waits up to this long (seconds) for others to join its indexing batch:
+# one trip to the indexer and one SQLite transaction then cover many stores. Queries
+# do not wait for it (they drain the queue first).
+INDEX_LINGER = 0.02
+INDEX_BATCH = 1024  # a batch this long goes at once
+
 SPOOL_FOLDER = ".tmp"
 BATCH = 64  # index rows fetched per trip to the worker thread
 
@@ -94,7 +100,9 @@ class Indexer:
     milliseconds. Queries first `drain()` the queue, so a query sees every instance
     whose C-STORE was answered before it. The parsing runs in a process of its own
     (`use_process`), so it does not compete with the event loop for the GIL; in a
-    worker thread when that process cannot be started.
+    worker thread when that process cannot be started. A batch is sent once it is
+    `INDEX_BATCH` long, `INDEX_LINGER` after its first file, or at once when a query
+    drains the queue.
     """
 
     def __init__(self, index: Index, *, use_process: bool = True) -> None:
@@ -102,6 +110,7 @@ class Indexer:
         self.use_process = use_process
         self._pending: list[Path] = []
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = False
@@ -112,12 +121,15 @@ class Indexer:
         self._pending.append(path)
         self._idle.clear()
         self._wake.set()
+        if len(self._pending) >= INDEX_BATCH:
+            self._hurry.set()
 
     async def drain(self) -> None:
         """Wait until everything added so far is indexed."""
         if not self._running:
             await self._flush()  # nobody runs the background task: index now
         elif self._pending or not self._idle.is_set():
+            self._hurry.set()
             await self._idle.wait()
 
     def _start_process(self) -> None:
@@ -186,10 +198,19 @@ class Indexer:
     async def run(self) -> None:
         self._start_process()
         self._running = True
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if not self._hurry.is_set():
+                    # Group commit: let the stores of the next moments join this batch.
+                    timer = loop.call_later(INDEX_LINGER, self._hurry.set)
+                    try:
+                        await self._hurry.wait()
+                    finally:
+                        timer.cancel()
+                self._hurry.clear()
                 await self._flush()
         finally:
             self._running = False
@@ -236,6 +257,7 @@ class StorageSCP:
         clean_spool: bool = True,
     ) -> None:
         self.storage = storage
+        self._storage_folder = str(storage)
         storage.mkdir(parents=True, exist_ok=True)
         spool = storage / SPOOL_FOLDER
         spool.mkdir(exist_ok=True)
@@ -280,15 +302,11 @@ class StorageSCP:
     def close(self) -> None:
         self.index.close()
 
-    def path_for(self, sop_instance_uid: str) -> Path:
-        return self.storage / f"{sop_instance_uid}.dcm"
-
     async def store(self, request: StoreRequest) -> int | tuple[int, str]:
         uid = request.sop_instance_uid
         if not is_valid_uid(uid):  # also checked before the data set is spooled
             return 0xC000, "invalid SOP Instance UID"
-        path = self.path_for(uid)
-        await request.save(path)
+        path = await request.save(os.path.join(self._storage_folder, f"{uid}.dcm"))
         self.indexer.add(path)
         log.info("stored %s from %r (%d bytes)", path.name, request.calling_ae_title, request.size)
         return 0x0000

@@ -159,12 +159,12 @@ def _fsync_directory_now(directory: Path) -> None:
 
 
 _temp_names = itertools.count()
-_known_folders: set[Path] = set()
+_known_folders: set[str] = set()
 
 
-def _ensure_folder(folder: Path) -> None:
+def _ensure_folder(folder: str) -> None:
     if folder not in _known_folders:
-        folder.mkdir(parents=True, exist_ok=True)
+        os.makedirs(folder or ".", exist_ok=True)
         if len(_known_folders) < 10_000:
             _known_folders.add(folder)
 
@@ -194,10 +194,16 @@ def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
             views[0] = views[0][written:]
 
 
-def write_atomic(path: Path, chunks: list[bytes | memoryview], fsync: bool = True) -> None:
+def write_atomic(
+    path: str | os.PathLike[str], chunks: list[bytes | memoryview], fsync: bool = True
+) -> None:
     """Write `chunks` to `path` via a temp file in the same folder, fsync and rename."""
-    _ensure_folder(path.parent)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{next(_temp_names)}.part"
+    # Plain strings here: this runs once per stored instance, and pathlib costs more
+    # than the system calls around it.
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    _ensure_folder(folder)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{next(_temp_names)}.part")
     # O_EXCL: never write into someone else's file; mode 0o666 less the umask.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -215,7 +221,7 @@ def write_atomic(path: Path, chunks: list[bytes | memoryview], fsync: bool = Tru
             pass
         raise
     if fsync:
-        _fsync_directory(path.parent)
+        _fsync_directory(Path(folder or "."))
 
 
 class Spool:
@@ -307,11 +313,11 @@ class Spool:
             raise RuntimeError("the data set is only available while its handler runs")
         return open(self._path, "rb")
 
-    def _save_sync(self, path: Path, fsync: bool) -> Path:
-        _ensure_folder(path.parent)
+    def _save_sync(self, path: str, fsync: bool) -> Path:
         if self._memory is not None:
             write_atomic(path, [self.header, *self._memory], fsync)
-            return path
+            return Path(path)
+        _ensure_folder(os.path.dirname(path))
         assert self._path is not None and self._file is not None
         self._file.flush()
         if fsync:
@@ -325,30 +331,31 @@ class Spool:
                 while block := src.read(1 << 20):
                     chunks.append(block)
             write_atomic(path, chunks, fsync)
-            return path
+            return Path(path)
+        saved = Path(path)
         if fsync:
-            _fsync_directory(path.parent)
+            _fsync_directory(saved.parent)
         # The spool now lives at `path`; keep reading from there.
-        self._path = path
+        self._path = saved
         self._file.close()
-        self._file = open(path, "rb+")
+        self._file = open(saved, "rb+")
         self._file.seek(0, os.SEEK_END)
         self._owned = False
-        return path
+        return saved
 
     async def save(self, path: str | os.PathLike[str], *, fsync: bool = True) -> Path:
         """Write the Part-10 file atomically (temp + fsync + rename) at `path`."""
-        target = Path(path)
+        target = os.fspath(path)
         if self._memory is not None and not fsync and self.size < (1 << 20):
             # Small and not flushed to disk: quicker here than a trip to a worker thread.
             return self._save_sync(target, fsync)
         if self._path is not None and not self._owned:
             # Already moved into place once: copy from there.
-            if target.resolve() == self._path.resolve():
-                return target
+            if Path(target).resolve() == self._path.resolve():
+                return Path(target)
             src = self._path
             await anyio.to_thread.run_sync(_copy_atomic, src, target, fsync)
-            return target
+            return Path(target)
         return await anyio.to_thread.run_sync(self._save_sync, target, fsync)
 
     def close(self) -> None:
@@ -362,7 +369,7 @@ class Spool:
         self.discard()
 
 
-def _copy_atomic(src: Path, target: Path, fsync: bool) -> None:
+def _copy_atomic(src: Path, target: str, fsync: bool) -> None:
     with open(src, "rb") as f:
         data = f.read()
     write_atomic(target, [data], fsync)

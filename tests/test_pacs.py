@@ -10,6 +10,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from dicomnet import pacs
 from dicomnet.index import INDEX_FILE_NAME, Index
 from dicomnet.pacs import Indexer
 
@@ -53,6 +54,40 @@ async def test_indexer_indexes_everything_before_drain_returns(
             assert (indexer._process is not None) == use_process
             tg.cancel_scope.cancel()
         assert indexer._process is None  # the indexer process is stopped with the task
+
+
+async def test_stores_of_the_next_moments_share_a_batch_and_a_query_does_not_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = files(tmp_path, 12)
+    monkeypatch.setattr(pacs, "INDEX_LINGER", 2.0)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        batches: list[int] = []
+        add_many = index.add_many
+
+        def recording(batch: list[Path]) -> int:
+            batches.append(len(batch))
+            return add_many(batch)
+
+        monkeypatch.setattr(index, "add_many", recording)
+        indexer = Indexer(index, use_process=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            for path in paths[:6]:
+                indexer.add(path)
+                await anyio.sleep(0.02)
+            assert batches == []  # still gathering
+            await anyio.sleep(2.5)
+            assert batches == [6]
+            assert len(index) == 6
+            for path in paths[6:]:
+                indexer.add(path)
+            with anyio.fail_after(1.5):  # well under the linger
+                await indexer.drain()
+            assert batches == [6, 6]
+            assert len(index) == 12
+            tg.cancel_scope.cancel()
 
 
 async def test_drain_without_the_background_task_indexes_inline(tmp_path: Path) -> None:
