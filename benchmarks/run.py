@@ -139,7 +139,7 @@ class Runner:
         """Delete what an SCP stored: big instances now (disk space), the many files of
         the other scenarios at the end of the run. On ext4 without a journal, creating a
         file costs a scan over the inodes freed in the last minutes (`recently_deleted()`
-        in the inode allocator: 37 us to 750 us per file here), so deleting 2,000 files
+        in the inode allocator: 37 us to 1 ms per 2 KB file here), so deleting 2,000 files
         between runs would slow down whichever SCP runs next."""
         if scenario.data == "big":
             shutil.rmtree(storage, ignore_errors=True)

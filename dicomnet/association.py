@@ -83,7 +83,14 @@ from dicomnet.qr import move as _move
 from dicomnet.qr import retrieve as _retrieve
 from dicomnet.service import EchoRequest, StoreRequest
 from dicomnet.status import Status
-from dicomnet.storage import Part10File, Spool, encode_dataset, is_valid_uid, part10_header
+from dicomnet.storage import (
+    DatasetReader,
+    Part10File,
+    Spool,
+    encode_dataset,
+    is_valid_uid,
+    part10_header,
+)
 from dicomnet.stream import DicomStream
 from dicomnet.ul import (
     NEED_DATA,
@@ -838,30 +845,23 @@ class Association:
         in_file = part10.dataset_length
         total = in_file + (1 if pad else 0)  # the pad byte is the buffer's own zero
         prefix = b"".join(fragment(context_id, command, True, max_pdu))
-        with open(part10.path, "rb", buffering=0) as f:
-            f.seek(part10.offset)
-            read = 0
-
-            def fill(view: memoryview) -> None:
-                nonlocal read
-                want = min(len(view), in_file - read)
-                while want:
-                    got = f.readinto(view[:want])
-                    if not got:
-                        raise OSError(f"{part10.path} changed while it was being sent")
-                    view = view[got:]
-                    read += got
-                    want -= got
-
+        with DatasetReader(part10) as reader:
             sent = 0
             while True:  # at least once: an empty data set is one empty last fragment
                 size = min(block_size, total - sent)
                 sent += size
                 build = functools.partial(
-                    fragments_into, context_id, size, max_pdu, fill, is_final=sent >= total,
+                    fragments_into, context_id, size, max_pdu, is_final=sent >= total,
                     prefix=prefix,
                 )  # fmt: skip
-                block = await anyio.to_thread.run_sync(build) if size > (1 << 16) else build()
+                if size <= (1 << 16):
+                    block = build(reader.fill)
+                else:
+                    # From the page cache right here; what is not cached, in a worker thread.
+                    cached = reader.read_cached(build)
+                    block = cached if cached is not None else await anyio.to_thread.run_sync(
+                        build, reader.fill
+                    )  # fmt: skip
                 prefix = b""
                 await self._write_unlocked(block)
                 if progress is not None:

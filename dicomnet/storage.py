@@ -4,12 +4,15 @@
   already starts with the Part-10 preamble and file meta (PS3.10 §7.1), so saving it is
   an fsync and a rename. A discarded spool leaves nothing behind.
 - `Part10File`: what the SCU needs of a file to send it (transfer syntax, SOP Class and
-  Instance UIDs from the data set itself, the data set's byte range) without decoding it.
+  Instance UIDs from the data set itself, the data set's byte range) without decoding it;
+  `DatasetReader` reads that range into the buffers being sent.
 - `encode_dataset` / `decode_dataset`: pydicom data sets to and from a transfer syntax.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import io
 import itertools
 import os
@@ -18,9 +21,11 @@ import struct
 import tempfile
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from types import TracebackType
+from typing import Any, BinaryIO, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -41,6 +46,7 @@ from dicomnet.contexts import (
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
+    "DatasetReader",
     "Part10File",
     "Spool",
     "decode_dataset",
@@ -444,6 +450,81 @@ class Part10File:
         if not sop_class or not sop_instance:
             raise ValueError(f"{p} has no SOP Class UID or SOP Instance UID")
         return cls(p, transfer_syntax, sop_class, sop_instance, offset, size)
+
+
+T = TypeVar("T")
+
+# Linux: preadv2() with RWF_NOWAIT reads only what the page cache holds, never waiting for
+# the disk, so a cached file can be read on the event loop without a worker thread.
+_READ_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
+# A file system that cannot serve a no-wait read says so with one of these.
+_NOWAIT_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS})
+
+
+class DatasetReader:
+    """Reads a Part-10 file's data set bytes, in order, into buffers the caller gives
+    (the PDUs being built), so they are copied once on their way to the socket."""
+
+    def __init__(self, part10: Part10File) -> None:
+        self.path = part10.path
+        self._file = open(part10.path, "rb", buffering=0)
+        self._fd = self._file.fileno()
+        self._positional = hasattr(os, "preadv")
+        self._cached_reads = _READ_NOWAIT is not None
+        self.position = part10.offset
+        self._end = part10.offset + part10.dataset_length
+        if not self._positional:  # pragma: no cover - Windows, macOS
+            self._file.seek(self.position)
+
+    def __enter__(self) -> DatasetReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._file.close()
+
+    def fill(self, view: memoryview) -> None:
+        """Fill `view` with the next bytes (fewer at the end of the data set: the rest
+        stays as it is, e.g. a pad byte). May wait for the disk."""
+        self._fill(view, 0)
+
+    def read_cached(self, build: Callable[[Callable[[memoryview], None]], T]) -> T | None:
+        """`build(fill)` with every read served from the page cache, never waiting for the
+        disk; None, with nothing consumed, when part of it is not cached (or the platform
+        cannot tell): then call `build(self.fill)` in a worker thread."""
+        if not self._cached_reads:
+            return None
+        assert _READ_NOWAIT is not None
+        start = self.position
+        try:
+            return build(functools.partial(self._fill, flags=_READ_NOWAIT))
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                pass
+            elif exc.errno in _NOWAIT_REFUSED:
+                self._cached_reads = False
+            else:
+                raise
+        self.position = start
+        return None
+
+    def _fill(self, view: memoryview, flags: int) -> None:
+        want = min(len(view), self._end - self.position)
+        while want:
+            part = view[:want]
+            if self._positional:
+                got = os.preadv(self._fd, [part], self.position, flags)
+            else:  # pragma: no cover - Windows, macOS
+                got = self._file.readinto(part) or 0
+            if not got:
+                raise OSError(f"{self.path} changed while it was being sent")
+            view = view[got:]
+            self.position += got
+            want -= got
 
 
 def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:

@@ -1,7 +1,9 @@
-"""Writing received data sets: gathering writes, spooling without copies, shared fsyncs."""
+"""Writing received data sets: gathering writes, spooling without copies, shared fsyncs;
+reading a file's data set into the PDUs being sent."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicomnet import storage
-from dicomnet.storage import Spool, write_atomic
+from dicomnet.storage import DatasetReader, Part10File, Spool, write_atomic
 
 
 def test_write_atomic_writes_every_chunk_in_order(tmp_path: Path) -> None:
@@ -110,3 +112,101 @@ def test_concurrent_directory_fsyncs_are_shared(
     for start, end in asked.values():
         assert any(start <= s and e <= end for s, e in syncs)
     assert storage._directory_syncs._state == {}  # nothing left behind
+
+
+def _part10(tmp_path: Path, data: bytes, offset: int = 10) -> Part10File:
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"H" * offset + data)
+    return Part10File(path, "1.2.840.10008.1.2.1", "1.2", "1.2.3", offset, offset + len(data))
+
+
+def _read_all(fill: object, length: int, chunk: int) -> bytes:
+    out = bytearray(length)
+    view = memoryview(out)
+    for start in range(0, length, chunk):
+        fill(view[start : start + chunk])  # type: ignore[operator]
+    return bytes(out)
+
+
+def test_dataset_reader_reads_the_data_set_range_and_leaves_the_rest(tmp_path: Path) -> None:
+    data = os.urandom(100_001)
+    with DatasetReader(_part10(tmp_path, data)) as reader:
+        got = _read_all(reader.fill, len(data) + 1, 4096)  # one byte more: a pad byte
+    assert got == data + b"\x00"
+
+
+@pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
+def test_dataset_reader_reads_a_cached_file_without_waiting(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    with DatasetReader(_part10(tmp_path, data)) as reader:  # just written: in the cache
+        got = reader.read_cached(lambda fill: _read_all(fill, len(data), 65536))
+    assert got == data
+
+
+def _flaky_preadv(fail_after: int, error: int) -> tuple[list[int], object]:
+    """os.preadv that serves `fail_after` no-wait reads, then fails with `error`."""
+    real = os.preadv
+    calls: list[int] = []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        calls.append(flags)
+        if flags and len([f for f in calls if f]) > fail_after:
+            raise OSError(error, os.strerror(error))
+        return real(fd, buffers, offset, flags)
+
+    return calls, preadv
+
+
+@pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
+def test_dataset_reader_leaves_an_uncached_block_to_a_blocking_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(200_000)
+    calls, preadv = _flaky_preadv(2, errno.EAGAIN)  # part of the block is not cached
+    monkeypatch.setattr(os, "preadv", preadv)
+    with DatasetReader(_part10(tmp_path, data)) as reader:
+        assert reader.read_cached(lambda fill: _read_all(fill, len(data), 65536)) is None
+        assert reader.position == 10  # nothing consumed
+        assert _read_all(reader.fill, len(data), 65536) == data  # what a worker thread does
+        # The next block asks the cache again: it may hold it by then.
+        before = len(calls)
+        reader.position = 10
+        reader.read_cached(lambda fill: fill(memoryview(bytearray(8))))
+        assert any(calls[before:])
+
+
+@pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
+@pytest.mark.parametrize("error", [errno.EOPNOTSUPP, errno.EINVAL])
+def test_dataset_reader_stops_asking_a_file_system_that_refuses_no_wait_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int
+) -> None:
+    data = os.urandom(1000)
+    calls, preadv = _flaky_preadv(0, error)
+    monkeypatch.setattr(os, "preadv", preadv)
+    with DatasetReader(_part10(tmp_path, data)) as reader:
+        assert reader.read_cached(lambda fill: _read_all(fill, len(data), 100)) is None
+        asked = len(calls)
+        assert reader.read_cached(lambda fill: _read_all(fill, len(data), 100)) is None
+        assert len(calls) == asked  # not asked again
+        assert _read_all(reader.fill, len(data), 100) == data
+
+
+@pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
+def test_dataset_reader_raises_real_read_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _calls, preadv = _flaky_preadv(0, errno.EIO)
+    monkeypatch.setattr(os, "preadv", preadv)
+    with DatasetReader(_part10(tmp_path, b"x" * 100)) as reader:
+        with pytest.raises(OSError) as caught:
+            reader.read_cached(lambda fill: _read_all(fill, 100, 10))
+        assert caught.value.errno == errno.EIO
+
+
+def test_dataset_reader_notices_a_file_cut_short(tmp_path: Path) -> None:
+    part10 = _part10(tmp_path, b"y" * 1000)
+    with open(part10.path, "r+b") as f:
+        f.truncate(500)
+    with DatasetReader(part10) as reader:
+        with pytest.raises(OSError, match="changed while it was being sent"):
+            _read_all(reader.fill, 1000, 100)
