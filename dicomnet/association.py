@@ -9,7 +9,6 @@ lock so that a message's PDUs are never interleaved with another's.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -49,8 +48,8 @@ from dicomnet.dimse import (
     encode_command,
     encode_small_message,
     fragment,
-    fragments_into,
     max_pdv_data,
+    pdata_into,
 )
 from dicomnet.errors import (
     AssociationAborted,
@@ -850,18 +849,16 @@ class Association:
             while True:  # at least once: an empty data set is one empty last fragment
                 size = min(block_size, total - sent)
                 sent += size
-                build = functools.partial(
-                    fragments_into, context_id, size, max_pdu, is_final=sent >= total,
-                    prefix=prefix,
-                )  # fmt: skip
+                block, slots = pdata_into(
+                    context_id, size, max_pdu, is_final=sent >= total, prefix=prefix
+                )
                 if size <= (1 << 16):
-                    block = build(reader.fill)
+                    reader.fill(slots)
                 else:
                     # From the page cache right here; what is not cached, in a worker thread.
-                    cached = reader.read_cached(build)
-                    block = cached if cached is not None else await anyio.to_thread.run_sync(
-                        build, reader.fill
-                    )  # fmt: skip
+                    rest = reader.fill_cached(slots)
+                    if rest:
+                        await anyio.to_thread.run_sync(reader.fill, rest)
                 prefix = b""
                 await self._write_unlocked(block)
                 if progress is not None:

@@ -435,19 +435,18 @@ def fragment(
             return
 
 
-def fragments_into(
+def pdata_into(
     context_id: int,
     length: int,
     max_pdu_length: int,
-    fill: Callable[[memoryview], None],
     *,
     is_final: bool = True,
     prefix: bytes = b"",
-) -> bytearray:
-    """P-DATA-TF PDUs (one PDV each) carrying `length` bytes of a data set, built in one
-    buffer: `fill(view)` puts each PDV's data in place (a file's `readinto`), so the bytes
-    are copied once on their way to the socket. `prefix` (the command's PDUs) goes first.
-    """
+) -> tuple[bytearray, list[memoryview]]:
+    """P-DATA-TF PDUs (one PDV each) for `length` bytes of a data set, laid out in one
+    buffer with their headers in place, and the views where each PDV's data goes: the
+    caller reads a file straight into them, so the bytes are copied once on their way to
+    the socket. `prefix` (the command's PDUs) goes first."""
     chunk = max_pdv_data(max_pdu_length)
     pieces = max(1, -(-length // chunk))
     header_length = len(encode_pdata_header(context_id, 0, 0))
@@ -456,6 +455,7 @@ def fragments_into(
     view[: len(prefix)] = prefix
     position = len(prefix)
     offset = 0
+    slots: list[memoryview] = []
     while True:
         size = min(chunk, length - offset)
         last = offset + size >= length
@@ -463,11 +463,11 @@ def fragments_into(
             context_id, 2 if last and is_final else 0, size
         )
         position += header_length
-        fill(view[position : position + size])
+        slots.append(view[position : position + size])
         position += size
         offset += size
         if last:
-            return out
+            return out, slots
 
 
 def encode_small_message(

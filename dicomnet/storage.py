@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import io
 import itertools
 import os
@@ -21,11 +20,10 @@ import struct
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.to_thread
@@ -452,8 +450,6 @@ class Part10File:
         return cls(p, transfer_syntax, sop_class, sop_instance, offset, size)
 
 
-T = TypeVar("T")
-
 # Linux: preadv2() with RWF_NOWAIT reads only what the page cache holds, never waiting for
 # the disk, so a cached file can be read on the event loop without a worker thread.
 _READ_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
@@ -487,30 +483,29 @@ class DatasetReader:
     ) -> None:
         self._file.close()
 
-    def fill(self, view: memoryview) -> None:
-        """Fill `view` with the next bytes (fewer at the end of the data set: the rest
-        stays as it is, e.g. a pad byte). May wait for the disk."""
-        self._fill(view, 0)
+    def fill(self, views: list[memoryview]) -> None:
+        """Fill `views` in order with the next bytes; past the end of the data set they
+        are left as they are (a pad byte). May wait for the disk."""
+        for view in views:
+            self._fill(view, 0)
 
-    def read_cached(self, build: Callable[[Callable[[memoryview], None]], T]) -> T | None:
-        """`build(fill)` with every read served from the page cache, never waiting for the
-        disk; None, with nothing consumed, when part of it is not cached (or the platform
-        cannot tell): then call `build(self.fill)` in a worker thread."""
+    def fill_cached(self, views: list[memoryview]) -> list[memoryview]:
+        """Fill `views` in order from the page cache, never waiting for the disk; returns
+        what is left to `fill()` (in a worker thread): nothing when all was cached."""
         if not self._cached_reads:
-            return None
+            return views
         assert _READ_NOWAIT is not None
-        start = self.position
-        try:
-            return build(functools.partial(self._fill, flags=_READ_NOWAIT))
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                pass
-            elif exc.errno in _NOWAIT_REFUSED:
-                self._cached_reads = False
-            else:
-                raise
-        self.position = start
-        return None
+        for i, view in enumerate(views):
+            start = self.position
+            try:
+                self._fill(view, _READ_NOWAIT)
+            except OSError as exc:
+                if exc.errno in _NOWAIT_REFUSED:
+                    self._cached_reads = False
+                elif exc.errno != errno.EAGAIN:
+                    raise
+                return [view[self.position - start :], *views[i + 1 :]]
+        return []
 
     def _fill(self, view: memoryview, flags: int) -> None:
         want = min(len(view), self._end - self.position)

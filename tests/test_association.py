@@ -82,7 +82,7 @@ async def test_a_large_file_is_streamed_bit_preserving_either_way(
     source = tmp_path / "big.dcm"
     big.save_as(source)
     if not cached:
-        monkeypatch.setattr(DatasetReader, "read_cached", lambda self, build: None)
+        monkeypatch.setattr(DatasetReader, "fill_cached", lambda self, slots: slots)
     received = tmp_path / "received"
     ae, _seen = storing_ae(received)
     async with ae.serve("127.0.0.1", 0) as server:

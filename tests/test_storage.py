@@ -120,58 +120,66 @@ def _part10(tmp_path: Path, data: bytes, offset: int = 10) -> Part10File:
     return Part10File(path, "1.2.840.10008.1.2.1", "1.2", "1.2.3", offset, offset + len(data))
 
 
-def _read_all(fill: object, length: int, chunk: int) -> bytes:
+def _slots(length: int, chunk: int) -> tuple[bytearray, list[memoryview]]:
     out = bytearray(length)
     view = memoryview(out)
-    for start in range(0, length, chunk):
-        fill(view[start : start + chunk])  # type: ignore[operator]
-    return bytes(out)
+    return out, [view[start : start + chunk] for start in range(0, length, chunk)]
 
 
 def test_dataset_reader_reads_the_data_set_range_and_leaves_the_rest(tmp_path: Path) -> None:
     data = os.urandom(100_001)
+    out, slots = _slots(len(data) + 1, 4096)  # one byte more: a pad byte
     with DatasetReader(_part10(tmp_path, data)) as reader:
-        got = _read_all(reader.fill, len(data) + 1, 4096)  # one byte more: a pad byte
-    assert got == data + b"\x00"
+        reader.fill(slots)
+    assert out == data + b"\x00"
 
 
 @pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
 def test_dataset_reader_reads_a_cached_file_without_waiting(tmp_path: Path) -> None:
     data = os.urandom(300_000)
+    out, slots = _slots(len(data), 65536)
     with DatasetReader(_part10(tmp_path, data)) as reader:  # just written: in the cache
-        got = reader.read_cached(lambda fill: _read_all(fill, len(data), 65536))
-    assert got == data
+        assert reader.fill_cached(slots) == []
+    assert out == data
 
 
 def _flaky_preadv(fail_after: int, error: int) -> tuple[list[int], object]:
-    """os.preadv that serves `fail_after` no-wait reads, then fails with `error`."""
+    """os.preadv whose no-wait reads serve `fail_after` calls (the first one only half of
+    what is asked), then fail with `error`."""
     real = os.preadv
     calls: list[int] = []
 
     def preadv(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
         calls.append(flags)
-        if flags and len([f for f in calls if f]) > fail_after:
+        if not flags:
+            return real(fd, buffers, offset)
+        served = len([f for f in calls if f])
+        if served > fail_after:
             raise OSError(error, os.strerror(error))
-        return real(fd, buffers, offset, flags)
+        if served == 1:
+            return real(fd, [buffers[0][: max(1, len(buffers[0]) // 2)]], offset)
+        return real(fd, buffers, offset)
 
     return calls, preadv
 
 
 @pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
-def test_dataset_reader_leaves_an_uncached_block_to_a_blocking_read(
+def test_what_the_cache_does_not_hold_is_left_for_a_blocking_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = os.urandom(200_000)
-    calls, preadv = _flaky_preadv(2, errno.EAGAIN)  # part of the block is not cached
+    calls, preadv = _flaky_preadv(3, errno.EAGAIN)  # part of the block is not cached
     monkeypatch.setattr(os, "preadv", preadv)
+    out, slots = _slots(len(data), 65536)
     with DatasetReader(_part10(tmp_path, data)) as reader:
-        assert reader.read_cached(lambda fill: _read_all(fill, len(data), 65536)) is None
-        assert reader.position == 10  # nothing consumed
-        assert _read_all(reader.fill, len(data), 65536) == data  # what a worker thread does
+        rest = reader.fill_cached(slots)
+        assert rest and sum(len(v) for v in rest) < len(data)  # some came from the cache
+        reader.fill(rest)  # what a worker thread does
+        assert out == data
         # The next block asks the cache again: it may hold it by then.
         before = len(calls)
         reader.position = 10
-        reader.read_cached(lambda fill: fill(memoryview(bytearray(8))))
+        reader.fill_cached(_slots(8, 8)[1])
         assert any(calls[before:])
 
 
@@ -183,12 +191,14 @@ def test_dataset_reader_stops_asking_a_file_system_that_refuses_no_wait_reads(
     data = os.urandom(1000)
     calls, preadv = _flaky_preadv(0, error)
     monkeypatch.setattr(os, "preadv", preadv)
+    out, slots = _slots(len(data), 100)
     with DatasetReader(_part10(tmp_path, data)) as reader:
-        assert reader.read_cached(lambda fill: _read_all(fill, len(data), 100)) is None
+        assert reader.fill_cached(slots) == slots
         asked = len(calls)
-        assert reader.read_cached(lambda fill: _read_all(fill, len(data), 100)) is None
+        assert reader.fill_cached(slots) == slots
         assert len(calls) == asked  # not asked again
-        assert _read_all(reader.fill, len(data), 100) == data
+        reader.fill(slots)
+    assert out == data
 
 
 @pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
@@ -199,7 +209,7 @@ def test_dataset_reader_raises_real_read_errors(
     monkeypatch.setattr(os, "preadv", preadv)
     with DatasetReader(_part10(tmp_path, b"x" * 100)) as reader:
         with pytest.raises(OSError) as caught:
-            reader.read_cached(lambda fill: _read_all(fill, 100, 10))
+            reader.fill_cached(_slots(100, 10)[1])
         assert caught.value.errno == errno.EIO
 
 
@@ -209,4 +219,4 @@ def test_dataset_reader_notices_a_file_cut_short(tmp_path: Path) -> None:
         f.truncate(500)
     with DatasetReader(part10) as reader:
         with pytest.raises(OSError, match="changed while it was being sent"):
-            _read_all(reader.fill, 1000, 100)
+            reader.fill(_slots(1000, 100)[1])
