@@ -61,14 +61,22 @@ async def _batches(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
             await anyio.to_thread.run_sync(close)
 
 
+# Signals that stop `serve` (Ctrl-C, SIGTERM to the process group), not its indexer.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _index_worker(database: str, root: str, connection: Connection) -> None:
     """The indexer process: index each batch of paths it is sent, answer with the count.
 
     It ignores SIGINT/SIGTERM (a Ctrl-C or a signal to the process group): the serving
-    process stops it by closing the pipe, after the last batch.
+    process stops it by closing the pipe, after the last batch. It starts with both
+    blocked (see `Indexer._start_process`), so one sent while it was starting up is
+    dropped here.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         # Background work: on a busy machine, answering associations comes first.
         os.nice(INDEXER_NICENESS)
@@ -144,7 +152,17 @@ class Indexer:
                 name="dicomnet-indexer",
                 daemon=True,
             )
-            process.start()
+            # The child inherits this thread's signal mask: with the stop signals blocked,
+            # one that reaches the process group while the new interpreter is still
+            # starting up (before it can ignore them) stays pending instead of killing it.
+            masked = hasattr(signal, "pthread_sigmask")
+            if masked:
+                previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                process.start()
+            finally:
+                if masked:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             theirs.close()
         except Exception as exc:
             log.warning("indexing in a thread: could not start the indexer process: %s", exc)

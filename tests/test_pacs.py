@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import anyio
@@ -88,6 +90,31 @@ async def test_stores_of_the_next_moments_share_a_batch_and_a_query_does_not_wai
             assert batches == [6, 6]
             assert len(index) == 12
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+async def test_a_stop_signal_while_the_indexer_process_starts_does_not_kill_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM or Ctrl-C reach the whole process group, the indexer too; one that comes
+    while its interpreter is still starting (before it can ignore them) must not kill it."""
+    paths = files(tmp_path, 5)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        indexer = Indexer(index, use_process=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            assert indexer._process is not None and indexer._process.pid is not None
+            os.kill(indexer._process.pid, signal.SIGTERM)  # still importing modules
+            os.kill(indexer._process.pid, signal.SIGINT)
+            for path in paths:
+                indexer.add(path)
+            await indexer.drain()
+            assert len(index) == 5
+            assert indexer._connection is not None  # still indexing in its process
+            assert indexer._process.is_alive()
+            tg.cancel_scope.cancel()
+    assert "indexer process stopped" not in caplog.text
 
 
 async def test_drain_without_the_background_task_indexes_inline(tmp_path: Path) -> None:
