@@ -11,6 +11,7 @@ import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from itertools import islice
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -157,6 +158,9 @@ class Indexer:
             # starting up (before it can ignore them) stays pending instead of killing it.
             masked = hasattr(signal, "pthread_sigmask")
             if masked:
+                # Spawning first starts multiprocessing's resource tracker if it is not
+                # running, which unblocks both signals when it is done: start it now.
+                resource_tracker.ensure_running()
                 previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             try:
                 process.start()
