@@ -64,6 +64,7 @@ async def _batches(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
 
 # Signals that stop `serve` (Ctrl-C, SIGTERM to the process group), not its indexer.
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_HAVE_SIGNAL_MASK = hasattr(signal, "pthread_sigmask")  # not on Windows
 
 
 def _index_worker(database: str, root: str, connection: Connection) -> None:
@@ -76,7 +77,7 @@ def _index_worker(database: str, root: str, connection: Connection) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):
+    if _HAVE_SIGNAL_MASK:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         # Background work: on a busy machine, answering associations comes first.
@@ -156,8 +157,7 @@ class Indexer:
             # The child inherits this thread's signal mask: with the stop signals blocked,
             # one that reaches the process group while the new interpreter is still
             # starting up (before it can ignore them) stays pending instead of killing it.
-            masked = hasattr(signal, "pthread_sigmask")
-            if masked:
+            if _HAVE_SIGNAL_MASK:
                 # Spawning first starts multiprocessing's resource tracker if it is not
                 # running, which unblocks both signals when it is done: start it now.
                 resource_tracker.ensure_running()
@@ -165,7 +165,7 @@ class Indexer:
             try:
                 process.start()
             finally:
-                if masked:
+                if _HAVE_SIGNAL_MASK:
                     signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             theirs.close()
         except Exception as exc:
