@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -652,43 +652,48 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     reuse_port = workers > 1 or is_worker
     children: list[subprocess.Popen[bytes]] = []
-    async with scp.serve(args.host, args.port, reuse_port=reuse_port) as server:
-        if not is_worker:
-            for _ in range(workers - 1):
-                children.append(subprocess.Popen(_worker_argv(args.argv)))
-            print(
-                f"dicomnet {__version__}: {args.aet} listening on {server.host}:{server.port}"
-                f"{f' with {workers} processes' if workers > 1 else ''}, "
-                f"storing to {scp.storage.resolve()}",
-                flush=True,
-            )
-        async with anyio.create_task_group() as tg:
+    stop = anyio.Event()
 
-            async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("received signal %d: shutting down", signum)
-                        await server.close()
-                        return
+    async def on_signals(signals: AsyncIterator[signal.Signals]) -> None:
+        # Handled until `serve` returns: a signal during the shutdown (a second Ctrl-C, a
+        # worker's SIGTERM from both its process group and the first process) must not
+        # kill it while the indexer takes the last batch.
+        async for signum in signals:
+            how = "already shutting down" if stop.is_set() else "shutting down"
+            log.info("received signal %d: %s", signum, how)
+            stop.set()
 
-            async def stop_with_parent(parent: int) -> None:
-                # A worker ends when the process that started it is gone.
-                while os.getppid() == parent:
-                    await anyio.sleep(1.0)
-                await server.close()
+    async def stop_with_parent(parent: int) -> None:
+        # A worker ends when the process that started it is gone.
+        while os.getppid() == parent:
+            await anyio.sleep(1.0)
+        stop.set()
 
-            tg.start_soon(stop_on_signal)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(on_signals, signals)
             if is_worker:
-                tg.start_soon(stop_with_parent, args.worker_of)
-            await server.wait_closed()
-            tg.cancel_scope.cancel()
-    for child in children:
-        child.terminate()
-    for child in children:
-        try:
-            await anyio.to_thread.run_sync(child.wait, 10)
-        except subprocess.TimeoutExpired:
-            child.kill()
+                watch.start_soon(stop_with_parent, args.worker_of)
+            async with scp.serve(args.host, args.port, reuse_port=reuse_port) as server:
+                if not is_worker:
+                    for _ in range(workers - 1):
+                        children.append(subprocess.Popen(_worker_argv(args.argv)))
+                    print(
+                        f"dicomnet {__version__}: {args.aet} listening on "
+                        f"{server.host}:{server.port}"
+                        f"{f' with {workers} processes' if workers > 1 else ''}, "
+                        f"storing to {scp.storage.resolve()}",
+                        flush=True,
+                    )
+                await stop.wait()  # leaving the block closes the server, then the indexer
+            for child in children:
+                child.terminate()
+            for child in children:
+                try:
+                    await anyio.to_thread.run_sync(child.wait, 10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            watch.cancel_scope.cancel()
     scp.close()
     return 0
 

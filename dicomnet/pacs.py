@@ -88,7 +88,7 @@ def _index_worker(database: str, root: str, connection: Connection) -> None:
         while True:
             try:
                 batch = connection.recv()
-            except EOFError:
+            except (EOFError, OSError):  # the serving process is gone
                 return
             if batch is None:
                 return

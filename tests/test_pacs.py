@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from peers import HOST, describe_cli, run_dicomnet
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -138,6 +140,64 @@ def test_a_stop_signal_while_the_indexer_process_starts_does_not_kill_it(tmp_pat
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["5", "True", "True"], done.stderr
     assert "indexer process stopped" not in done.stderr
+
+
+# `dicomnet serve`, with a second SIGTERM arriving as its last batch goes to the indexer.
+_SECOND_SIGNAL = """
+import os, signal, sys
+import anyio
+from dicomnet import cli, pacs
+
+pacs.INDEX_LINGER = 3600.0  # the first batch goes when serving stops
+index_in_process = pacs.Indexer._index_in_process
+
+async def signal_again_first(self, batch):
+    os.kill(os.getpid(), signal.SIGTERM)
+    await anyio.sleep(0.2)
+    return await index_in_process(self, batch)
+
+pacs.Indexer._index_in_process = signal_again_first
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_stop_signal_does_not_cut_the_last_indexing_batch(tmp_path: Path) -> None:
+    """A second SIGTERM or Ctrl-C while `serve` stops (a `--workers` process gets one from
+    its process group and one from the first process) must not kill it before its last
+    batch is indexed: the stores answered just before would be missing from the index."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    files(folder, 3)
+    storage = tmp_path / "storage"
+    argv = [sys.executable, "-c", _SECOND_SIGNAL, "serve", "-v", "--port", "0"]
+    server = subprocess.Popen(
+        [*argv, "--storage", str(storage)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        output = ""
+        for line in server.stdout:  # log lines, then the one that says where it listens
+            output += line
+            found = re.search(r"listening on [0-9.]+:([0-9]+)", line)
+            if found is not None:
+                break
+        assert found is not None, output
+        stored = run_dicomnet(["store", HOST, found.group(1), folder])
+        assert stored.returncode == 0, describe_cli(stored)
+        server.send_signal(signal.SIGTERM)
+        output += server.communicate(timeout=30)[0]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, output
+    assert "already shutting down" in output
+    with Index(storage / INDEX_FILE_NAME, root=storage) as index:
+        assert len(index) == 3
 
 
 async def test_drain_without_the_background_task_indexes_inline(tmp_path: Path) -> None:
