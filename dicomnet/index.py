@@ -334,6 +334,30 @@ _STORED_TAGS: dict[str, BaseTag] = {
 }
 _STORED_TAG_SET = frozenset(_STORED_TAGS.values())
 
+# What `Index._build_record` reads, table by table in upsert column order: (tag, VR,
+# keyword, role, whether a match key column follows).
+_PLAIN, _UNIQUE_KEY, _SOP_CLASS = 0, 1, 2
+_RECORD_PLAN: tuple[tuple[str, tuple[tuple[int, str, str, int, bool], ...]], ...] = tuple(
+    (
+        table.name,
+        tuple(
+            (
+                int(_STORED_TAGS[attr.keyword]),
+                attr.vr,
+                attr.keyword,
+                _UNIQUE_KEY
+                if attr is table.unique
+                else _SOP_CLASS
+                if attr.keyword == "SOPClassUID"
+                else _PLAIN,
+                attr.key_column != attr.column,
+            )
+            for attr in table.attributes
+        ),
+    )
+    for table in _TABLES
+)
+
 # -- query attributes -------------------------------------------------------------------
 
 
@@ -760,7 +784,7 @@ def _plan_retrieve(
 
 
 def _text(
-    dataset: Dataset, tag: BaseTag, vr: str, present: frozenset[BaseTag]
+    dataset: Dataset, tag: int, vr: str, present: frozenset[BaseTag]
 ) -> tuple[str | None, str | None]:
     """(value, match key) of an attribute to store: None for an absent attribute,
     '' for an empty one; several values are joined with backslashes. `present` is
@@ -795,16 +819,28 @@ class _NeedsPydicom(Exception):
     """A value the quick path does not read exactly as pydicom would."""
 
 
-def _quick_values(path: Path) -> tuple[dict[int, bytes], dict[str, str]] | None:
-    """The raw values of the indexed attributes and the file meta UIDs of a Part-10 file,
-    read from its first bytes without pydicom; None if pydicom must read it."""
-    with open(path, "rb") as f:
-        head = f.read(_QUICK_FIRST)
+def _read(fd: int, size: int) -> bytes:
+    """Up to `size` bytes from `fd`: fewer only at the end of the file."""
+    chunks = []
+    while size > 0 and (chunk := os.read(fd, size)):
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _quick_values(path: str) -> tuple[dict[int, bytes], dict[str, str], int] | None:
+    """The raw values of the indexed attributes, the file meta UIDs and the size of a
+    Part-10 file, read from its first bytes without pydicom; None if pydicom must read it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        head = _read(fd, _QUICK_FIRST)
         quick = _quick_values_of(head, complete=len(head) < _QUICK_FIRST)
         if quick is None and len(head) == _QUICK_FIRST:  # a long header: read more of it
-            head += f.read(_QUICK_HEAD - _QUICK_FIRST)
+            head += _read(fd, _QUICK_HEAD - _QUICK_FIRST)
             quick = _quick_values_of(head, complete=len(head) < _QUICK_HEAD)
-    return quick
+        return None if quick is None else (*quick, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def _quick_values_of(head: bytes, complete: bool) -> tuple[dict[int, bytes], dict[str, str]] | None:
@@ -826,12 +862,30 @@ def _quick_values_of(head: bytes, complete: bool) -> tuple[dict[int, bytes], dic
     return None if values is None else (values, meta)
 
 
-def _text_of_raw(values: dict[int, bytes], tag: BaseTag, vr: str) -> tuple[str | None, str | None]:
-    """What `_text` gives for the same attribute read by pydicom, from its raw bytes; raises
+class _RawTexts:
+    """`_text_of_raw` with its answers remembered: in a batch of stored instances the
+    patient, study and series attributes come again and again."""
+
+    LIMIT = 4096  # remembered answers; then it starts afresh
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[bytes, str], tuple[str | None, str | None]] = {}
+
+    def text(self, values: dict[int, bytes], tag: int, vr: str) -> tuple[str | None, str | None]:
+        raw = values.get(tag)
+        if raw is None:
+            return None, None
+        known = self._known.get((raw, vr))
+        if known is None:
+            if len(self._known) >= self.LIMIT:
+                self._known = {}
+            known = self._known[raw, vr] = _text_of_raw(raw, vr)
+        return known
+
+
+def _text_of_raw(raw: bytes, vr: str) -> tuple[str | None, str | None]:
+    """What `_text` gives for an attribute read by pydicom, from its raw value; raises
     `_NeedsPydicom` for what only pydicom reads right (other character sets, odd IS)."""
-    raw = values.get(int(tag))
-    if raw is None:
-        return None, None
     try:
         value = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -927,7 +981,9 @@ class Index:
         self.root = Path(root) if root is not None else self.path.parent
         self.timeout = timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._root_abs = Path(os.path.abspath(self.root))
+        root_abs = os.path.abspath(self.root)
+        self._root_prefix = root_abs if root_abs.endswith(os.sep) else root_abs + os.sep
+        self._raw_texts = _RawTexts()
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, timeout=timeout, check_same_thread=False, isolation_level=None
@@ -1026,12 +1082,14 @@ class Index:
 
     # -- writing --
 
-    def _relative(self, path: Path) -> str:
-        absolute = Path(os.path.abspath(path))
-        try:
-            return absolute.relative_to(self._root_abs).as_posix()
-        except ValueError:
-            return str(absolute)
+    def _relative(self, path: str) -> str:
+        """`path` relative to `root`, with forward slashes; absolute if it is elsewhere."""
+        absolute = os.path.abspath(path)
+        prefix = self._root_prefix
+        if os.path.normcase(absolute[: len(prefix)]) != os.path.normcase(prefix):
+            return absolute
+        relative = absolute[len(prefix) :]
+        return relative if os.sep == "/" else relative.replace(os.sep, "/")
 
     def _absolute(self, stored: str) -> Path:
         return self.root / stored
@@ -1042,7 +1100,7 @@ class Index:
         Instance UID) replaces it. Raises `ValueError` for an instance without SOP
         Instance, Study Instance or Series Instance UID, and pydicom's / the OS's
         errors for a file that cannot be read."""
-        record = self._record(Path(path), dataset)
+        record = self._record(os.fspath(path), dataset)
         with self._write() as conn:
             self._store(conn, record, {})
 
@@ -1065,7 +1123,7 @@ class Index:
         for item in items:
             path, dataset = item if isinstance(item, tuple) else (item, None)
             try:
-                record = self._record(Path(path), dataset)
+                record = self._record(os.fspath(path), dataset)
             except Exception as exc:  # a damaged file must not stop a rebuild
                 log.warning("not indexed: %s: %s", path, exc)
                 continue
@@ -1099,14 +1157,15 @@ class Index:
                 conn.execute(f"DELETE FROM {table.name}")
             return self._store_all(conn, _walk(folder))
 
-    def _record(self, path: Path, dataset: Dataset | None) -> _Record:
+    def _record(self, path: str, dataset: Dataset | None) -> _Record:
         if dataset is None:
             quick = _quick_values(path)
             if quick is not None:
-                values, meta = quick
+                values, meta, size = quick
+                raw_texts = self._raw_texts
                 try:
                     return self._build_record(
-                        path, lambda tag, vr: _text_of_raw(values, tag, vr), meta.get
+                        path, size, lambda tag, vr: raw_texts.text(values, tag, vr), meta.get
                     )
                 except _NeedsPydicom:
                     pass
@@ -1118,34 +1177,39 @@ class Index:
         meta = {
             keyword: normalize("UI", str(file_meta.get(keyword, ""))) for keyword in _META_KEYWORDS
         }
-        return self._build_record(path, lambda tag, vr: _text(dataset, tag, vr, present), meta.get)
+        return self._build_record(
+            path,
+            os.stat(path).st_size,
+            lambda tag, vr: _text(dataset, tag, vr, present),
+            meta.get,
+        )
 
     def _build_record(
         self,
-        path: Path,
-        text_of: Callable[[BaseTag, str], tuple[str | None, str | None]],
+        path: str,
+        size: int,
+        text_of: Callable[[int, str], tuple[str | None, str | None]],
         meta: Callable[[str], str | None],
     ) -> _Record:
-        size = path.stat().st_size
         rows: dict[str, list[str | int | None]] = {}
-        for table in _TABLES:
+        for table, plan in _RECORD_PLAN:
             values: list[str | int | None] = []
-            for attr in table.attributes:
-                text, key = text_of(_STORED_TAGS[attr.keyword], attr.vr)
-                if attr is table.unique:
-                    if not text and attr.keyword == "SOPInstanceUID":
+            for tag, vr, keyword, role, keyed in plan:
+                text, key = text_of(tag, vr)
+                if role == _UNIQUE_KEY:
+                    if not text and keyword == "SOPInstanceUID":
                         text = meta("MediaStorageSOPInstanceUID") or ""
-                    if not text and attr.keyword != "PatientID":
-                        raise ValueError(f"{attr.keyword} is missing")
+                    if not text and keyword != "PatientID":
+                        raise ValueError(f"{keyword} is missing")
                     values.append(text or "")
                     continue
-                if attr.keyword == "SOPClassUID" and not text:
+                if role == _SOP_CLASS and not text:
                     text = meta("MediaStorageSOPClassUID") or None
                     key = text
                 values.append(text)
-                if attr.key_column != attr.column:
+                if keyed:
                     values.append(key)
-            rows[table.name] = values
+            rows[table] = values
         transfer_syntax = meta("TransferSyntaxUID")
         rows["instance"] += [self._relative(path), transfer_syntax or None, size]
         return _Record(rows, cast(str, rows["instance"][0]))

@@ -1047,7 +1047,7 @@ def _both_ways(index: Index, path: Path) -> tuple[object, object]:
 
     def attempt(dataset: Dataset | None) -> object:
         try:
-            return index._record(path, dataset)
+            return index._record(str(path), dataset)
         except Exception as exc:
             return type(exc)
 
