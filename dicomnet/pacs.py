@@ -110,9 +110,10 @@ class Indexer:
     milliseconds. Queries first `drain()` the queue, so a query sees every instance
     whose C-STORE was answered before it. The parsing runs in a process of its own
     (`use_process`), so it does not compete with the event loop for the GIL; in a
-    worker thread when that process cannot be started. A batch is sent once it is
-    `INDEX_BATCH` long, `INDEX_LINGER` after its first file, or at once when a query
-    drains the queue.
+    worker thread when that process cannot be started. A batch gathers for
+    `INDEX_LINGER` (from its first file, or from the end of the batch before it under
+    steady load), less once `INDEX_BATCH` long, and not at all while a query drains
+    the queue.
     """
 
     def __init__(self, index: Index, *, use_process: bool = True) -> None:
@@ -123,6 +124,7 @@ class Indexer:
         self._hurry = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._drains = 0  # drain() calls waiting: no lingering meanwhile
         self._running = False
         self._process: BaseProcess | None = None
         self._connection: Connection | None = None
@@ -139,8 +141,12 @@ class Indexer:
         if not self._running:
             await self._flush()  # nobody runs the background task: index now
         elif self._pending or not self._idle.is_set():
-            self._hurry.set()
-            await self._idle.wait()
+            self._drains += 1
+            try:
+                self._hurry.set()
+                await self._idle.wait()
+            finally:
+                self._drains -= 1
 
     def _start_process(self) -> None:
         if not self.use_process:
@@ -201,20 +207,23 @@ class Indexer:
             self._connection = None
             return False
 
+    async def _send_batch(self) -> None:
+        """Index what is pending now."""
+        batch, self._pending = self._pending, []
+        try:
+            if not await self._index_in_process(batch):
+                await anyio.to_thread.run_sync(self.index.add_many, batch)
+        except Exception as exc:  # files are kept; `dicomnet index` can retry
+            log.error("could not index %d stored file(s): %s", len(batch), exc)
+        except BaseException:
+            # Cancelled (serving stops): keep the batch for the last flush. Indexing
+            # one twice is harmless (an upsert).
+            self._pending[:0] = batch
+            raise
+
     async def _flush(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                if await self._index_in_process(batch):
-                    continue
-                await anyio.to_thread.run_sync(self.index.add_many, batch)
-            except Exception as exc:  # files are kept; `dicomnet index` can retry
-                log.error("could not index %d stored file(s): %s", len(batch), exc)
-            except BaseException:
-                # Cancelled (serving stops): keep the batch for the last flush. Indexing
-                # one twice is harmless (an upsert).
-                self._pending[:0] = batch
-                raise
+            await self._send_batch()
         self._idle.set()
 
     async def run(self) -> None:
@@ -225,7 +234,7 @@ class Indexer:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if not self._hurry.is_set():
+                if not self._hurry.is_set() and not self._drains:
                     # Group commit: let the stores of the next moments join this batch.
                     timer = loop.call_later(INDEX_LINGER, self._hurry.set)
                     try:
@@ -233,7 +242,13 @@ class Indexer:
                     finally:
                         timer.cancel()
                 self._hurry.clear()
-                await self._flush()
+                await self._send_batch()
+                if self._pending:  # stored meanwhile: the next batch, which lingers too
+                    self._wake.set()
+                    if len(self._pending) >= INDEX_BATCH:
+                        self._hurry.set()
+                else:
+                    self._idle.set()
         finally:
             self._running = False
             with anyio.CancelScope(shield=True):

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import anyio
@@ -92,6 +93,44 @@ async def test_stores_of_the_next_moments_share_a_batch_and_a_query_does_not_wai
                 await indexer.drain()
             assert batches == [6, 6]
             assert len(index) == 12
+            tg.cancel_scope.cancel()
+
+
+async def test_stores_arriving_while_a_batch_is_indexed_wait_for_the_next_linger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under steady load each batch gathers for `INDEX_LINGER`, not only the first one
+    after a quiet moment: the stores answered while a batch is being indexed do not
+    go at once in a batch of their own."""
+    paths = files(tmp_path, 6)
+    monkeypatch.setattr(pacs, "INDEX_LINGER", 1.0)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        batches: list[int] = []
+        indexing, proceed = threading.Event(), threading.Event()
+        add_many = index.add_many
+
+        def recording(batch: list[Path]) -> int:
+            batches.append(len(batch))
+            indexing.set()
+            proceed.wait(10)
+            return add_many(batch)
+
+        monkeypatch.setattr(index, "add_many", recording)
+        indexer = Indexer(index, use_process=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            for path in paths[:3]:
+                indexer.add(path)
+            assert await anyio.to_thread.run_sync(indexing.wait, 10)
+            for path in paths[3:]:  # stored while the first batch is being indexed
+                indexer.add(path)
+            proceed.set()
+            await anyio.sleep(0.2)
+            assert batches == [3]  # the next one is still gathering
+            await anyio.sleep(1.5)
+            assert batches == [3, 3]
+            assert len(index) == 6
             tg.cancel_scope.cancel()
 
 
