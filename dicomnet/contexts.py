@@ -29,6 +29,7 @@ from dicomnet.pdu import (
 __all__ = [
     "DEFAULT_TRANSFER_SYNTAXES",
     "AcceptedContext",
+    "ContextAnswers",
     "ContextCount",
     "PresentationContext",
     "all_storage_sop_classes",
@@ -265,19 +266,82 @@ def negotiate_as_acceptor(
     implementation_class_uid: str,
     implementation_version_name: str,
     extensions: Sequence[ExtendedNegotiation] = (),
+    answers: ContextAnswers | None = None,
 ) -> Negotiated:
     """Answer each proposed context: the first proposed transfer syntax we support.
 
     Results per PS3.8 Table 9-18: abstract syntax not supported (3), transfer syntaxes
     not supported (4). Role selection per PS3.7 §D.3.3.4: a role the requestor asks
     for is granted when our context allows it. Each of `extensions` then adds its
-    answer to the user information.
+    answer to the user information. `answers`, kept by the caller for as long as
+    `supported` does not change, remembers the answers to the proposals seen.
     """
-    asked_roles = {role.sop_class_uid: role for role in request.user_information.role_selections}
+    proposed = request.presentation_contexts
+    roles = request.user_information.role_selections
+    if answers is None:
+        results, accepted, granted_roles = _answer_contexts(proposed, roles, supported)
+    else:
+        results, accepted, granted_roles = answers.answer(proposed, roles, supported)
+    user_information = UserInformation(
+        max_length=max_pdu_length,
+        implementation_class_uid=implementation_class_uid,
+        implementation_version_name=implementation_version_name,
+        role_selections=granted_roles,
+    )
+    for extension in extensions:
+        user_information = extension.answer(request.user_information, user_information)
+    response = AAssociateAC(
+        called_ae_title=request.called_ae_title,
+        calling_ae_title=request.calling_ae_title,
+        presentation_contexts=results,
+        user_information=user_information,
+    )
+    return Negotiated(response, dict(accepted), request.user_information.max_length or 0)
+
+
+_Answers = tuple[
+    tuple[PresentationContextAC, ...], dict[int, AcceptedContext], tuple[RoleSelection, ...]
+]
+
+
+class ContextAnswers:
+    """An acceptor's answers to recent proposals, by the identity of what was asked
+    (held here, so an id is not reused meanwhile). A repeated A-ASSOCIATE-RQ decodes to
+    the same objects (`dicomnet.pdu.decode_pdu`), so it is answered without going
+    through its contexts again. Bounded: it starts afresh when full."""
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, int], tuple[object, object, _Answers]] = {}
+
+    def answer(
+        self,
+        proposed: tuple[PresentationContextRQ, ...],
+        roles: tuple[RoleSelection, ...],
+        supported: dict[str, PresentationContext],
+    ) -> _Answers:
+        key = (id(proposed), id(roles))
+        known = self._known.get(key)
+        if known is not None and known[0] is proposed and known[1] is roles:
+            return known[2]
+        answers = _answer_contexts(proposed, roles, supported)
+        if len(self._known) >= self.LIMIT:
+            self._known = {}
+        self._known[key] = (proposed, roles, answers)
+        return answers
+
+
+def _answer_contexts(
+    proposed: tuple[PresentationContextRQ, ...],
+    roles: tuple[RoleSelection, ...],
+    supported: dict[str, PresentationContext],
+) -> _Answers:
+    asked_roles = {role.sop_class_uid: role for role in roles}
     results: list[PresentationContextAC] = []
     accepted: dict[int, AcceptedContext] = {}
     granted_roles: dict[str, RoleSelection] = {}
-    for rq in request.presentation_contexts:
+    for rq in proposed:
         ours = supported.get(rq.abstract_syntax)
         if ours is None:
             results.append(
@@ -313,18 +377,4 @@ def negotiate_as_acceptor(
         accepted[rq.context_id] = AcceptedContext(
             rq.context_id, rq.abstract_syntax, chosen, we_are_scu=their_scp, we_are_scp=their_scu
         )
-    user_information = UserInformation(
-        max_length=max_pdu_length,
-        implementation_class_uid=implementation_class_uid,
-        implementation_version_name=implementation_version_name,
-        role_selections=tuple(granted_roles.values()),
-    )
-    for extension in extensions:
-        user_information = extension.answer(request.user_information, user_information)
-    response = AAssociateAC(
-        called_ae_title=request.called_ae_title,
-        calling_ae_title=request.calling_ae_title,
-        presentation_contexts=tuple(results),
-        user_information=user_information,
-    )
-    return Negotiated(response, accepted, request.user_information.max_length or 0)
+    return tuple(results), accepted, tuple(granted_roles.values())

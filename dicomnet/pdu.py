@@ -11,6 +11,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import cast
 
 from dicomnet.errors import ProtocolError
 
@@ -551,10 +552,29 @@ def _encode_associate(
         )
     )
     body += _item(ItemType.APPLICATION_CONTEXT, _encode_uid(app_context))
-    for context in contexts:
-        body += context.encode()
+    body += _encoded_contexts(contexts)
     body += user_information.encode()
     return _PDU_HEADER.pack(pdu_type, len(body)) + body
+
+
+# The presentation context items of recent A-ASSOCIATE PDUs, by the identity of their
+# tuple (kept here, so an id is not reused meanwhile): an acceptor that answers a
+# repeated request with the same (remembered) answer encodes it once.
+_contexts_memo: dict[int, tuple[object, bytes]] = {}
+
+
+def _encoded_contexts(
+    contexts: Sequence[PresentationContextRQ] | Sequence[PresentationContextAC],
+) -> bytes:
+    known = _contexts_memo.get(id(contexts))
+    if known is not None and known[0] is contexts:
+        return known[1]
+    encoded = b"".join([context.encode() for context in contexts])
+    if isinstance(contexts, tuple):  # immutable: safe to remember
+        if len(_contexts_memo) >= _RQ_MEMO_LIMIT:
+            _contexts_memo.clear()
+        _contexts_memo[id(contexts)] = (contexts, encoded)
+    return encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -841,18 +861,33 @@ def parse_pdu_header(data: bytes | bytearray | memoryview, offset: int = 0) -> t
     return int(pdu_type), int(length)
 
 
+# A requestor proposes the same A-ASSOCIATE-RQ each time it connects (a modality, a
+# storescu with over a hundred presentation contexts): identical bodies decode to one
+# shared object, decoded once. Bounded: it starts afresh when full.
+_RQ_MEMO_LIMIT = 64
+_rq_memo: dict[bytes, AAssociateRQ] = {}
+
+
 def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
     """Decode a PDU from its type and body (the bytes after the 6-byte header)."""
     decoder = _DECODERS.get(pdu_type)  # type: ignore[call-overload]
     if decoder is None:
         raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}")
+    key = bytes(body) if pdu_type == PDUType.A_ASSOCIATE_RQ else None
+    if key is not None and (known := _rq_memo.get(key)) is not None:
+        return known
     view = body if isinstance(body, memoryview) else memoryview(body)
     try:
-        return decoder(view)  # type: ignore[no-any-return]
+        pdu: PDU = decoder(view)
     except ProtocolError:
         raise
     except (struct.error, IndexError, ValueError, UnicodeError) as exc:  # defensive
         raise ProtocolError(f"malformed PDU 0x{pdu_type:02X}: {exc}") from exc
+    if key is not None:
+        if len(_rq_memo) >= _RQ_MEMO_LIMIT:
+            _rq_memo.clear()
+        _rq_memo[key] = cast(AAssociateRQ, pdu)
+    return pdu
 
 
 def decode_pdu_bytes(data: bytes | memoryview) -> PDU:

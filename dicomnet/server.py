@@ -18,6 +18,7 @@ from dicomnet.client import connect
 from dicomnet.contexts import (
     DEFAULT_TRANSFER_SYNTAXES,
     VERIFICATION,
+    ContextAnswers,
     PresentationContext,
     all_storage_sop_classes,
     all_transfer_syntaxes,
@@ -99,6 +100,9 @@ class AE:
         self.sop_class_extended: dict[str, bytes] = {}
         self.handlers = Handlers(move_destination=self.peers.get)
         self._on_association: Callable[[AssociationRequest], Any] | None = None
+        self._negotiation_cache: (
+            tuple[object, dict[str, PresentationContext], ContextAnswers] | None
+        ) = None
 
     # --- handlers --------------------------------------------------------------------------
 
@@ -144,6 +148,25 @@ class AE:
 
     def supported_contexts(self) -> dict[str, PresentationContext]:
         """Abstract syntax -> what we accept for it, as acceptor."""
+        return dict(self._negotiation()[0])
+
+    def _negotiation(self) -> tuple[dict[str, PresentationContext], ContextAnswers]:
+        """The supported contexts and the answers given with them, built again only when
+        the contexts, handlers or query models they come from change."""
+        handlers = self.handlers
+        key = (
+            tuple(self.contexts) if self.contexts is not None else None,
+            handlers.on_store is not None,
+            handlers.on_find is not None,
+            handlers.on_move is not None,
+            handlers.on_get is not None,
+            self.query_models,
+        )
+        if self._negotiation_cache is None or self._negotiation_cache[0] != key:
+            self._negotiation_cache = (key, self._build_supported_contexts(), ContextAnswers())
+        return self._negotiation_cache[1], self._negotiation_cache[2]
+
+    def _build_supported_contexts(self) -> dict[str, PresentationContext]:
         if self.contexts is not None:
             return {ctx.abstract_syntax: ctx for ctx in self.contexts}
         every = all_transfer_syntaxes()
@@ -311,9 +334,11 @@ class Server:
                 UserIdentityNegotiation(server_response=identity_response),
                 SOPClassExtendedNegotiations(supported=dict(ae.sop_class_extended)),
             )
+            supported, answers = ae._negotiation()
             negotiated = negotiate_as_acceptor(
                 rq,
-                ae.supported_contexts(),
+                supported,
+                answers=answers,
                 max_pdu_length=settings.max_pdu_length,
                 implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                 implementation_version_name=IMPLEMENTATION_VERSION_NAME,

@@ -1,16 +1,34 @@
-"""Contexts proposed for sending instances, and their running count."""
+"""Contexts proposed for sending instances, their running count, and the acceptor's
+answers to a repeated proposal."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import dicomnet
 from dicomnet.contexts import (
     DEFAULT_TRANSFER_SYNTAXES,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
+    VERIFICATION,
+    ContextAnswers,
     ContextCount,
+    Negotiated,
+    PresentationContext,
     contexts_for_instances,
+    negotiate_as_acceptor,
 )
+from dicomnet.errors import ProtocolError
+from dicomnet.pdu import (
+    AAssociateRQ,
+    PDUType,
+    PresentationContextRQ,
+    RoleSelection,
+    UserInformation,
+    decode_pdu,
+)
+from dicomnet.qr import STUDY_ROOT_FIND
 
 JPEG = "1.2.840.10008.1.2.4.50"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -41,3 +59,82 @@ def test_running_count_agrees_with_the_contexts(pairs: list[tuple[str, str | Non
         assert count.with_(sop, ts) == len(contexts_for_instances(pairs[: i + 1]))
         count.add(sop, ts)
     assert len(count) == len(contexts_for_instances(pairs))
+
+
+def _request(calling: str = "MODALITY") -> bytes:
+    """An A-ASSOCIATE-RQ body, as a requestor sends it each time it connects."""
+    rq = AAssociateRQ(
+        called_ae_title="PACS",
+        calling_ae_title=calling,
+        presentation_contexts=(
+            PresentationContextRQ(1, VERIFICATION, ("1.2.840.10008.1.2",)),
+            PresentationContextRQ(3, CT, ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")),
+            PresentationContextRQ(5, MR, (JPEG,)),
+        ),
+        user_information=UserInformation(
+            max_length=16384,
+            implementation_class_uid="1.2.3",
+            role_selections=(RoleSelection(CT, True, True),),
+        ),
+    )
+    return rq.encode()[6:]
+
+
+def test_a_repeated_request_is_decoded_and_answered_once_and_alike() -> None:
+    first = decode_pdu(PDUType.A_ASSOCIATE_RQ, _request())
+    again = decode_pdu(PDUType.A_ASSOCIATE_RQ, bytearray(_request()))
+    other = decode_pdu(PDUType.A_ASSOCIATE_RQ, _request(calling="OTHER"))
+    assert again is first  # the same bytes: the same (immutable) object
+    assert other is not first and other.calling_ae_title == "OTHER"
+    assert isinstance(first, AAssociateRQ)
+    supported = {
+        VERIFICATION: PresentationContext(VERIFICATION, DEFAULT_TRANSFER_SYNTAXES),
+        CT: PresentationContext(CT, DEFAULT_TRANSFER_SYNTAXES, scu_role=True, scp_role=False),
+    }
+
+    def negotiate(answers: ContextAnswers | None) -> Negotiated:
+        return negotiate_as_acceptor(
+            first,
+            supported,
+            max_pdu_length=65536,
+            implementation_class_uid="1.2",
+            implementation_version_name="X",
+            answers=answers,
+        )
+
+    afresh = negotiate(None)
+    answers = ContextAnswers()
+    remembered = [negotiate(answers) for _ in range(2)]
+    for negotiated in remembered:
+        assert negotiated == afresh
+    results = [n.response.presentation_contexts for n in remembered]
+    assert results[0] is results[1]  # answered from memory the second time
+    assert remembered[0].contexts is not remembered[1].contexts  # each its own mapping
+    assert [c.result for c in afresh.response.presentation_contexts] == [0, 0, 3]
+    assert afresh.contexts[3].we_are_scp and not afresh.contexts[3].we_are_scu
+    assert afresh.response.user_information.role_selections == (RoleSelection(CT, True, False),)
+
+
+def test_a_malformed_request_is_refused_every_time() -> None:
+    body = bytearray(_request())
+    body[-3] ^= 0xFF  # break the user information item's length
+    for _ in range(2):
+        with pytest.raises(ProtocolError):
+            decode_pdu(PDUType.A_ASSOCIATE_RQ, bytes(body))
+
+
+async def _handler(request: object) -> int:  # pragma: no cover - never called
+    return 0
+
+
+def test_an_ae_answers_with_its_handlers_as_they_are_now() -> None:
+    ae = dicomnet.AE("PACS")
+    ae.on_store(_handler)
+    supported = ae.supported_contexts()
+    assert CT in supported and STUDY_ROOT_FIND not in supported
+    supported.clear()  # the caller's copy
+    assert CT in ae.supported_contexts()
+    ae.on_find(_handler)  # a handler added later is negotiated from then on
+    assert STUDY_ROOT_FIND in ae.supported_contexts()
+    ae.contexts = [PresentationContext(MR)]
+    assert list(ae.supported_contexts()) == [MR]
