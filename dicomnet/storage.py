@@ -198,34 +198,92 @@ def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
             views[0] = views[0][written:]
 
 
+# Linux: a file can be written unnamed (O_TMPFILE) and then linked under its name. False
+# once the file system (or a missing /proc) said no: temp file and rename then.
+_unnamed_files = hasattr(os, "O_TMPFILE") and os.link in os.supports_dir_fd
+_UNNAMED_REFUSED = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}  # O_TMPFILE not here
+_LINK_REFUSED = {errno.ENOENT, errno.EXDEV, errno.EOPNOTSUPP}  # no /proc, or no links here
+
+
 def write_atomic(
     path: str | os.PathLike[str], chunks: list[bytes | memoryview], fsync: bool = True
 ) -> None:
-    """Write `chunks` to `path` via a temp file in the same folder, fsync and rename."""
+    """Write `chunks` to `path` atomically: the complete file (fsynced first, if asked)
+    appears under its name at once, replacing any file of that name."""
     # Plain strings here: this runs once per stored instance, and pathlib costs more
     # than the system calls around it.
     path = os.fspath(path)
     folder, name = os.path.split(path)
     _ensure_folder(folder)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{next(_temp_names)}.part")
-    # O_EXCL: never write into someone else's file; mode 0o666 less the umask.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
+    if not (_unnamed_files and _write_unnamed_then_link(path, folder or ".", chunks, fsync)):
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{next(_temp_names)}.part")
+        # O_EXCL: never write into someone else's file; mode 0o666 less the umask.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = os.open(tmp, flags, 0o666)
         try:
-            _write_all(fd, chunks)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            try:
+                _write_all(fd, chunks)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
     if fsync:
         _fsync_directory(Path(folder or "."))
+
+
+def _write_unnamed_then_link(
+    path: str, folder: str, chunks: list[bytes | memoryview], fsync: bool
+) -> bool:
+    """Write an unnamed file in `folder` (O_TMPFILE), then give it its name with one
+    linkat(). The inode is allocated outside the folder's lock, and the folder is locked
+    once per file instead of twice (create, rename): what concurrent writers (`serve
+    --workers N`) otherwise contend for. False if the system cannot; nothing is left."""
+    global _unnamed_files
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        if exc.errno not in _UNNAMED_REFUSED:
+            raise
+        _unnamed_files = False
+        return False
+    try:
+        _write_all(fd, chunks)
+        if fsync:
+            os.fsync(fd)
+        # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc entry; a `src_dir_fd` (any:
+        # the source path is absolute) is what makes os.link call linkat with that flag.
+        source = f"/proc/self/fd/{fd}"
+        try:
+            os.link(source, path, src_dir_fd=fd)
+        except FileExistsError:
+            # Stored before: link under a temp name, then replace the old file with it.
+            name = os.path.basename(path)
+            tmp = os.path.join(folder, f".{name}.{os.getpid()}.{next(_temp_names)}.part")
+            os.link(source, tmp, src_dir_fd=fd)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink_quietly(tmp)
+                raise
+        except OSError as exc:
+            if exc.errno not in _LINK_REFUSED:
+                raise
+            _unnamed_files = False
+            return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class Spool:
