@@ -303,30 +303,49 @@ def _encode_value(vr: str, value: Any) -> bytes:
 def encode_command(message: DimseMessage, has_dataset: bool = False) -> bytes:
     """The command set of `message` (implicit VR LE, group length first).
 
-    Recently encoded command sets are reused: the pending responses of one C-FIND are
-    all the same message."""
-    try:
-        return _encode_command_cached(message, has_dataset)
-    except TypeError:  # a field value that cannot be hashed
-        return _encode_command(message, has_dataset)
+    Recent C-FIND responses are reused: the pending responses of one C-FIND are all the
+    same message."""
+    if type(message) is CFindRSP:
+        try:
+            return _encode_command_cached(message, has_dataset)
+        except TypeError:  # a field value that cannot be hashed
+            pass
+    return _encode_command(message, has_dataset)
+
+
+# Per message type, its elements in tag order: (element, VR, attribute); the attribute
+# is "" for Command Field and Command Data Set Type, which come from elsewhere.
+_PLANS: dict[type[Any], tuple[tuple[int, str, str], ...]] = {
+    cls: tuple(
+        sorted(
+            [(0x0100, "US", ""), (0x0800, "US", "")]
+            + [(*_KEYWORD_ELEMENT[keyword], attr) for attr, keyword, _ in fields_]
+        )
+    )
+    for cls, fields_ in _FIELDS.items()
+}
 
 
 def _encode_command(message: DimseMessage, has_dataset: bool) -> bytes:
-    elements: list[tuple[int, bytes]] = [
-        (0x0100, _US.pack(message.command_field)),
-        (0x0800, _US.pack(0x0000 if has_dataset else NO_DATASET)),
-    ]
-    for attr, keyword, _ in _FIELDS[type(message)]:
-        value = getattr(message, attr)
-        if value is None:
-            continue
-        element, vr = _KEYWORD_ELEMENT[keyword]
-        elements.append((element, _encode_value(vr, value)))
-    elements.sort()
-    body = b"".join(_ELEMENT.pack(0, e, len(v)) + v for e, v in elements)
-    return _ELEMENT.pack(0, 0, 4) + _UL.pack(len(body)) + body
+    parts: list[bytes] = []
+    length = 0
+    for element, vr, attr in _PLANS[type(message)]:
+        if attr:
+            value = getattr(message, attr)
+            if value is None:
+                continue
+            raw = _encode_value(vr, value)
+        elif element == 0x0100:
+            raw = _US.pack(message.command_field)
+        else:
+            raw = _US.pack(0x0000 if has_dataset else NO_DATASET)
+        parts.append(_ELEMENT.pack(0, element, len(raw)))
+        parts.append(raw)
+        length += 8 + len(raw)
+    return _GROUP_LENGTH.pack(0, 0, 4, length) + b"".join(parts)
 
 
+_GROUP_LENGTH = struct.Struct("<HHII")
 _encode_command_cached = functools.lru_cache(maxsize=256)(_encode_command)
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import itertools
 import os
@@ -81,19 +82,34 @@ def part10_header(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae_title: str = ""
 ) -> bytes:
     """Preamble, 'DICM' and the File Meta Information group (PS3.10 §7.1)."""
-    elements = [
+    before, after = _meta_around_instance(sop_class_uid, transfer_syntax, source_ae_title)
+    instance = _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00"))
+    group_length = _GROUP_LENGTH.pack(2, 0, b"UL", 4, len(before) + len(instance) + len(after))
+    return b"".join((_PREAMBLE, group_length, before, instance, after))
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_GROUP_LENGTH = struct.Struct("<HH2sHI")
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_around_instance(
+    sop_class_uid: str, transfer_syntax: str, source_ae_title: str
+) -> tuple[bytes, bytes]:
+    """The file meta elements before and after (0002,0003): the same for every instance
+    of a SOP class, transfer syntax and source."""
+    before = [
         _meta_element(0x0001, b"OB", b"\x00\x01"),
         _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
-        _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+    ]
+    after = [
         _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
         _meta_element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
         _meta_element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
     ]
     if source_ae_title:
-        elements.append(_meta_element(0x0016, b"AE", _padded(source_ae_title.strip(), b" ")))
-    body = b"".join(elements)
-    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
-    return b"\x00" * 128 + b"DICM" + group_length + body
+        after.append(_meta_element(0x0016, b"AE", _padded(source_ae_title.strip(), b" ")))
+    return b"".join(before), b"".join(after)
 
 
 def _umask() -> int:
