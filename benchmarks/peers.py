@@ -138,8 +138,9 @@ def dicomnet_scp(*, fsync: bool, workers: int = 1, loop: str = "uvloop") -> SCPS
             argv += ["--workers", str(workers)]
         return argv, _loop_env(_base_env(nodelay=False), loop)
 
-    # `dicomnet serve` also records every instance in its SQLite index (Q/R), before the
-    # response: the file is re-read up to the pixel data, one commit (WAL, synchronous=NORMAL).
+    # `dicomnet serve` also records every instance in its SQLite index (Q/R), after the
+    # response, in a background process: the file is re-read up to the pixel data, one
+    # commit per batch (WAL, synchronous=NORMAL).
     index = "; indexed in SQLite in the background, in batches (WAL, no fsync per commit)"
     key = "dicomnet-fsync" if fsync else "dicomnet-nofsync"
     label = "dicomnet serve" if fsync else "dicomnet serve --no-fsync"
@@ -150,9 +151,9 @@ def dicomnet_scp(*, fsync: bool, workers: int = 1, loop: str = "uvloop") -> SCPS
         key += "-asyncio"
         label = f"DICOMNET_LOOP=asyncio {label}"
     if fsync:
-        durability = "temp file, fsync, atomic rename, fsync of the folder" + index
+        durability = "unnamed file (O_TMPFILE), fsync, linked in place, fsync of the folder" + index
     else:
-        durability = "temp file, atomic rename, no fsync (page cache)" + index
+        durability = "unnamed file (O_TMPFILE) linked in place, no fsync (page cache)" + index
     return SCPSpec(key, label, durability, build, listeners=workers)
 
 
