@@ -128,6 +128,8 @@ class Indexer:
         self._running = False
         self._process: BaseProcess | None = None
         self._connection: Connection | None = None
+        self._answer: asyncio.Future[None] | None = None  # the batch awaiting its answer
+        self._watching: asyncio.AbstractEventLoop | None = None  # reading the pipe's answers
 
     def add(self, path: Path) -> None:
         self._pending.append(path)
@@ -183,29 +185,45 @@ class Indexer:
         connection = self._connection
         if connection is None:
             return False
-        loop = asyncio.get_running_loop()
         try:
+            # The pipe stays watched between batches: registering it for each one cost a
+            # dozen system calls per batch (epoll_ctl, ioctl, getpid).
+            if self._watching is None:
+                self._watching = asyncio.get_running_loop()
+                self._watching.add_reader(connection.fileno(), self._answered)
+            answer = self._answer = self._watching.create_future()
             connection.send([str(path) for path in batch])
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
             # A batch sent is a batch answered, even when serving stops meanwhile: the
             # answer must not be left in the pipe for the next batch to read.
             with anyio.CancelScope(shield=True):
-                loop.add_reader(connection.fileno(), readable)
                 try:
-                    await ready
+                    await answer
+                    connection.recv()
                 finally:
-                    loop.remove_reader(connection.fileno())
-                connection.recv()
+                    self._answer = None
             return True
         except (EOFError, OSError) as exc:
             log.warning("the indexer process stopped (%s): indexing in a thread", exc)
+            self._unwatch()
             self._connection = None
             return False
+
+    def _answered(self) -> None:
+        """The pipe is readable: the answer to the batch in flight, or the end of the
+        indexer process (then it is no longer watched; the next batch notices)."""
+        answer = self._answer
+        if answer is not None:
+            if not answer.done():
+                answer.set_result(None)
+        elif self._connection is not None and self._connection.poll(0):
+            # Nothing in flight, yet readable: the indexer is gone. (A callback queued
+            # before the last answer was read finds nothing to read.)
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watching is not None and self._connection is not None:
+            self._watching.remove_reader(self._connection.fileno())
+        self._watching = None
 
     async def _send_batch(self) -> None:
         """Index what is pending now."""
@@ -257,6 +275,7 @@ class Indexer:
                 await self._stop_process()
 
     async def _stop_process(self) -> None:
+        self._unwatch()
         connection, process = self._connection, self._process
         self._connection = self._process = None
         if connection is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import subprocess
@@ -131,6 +132,44 @@ async def test_stores_arriving_while_a_batch_is_indexed_wait_for_the_next_linger
             await anyio.sleep(1.5)
             assert batches == [3, 3]
             assert len(index) == 6
+            tg.cancel_scope.cancel()
+
+
+async def test_the_indexer_pipe_is_watched_once_and_let_go_when_the_process_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answers' pipe is registered with the event loop once, not per batch. If the
+    indexer process ends between batches, the pipe (now at its end, always readable) is
+    let go at once, and the next batch is indexed in a thread."""
+    paths = files(tmp_path, 9)
+    registrations: list[int] = []
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        indexer = Indexer(index, use_process=True)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            loop = asyncio.get_running_loop()
+            add_reader = loop.add_reader
+            monkeypatch.setattr(
+                loop, "add_reader", lambda fd, *a: (registrations.append(fd), add_reader(fd, *a))
+            )
+            for path in paths[:6]:
+                indexer.add(path)
+                await indexer.drain()  # a batch each
+            assert len(index) == 6
+            assert len(registrations) == 1
+            process = indexer._process
+            assert process is not None
+            process.kill()
+            await anyio.to_thread.run_sync(process.join, 10)
+            with anyio.fail_after(5):
+                while indexer._watching is not None:  # the end of the pipe is noticed
+                    await anyio.sleep(0.01)
+            for path in paths[6:]:
+                indexer.add(path)
+            await indexer.drain()
+            assert len(index) == 9
+            assert "indexing in a thread" in caplog.text
             tg.cancel_scope.cancel()
 
 
