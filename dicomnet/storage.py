@@ -16,7 +16,6 @@ import functools
 import io
 import itertools
 import os
-import re
 import struct
 import tempfile
 import threading
@@ -58,12 +57,19 @@ __all__ = [
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1452.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNET_{__version__}"[:16]
 
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-
 
 def is_valid_uid(uid: str) -> bool:
     """A UID per PS3.5 §9.1: digits and dots, at most 64 characters (safe as a file name)."""
-    return 0 < len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
+    # Components of digits joined by single dots; no regular expression: this runs for
+    # every C-STORE.
+    return (
+        0 < len(uid) <= 64
+        and uid.isascii()
+        and uid.replace(".", "").isdigit()
+        and uid[0] != "."
+        and uid[-1] != "."
+        and ".." not in uid
+    )
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:

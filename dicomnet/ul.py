@@ -212,7 +212,7 @@ class UpperLayer:
             raise InvalidStateError(
                 f"{event.name} is not allowed in {self.state.name} (PS3.8 Table 9-10)"
             )
-        getattr(self, "_" + action.name.lower())()
+        getattr(self, _METHODS[action])()
 
     def _emit(self, event: ULEvent) -> None:
         self._events.append(event)
@@ -637,4 +637,5 @@ class UpperLayer:
 
 
 _IDLE_STATES = frozenset({State.STA3, State.STA6, State.STA8, State.STA9, State.STA12})
-_ = Action  # the actions are the methods named after them
+# The actions are the methods named after them.
+_METHODS = {action: "_" + action.name.lower() for action in Action}

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dicomnet import storage
 from dicomnet.storage import DatasetReader, Part10File, Spool, write_atomic
@@ -109,6 +112,14 @@ def test_write_atomic_falls_back_where_unnamed_files_are_refused(
         assert (tmp_path / "file.dcm").read_bytes() == content
         assert not storage._unnamed_files
     assert [p.name for p in tmp_path.iterdir()] == ["file.dcm"]
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet=st.sampled_from([*"0123456789.", "a", " ", "\n", "\u00b2", "\u0663"])))
+def test_a_valid_uid_is_digits_joined_by_single_dots(uid: str) -> None:
+    """PS3.5 §9.1, as the regular expression says it (the check itself does without)."""
+    expected = 0 < len(uid) <= 64 and re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) is not None
+    assert storage.is_valid_uid(uid) == expected
 
 
 def test_spool_keeps_read_only_fragments_and_copies_others(tmp_path: Path) -> None:
