@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -40,6 +41,23 @@ def files(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def recorded_batches(
+    index: Index, monkeypatch: pytest.MonkeyPatch, hold: Callable[[], object] = lambda: None
+) -> list[int]:
+    """The sizes of the batches given to `index.add_many` (indexing in a thread), in
+    order; `hold` runs before each one is indexed."""
+    batches: list[int] = []
+    add_many = index.add_many
+
+    def recording(batch: list[Path]) -> int:
+        batches.append(len(batch))
+        hold()
+        return add_many(batch)
+
+    monkeypatch.setattr(index, "add_many", recording)
+    return batches
+
+
 @pytest.mark.parametrize("use_process", [True, False])
 async def test_indexer_indexes_everything_before_drain_returns(
     tmp_path: Path, use_process: bool
@@ -69,14 +87,7 @@ async def test_stores_of_the_next_moments_share_a_batch_and_a_query_does_not_wai
     paths = files(tmp_path, 12)
     monkeypatch.setattr(pacs, "INDEX_LINGER", 2.0)
     with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
-        batches: list[int] = []
-        add_many = index.add_many
-
-        def recording(batch: list[Path]) -> int:
-            batches.append(len(batch))
-            return add_many(batch)
-
-        monkeypatch.setattr(index, "add_many", recording)
+        batches = recorded_batches(index, monkeypatch)
         indexer = Indexer(index, use_process=False)
         async with anyio.create_task_group() as tg:
             tg.start_soon(indexer.run)
@@ -106,17 +117,8 @@ async def test_stores_arriving_while_a_batch_is_indexed_wait_for_the_next_linger
     paths = files(tmp_path, 6)
     monkeypatch.setattr(pacs, "INDEX_LINGER", 1.0)
     with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
-        batches: list[int] = []
         indexing, proceed = threading.Event(), threading.Event()
-        add_many = index.add_many
-
-        def recording(batch: list[Path]) -> int:
-            batches.append(len(batch))
-            indexing.set()
-            proceed.wait(10)
-            return add_many(batch)
-
-        monkeypatch.setattr(index, "add_many", recording)
+        batches = recorded_batches(index, monkeypatch, lambda: (indexing.set(), proceed.wait(10)))
         indexer = Indexer(index, use_process=False)
         async with anyio.create_task_group() as tg:
             tg.start_soon(indexer.run)
