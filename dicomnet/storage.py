@@ -3,6 +3,9 @@
 - `Spool`: a received data set, in memory up to a threshold, then in a temp file that
   already starts with the Part-10 preamble and file meta (PS3.10 §7.1), so saving it is
   an fsync and a rename. A discarded spool leaves nothing behind.
+- `write_atomic`: a file that appears complete under its name at once: on Linux written
+  unnamed (`O_TMPFILE`) and linked in place, elsewhere a temp file renamed; the file and
+  its folder fsynced when asked.
 - `Part10File`: what the SCU needs of a file to send it (transfer syntax, SOP Class and
   Instance UIDs from the data set itself, the data set's byte range) without decoding it;
   `DatasetReader` reads that range into the buffers being sent.
