@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -58,27 +59,43 @@ def recorded_batches(
     return batches
 
 
+@asynccontextmanager
+async def running_indexer(
+    folder: Path,
+    *,
+    use_process: bool,
+    monkeypatch: pytest.MonkeyPatch | None = None,
+    hold: Callable[[], object] = lambda: None,
+) -> AsyncIterator[tuple[Index, Indexer, list[int]]]:
+    """An index of `folder` and its indexer running in the background, stopped at the
+    end of the block; with `monkeypatch`, the sizes of the batches indexed (in order,
+    `hold` running before each one)."""
+    with Index(folder / INDEX_FILE_NAME, root=folder) as index:
+        batches = recorded_batches(index, monkeypatch, hold) if monkeypatch is not None else []
+        indexer = Indexer(index, use_process=use_process)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            yield index, indexer, batches
+            tg.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("use_process", [True, False])
 async def test_indexer_indexes_everything_before_drain_returns(
     tmp_path: Path, use_process: bool
 ) -> None:
     paths = files(tmp_path, 30)
-    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
-        indexer = Indexer(index, use_process=use_process)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(indexer.run)
-            await anyio.sleep(0)
-            for path in paths[:10]:
-                indexer.add(path)
-            await indexer.drain()
-            assert len(index) == 10
-            for path in paths[10:]:
-                indexer.add(path)
-            await indexer.drain()
-            assert len(index) == 30
-            assert (indexer._process is not None) == use_process
-            tg.cancel_scope.cancel()
-        assert indexer._process is None  # the indexer process is stopped with the task
+    async with running_indexer(tmp_path, use_process=use_process) as (index, indexer, _):
+        for path in paths[:10]:
+            indexer.add(path)
+        await indexer.drain()
+        assert len(index) == 10
+        for path in paths[10:]:
+            indexer.add(path)
+        await indexer.drain()
+        assert len(index) == 30
+        assert (indexer._process is not None) == use_process
+    assert indexer._process is None  # the indexer process is stopped with the task
 
 
 async def test_stores_of_the_next_moments_share_a_batch_and_a_query_does_not_wait(
@@ -86,26 +103,21 @@ async def test_stores_of_the_next_moments_share_a_batch_and_a_query_does_not_wai
 ) -> None:
     paths = files(tmp_path, 12)
     monkeypatch.setattr(pacs, "INDEX_LINGER", 2.0)
-    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
-        batches = recorded_batches(index, monkeypatch)
-        indexer = Indexer(index, use_process=False)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(indexer.run)
-            await anyio.sleep(0)
-            for path in paths[:6]:
-                indexer.add(path)
-                await anyio.sleep(0.02)
-            assert batches == []  # still gathering
-            await anyio.sleep(2.5)
-            assert batches == [6]
-            assert len(index) == 6
-            for path in paths[6:]:
-                indexer.add(path)
-            with anyio.fail_after(1.5):  # well under the linger
-                await indexer.drain()
-            assert batches == [6, 6]
-            assert len(index) == 12
-            tg.cancel_scope.cancel()
+    running = running_indexer(tmp_path, use_process=False, monkeypatch=monkeypatch)
+    async with running as (index, indexer, batches):
+        for path in paths[:6]:
+            indexer.add(path)
+            await anyio.sleep(0.02)
+        assert batches == []  # still gathering
+        await anyio.sleep(2.5)
+        assert batches == [6]
+        assert len(index) == 6
+        for path in paths[6:]:
+            indexer.add(path)
+        with anyio.fail_after(1.5):  # well under the linger
+            await indexer.drain()
+        assert batches == [6, 6]
+        assert len(index) == 12
 
 
 async def test_stores_arriving_while_a_batch_is_indexed_wait_for_the_next_linger(
@@ -116,25 +128,25 @@ async def test_stores_arriving_while_a_batch_is_indexed_wait_for_the_next_linger
     go at once in a batch of their own."""
     paths = files(tmp_path, 6)
     monkeypatch.setattr(pacs, "INDEX_LINGER", 1.0)
-    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
-        indexing, proceed = threading.Event(), threading.Event()
-        batches = recorded_batches(index, monkeypatch, lambda: (indexing.set(), proceed.wait(10)))
-        indexer = Indexer(index, use_process=False)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(indexer.run)
-            await anyio.sleep(0)
-            for path in paths[:3]:
-                indexer.add(path)
-            assert await anyio.to_thread.run_sync(indexing.wait, 10)
-            for path in paths[3:]:  # stored while the first batch is being indexed
-                indexer.add(path)
-            proceed.set()
-            await anyio.sleep(0.2)
-            assert batches == [3]  # the next one is still gathering
-            await anyio.sleep(1.5)
-            assert batches == [3, 3]
-            assert len(index) == 6
-            tg.cancel_scope.cancel()
+    indexing, proceed = threading.Event(), threading.Event()
+    running = running_indexer(
+        tmp_path,
+        use_process=False,
+        monkeypatch=monkeypatch,
+        hold=lambda: (indexing.set(), proceed.wait(10)),
+    )
+    async with running as (index, indexer, batches):
+        for path in paths[:3]:
+            indexer.add(path)
+        assert await anyio.to_thread.run_sync(indexing.wait, 10)
+        for path in paths[3:]:  # stored while the first batch is being indexed
+            indexer.add(path)
+        proceed.set()
+        await anyio.sleep(0.2)
+        assert batches == [3]  # the next one is still gathering
+        await anyio.sleep(1.5)
+        assert batches == [3, 3]
+        assert len(index) == 6
 
 
 async def test_the_indexer_pipe_is_watched_once_and_let_go_when_the_process_ends(
@@ -145,34 +157,29 @@ async def test_the_indexer_pipe_is_watched_once_and_let_go_when_the_process_ends
     let go at once, and the next batch is indexed in a thread."""
     paths = files(tmp_path, 9)
     registrations: list[int] = []
-    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
-        indexer = Indexer(index, use_process=True)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(indexer.run)
-            await anyio.sleep(0)
-            loop = asyncio.get_running_loop()
-            add_reader = loop.add_reader
-            monkeypatch.setattr(
-                loop, "add_reader", lambda fd, *a: (registrations.append(fd), add_reader(fd, *a))
-            )
-            for path in paths[:6]:
-                indexer.add(path)
-                await indexer.drain()  # a batch each
-            assert len(index) == 6
-            assert len(registrations) == 1
-            process = indexer._process
-            assert process is not None
-            process.kill()
-            await anyio.to_thread.run_sync(process.join, 10)
-            with anyio.fail_after(5):
-                while indexer._watching is not None:  # the end of the pipe is noticed
-                    await anyio.sleep(0.01)
-            for path in paths[6:]:
-                indexer.add(path)
-            await indexer.drain()
-            assert len(index) == 9
-            assert "indexing in a thread" in caplog.text
-            tg.cancel_scope.cancel()
+    async with running_indexer(tmp_path, use_process=True) as (index, indexer, _):
+        loop = asyncio.get_running_loop()
+        add_reader = loop.add_reader
+        monkeypatch.setattr(
+            loop, "add_reader", lambda fd, *a: (registrations.append(fd), add_reader(fd, *a))
+        )
+        for path in paths[:6]:
+            indexer.add(path)
+            await indexer.drain()  # a batch each
+        assert len(index) == 6
+        assert len(registrations) == 1
+        process = indexer._process
+        assert process is not None
+        process.kill()
+        await anyio.to_thread.run_sync(process.join, 10)
+        with anyio.fail_after(5):
+            while indexer._watching is not None:  # the end of the pipe is noticed
+                await anyio.sleep(0.01)
+        for path in paths[6:]:
+            indexer.add(path)
+        await indexer.drain()
+        assert len(index) == 9
+        assert "indexing in a thread" in caplog.text
 
 
 # In a fresh interpreter, as in `dicomnet serve`: multiprocessing's resource tracker is not
