@@ -46,6 +46,7 @@ from dicomnet.dimse import (
     MessageIDs,
     OutstandingRequests,
     encode_command,
+    encode_command_pdus,
     encode_small_message,
     fragment,
     max_pdv_data,
@@ -350,8 +351,7 @@ class Association:
         self._closed = asyncio.Event()
         self._error: DicomNetError | None = None
         self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Event | None = None  # set when nothing is in flight any more
         self._task_group: anyio.abc.TaskGroup | None = None
         self._stream_closed = False
 
@@ -443,8 +443,11 @@ class Association:
             ul.receive_data(data)
 
     def _next_deadline(self) -> float | None:
-        deadlines = [d for d in (self._ul.get_timer(), self._outstanding.get_timer()) if d]
-        return min(deadlines) if deadlines else None
+        ul_deadline = self._ul.get_timer()
+        dimse_deadline = self._outstanding.get_timer()
+        if ul_deadline is None or dimse_deadline is None:
+            return dimse_deadline if ul_deadline is None else ul_deadline
+        return min(ul_deadline, dimse_deadline)
 
     def _rearm(self) -> None:
         """A timer was started outside the reader: shorten the reader's wait to match."""
@@ -537,7 +540,10 @@ class Association:
         self._incoming = None
 
     async def _answer_release(self) -> None:
-        await self._idle.wait()
+        if self._in_flight:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
         try:
             await self._write_or_lost(self._ul.release_response())
         except InvalidStateError:
@@ -643,7 +649,6 @@ class Association:
     async def _dispatch(self, event: CommandReceived, incoming: _Incoming | None) -> None:
         assert self._task_group is not None
         self._in_flight += 1
-        self._idle = asyncio.Event() if self._idle.is_set() else self._idle
         if (
             isinstance(event.message, (CEchoRQ, CStoreRQ))
             and self.extended.async_operations_window.performed == 1
@@ -680,8 +685,9 @@ class Association:
                 except DicomNetError as exc:
                     log.debug("%r: could not send %s: %s", self, type(response).__name__, exc)
             self._in_flight -= 1
-            if self._in_flight == 0:
+            if self._in_flight == 0 and self._idle is not None:
                 self._idle.set()
+                self._idle = None
 
     async def _serve_echo(self, context: AcceptedContext, message: CEchoRQ) -> CEchoRSP:
         status, comment = 0x0000, None
@@ -711,7 +717,11 @@ class Association:
             return reply(0xC000, "invalid SOP Class or Instance UID")
         if message.affected_sop_class_uid != context.abstract_syntax:
             return reply(0x0122, "SOP Class not accepted on this presentation context")
-        sink = next((op for op in self._retrieve_sinks if not op.ended), None)
+        sink = (
+            next((op for op in self._retrieve_sinks if not op.ended), None)
+            if self._retrieve_sinks
+            else None
+        )
         if sink is not None:
             # A C-STORE sub-operation of our C-GET: hand it to the `get()` loop.
             request = StoreRequest(self, context, message, spool, fsync=self.settings.fsync)
@@ -781,10 +791,10 @@ class Association:
                 if packed is not None:
                     await self._write_unlocked(packed)
                     return
-            pieces: Iterable[bytes | memoryview] = fragment(context_id, command, True, max_pdu)
             if dataset is None:
-                await self._write_unlocked(b"".join(pieces))
+                await self._write_unlocked(encode_command_pdus(context_id, command, max_pdu))
                 return
+            pieces: Iterable[bytes | memoryview] = fragment(context_id, command, True, max_pdu)
             batch: list[bytes | memoryview] = list(pieces)
             size = 0
             try:

@@ -287,17 +287,28 @@ _FIELDS: dict[type[Any], tuple[tuple[str, str, bool], ...]] = {
 # --- encoding --------------------------------------------------------------------------------
 
 
-def _encode_value(vr: str, value: Any) -> bytes:
-    if vr == "US":
-        return _US.pack(value)
-    if vr == "UL":
-        return _UL.pack(value)
-    if vr == "AT":
-        return b"".join(struct.pack("<HH", tag >> 16, tag & 0xFFFF) for tag in value)
-    raw = str(value).encode("ascii" if vr in ("UI", "AE") else "latin-1", errors="replace")
-    if len(raw) % 2:
-        raw += b"\x00" if vr == "UI" else b" "
-    return raw
+def _encode_at(value: Any) -> bytes:
+    return b"".join(struct.pack("<HH", tag >> 16, tag & 0xFFFF) for tag in value)
+
+
+def _encode_ascii(value: Any, pad: bytes) -> bytes:
+    raw = str(value).encode("ascii", errors="replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _encode_latin1(value: Any) -> bytes:
+    raw = str(value).encode("latin-1", errors="replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+_ENCODE_VR: dict[str, Callable[[Any], bytes]] = {
+    "US": _US.pack,
+    "UL": _UL.pack,
+    "AT": _encode_at,
+    "UI": functools.partial(_encode_ascii, pad=b"\x00"),
+    "AE": functools.partial(_encode_ascii, pad=b" "),
+    "LO": _encode_latin1,
+}
 
 
 def encode_command(message: DimseMessage, has_dataset: bool = False) -> bytes:
@@ -313,36 +324,49 @@ def encode_command(message: DimseMessage, has_dataset: bool = False) -> bytes:
     return _encode_command(message, has_dataset)
 
 
-# Per message type, its elements in tag order: (element, VR, attribute); the attribute
-# is "" for Command Field and Command Data Set Type, which come from elsewhere.
-_PLANS: dict[type[Any], tuple[tuple[int, str, str], ...]] = {
-    cls: tuple(
-        sorted(
-            [(0x0100, "US", ""), (0x0800, "US", "")]
-            + [(*_KEYWORD_ELEMENT[keyword], attr) for attr, keyword, _ in fields_]
-        )
-    )
-    for cls, fields_ in _FIELDS.items()
+# Per message type, its elements in tag order: (attribute, element header, encoder). The
+# attribute is "" for Command Data Set Type, which comes from elsewhere; Command Field is
+# the same for every message of a type, its whole element is the header (no encoder).
+_EncodeStep = tuple[str, bytes, Callable[[Any], bytes] | None]
+
+
+def _encode_plan(
+    cls: type[Any], fields_: tuple[tuple[str, str, bool], ...]
+) -> tuple[_EncodeStep, ...]:
+    steps: list[tuple[int, _EncodeStep]] = [
+        (0x0100, ("", _ELEMENT.pack(0, 0x0100, 2) + _US.pack(cls.command_field), None)),
+        (0x0800, ("", b"", None)),
+    ]
+    for attr, keyword, _ in fields_:
+        element, vr = _KEYWORD_ELEMENT[keyword]
+        steps.append((element, (attr, _ELEMENT_TAG.pack(0, element), _ENCODE_VR[vr])))
+    return tuple(step for _, step in sorted(steps, key=lambda item: item[0]))
+
+
+_ELEMENT_TAG = struct.Struct("<HH")
+_DATASET_PRESENT = _ELEMENT.pack(0, 0x0800, 2) + _US.pack(0x0000)
+_DATASET_ABSENT = _ELEMENT.pack(0, 0x0800, 2) + _US.pack(NO_DATASET)
+_ENCODE_PLANS: dict[type[Any], tuple[_EncodeStep, ...]] = {
+    cls: _encode_plan(cls, fields_) for cls, fields_ in _FIELDS.items()
 }
 
 
 def _encode_command(message: DimseMessage, has_dataset: bool) -> bytes:
     parts: list[bytes] = []
-    length = 0
-    for element, vr, attr in _PLANS[type(message)]:
-        if attr:
-            value = getattr(message, attr)
-            if value is None:
-                continue
-            raw = _encode_value(vr, value)
-        elif element == 0x0100:
-            raw = _US.pack(message.command_field)
-        else:
-            raw = _US.pack(0x0000 if has_dataset else NO_DATASET)
-        parts.append(_ELEMENT.pack(0, element, len(raw)))
-        parts.append(raw)
-        length += 8 + len(raw)
-    return _GROUP_LENGTH.pack(0, 0, 4, length) + b"".join(parts)
+    for attr, header, encode in _ENCODE_PLANS[type(message)]:
+        if encode is None:
+            if header:
+                parts.append(header)  # Command Field
+            else:
+                parts.append(_DATASET_PRESENT if has_dataset else _DATASET_ABSENT)
+            continue
+        value = getattr(message, attr)
+        if value is None:
+            continue
+        raw = encode(value)
+        parts += (header, _UL.pack(len(raw)), raw)
+    body = b"".join(parts)
+    return _GROUP_LENGTH.pack(0, 0, 4, len(body)) + body
 
 
 _GROUP_LENGTH = struct.Struct("<HHII")
@@ -352,27 +376,54 @@ _encode_command_cached = functools.lru_cache(maxsize=256)(_encode_command)
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _decode_value(vr: str, raw: memoryview) -> Any:
-    if vr == "US":
-        if len(raw) != 2:
-            raise ProtocolError("US command element must be 2 bytes")
-        return _US.unpack(raw)[0]
-    if vr == "UL":
-        if len(raw) != 4:
-            raise ProtocolError("UL command element must be 4 bytes")
-        return _UL.unpack(raw)[0]
-    if vr == "AT":
-        if len(raw) % 4:
-            raise ProtocolError("AT command element length is not a multiple of 4")
-        return tuple((g << 16) | e for g, e in struct.iter_unpack("<HH", raw))
-    text = bytes(raw).decode("ascii" if vr in ("UI", "AE") else "latin-1", errors="replace")
-    return text.strip("\x00 ")
+def _decode_us(raw: memoryview) -> int:
+    if len(raw) != 2:
+        raise ProtocolError("US command element must be 2 bytes")
+    return int(_US.unpack(raw)[0])
 
 
-def parse_command_elements(data: bytes | memoryview) -> dict[str, Any]:
-    """Parse a command set into {keyword: value}; unknown group-0000 elements are skipped."""
+def _decode_ul(raw: memoryview) -> int:
+    if len(raw) != 4:
+        raise ProtocolError("UL command element must be 4 bytes")
+    return int(_UL.unpack(raw)[0])
+
+
+def _decode_at(raw: memoryview) -> tuple[int, ...]:
+    if len(raw) % 4:
+        raise ProtocolError("AT command element length is not a multiple of 4")
+    return tuple((g << 16) | e for g, e in struct.iter_unpack("<HH", raw))
+
+
+def _decode_ascii(raw: memoryview) -> str:
+    return bytes(raw).decode("ascii", errors="replace").strip("\x00 ")
+
+
+def _decode_latin1(raw: memoryview) -> str:
+    return bytes(raw).decode("latin-1", errors="replace").strip("\x00 ")
+
+
+_DECODE_VR: dict[str, Callable[[memoryview], Any]] = {
+    "US": _decode_us,
+    "UL": _decode_ul,
+    "AT": _decode_at,
+    "UI": _decode_ascii,
+    "AE": _decode_ascii,
+    "LO": _decode_latin1,
+}
+# Per message type, how to fill its fields: (attribute, element, decoder).
+_DECODE_PLANS: dict[type[Any], tuple[tuple[str, int, Callable[[memoryview], Any]], ...]] = {
+    cls: tuple(
+        (attr, _KEYWORD_ELEMENT[keyword][0], _DECODE_VR[_KEYWORD_ELEMENT[keyword][1]])
+        for attr, keyword, _ in fields_
+    )
+    for cls, fields_ in _FIELDS.items()
+}
+
+
+def _command_elements(data: bytes | memoryview) -> dict[int, memoryview]:
+    """The elements of a command set, {element number: value bytes} (PS3.7 §6.3.1)."""
     view = memoryview(data)
-    values: dict[str, Any] = {}
+    elements: dict[int, memoryview] = {}
     offset = 0
     end = len(view)
     while offset < end:
@@ -384,32 +435,35 @@ def parse_command_elements(data: bytes | memoryview) -> dict[str, Any]:
             raise ProtocolError(f"command set holds element ({group:04X},{element:04X})")
         if length > end - offset:
             raise ProtocolError(f"command set: element (0000,{element:04X}) overruns")
-        spec = _COMMAND_ELEMENTS.get(element)
-        if spec is not None:
-            values[spec[0]] = _decode_value(spec[1], view[offset : offset + length])
+        elements[element] = view[offset : offset + length]
         offset += length
-    return values
+    return elements
 
 
 def decode_command(data: bytes | memoryview) -> tuple[DimseMessage, bool]:
-    """Decode a command set into (message, has_dataset)."""
-    values = parse_command_elements(data)
-    command_field = values.get("CommandField")
-    if command_field is None:
+    """Decode a command set into (message, has_dataset).
+
+    Only the elements of the message's type are decoded; others are skipped."""
+    elements = _command_elements(data)
+    raw_field = elements.get(0x0100)
+    if raw_field is None:
         raise ProtocolError("command set has no Command Field (0000,0100)")
+    command_field = _decode_us(raw_field)
     cls = _MESSAGE_TYPES.get(command_field)
     if cls is None:
         raise ProtocolError(f"unsupported DIMSE command field 0x{command_field:04X}")
     kwargs: dict[str, Any] = {}
-    for attr, keyword, _ in _FIELDS[cls]:
-        if keyword in values:
-            kwargs[attr] = values[keyword]
+    for attr, element, decode in _DECODE_PLANS[cls]:
+        raw = elements.get(element)
+        if raw is not None:
+            kwargs[attr] = decode(raw)
     try:
         message = cls(**kwargs)
     except TypeError:
         missing = [a for a, _, _ in _FIELDS[cls] if a not in kwargs]
         raise ProtocolError(f"{cls.__name__} lacks required fields: {missing}") from None
-    data_set_type = values.get("CommandDataSetType", NO_DATASET)
+    raw_type = elements.get(0x0800)
+    data_set_type = NO_DATASET if raw_type is None else _decode_us(raw_type)
     return message, data_set_type != NO_DATASET
 
 
@@ -452,6 +506,14 @@ def fragment(
         offset += size
         if last:
             return
+
+
+def encode_command_pdus(context_id: int, command: bytes, max_pdu_length: int) -> bytes:
+    """A command set that has no data set, as P-DATA-TF PDUs joined: one PDU when it
+    fits (it always does but for a tiny maximum length)."""
+    if len(command) <= max_pdv_data(max_pdu_length):
+        return encode_pdata_header(context_id, 0x03, len(command)) + command
+    return b"".join(fragment(context_id, command, True, max_pdu_length))
 
 
 def pdata_into(

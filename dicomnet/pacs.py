@@ -119,7 +119,7 @@ class Indexer:
     def __init__(self, index: Index, *, use_process: bool = True) -> None:
         self.index = index
         self.use_process = use_process
-        self._pending: list[Path] = []
+        self._pending: list[str] = []
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
         self._idle = asyncio.Event()
@@ -131,8 +131,8 @@ class Indexer:
         self._answer: asyncio.Future[None] | None = None  # the batch awaiting its answer
         self._watching: asyncio.AbstractEventLoop | None = None  # reading the pipe's answers
 
-    def add(self, path: Path) -> None:
-        self._pending.append(path)
+    def add(self, path: str | os.PathLike[str]) -> None:
+        self._pending.append(os.fspath(path))
         self._idle.clear()
         self._wake.set()
         if len(self._pending) >= INDEX_BATCH:
@@ -181,7 +181,7 @@ class Indexer:
             return
         self._process, self._connection = process, ours
 
-    async def _index_in_process(self, batch: list[Path]) -> bool:
+    async def _index_in_process(self, batch: list[str]) -> bool:
         connection = self._connection
         if connection is None:
             return False
@@ -192,7 +192,7 @@ class Indexer:
                 self._watching = asyncio.get_running_loop()
                 self._watching.add_reader(connection.fileno(), self._answered)
             answer = self._answer = self._watching.create_future()
-            connection.send([str(path) for path in batch])
+            connection.send(batch)
             # A batch sent is a batch answered, even when serving stops meanwhile: the
             # answer must not be left in the pipe for the next batch to read.
             with anyio.CancelScope(shield=True):
@@ -362,9 +362,10 @@ class StorageSCP:
         uid = request.sop_instance_uid
         if not is_valid_uid(uid):  # also checked before the data set is spooled
             return 0xC000, "invalid SOP Instance UID"
-        path = await request.save(os.path.join(self._storage_folder, f"{uid}.dcm"))
+        path = os.path.join(self._storage_folder, f"{uid}.dcm")
+        await request.spool.save_to(path, fsync=request.fsync)
         self.indexer.add(path)
-        log.info("stored %s from %r (%d bytes)", path.name, request.calling_ae_title, request.size)
+        log.info("stored %s.dcm from %r (%d bytes)", uid, request.calling_ae_title, request.size)
         return 0x0000
 
     async def find(self, request: FindRequest) -> AsyncIterator[Dataset | tuple[Dataset, int]]:

@@ -75,13 +75,18 @@ class StoreRequest:
     fsync: bool = True
     status: int = 0x0000  # the C-STORE response status, for instances received by C-GET
     _dataset: Dataset | None = field(default=None, repr=False)
-    _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # Made when first needed: only instances received by C-GET are acknowledged.
+    _done: asyncio.Event | None = field(default=None, repr=False)
 
     def acknowledge(self) -> None:
         """Done with this instance: its C-STORE response (`status`) may be sent."""
+        if self._done is None:
+            self._done = asyncio.Event()
         self._done.set()
 
     async def acknowledged(self) -> None:
+        if self._done is None:
+            self._done = asyncio.Event()
         await self._done.wait()
 
     @property

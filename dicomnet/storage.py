@@ -400,10 +400,10 @@ class Spool:
             raise RuntimeError("the data set is only available while its handler runs")
         return open(self._path, "rb")
 
-    def _save_sync(self, path: str, fsync: bool) -> Path:
+    def _save_sync(self, path: str, fsync: bool) -> str:
         if self._memory is not None:
             write_atomic(path, [self.header, *self._memory], fsync)
-            return Path(path)
+            return path
         _ensure_folder(os.path.dirname(path))
         assert self._path is not None and self._file is not None
         self._file.flush()
@@ -418,7 +418,7 @@ class Spool:
                 while block := src.read(1 << 20):
                     chunks.append(block)
             write_atomic(path, chunks, fsync)
-            return Path(path)
+            return path
         saved = Path(path)
         if fsync:
             _fsync_directory(saved.parent)
@@ -428,22 +428,26 @@ class Spool:
         self._file = open(saved, "rb+")
         self._file.seek(0, os.SEEK_END)
         self._owned = False
-        return saved
+        return path
 
     async def save(self, path: str | os.PathLike[str], *, fsync: bool = True) -> Path:
-        """Write the Part-10 file atomically (temp + fsync + rename) at `path`."""
-        target = os.fspath(path)
+        """Write the Part-10 file atomically (see `write_atomic`) at `path`."""
+        return Path(await self.save_to(os.fspath(path), fsync=fsync))
+
+    async def save_to(self, path: str, *, fsync: bool = True) -> str:
+        """`save()` to a path given as a string, returned as given (no pathlib: a
+        server calls this once per stored instance)."""
         if self._memory is not None and not fsync and self.size < (1 << 20):
             # Small and not flushed to disk: quicker here than a trip to a worker thread.
-            return self._save_sync(target, fsync)
+            return self._save_sync(path, fsync)
         if self._path is not None and not self._owned:
             # Already moved into place once: copy from there.
-            if Path(target).resolve() == self._path.resolve():
-                return Path(target)
+            if Path(path).resolve() == self._path.resolve():
+                return path
             src = self._path
-            await anyio.to_thread.run_sync(_copy_atomic, src, target, fsync)
-            return Path(target)
-        return await anyio.to_thread.run_sync(self._save_sync, target, fsync)
+            await anyio.to_thread.run_sync(_copy_atomic, src, path, fsync)
+            return path
+        return await anyio.to_thread.run_sync(self._save_sync, path, fsync)
 
     def close(self) -> None:
         """Release the spool after the handler is done; delete an unsaved temp file."""

@@ -84,6 +84,7 @@ class DicomStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending.clear()
+        self._disarm()
         self._eof = True
         self._closed = True
         if exc is not None:
@@ -112,21 +113,21 @@ class DicomStream(asyncio.Protocol):
     # --- reading ---------------------------------------------------------------------------
 
     async def receive(self, max_bytes: int = 1 << 18, timeout: float | None = None) -> bytes | None:
-        """Received bytes; b"" once the peer closed; None when `timeout` seconds passed."""
+        """Received bytes; b"" once the peer closed; None when `timeout` seconds passed
+        (or a little sooner: see `_arm`)."""
         if not self._chunks and not self._eof:
             waiter = self._loop.create_future()
             self._waiter = waiter
             if timeout is not None:
-                self._timer = self._loop.call_later(max(0.0, timeout), self._time_out, waiter)
+                self._arm(self._loop.time() + max(0.0, timeout))
+            else:
+                self._disarm()
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
             if not self._chunks and not self._eof:
-                return None  # the deadline passed
+                return None  # the deadline passed (or an earlier one did)
         if not self._chunks:
             return b""
         chunk = self._chunks.popleft()
@@ -139,21 +140,34 @@ class DicomStream(asyncio.Protocol):
             self._transport.resume_reading()
         return chunk
 
-    def _time_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
+    def _arm(self, when: float) -> None:
+        """Wake the reader by `when`. The timer outlives the `receive()` that set it: a
+        reader that keeps receiving keeps one timer (its deadline, the idle timeout, moves
+        on with each read) instead of starting and stopping one per read. So a timer
+        may fire before the reader's current deadline: `receive()` then returns None
+        early and the reader, which checks its deadlines against its clock, waits again."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._timer = self._loop.call_at(when, self._time_out)
+
+    def _time_out(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def reschedule(self, timeout: float) -> None:
         """Make a pending `receive()` give up after `timeout` seconds if that is sooner."""
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        when = self._loop.time() + max(0.0, timeout)
-        if self._timer is not None:
-            if self._timer.when() <= when:
-                return
-            self._timer.cancel()
-        self._timer = self._loop.call_at(when, self._time_out, waiter)
+        self._arm(self._loop.time() + max(0.0, timeout))
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -199,6 +213,7 @@ class DicomStream(asyncio.Protocol):
 
     def close(self) -> None:
         self.flush()
+        self._disarm()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
         self._closed = True

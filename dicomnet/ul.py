@@ -584,6 +584,16 @@ class UpperLayer:
         return True
 
     def _decode_and_fire(self, pdu_type: int, body: bytes | memoryview) -> None:
+        if pdu_type == _P_DATA_TF and self.state is State.STA6:
+            # The steady state's one transition, Evt10 in Sta6 (DT-2: P-DATA indication,
+            # stay in Sta6), without the table lookup: it runs for every PDU received.
+            try:
+                pdata = PDataTF.decode(body if isinstance(body, memoryview) else memoryview(body))
+            except ProtocolError as exc:
+                self._invalid(str(exc))
+                return
+            self._events.append(DataReceived(pdata))
+            return
         event = _PDU_EVENTS[pdu_type]
         try:
             pdu = decode_pdu(pdu_type, body)
@@ -611,10 +621,15 @@ class UpperLayer:
 
     def get_timer(self) -> float | None:
         """The earliest deadline (clock seconds) at which `handle_timer()` must be called."""
-        deadlines = [d for d in (self._artim_deadline, self._request_deadline) if d is not None]
+        deadline = self._artim_deadline
+        request = self._request_deadline
+        if request is not None and (deadline is None or request < deadline):
+            deadline = request
         if self.idle_timeout is not None and self.state in _IDLE_STATES:
-            deadlines.append(self._last_received + self.idle_timeout)
-        return min(deadlines) if deadlines else None
+            idle = self._last_received + self.idle_timeout
+            if deadline is None or idle < deadline:
+                deadline = idle
+        return deadline
 
     def handle_timer(self) -> None:
         """Run whatever timer has expired by now."""
@@ -636,6 +651,7 @@ class UpperLayer:
             self.request_abort(f"nothing received for {self.idle_timeout:g} s")
 
 
+_P_DATA_TF = int(PDUType.P_DATA_TF)
 _IDLE_STATES = frozenset({State.STA3, State.STA6, State.STA8, State.STA9, State.STA12})
 # The actions are the methods named after them.
 _METHODS = {action: "_" + action.name.lower() for action in Action}

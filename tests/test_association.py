@@ -5,17 +5,30 @@ from __future__ import annotations
 import re
 import socket
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 import dicomnet
 from dicomnet.contexts import VERIFICATION, PresentationContext
-from dicomnet.pdu import AAbort, AReleaseRQ, decode_pdu_bytes
+from dicomnet.dimse import CFindRQ, encode_message
+from dicomnet.pdu import (
+    AAbort,
+    AReleaseRQ,
+    PDataTF,
+    PresentationContextRQ,
+    decode_pdu,
+    decode_pdu_bytes,
+)
+from dicomnet.testing import build_associate_rq
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -319,3 +332,57 @@ async def test_release_by_server_side_request_is_answered() -> None:
             while server.associations:
                 await anyio.sleep(0.01)
     assert AReleaseRQ().encode() == b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+async def test_a_release_request_is_answered_after_the_response_in_flight() -> None:
+    """A-RELEASE-RQ right behind a C-FIND-RQ (one write): the A-RELEASE-RP waits until
+    the C-FIND's handler is done and its responses are sent (PS3.8 §7.2: no data after
+    the release response)."""
+    study_find = "1.2.840.10008.5.1.4.1.2.2.1"
+    ae = dicomnet.AE("PACS")
+
+    @ae.on_find
+    async def find(request: dicomnet.FindRequest) -> AsyncIterator[Dataset]:
+        await anyio.sleep(0.3)  # still at work when the release request arrives
+        match = Dataset()
+        match.QueryRetrieveLevel = "STUDY"
+        match.StudyInstanceUID = "1.2.3"
+        yield match
+
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, identifier)
+    rq = build_associate_rq(
+        contexts=[PresentationContextRQ(1, study_find, (str(ImplicitVRLittleEndian),))]
+    )
+    async with ae.serve("127.0.0.1", 0) as server:
+        stream = await anyio.connect_tcp("127.0.0.1", server.port)
+        async with stream:
+            await stream.send(rq.encode())
+            received = b""
+            pdus: list[object] = []
+            with anyio.fail_after(10):
+                while True:
+                    while len(received) >= 6:
+                        length = struct.unpack(">I", received[2:6])[0]
+                        if len(received) < 6 + length:
+                            break
+                        pdus.append(decode_pdu(received[0], received[6 : 6 + length]))
+                        received = received[6 + length :]
+                        if len(pdus) == 1:  # accepted: ask, then at once ask to release
+                            find_rq = encode_message(
+                                1, CFindRQ(1, study_find), buffer.getvalue(), 0
+                            )
+                            await stream.send(find_rq + AReleaseRQ().encode())
+                    if pdus and type(pdus[-1]).__name__ == "AReleaseRP":
+                        break
+                    received += await stream.receive()
+    kinds = [type(pdu).__name__ for pdu in pdus]
+    assert kinds[0] == "AAssociateAC"
+    assert kinds[-1] == "AReleaseRP"
+    data = [pdu for pdu in pdus if isinstance(pdu, PDataTF)]
+    assert len(data) >= 2  # the pending response with its match, then the final one
+    assert kinds.index("AReleaseRP") > max(i for i, k in enumerate(kinds) if k == "PDataTF")

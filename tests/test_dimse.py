@@ -29,6 +29,7 @@ from dicomnet.dimse import (
     OutstandingRequests,
     decode_command,
     encode_command,
+    encode_command_pdus,
     encode_message,
     fragment,
 )
@@ -273,6 +274,31 @@ def test_fragment_respects_max_pdu_length(
     # The data pieces share the caller's memory.
     assert all(isinstance(p, (bytes, memoryview)) for p in pieces)
     assert all(isinstance(p, memoryview) for p in pieces[1::2])
+
+
+@given(sx.odd_context_ids, st.binary(max_size=700), max_lengths)
+def test_command_pdus_are_the_fragments_joined(
+    context_id: int, command: bytes, max_length: int
+) -> None:
+    """One PDU when the command fits, else the same fragments as `fragment()` gives."""
+    joined = encode_command_pdus(context_id, command, max_length)
+    assert joined == b"".join(fragment(context_id, command, True, max_length))
+
+
+def test_elements_of_other_message_types_are_not_decoded() -> None:
+    """A command set is decoded for its message type: an element that type does not have
+    is skipped like an unknown one, whatever its value."""
+    message = CEchoRQ(7)
+    raw = encode_command(message)
+    stray_priority = struct.pack("<HHI", 0, 0x0700, 3) + b"\x01\x02\x03"  # US of 3 bytes
+    body = raw[12:] + stray_priority
+    command = struct.pack("<HHII", 0, 0, 4, len(body)) + body
+    assert decode_command(command) == (message, False)
+    # The same element is checked where it belongs.
+    store = encode_command(CStoreRQ(1, "1.2", "1.2.3"), has_dataset=True)
+    body = store[12:].replace(struct.pack("<HHIH", 0, 0x0700, 2, 0), stray_priority)
+    with pytest.raises(ProtocolError, match="US command element must be 2 bytes"):
+        decode_command(struct.pack("<HHII", 0, 0, 4, len(body)) + body)
 
 
 @pytest.mark.parametrize("max_length", [7, 8, 100, 1000, 16384])

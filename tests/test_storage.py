@@ -136,6 +136,23 @@ def test_spool_keeps_read_only_fragments_and_copies_others(tmp_path: Path) -> No
     assert saved.read_bytes() == b"HEADERfrozenchangebytes"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("threshold", [1 << 20, 4], ids=["in memory", "spilled to disk"])
+async def test_spool_save_to_gives_back_the_path_as_given(tmp_path: Path, threshold: int) -> None:
+    """`save_to()` is `save()` for a path given as a string, and returns that string."""
+    spool = Spool(b"HEADER", threshold=threshold, directory=tmp_path / "spool")
+    spool.write(b"data set")
+    spool.finish()
+    target = str(tmp_path / "out" / "saved.dcm")
+    saved = await spool.save_to(target, fsync=False)
+    assert saved == target and isinstance(saved, str)
+    assert Path(target).read_bytes() == b"HEADERdata set"
+    again = tmp_path / "again.dcm"
+    assert await spool.save(again, fsync=False) == again  # save() still gives a Path
+    assert again.read_bytes() == b"HEADERdata set"
+    spool.close()
+
+
 def test_spool_spills_to_disk_past_its_threshold(tmp_path: Path) -> None:
     spool = Spool(b"H", threshold=10, directory=tmp_path)
     spool.write(b"12345")
