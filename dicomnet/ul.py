@@ -13,6 +13,7 @@ sleeping.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +36,6 @@ from dicomnet.pdu import (
     PDataTF,
     PDUType,
     decode_pdu,
-    parse_pdu_header,
 )
 
 __all__ = [
@@ -188,7 +188,8 @@ class UpperLayer:
         self._body_type = 0
         self._body: bytearray | None = None
         self._body_filled = 0
-        # Large PDUs received in full, not parsed yet; they come before the buffer's bytes.
+        # PDUs received in full, not parsed yet: large ones in their own buffer, P-DATA-TF
+        # PDUs whole in the (immutable) bytes received. They come before the buffer's bytes.
         self._complete: deque[tuple[int, memoryview]] = deque()
         self._events: deque[ULEvent] = deque()
         self._outbound = bytearray()
@@ -493,17 +494,21 @@ class UpperLayer:
             if (
                 self._start == len(self._buffer)
                 and len(view) >= PDU_HEADER_LENGTH
-                and view[0] == PDUType.P_DATA_TF
+                and view[0] == _P_DATA_TF
             ):
                 length = int.from_bytes(view[2:PDU_HEADER_LENGTH], "big")
-                if (
-                    _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX
-                    and length <= self._pdu_limit(PDUType.P_DATA_TF)
-                    and len(view) - PDU_HEADER_LENGTH < length
-                ):
-                    self._start_own_buffer(PDUType.P_DATA_TF, length, b"")
-                    view = view[PDU_HEADER_LENGTH:]
-                    continue
+                end = PDU_HEADER_LENGTH + length
+                if length <= (self.max_pdu_length or HARD_MAX_PDU_LENGTH):
+                    if end <= len(view) and view.readonly:
+                        # A whole P-DATA-TF in bytes nobody changes: its values can point
+                        # into them, with no copy through the buffer.
+                        self._complete.append((_P_DATA_TF, view[PDU_HEADER_LENGTH:end]))
+                        view = view[end:]
+                        continue
+                    if _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX and end > len(view):
+                        self._start_own_buffer(_P_DATA_TF, length, b"")
+                        view = view[PDU_HEADER_LENGTH:]
+                        continue
             self._append(view)
             break
 
@@ -550,9 +555,8 @@ class UpperLayer:
             return False  # the buffer is empty while a large PDU is arriving
         if len(buffer) - start < PDU_HEADER_LENGTH:
             return False
-        pdu_type, length = parse_pdu_header(buffer, start)
-        event = _PDU_EVENTS.get(pdu_type)
-        if event is None:
+        pdu_type, length = _PDU_HEADER.unpack_from(buffer, start)
+        if pdu_type not in _PDU_EVENTS:
             self._invalid(f"unrecognized PDU type 0x{pdu_type:02X}", AbortReason.UNRECOGNIZED_PDU)
             return True
         limit = self._pdu_limit(pdu_type)
@@ -652,6 +656,7 @@ class UpperLayer:
 
 
 _P_DATA_TF = int(PDUType.P_DATA_TF)
+_PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, PDU length (PS3.8 §9.3.1)
 _IDLE_STATES = frozenset({State.STA3, State.STA6, State.STA8, State.STA9, State.STA12})
 # The actions are the methods named after them.
 _METHODS = {action: "_" + action.name.lower() for action in Action}

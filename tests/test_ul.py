@@ -983,3 +983,31 @@ def test_builders_and_fake_clock() -> None:
     assert clock.advance(2.5) == 2.5 == clock()
     with pytest.raises(ValueError):
         clock.advance(-1)
+
+
+def test_whole_p_data_in_received_bytes_are_not_copied() -> None:
+    """P-DATA-TF PDUs that arrive whole in bytes (immutable) hand out values that point
+    into those bytes; from a buffer the sender may reuse, they are copied."""
+    first = build_p_data(b"command", 1, is_command=True)
+    second = build_p_data(b"data set" * 100, 1, is_command=False)
+    received = first.encode() + second.encode() + first.encode()[:5]  # and a piece of a third
+    d = drive(State.STA6, ACCEPTOR)
+    events = feed(d.ul, received)
+    assert events == [DataReceived(first), DataReceived(second)]
+    for event in events:
+        assert isinstance(event, DataReceived)
+        (value,) = [pdv.data for pdv in event.pdu.values]
+        assert isinstance(value, memoryview) and value.obj is received
+    assert feed(d.ul, first.encode()[5:]) == [DataReceived(first)]  # the rest of the third
+    reused = bytearray(second.encode())
+    (event,) = feed(d.ul, reused)
+    reused[:] = bytes(len(reused))
+    assert event == DataReceived(second)
+
+
+def test_a_whole_p_data_over_the_maximum_length_still_aborts() -> None:
+    d = drive(State.STA6, ACCEPTOR, max_pdu_length=100)
+    too_long = build_p_data(b"x" * 200, 1, is_command=False)
+    (event,) = feed(d.ul, too_long.encode())
+    assert isinstance(event, Aborted) and "exceeds the maximum" in (event.error or "")
+    assert d.ul.state == State.STA13
