@@ -48,6 +48,7 @@ __all__ = [
 
 _TAG = Struct("<HH")
 _TAG_LENGTH32 = Struct("<HHL")  # implicit VR: tag, 4-byte length
+_EXPLICIT_HEADER = Struct("<HH2sH")  # explicit VR: tag, VR, 2-byte length
 _SHORT_HEADER = Struct("<HH2sH")  # explicit VR, 2-byte length
 _LONG_HEADER = Struct("<HH2s2xL")  # explicit VR, reserved 2 bytes, 4-byte length
 _U16 = Struct("<H")
@@ -309,14 +310,27 @@ def part10_meta(head: bytes) -> tuple[dict[int, bytes], int] | None:
         return None
     meta: dict[int, bytes] = {}
     position = 132
-    while position + 2 <= len(head) and _U16.unpack_from(head, position)[0] == 2:
-        found = _element_at(head, position, implicit=False)
-        if found is None:
+    end = len(head)
+    while position + 2 <= end and _U16.unpack_from(head, position)[0] == 2:
+        # Explicit VR little endian (PS3.5 §7.1.2), unpacked in place: this runs for every
+        # file the index reads.
+        if position + 8 > end:
             return None
-        tag, start, length = found
-        meta[tag] = head[start : start + length]
+        group, number, vr, length = _EXPLICIT_HEADER.unpack_from(head, position)
+        if vr in _LONG_VR_BYTES:
+            if position + 12 > end:
+                return None
+            start = position + 12
+            length = _U32.unpack_from(head, position + 8)[0]
+        elif vr in _KNOWN_VR_BYTES:
+            start = position + 8
+        else:
+            return None
+        if length == 0xFFFFFFFF or start + length > end:
+            return None
+        meta[group << 16 | number] = head[start : start + length]
         position = start + length
-    if position + 2 > len(head):
+    if position + 2 > end:
         return None
     return meta, position
 
@@ -392,18 +406,32 @@ def top_level_values(
     found: dict[int, bytes] = {}
     end = len(data)
     while position < end:
-        if position + 4 > end:
-            return None
-        group, number = _TAG.unpack_from(data, position)
+        # Each element's header unpacked in place (no `_header_at`): this runs for every
+        # element before the last wanted one, of every file the index reads.
+        if position + 8 > end:
+            if position + 4 > end:
+                return None
+            group, number = _TAG.unpack_from(data, position)
+            return found if (group << 16 | number) > last else None
+        if implicit:
+            group, number, length = _TAG_LENGTH32.unpack_from(data, position)
+            start = position + 8
+        else:
+            group, number, vr, length = _EXPLICIT_HEADER.unpack_from(data, position)
+            if vr in _LONG_VR_BYTES:
+                if position + 12 > end:
+                    return found if (group << 16 | number) > last else None
+                start = position + 12
+                length = _U32.unpack_from(data, position + 8)[0]
+            elif vr in _KNOWN_VR_BYTES:
+                start = position + 8
+            else:
+                start = -1  # an unknown VR: odd, unless past the last wanted element
         tag = group << 16 | number
         if tag > last:
             return found
-        if group == 0xFFFE:
+        if group == 0xFFFE or start < 0:
             return None
-        header = _header_at(data, position, implicit)
-        if header is None:
-            return None
-        start, length = header
         if length == 0xFFFFFFFF:
             after = _skip_sequence(data, start, implicit, 0)
             if after is None:
