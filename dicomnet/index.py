@@ -838,7 +838,11 @@ def _quick_values(path: str) -> tuple[dict[int, bytes], dict[str, str], int] | N
         if quick is None and len(head) == _QUICK_FIRST:  # a long header: read more of it
             head += _read(fd, _QUICK_HEAD - _QUICK_FIRST)
             quick = _quick_values_of(head, complete=len(head) < _QUICK_HEAD)
-        return None if quick is None else (*quick, os.fstat(fd).st_size)
+        if quick is None:
+            return None
+        # A short read reached the end: the file is what was read (no fstat needed).
+        size = len(head) if len(head) < _QUICK_FIRST else os.fstat(fd).st_size
+        return (*quick, size)
     finally:
         os.close(fd)
 
