@@ -13,7 +13,6 @@ sleeping.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from dicomnet.pdu import (
     PDataTF,
     PDUType,
     decode_pdu,
+    parse_pdu_header,
 )
 
 __all__ = [
@@ -555,7 +555,7 @@ class UpperLayer:
             return False  # the buffer is empty while a large PDU is arriving
         if len(buffer) - start < PDU_HEADER_LENGTH:
             return False
-        pdu_type, length = _PDU_HEADER.unpack_from(buffer, start)
+        pdu_type, length = parse_pdu_header(buffer, start)
         if pdu_type not in _PDU_EVENTS:
             self._invalid(f"unrecognized PDU type 0x{pdu_type:02X}", AbortReason.UNRECOGNIZED_PDU)
             return True
@@ -656,7 +656,6 @@ class UpperLayer:
 
 
 _P_DATA_TF = int(PDUType.P_DATA_TF)
-_PDU_HEADER = struct.Struct(">BxI")  # PDU type, reserved, PDU length (PS3.8 §9.3.1)
 _IDLE_STATES = frozenset({State.STA3, State.STA6, State.STA8, State.STA9, State.STA12})
 # The actions are the methods named after them.
 _METHODS = {action: "_" + action.name.lower() for action in Action}
