@@ -70,6 +70,7 @@ deleted.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -867,18 +868,16 @@ def _quick_values_of(head: bytes, complete: bool) -> tuple[dict[int, bytes], dic
 
 
 class _RawTexts:
-    """`_text_of_raw` of the raw values of one file (`values`), with its answers
-    remembered: in a batch of stored instances the patient, study and series attributes
-    come again and again."""
+    """`_text_of_raw` with its answers remembered: in a batch of stored instances the
+    patient, study and series attributes come again and again."""
 
     LIMIT = 4096  # remembered answers; then it starts afresh
 
     def __init__(self) -> None:
         self._known: dict[tuple[bytes, str], tuple[str | None, str | None]] = {}
-        self.values: dict[int, bytes] = {}
 
-    def text(self, tag: int, vr: str) -> tuple[str | None, str | None]:
-        raw = self.values.get(tag)
+    def text(self, values: dict[int, bytes], tag: int, vr: str) -> tuple[str | None, str | None]:
+        raw = values.get(tag)
         if raw is None:
             return None, None
         known = self._known.get((raw, vr))
@@ -1168,10 +1167,10 @@ class Index:
             quick = _quick_values(path)
             if quick is not None:
                 values, meta, size = quick
-                raw_texts = self._raw_texts
-                raw_texts.values = values
+                # A partial, not a lambda: no Python frame per attribute.
+                text_of = functools.partial(self._raw_texts.text, values)
                 try:
-                    return self._build_record(path, size, raw_texts.text, meta.get)
+                    return self._build_record(path, size, text_of, meta.get)
                 except _NeedsPydicom:
                     pass
             dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEXED_TAGS)

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from dicomnet.errors import InvalidStateError, ProtocolError
 from dicomnet.fsm import TRANSITIONS, Action, Event, State
@@ -592,11 +592,11 @@ class UpperLayer:
             # The steady state's one transition, Evt10 in Sta6 (DT-2: P-DATA indication,
             # stay in Sta6), without the table lookup: it runs for every PDU received.
             try:
-                pdata = PDataTF.decode(body if isinstance(body, memoryview) else memoryview(body))
+                pdata = decode_pdu(_P_DATA_TF, body)
             except ProtocolError as exc:
                 self._invalid(str(exc))
                 return
-            self._events.append(DataReceived(pdata))
+            self._events.append(DataReceived(cast(PDataTF, pdata)))
             return
         event = _PDU_EVENTS[pdu_type]
         try:
