@@ -248,6 +248,20 @@ class ServerProcess:
         base = self.baseline.cpu_seconds if self.baseline is not None else 0.0
         return now.cpu_seconds - base, now.peak_rss_kib
 
+    def wait_quiet(self, limit: float = 5.0, interval: float = 0.2) -> bool:
+        """Wait until the process group has used under 5 % of a core over `interval`
+        (at most `limit` s; False if it never was): what a server does after its last
+        answer (dicomnet indexes in the background) is then in its CPU figure."""
+        deadline = time.monotonic() + limit
+        last = self.sample().cpu_seconds
+        while time.monotonic() < deadline:
+            time.sleep(interval)
+            now = self.sample().cpu_seconds
+            if now - last < 0.05 * interval:
+                return True
+            last = now
+        return False
+
     def settle(self, limit: float = 10.0) -> None:
         """Wait until the process group's RSS stops changing (helpers it starts after
         listening, such as dicomnet's indexer process, have finished starting: at most
