@@ -36,6 +36,7 @@ from peers import (
     is_listening,
     pynetdicom_ae,
     pynetdicom_echo,
+    pynetdicom_send_echo,
     run_dicomnet,
     storescu,
     stray_files,
@@ -273,7 +274,7 @@ def test_max_associations_second_refused_transiently(dicomnet_server: ServerFact
 
         # The first association was not disturbed and completes.
         assert first.is_established
-        status = first.send_c_echo()
+        status = pynetdicom_send_echo(first)
         assert "Status" in status and status.Status == 0x0000, status
         first.release()
         assert first.is_released

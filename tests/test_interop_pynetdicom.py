@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pydicom
@@ -29,11 +30,13 @@ from peers import (
     pynetdicom_ae,
     pynetdicom_chunked_send,
     pynetdicom_echo,
+    pynetdicom_send_echo,
     read_part10,
     run_dicomnet,
     stray_files,
     verify_part10_received,
 )
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 SERVER_AET = DICOMNET_AET
@@ -61,7 +64,7 @@ def test_pynetdicom_echo(dicomnet_server: ServerFactory) -> None:
     assert assoc.is_established
     try:
         for _ in range(5):
-            assert assoc.send_c_echo().Status == 0x0000
+            assert pynetdicom_send_echo(assoc).Status == 0x0000
         assoc.release()
         assert assoc.is_released
     finally:
@@ -262,3 +265,34 @@ def test_harness_part10_offsets_agree_with_pynetdicom(corpus: Corpus) -> None:
         ours = split_part10(f.path)[1]
         theirs = split_dataset(Path(f.path))[1]
         assert ours == theirs, f.rel
+
+
+class _FakeAssociation:
+    """Answers `send_c_echo` from a script; each item may log like pynetdicom first."""
+
+    def __init__(self, script: list[tuple[str | None, int | None]]) -> None:
+        self.script = script
+        self.sent = 0
+        self.is_established = True
+        self.dimse_timeout = 120.0
+
+    def send_c_echo(self) -> Dataset:
+        warning, status = self.script[self.sent]
+        self.sent += 1
+        if warning is not None:
+            logging.getLogger("pynetdicom").warning(warning)
+        rsp = Dataset()
+        if status is not None:
+            rsp.Status = status
+        return rsp
+
+
+def test_echo_helper_resends_only_a_response_pynetdicom_dropped() -> None:
+    dropped = "Received unexpected C-ECHO service message"
+    assoc = _FakeAssociation([(dropped, None), (None, 0x0000)])
+    assert pynetdicom_send_echo(assoc).Status == 0x0000
+    assert assoc.sent == 2 and assoc.dimse_timeout == 120.0
+    # No response and no word from pynetdicom that one came: not sent again.
+    silent = _FakeAssociation([(None, None), (None, 0x0000)])
+    assert "Status" not in pynetdicom_send_echo(silent)
+    assert silent.sent == 1
