@@ -335,12 +335,16 @@ _STORED_TAGS: dict[str, BaseTag] = {
 }
 _STORED_TAG_SET = frozenset(_STORED_TAGS.values())
 
-# What `Index._build_record` reads, table by table in upsert column order: (tag, VR,
-# keyword, role, whether a match key column follows).
+# What `Index._build_record` reads, table by table in upsert column order: the table's
+# name, its tags, and for each attribute (tag, VR, keyword, role, whether a match key
+# column follows).
 _PLAIN, _UNIQUE_KEY, _SOP_CLASS = 0, 1, 2
-_RECORD_PLAN: tuple[tuple[str, tuple[tuple[int, str, str, int, bool], ...]], ...] = tuple(
+_RECORD_PLAN: tuple[
+    tuple[str, tuple[int, ...], tuple[tuple[int, str, str, int, bool], ...]], ...
+] = tuple(
     (
         table.name,
+        tuple(int(_STORED_TAGS[attr.keyword]) for attr in table.attributes),
         tuple(
             (
                 int(_STORED_TAGS[attr.keyword]),
@@ -989,6 +993,10 @@ class Index:
         root_abs = os.path.abspath(self.root)
         self._root_prefix = root_abs if root_abs.endswith(os.sep) else root_abs + os.sep
         self._raw_texts = _RawTexts()
+        # Per parent table, the raw values of the last instance read and the row made of
+        # them: the instances of a series come in a row and share the patient, study
+        # and series attributes.
+        self._parent_rows: dict[str, tuple[tuple[bytes | None, ...], list[str | int | None]]] = {}
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, timeout=timeout, check_same_thread=False, isolation_level=None
@@ -1170,7 +1178,7 @@ class Index:
                 # A partial, not a lambda: no Python frame per attribute.
                 text_of = functools.partial(self._raw_texts.text, values)
                 try:
-                    return self._build_record(path, size, text_of, meta.get)
+                    return self._build_record(path, size, text_of, meta.get, values)
                 except _NeedsPydicom:
                     pass
             dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEXED_TAGS)
@@ -1194,9 +1202,19 @@ class Index:
         size: int,
         text_of: Callable[[int, str], tuple[str | None, str | None]],
         meta: Callable[[str], str | None],
+        raw_values: dict[int, bytes] | None = None,
     ) -> _Record:
+        """The rows of one instance; `raw_values` (the raw values `text_of` reads) lets a
+        patient, study or series row read from the same bytes before be reused."""
         rows: dict[str, list[str | int | None]] = {}
-        for table, plan in _RECORD_PLAN:
+        for table, tags, plan in _RECORD_PLAN:
+            raw: tuple[bytes | None, ...] | None = None
+            if raw_values is not None and table != "instance":
+                raw = tuple(map(raw_values.get, tags))
+                last = self._parent_rows.get(table)
+                if last is not None and last[0] == raw:
+                    rows[table] = last[1]
+                    continue
             values: list[str | int | None] = []
             for tag, vr, keyword, role, keyed in plan:
                 text, key = text_of(tag, vr)
@@ -1214,6 +1232,8 @@ class Index:
                 if keyed:
                     values.append(key)
             rows[table] = values
+            if raw is not None:
+                self._parent_rows[table] = (raw, values)
         transfer_syntax = meta("TransferSyntaxUID")
         rows["instance"] += [self._relative(path), transfer_syntax or None, size]
         return _Record(rows, cast(str, rows["instance"][0]))

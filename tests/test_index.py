@@ -3,6 +3,7 @@ every level, retrieve lists, rebuild, streaming, threads and processes, errors."
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import random
 import shutil
@@ -726,6 +727,52 @@ def test_readding_replaces(corpus: Corpus, fresh: Index, tmp_path: Path) -> None
     (r,) = fresh.query("study", "STUDY", q)
     assert r.StudyDescription == "Renamed"
     assert len(fresh) == len(corpus.instances)
+
+
+def test_batch_of_one_series_with_changing_parent_attributes(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    """Consecutive files of one batch: the same series (its rows are read once and
+    reused), then a changed series description, then another patient and study.
+    Each row is the one its own file's bytes give."""
+    source = dcmread(corpus.instances[0].path)
+    study, series, other_study = generate_uid(), generate_uid(), generate_uid()
+    paths: list[Path] = []
+    for number, (patient, study_uid, description) in enumerate(
+        [
+            ("P-A", study, "first"),
+            ("P-A", study, "first"),
+            ("P-A", study, "second"),
+            ("P-B", other_study, "other"),
+            ("P-A", study, "second"),
+        ],
+        start=1,
+    ):
+        ds = copy.deepcopy(source)
+        ds.PatientID, ds.PatientName = patient, f"Name^{patient}"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series if study_uid == study else generate_uid()
+        ds.SeriesDescription = description
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        path = tmp_path / f"{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    with Index(tmp_path / "index.sqlite", root=tmp_path) as idx:
+        assert idx.add_many(paths) == 5
+        assert idx.counts() == IndexCounts(2, 2, 2, 5)
+        q = ident("SERIES", StudyInstanceUID=study, SeriesInstanceUID="", SeriesDescription="")
+        (r,) = idx.query("study", "SERIES", q)
+        assert (r.SeriesInstanceUID, r.SeriesDescription) == (series, "second")
+        q = ident("STUDY", PatientID="", PatientName="", StudyInstanceUID="")
+        found = {
+            (str(r.PatientID), str(r.PatientName), r.StudyInstanceUID)
+            for r in idx.query("study", "STUDY", q)
+        }
+        assert found == {("P-A", "Name^P-A", study), ("P-B", "Name^P-B", other_study)}
+        q = ident("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber="")
+        numbers = sorted(int(r.InstanceNumber) for r in idx.query("study", "IMAGE", q))
+        assert numbers == [1, 2, 3, 5]
 
 
 def test_moving_an_instance_prunes_empty_parents(
