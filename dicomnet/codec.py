@@ -48,7 +48,6 @@ __all__ = [
 
 _TAG = Struct("<HH")
 _TAG_LENGTH32 = Struct("<HHL")  # implicit VR: tag, 4-byte length
-_EXPLICIT_HEADER = Struct("<HH2sH")  # explicit VR: tag, VR, 2-byte length
 _SHORT_HEADER = Struct("<HH2sH")  # explicit VR, 2-byte length
 _LONG_HEADER = Struct("<HH2s2xL")  # explicit VR, reserved 2 bytes, 4-byte length
 _U16 = Struct("<H")
@@ -316,7 +315,7 @@ def part10_meta(head: bytes) -> tuple[dict[int, bytes], int] | None:
         # file the index reads.
         if position + 8 > end:
             return None
-        group, number, vr, length = _EXPLICIT_HEADER.unpack_from(head, position)
+        group, number, vr, length = _SHORT_HEADER.unpack_from(head, position)
         if vr in _LONG_VR_BYTES:
             if position + 12 > end:
                 return None
@@ -417,7 +416,7 @@ def top_level_values(
             group, number, length = _TAG_LENGTH32.unpack_from(data, position)
             start = position + 8
         else:
-            group, number, vr, length = _EXPLICIT_HEADER.unpack_from(data, position)
+            group, number, vr, length = _SHORT_HEADER.unpack_from(data, position)
             if vr in _LONG_VR_BYTES:
                 if position + 12 > end:
                     return found if (group << 16 | number) > last else None

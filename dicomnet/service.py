@@ -80,14 +80,15 @@ class StoreRequest:
 
     def acknowledge(self) -> None:
         """Done with this instance: its C-STORE response (`status`) may be sent."""
-        if self._done is None:
-            self._done = asyncio.Event()
-        self._done.set()
+        self._done_event().set()
 
     async def acknowledged(self) -> None:
+        await self._done_event().wait()
+
+    def _done_event(self) -> asyncio.Event:
         if self._done is None:
             self._done = asyncio.Event()
-        await self._done.wait()
+        return self._done
 
     @property
     def sop_class_uid(self) -> str:

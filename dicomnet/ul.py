@@ -498,7 +498,7 @@ class UpperLayer:
             ):
                 length = int.from_bytes(view[2:PDU_HEADER_LENGTH], "big")
                 end = PDU_HEADER_LENGTH + length
-                if length <= (self.max_pdu_length or HARD_MAX_PDU_LENGTH):
+                if length <= self._pdu_limit(_P_DATA_TF):
                     if end <= len(view) and view.readonly:
                         # A whole P-DATA-TF in bytes nobody changes: its values can point
                         # into them, with no copy through the buffer.
