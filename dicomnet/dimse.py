@@ -376,33 +376,33 @@ _encode_command_cached = functools.lru_cache(maxsize=256)(_encode_command)
 # --- decoding --------------------------------------------------------------------------------
 
 
-def _decode_us(raw: memoryview) -> int:
+def _decode_us(raw: bytes) -> int:
     if len(raw) != 2:
         raise ProtocolError("US command element must be 2 bytes")
-    return int(_US.unpack(raw)[0])
+    return int.from_bytes(raw, "little")
 
 
-def _decode_ul(raw: memoryview) -> int:
+def _decode_ul(raw: bytes) -> int:
     if len(raw) != 4:
         raise ProtocolError("UL command element must be 4 bytes")
-    return int(_UL.unpack(raw)[0])
+    return int.from_bytes(raw, "little")
 
 
-def _decode_at(raw: memoryview) -> tuple[int, ...]:
+def _decode_at(raw: bytes) -> tuple[int, ...]:
     if len(raw) % 4:
         raise ProtocolError("AT command element length is not a multiple of 4")
     return tuple((g << 16) | e for g, e in struct.iter_unpack("<HH", raw))
 
 
-def _decode_ascii(raw: memoryview) -> str:
-    return bytes(raw).decode("ascii", errors="replace").strip("\x00 ")
+def _decode_ascii(raw: bytes) -> str:
+    return raw.decode("ascii", errors="replace").strip("\x00 ")
 
 
-def _decode_latin1(raw: memoryview) -> str:
-    return bytes(raw).decode("latin-1", errors="replace").strip("\x00 ")
+def _decode_latin1(raw: bytes) -> str:
+    return raw.decode("latin-1", errors="replace").strip("\x00 ")
 
 
-_DECODE_VR: dict[str, Callable[[memoryview], Any]] = {
+_DECODE_VR: dict[str, Callable[[bytes], Any]] = {
     "US": _decode_us,
     "UL": _decode_ul,
     "AT": _decode_at,
@@ -411,7 +411,7 @@ _DECODE_VR: dict[str, Callable[[memoryview], Any]] = {
     "LO": _decode_latin1,
 }
 # Per message type, how to fill its fields: (attribute, element, decoder).
-_DECODE_PLANS: dict[type[Any], tuple[tuple[str, int, Callable[[memoryview], Any]], ...]] = {
+_DECODE_PLANS: dict[type[Any], tuple[tuple[str, int, Callable[[bytes], Any]], ...]] = {
     cls: tuple(
         (attr, _KEYWORD_ELEMENT[keyword][0], _DECODE_VR[_KEYWORD_ELEMENT[keyword][1]])
         for attr, keyword, _ in fields_
@@ -420,23 +420,25 @@ _DECODE_PLANS: dict[type[Any], tuple[tuple[str, int, Callable[[memoryview], Any]
 }
 
 
-def _command_elements(data: bytes | memoryview) -> dict[int, memoryview]:
+def _command_elements(data: bytes | memoryview) -> dict[int, bytes]:
     """The elements of a command set, {element number: value bytes} (PS3.7 §6.3.1)."""
-    view = memoryview(data)
-    elements: dict[int, memoryview] = {}
+    raw = bytes(data)  # a command set is small: one copy, then its values are slices
+    elements: dict[int, bytes] = {}
+    unpack = _ELEMENT.unpack_from
     offset = 0
-    end = len(view)
+    end = len(raw)
     while offset < end:
         if end - offset < 8:
             raise ProtocolError("command set: truncated element header")
-        group, element, length = _ELEMENT.unpack_from(view, offset)
+        group, element, length = unpack(raw, offset)
         offset += 8
         if group != 0:
             raise ProtocolError(f"command set holds element ({group:04X},{element:04X})")
-        if length > end - offset:
+        stop = offset + length
+        if stop > end:
             raise ProtocolError(f"command set: element (0000,{element:04X}) overruns")
-        elements[element] = view[offset : offset + length]
-        offset += length
+        elements[element] = raw[offset:stop]
+        offset = stop
     return elements
 
 

@@ -330,6 +330,11 @@ def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
 
 
 _UPSERTS = {table.name: _upsert_sql(table) for table in _TABLES}
+_PARENT_TABLES = tuple(table for table in _TABLES if table.name != "instance")
+# A new instance (the usual case) is one INSERT; a conflict leaves the row as it was.
+_INSERT_INSTANCE = _UPSERTS["instance"][0].split(" ON CONFLICT")[0] + (
+    " ON CONFLICT(sop_instance_uid) DO NOTHING RETURNING pk"
+)
 _STORED_TAGS: dict[str, BaseTag] = {
     attr.keyword: Tag(attr.keyword) for table in _TABLES for attr in table.attributes
 }
@@ -1245,22 +1250,14 @@ class Index:
 
         `cache` (per transaction) remembers the last patient / study / series row
         written: an instance whose parents are the same as the previous one's skips
-        their upserts (a rebuild walks folders series by series)."""
+        their upserts (a rebuild walks folders series by series). The instance row is
+        inserted first; only an instance indexed before (a conflict) is looked up, to
+        prune the series, study and patient it may have left."""
         old_series: set[int] = set()
         old_studies: set[int] = set()
         old_patients: set[int] = set()
-        row = conn.execute(
-            "SELECT i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
-            " JOIN series AS se ON se.pk = i.series_pk JOIN study AS st ON st.pk = se.study_pk"
-            " WHERE i.sop_instance_uid = ?",
-            (record.sop_instance_uid,),
-        ).fetchone()
-        if row is not None:
-            old_series.add(row[0])
-            old_studies.add(row[1])
-            old_patients.add(row[2])
         parent: int | None = None
-        for table in _TABLES:
+        for table in _PARENT_TABLES:
             values = record.rows[table.name]
             key = (parent, *values)
             hit = cache.get(table.name)
@@ -1283,9 +1280,24 @@ class Index:
             sql, _ = _UPSERTS[table.name]
             params = [parent, *values] if table.parent else values
             parent = conn.execute(sql, params).fetchone()[0]
-            if table.name != "instance":
-                cache[table.name] = (key, cast(int, parent))
-        if self._prune(conn, old_series, old_studies, old_patients):
+            cache[table.name] = (key, cast(int, parent))
+        instance = [parent, *record.rows["instance"]]
+        if conn.execute(_INSERT_INSTANCE, instance).fetchone() is None:
+            # Indexed before: it may leave its series (and their parents) empty.
+            row = conn.execute(
+                "SELECT i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
+                " JOIN series AS se ON se.pk = i.series_pk"
+                " JOIN study AS st ON st.pk = se.study_pk WHERE i.sop_instance_uid = ?",
+                (record.sop_instance_uid,),
+            ).fetchone()
+            if row is not None:
+                old_series.add(row[0])
+                old_studies.add(row[1])
+                old_patients.add(row[2])
+            conn.execute(_UPSERTS["instance"][0], instance)
+        if (old_series or old_studies or old_patients) and self._prune(
+            conn, old_series, old_studies, old_patients
+        ):
             cache.clear()  # a remembered row may be gone
 
     @staticmethod

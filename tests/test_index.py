@@ -803,6 +803,35 @@ def test_moving_an_instance_prunes_empty_parents(
     assert fresh.counts() == before
 
 
+def test_moving_an_instance_within_one_batch(corpus: Corpus, fresh: Index, tmp_path: Path) -> None:
+    """One transaction: an instance is indexed in a series of its own, then again in a
+    series already indexed. The second is an insert that conflicts: the first one's
+    series, study and patient, left empty, go."""
+    inst = corpus.instances[0]
+    ds = dcmread(inst.path)
+    ds.PatientID = "LONELY"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
+    ds.save_as(first, enforce_file_format=True)
+    ds.PatientID = inst.patient_id
+    ds.StudyInstanceUID = inst.study_uid
+    ds.SeriesInstanceUID = inst.series_uid
+    ds.InstanceNumber = 4321
+    ds.save_as(second, enforce_file_format=True)
+    before = fresh.counts()
+    assert fresh.add_many([first, second]) == 2
+    assert fresh.counts() == before._replace(instances=before.instances + 1)
+    q = ident("IMAGE", StudyInstanceUID=inst.study_uid, SeriesInstanceUID=inst.series_uid)
+    q.SOPInstanceUID = ds.SOPInstanceUID
+    q.InstanceNumber = ""
+    (match,) = fresh.query("study", "IMAGE", q)
+    assert match.InstanceNumber == 4321
+    ((path, *_),) = fresh.files("study", "IMAGE", q)
+    assert path == second
+
+
 def test_remove_prunes(corpus: Corpus, fresh: Index) -> None:
     series_uid, insts = min(corpus.series().items(), key=lambda kv: len(kv[1]))
     before = fresh.counts()
