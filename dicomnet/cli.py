@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve with N processes on one port (SO_REUSEPORT), to use every core",
     )
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
 
     from dicomnet import bench
 
@@ -614,8 +615,8 @@ def _parse_peers(raw: Sequence[str]) -> dict[str, tuple[str, int]]:
     return peers
 
 
-def _worker_argv(argv: Sequence[str]) -> list[str]:
-    """The command line of a worker process: the same `serve`, as one worker."""
+def _worker_argv(argv: Sequence[str], slot: int) -> list[str]:
+    """The command line of a worker process: the same `serve`, as worker `slot`."""
     out: list[str] = []
     skip = False
     for item in argv:
@@ -628,7 +629,8 @@ def _worker_argv(argv: Sequence[str]) -> list[str]:
         if item.startswith("--workers=") or item == "--reindex":
             continue
         out.append(item)
-    return [sys.executable, "-m", "dicomnet", *out, "--worker-of", str(os.getpid())]
+    parent = ["--worker-of", str(os.getpid()), "--worker-slot", str(slot)]
+    return [sys.executable, "-m", "dicomnet", *out, *parent]
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -649,6 +651,8 @@ async def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         reindex=args.reindex and not is_worker,
         clean_spool=not is_worker,
+        processes=workers,
+        process_slot=args.worker_slot if is_worker else 0,
     )
     reuse_port = workers > 1 or is_worker
     children: list[subprocess.Popen[bytes]] = []
@@ -676,8 +680,8 @@ async def _serve(args: argparse.Namespace) -> int:
                 watch.start_soon(stop_with_parent, args.worker_of)
             async with scp.serve(args.host, args.port, reuse_port=reuse_port) as server:
                 if not is_worker:
-                    for _ in range(workers - 1):
-                        children.append(subprocess.Popen(_worker_argv(args.argv)))
+                    for slot in range(1, workers):
+                        children.append(subprocess.Popen(_worker_argv(args.argv, slot)))
                     print(
                         f"dicomnet {__version__}: {args.aet} listening on "
                         f"{server.host}:{server.port}"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import multiprocessing
 import os
 import signal
+import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from itertools import islice
@@ -41,6 +43,10 @@ INDEX_LINGER = 0.02
 INDEX_BATCH = 1024  # a batch this long goes at once
 
 SPOOL_FOLDER = ".tmp"
+PROGRESS_FILE = "index-progress"  # in SPOOL_FOLDER, with `serve --workers N`
+# A query waits at most this long (seconds) for another serving process's stores to be
+# indexed: a process that hangs must not stop every query.
+PROGRESS_WAIT = 10.0
 BATCH = 64  # index rows fetched per trip to the worker thread
 
 T = TypeVar("T")
@@ -103,6 +109,90 @@ def _index_worker(database: str, root: str, connection: Connection) -> None:
                 return
 
 
+class IndexProgress:
+    """How far each process of `serve --workers N` has indexed what it stored, in a file
+    every one of them maps: for each, its process ID, how many stored files it has
+    handed to its indexer and how many of those are indexed.
+
+    A C-STORE is answered after its file is handed over; a query waits until every
+    other process has indexed as many files as it had handed over when the query came.
+    So a query sees each instance whose C-STORE was answered before it, whichever
+    process stored it. Each process writes only its own slot.
+    """
+
+    _SLOT = struct.Struct("<QQQ")  # process ID, handed over, indexed
+
+    def __init__(self, path: Path, slot: int) -> None:
+        self.path = path
+        self.slot = slot
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), 0)
+        self.slots = len(self._map) // self._SLOT.size
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} of {self.slots}")
+        self._offset = slot * self._SLOT.size
+        self._handed = self._indexed = 0
+        self._write()
+
+    @classmethod
+    def create(cls, path: Path, slots: int) -> IndexProgress:
+        """A new file of `slots` empty slots, with slot 0 taken by this process."""
+        path.write_bytes(bytes(cls._SLOT.size * slots))
+        return cls(path, 0)
+
+    def _write(self) -> None:
+        self._SLOT.pack_into(self._map, self._offset, os.getpid(), self._handed, self._indexed)
+
+    def handed(self) -> None:
+        self._handed += 1
+        self._write()
+
+    def indexed(self, count: int) -> None:
+        self._indexed += count
+        self._write()
+
+    def _others(self) -> Iterator[tuple[int, int, int, int]]:
+        """(slot, process ID, handed over, indexed) of the other processes."""
+        for slot in range(self.slots):
+            if slot != self.slot:
+                yield slot, *self._SLOT.unpack_from(self._map, slot * self._SLOT.size)
+
+    def handed_by_others(self) -> dict[int, int]:
+        """{slot: files handed over} of the other processes."""
+        return {slot: handed for slot, _, handed, _ in self._others()}
+
+    def waiting_for(self, handed: dict[int, int]) -> list[int]:
+        """The process IDs of those that have not yet indexed as many as in `handed`
+        (and are still running: what a crashed process stored is not waited for)."""
+        return [
+            pid
+            for slot, pid, _, indexed in self._others()
+            if indexed < handed.get(slot, 0) and _is_running(pid)
+        ]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def _is_running(pid: int) -> bool:
+    """Whether process `pid` is alive (a zombie, ended but not yet waited for, is not)."""
+    if pid <= 0:  # a slot no process has taken yet
+        return False
+    if os.name == "nt":  # pragma: no cover - signal 0 would end the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists (not ours to signal)
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc here
+        return True
+
+
 class Indexer:
     """Indexes stored files in the background, many per transaction (group commit).
 
@@ -116,9 +206,12 @@ class Indexer:
     the queue.
     """
 
-    def __init__(self, index: Index, *, use_process: bool = True) -> None:
+    def __init__(
+        self, index: Index, *, use_process: bool = True, progress: IndexProgress | None = None
+    ) -> None:
         self.index = index
         self.use_process = use_process
+        self.progress = progress
         self._pending: list[str] = []
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -133,13 +226,18 @@ class Indexer:
 
     def add(self, path: str | os.PathLike[str]) -> None:
         self._pending.append(os.fspath(path))
+        if self.progress is not None:
+            self.progress.handed()
         self._idle.clear()
         self._wake.set()
         if len(self._pending) >= INDEX_BATCH:
             self._hurry.set()
 
-    async def drain(self) -> None:
-        """Wait until everything added so far is indexed."""
+    async def drain(self, *, others: bool = True) -> None:
+        """Wait until everything added so far is indexed, and with `progress` (unless not
+        `others`), everything the other serving processes had added by now."""
+        progress = self.progress if others else None
+        handed = progress.handed_by_others() if progress is not None else None
         if not self._running:
             await self._flush()  # nobody runs the background task: index now
         elif self._pending or not self._idle.is_set():
@@ -149,6 +247,20 @@ class Indexer:
                 await self._idle.wait()
             finally:
                 self._drains -= 1
+        if handed:
+            await self._wait_for_others(handed)
+
+    async def _wait_for_others(self, handed: dict[int, int]) -> None:
+        assert self.progress is not None
+        with anyio.move_on_after(PROGRESS_WAIT):
+            while self.progress.waiting_for(handed):
+                # Another process's batch lingers at most INDEX_LINGER, then is indexed.
+                await anyio.sleep(0.002)
+            return
+        log.warning(
+            "indexing by process(es) %s is late: a query goes on without it",
+            ", ".join(map(str, self.progress.waiting_for(handed))),
+        )
 
     def _start_process(self) -> None:
         if not self.use_process:
@@ -238,6 +350,8 @@ class Indexer:
             # one twice is harmless (an upsert).
             self._pending[:0] = batch
             raise
+        if self.progress is not None:
+            self.progress.indexed(len(batch))
 
     async def _flush(self) -> None:
         while self._pending:
@@ -297,6 +411,10 @@ class StorageSCP:
     Data sets are spooled in `<storage>/.tmp` (same file system, so the final rename is
     atomic); leftovers of an earlier crash there are removed at start. The index lives
     in `<storage>/.dicomnet-index.sqlite`; a new or outdated one is rebuilt from the files.
+
+    `processes` > 1: this is the first of that many processes serving `storage` (`serve
+    --workers N`); `process_slot` k > 0: it is the k-th of them, started after the first.
+    Their queries then also wait for what the others stored (see `IndexProgress`).
     """
 
     def __init__(
@@ -311,6 +429,8 @@ class StorageSCP:
         idle_timeout: float | None = 600.0,
         reindex: bool = False,
         clean_spool: bool = True,
+        processes: int = 1,
+        process_slot: int = 0,
     ) -> None:
         self.storage = storage
         self._storage_folder = str(storage)
@@ -336,7 +456,14 @@ class StorageSCP:
             peers=peers,
             query_models=("patient", "study"),
         )
-        self.indexer = Indexer(self.index)
+        # One process of several serving this storage (`serve --workers N`): the first
+        # makes the file where each says how far it has indexed (see IndexProgress).
+        self.progress: IndexProgress | None = None
+        if processes > 1 and process_slot == 0:
+            self.progress = IndexProgress.create(spool / PROGRESS_FILE, processes)
+        elif process_slot > 0:
+            self.progress = IndexProgress(spool / PROGRESS_FILE, process_slot)
+        self.indexer = Indexer(self.index, progress=self.progress)
         self.ae.on_store(self.store)
         self.ae.on_find(self.find)
         self.ae.on_move(self.retrieve)
@@ -352,11 +479,13 @@ class StorageSCP:
             async with self.ae.serve(host, port, reuse_port=reuse_port) as server:
                 yield server
             with anyio.CancelScope(shield=True):
-                await self.indexer.drain()
+                await self.indexer.drain(others=False)
             tg.cancel_scope.cancel()
 
     def close(self) -> None:
         self.index.close()
+        if self.progress is not None:
+            self.progress.close()
 
     async def store(self, request: StoreRequest) -> int | tuple[int, str]:
         uid = request.sop_instance_uid

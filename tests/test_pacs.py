@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -317,3 +318,83 @@ async def test_stopping_the_indexer_indexes_what_is_pending(
             tg.cancel_scope.cancel()
         assert indexer._process is None
         assert len(index) == 40
+
+
+# --- several serving processes (`serve --workers N`) -----------------------------------------
+
+
+async def test_a_query_waits_for_what_another_process_stored_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two serving processes' indexers (two slots of one progress file): a drain in one
+    returns only once what the other had handed over is indexed, though that one's batch
+    is still gathering."""
+    paths = files(tmp_path, 4)
+    monkeypatch.setattr(pacs, "INDEX_LINGER", 1.0)
+    progress_path = tmp_path / "progress"
+    first = pacs.IndexProgress.create(progress_path, 2)
+    second = pacs.IndexProgress(progress_path, 1)
+    db = tmp_path / INDEX_FILE_NAME
+    with Index(db, root=tmp_path) as index_a, Index(db, root=tmp_path) as index_b:
+        a = Indexer(index_a, use_process=False, progress=first)
+        b = Indexer(index_b, use_process=False, progress=second)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.run)
+            tg.start_soon(b.run)
+            await anyio.sleep(0)
+            a.add(paths[0])
+            for path in paths[1:]:
+                b.add(path)  # answered by the other process; its batch lingers 1 s
+            started = anyio.current_time()
+            with anyio.fail_after(5):
+                await a.drain()
+            assert len(index_a) == 4
+            assert anyio.current_time() - started > 0.5  # it did wait for the other
+            assert first.waiting_for(first.handed_by_others()) == []
+            tg.cancel_scope.cancel()
+    first.close()
+    second.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_a_query_does_not_wait_for_a_process_that_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A serving process that ended with files handed over but not indexed (it crashed;
+    waited for or still a zombie) is not waited for; one that is running but late is
+    waited for at most `PROGRESS_WAIT`, with a warning."""
+    paths = files(tmp_path, 2)
+    ours = pacs.IndexProgress.create(tmp_path / "progress", 4)
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{zombie.pid}/stat")
+    with anyio.fail_after(10):
+        while stat.read_bytes().rpartition(b")")[2].split()[0] != b"Z":  # ended, not reaped
+            await anyio.sleep(0.01)
+    slot_size = pacs.IndexProgress._SLOT.size
+    for slot, pid in ((1, reaped.pid), (2, zombie.pid), (3, os.getppid())):
+        pacs.IndexProgress._SLOT.pack_into(ours._map, slot * slot_size, pid, 5, 2)
+    try:
+        with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+            indexer = Indexer(index, use_process=False, progress=ours)
+            indexer.add(paths[0])
+            assert ours.waiting_for(ours.handed_by_others()) == [os.getppid()]
+            monkeypatch.setattr(pacs, "PROGRESS_WAIT", 0.3)
+            started = anyio.current_time()
+            with anyio.fail_after(5):
+                await indexer.drain()
+            assert 0.25 < anyio.current_time() - started < 3
+            assert len(index) == 1
+            assert "is late" in caplog.text and str(os.getppid()) in caplog.text
+            monkeypatch.setattr(pacs, "PROGRESS_WAIT", 60.0)
+            pacs.IndexProgress._SLOT.pack_into(  # the late one catches up
+                ours._map, 3 * slot_size, os.getppid(), 5, 5
+            )
+            indexer.add(paths[1])
+            with anyio.fail_after(10):  # not PROGRESS_WAIT: nobody is late any more
+                await indexer.drain()
+            assert len(index) == 2
+    finally:
+        zombie.wait()
+        ours.close()

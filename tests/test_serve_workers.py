@@ -6,11 +6,15 @@ import json
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 from peers import HOST, ServerFactory, describe_cli, run_dicomnet, wait_until
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+
+import dicomnet
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -44,8 +48,40 @@ def test_workers_serve_one_port_and_share_the_index(
         match = json.loads(found.stdout.splitlines()[0])
         return bool(match["00201204"]["Value"] == [40])
 
-    # Each process indexes what it received; the other's rows appear within moments.
-    assert wait_until(all_indexed, timeout=20)
+    # Each process indexes what it received; a query waits for the other's batches.
+    assert all_indexed()
     children = worker_pids(server.process.pid)
     server.stop()
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), 20)
+
+
+@pytest.mark.timeout(120)
+def test_a_query_sees_what_another_worker_stored_just_before(
+    dicomnet_server: ServerFactory,
+) -> None:
+    """Store one instance, then at once query it on a new association, again and again:
+    about half the pairs land on different processes (SO_REUSEPORT spreads them), and
+    each query still finds the instance stored just before, though the other process
+    indexes it in a batch that is still gathering."""
+    server = dicomnet_server(aet="PACS", extra_args=["--workers", "2", "--no-fsync"])
+    assert wait_until(lambda: len(worker_pids(server.process.pid)) == 1, timeout=20)
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+
+    async def store_then_find(rounds: int) -> list[int]:
+        missed = []
+        for i in range(rounds):
+            source.SOPInstanceUID = generate_uid()
+            async with dicomnet.connect(HOST, server.port, aec="PACS") as assoc:
+                assert await assoc.store(source) == 0x0000
+            query = Dataset()
+            query.StudyInstanceUID = source.StudyInstanceUID
+            query.SeriesInstanceUID = source.SeriesInstanceUID
+            query.SOPInstanceUID = source.SOPInstanceUID
+            async with dicomnet.connect(HOST, server.port, aec="PACS") as assoc:
+                found = [m async for m in assoc.find(query, model="study", level="IMAGE")]
+            if len(found) != 1:
+                missed.append(i)
+        return missed
+
+    assert anyio.run(store_then_find, 24) == []
+    assert len(server.stored()) == 24
