@@ -131,6 +131,7 @@ class IndexProgress:
         if not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} of {self.slots}")
         self._offset = slot * self._SLOT.size
+        self._pid = os.getpid()  # once: each store writes the slot
         self._handed = self._indexed = 0
         self._write()
 
@@ -141,7 +142,7 @@ class IndexProgress:
         return cls(path, 0)
 
     def _write(self) -> None:
-        self._SLOT.pack_into(self._map, self._offset, os.getpid(), self._handed, self._indexed)
+        self._SLOT.pack_into(self._map, self._offset, self._pid, self._handed, self._indexed)
 
     def handed(self) -> None:
         self._handed += 1

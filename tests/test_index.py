@@ -775,16 +775,22 @@ def test_batch_of_one_series_with_changing_parent_attributes(
         assert numbers == [1, 2, 3, 5]
 
 
+def lonely_copy(path: Path) -> Dataset:
+    """The data set of `path` as a new instance, alone in a new series, study and patient."""
+    ds = dcmread(path)
+    ds.PatientID = "LONELY"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
 def test_moving_an_instance_prunes_empty_parents(
     corpus: Corpus, fresh: Index, tmp_path: Path
 ) -> None:
     # a series of its own study and patient, then its only instance moves elsewhere
     inst = corpus.instances[0]
-    ds = dcmread(inst.path)
-    ds.PatientID = "LONELY"
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
+    ds = lonely_copy(inst.path)
     lonely = tmp_path / "lonely.dcm"
     ds.save_as(lonely, enforce_file_format=True)
     before = fresh.counts()
@@ -808,11 +814,7 @@ def test_moving_an_instance_within_one_batch(corpus: Corpus, fresh: Index, tmp_p
     series already indexed. The second is an insert that conflicts: the first one's
     series, study and patient, left empty, go."""
     inst = corpus.instances[0]
-    ds = dcmread(inst.path)
-    ds.PatientID = "LONELY"
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
+    ds = lonely_copy(inst.path)
     first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
     ds.save_as(first, enforce_file_format=True)
     ds.PatientID = inst.patient_id
