@@ -332,8 +332,10 @@ def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
 _UPSERTS = {table.name: _upsert_sql(table) for table in _TABLES}
 _PARENT_TABLES = tuple(table for table in _TABLES if table.name != "instance")
 # A new instance (the usual case) is one INSERT; a conflict leaves the row as it was.
-_INSERT_INSTANCE = _UPSERTS["instance"][0].split(" ON CONFLICT")[0] + (
-    " ON CONFLICT(sop_instance_uid) DO NOTHING RETURNING pk"
+_INSERT_INSTANCE = (
+    f"INSERT INTO instance ({', '.join(_UPSERTS['instance'][1])})"
+    f" VALUES ({', '.join('?' * len(_UPSERTS['instance'][1]))})"
+    f" ON CONFLICT({_TABLE['instance'].unique.column}) DO NOTHING RETURNING pk"
 )
 _STORED_TAGS: dict[str, BaseTag] = {
     attr.keyword: Tag(attr.keyword) for table in _TABLES for attr in table.attributes
@@ -1295,9 +1297,7 @@ class Index:
                 old_studies.add(row[1])
                 old_patients.add(row[2])
             conn.execute(_UPSERTS["instance"][0], instance)
-        if (old_series or old_studies or old_patients) and self._prune(
-            conn, old_series, old_studies, old_patients
-        ):
+        if self._prune(conn, old_series, old_studies, old_patients):
             cache.clear()  # a remembered row may be gone
 
     @staticmethod
