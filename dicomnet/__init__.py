@@ -3,7 +3,6 @@
 from dicomnet._version import __version__
 from dicomnet.association import Association
 from dicomnet.client import connect, default_contexts
-from dicomnet.contexts import AcceptedContext, PresentationContext
 from dicomnet.errors import (
     ARTIMTimeout,
     AssociationAborted,
@@ -20,6 +19,7 @@ from dicomnet.errors import (
     ProtocolError,
     Reject,
 )
+from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.qr import (
     FindRequest,
     Responses,

@@ -24,13 +24,22 @@ import anyio.to_thread
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicomnet.contexts import (
+from dicomnet.errors import (
+    AssociationAborted,
+    DicomNetError,
+    DimseError,
+    DimseTimeout,
+    InvalidStateError,
+    NotNegotiatedError,
+    ProtocolError,
+)
+from dicomnet.proto.contexts import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     VERIFICATION,
     AcceptedContext,
 )
-from dicomnet.dimse import (
+from dicomnet.proto.dimse import (
     CCancelRQ,
     CEchoRQ,
     CEchoRSP,
@@ -52,23 +61,23 @@ from dicomnet.dimse import (
     max_pdv_data,
     pdata_into,
 )
-from dicomnet.errors import (
-    AssociationAborted,
-    DicomNetError,
-    DimseError,
-    DimseTimeout,
-    InvalidStateError,
-    NotNegotiatedError,
-    ProtocolError,
-)
-from dicomnet.extended import (
+from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
     ExtendedNegotiation,
     SOPClassExtendedNegotiations,
     UserIdentityNegotiation,
 )
-from dicomnet.fsm import State
-from dicomnet.pdu import AAssociateAC, AAssociateRQ, AbortSource, PresentationDataValue
+from dicomnet.proto.fsm import State
+from dicomnet.proto.pdu import AAssociateAC, AAssociateRQ, AbortSource, PresentationDataValue
+from dicomnet.proto.ul import (
+    NEED_DATA,
+    Aborted,
+    ConnectionClosed,
+    DataReceived,
+    ReleaseConfirmed,
+    ReleaseRequested,
+    UpperLayer,
+)
 from dicomnet.qr import (
     Responses,
     RetrieveListener,
@@ -92,15 +101,6 @@ from dicomnet.storage import (
     part10_header,
 )
 from dicomnet.stream import DicomStream
-from dicomnet.ul import (
-    NEED_DATA,
-    Aborted,
-    ConnectionClosed,
-    DataReceived,
-    ReleaseConfirmed,
-    ReleaseRequested,
-    UpperLayer,
-)
 
 __all__ = ["Association", "AssociationSettings", "ExtendedResults", "Handlers"]
 

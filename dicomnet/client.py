@@ -10,15 +10,6 @@ from contextlib import asynccontextmanager
 import anyio
 
 from dicomnet.association import Association, AssociationSettings, ExtendedResults, Handlers
-from dicomnet.contexts import (
-    COMMON_STORAGE_SOP_CLASSES,
-    MODALITY_WORKLIST_FIND,
-    QUERY_RETRIEVE,
-    VERIFICATION,
-    PresentationContext,
-    accepted_as_requestor,
-    build_requestor_contexts,
-)
 from dicomnet.errors import (
     ARTIMTimeout,
     AssociationAborted,
@@ -27,22 +18,31 @@ from dicomnet.errors import (
     ConnectTimeout,
     ProtocolError,
 )
-from dicomnet.extended import (
+from dicomnet.proto.contexts import (
+    COMMON_STORAGE_SOP_CLASSES,
+    MODALITY_WORKLIST_FIND,
+    QUERY_RETRIEVE,
+    VERIFICATION,
+    PresentationContext,
+    accepted_as_requestor,
+    build_requestor_contexts,
+)
+from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
     SOPClassExtendedNegotiations,
     UserIdentityNegotiation,
 )
-from dicomnet.pdu import (
+from dicomnet.proto.pdu import (
     AAssociateRQ,
     SOPClassCommonExtendedNegotiation,
     SOPClassExtendedNegotiation,
     UserIdentityRQ,
     UserInformation,
 )
+from dicomnet.proto.ul import Aborted, AssociateAccepted, AssociateRejected, UpperLayer
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomnet.stream import open_connection
 from dicomnet.transport import next_ul_event
-from dicomnet.ul import Aborted, AssociateAccepted, AssociateRejected, UpperLayer
 
 __all__ = ["connect", "default_contexts", "open_association"]
 

@@ -38,7 +38,7 @@ class AssociationRejected(DicomNetError):
     """The peer answered A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (PS3.8 Table 9-21)."""
 
     def __init__(self, result: int, source: int, reason: int) -> None:
-        from dicomnet.pdu import describe_rejection
+        from dicomnet.proto.pdu import describe_rejection
 
         self.result = result
         self.source = source
@@ -105,7 +105,7 @@ class Reject(DicomNetError):
     """
 
     def __init__(self, result: int = 1, source: int = 1, reason: int = 1) -> None:
-        from dicomnet.pdu import describe_rejection
+        from dicomnet.proto.pdu import describe_rejection
 
         self.result = result
         self.source = source

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import anyio
 from pydicom.dataset import Dataset
 
-from dicomnet.contexts import (
+from dicomnet.errors import (
+    AssociationAborted,
+    DicomNetError,
+    DimseError,
+    NotNegotiatedError,
+)
+from dicomnet.proto.contexts import (
     MODALITY_WORKLIST_FIND,
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_GET,
@@ -41,13 +47,7 @@ from dicomnet.contexts import (
     AcceptedContext,
     contexts_for_instances,
 )
-from dicomnet.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CMoveRSP
-from dicomnet.errors import (
-    AssociationAborted,
-    DicomNetError,
-    DimseError,
-    NotNegotiatedError,
-)
+from dicomnet.proto.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CMoveRSP
 from dicomnet.status import Status
 from dicomnet.storage import Part10File, decode_dataset, encode_dataset
 

@@ -15,7 +15,8 @@ import anyio.abc
 
 from dicomnet.association import Association, AssociationSettings, ExtendedResults, Handlers
 from dicomnet.client import connect
-from dicomnet.contexts import (
+from dicomnet.errors import Reject
+from dicomnet.proto.contexts import (
     DEFAULT_TRANSFER_SYNTAXES,
     VERIFICATION,
     ContextAnswers,
@@ -24,19 +25,18 @@ from dicomnet.contexts import (
     all_transfer_syntaxes,
     negotiate_as_acceptor,
 )
-from dicomnet.errors import Reject
-from dicomnet.extended import (
+from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
     SOPClassExtendedNegotiations,
     UserIdentityNegotiation,
 )
-from dicomnet.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ
+from dicomnet.proto.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ
+from dicomnet.proto.ul import AssociateRequested, ConnectionClosed, UpperLayer
 from dicomnet.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 from dicomnet.service import AssociationRequest
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomnet.stream import DicomStream, start_server
 from dicomnet.transport import next_ul_event
-from dicomnet.ul import AssociateRequested, ConnectionClosed, UpperLayer
 
 __all__ = ["AE", "Server"]
 

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicomnet.contexts import AcceptedContext
-from dicomnet.dimse import CEchoRQ, CStoreRQ
-from dicomnet.pdu import AAssociateRQ, UserIdentityRQ
+from dicomnet.proto.contexts import AcceptedContext
+from dicomnet.proto.dimse import CEchoRQ, CStoreRQ
+from dicomnet.proto.pdu import AAssociateRQ, UserIdentityRQ
 from dicomnet.storage import Spool
 
 if TYPE_CHECKING:

@@ -37,8 +37,8 @@ from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.filewriter import write_dataset
 
 from dicomnet._version import __version__
-from dicomnet.codec import decode_flat, encode_flat, scan_part10_head
-from dicomnet.contexts import (
+from dicomnet.proto.codec import decode_flat, encode_flat, scan_part10_head
+from dicomnet.proto.contexts import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dicomnet.pdu import (
+from dicomnet.proto.pdu import (
     APPLICATION_CONTEXT_NAME,
     AAbort,
     AAssociateAC,
@@ -25,7 +25,7 @@ from dicomnet.pdu import (
     PresentationDataValue,
     UserInformation,
 )
-from dicomnet.ul import ConnectionClosed, ULEvent, UpperLayer, _NeedData
+from dicomnet.proto.ul import ConnectionClosed, ULEvent, UpperLayer, _NeedData
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",

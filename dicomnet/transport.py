@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import anyio
 
-from dicomnet.fsm import State
+from dicomnet.proto.fsm import State
+from dicomnet.proto.ul import NEED_DATA, ConnectionClosed, ULEvent, UpperLayer
 from dicomnet.stream import DicomStream
-from dicomnet.ul import NEED_DATA, ConnectionClosed, ULEvent, UpperLayer
 
 __all__ = ["next_ul_event"]
 

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 import dicomnet
-from dicomnet.pacs import StorageSCP
+from dicomnet.pacs.scp import StorageSCP
 
 
 async def move_patient(host: str, port: int, patient_id: str, destination: str) -> int:

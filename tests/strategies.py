@@ -11,8 +11,8 @@ import string
 
 from hypothesis import strategies as st
 
-from dicomnet import dimse
-from dicomnet.pdu import (
+from dicomnet.proto import dimse
+from dicomnet.proto.pdu import (
     AAbort,
     AAssociateAC,
     AAssociateRJ,

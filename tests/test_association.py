@@ -18,9 +18,9 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 import dicomnet
-from dicomnet.contexts import VERIFICATION, PresentationContext
-from dicomnet.dimse import CFindRQ, encode_message
-from dicomnet.pdu import (
+from dicomnet.proto.contexts import VERIFICATION, PresentationContext
+from dicomnet.proto.dimse import CFindRQ, encode_message
+from dicomnet.proto.pdu import (
     AAbort,
     AReleaseRQ,
     PDataTF,

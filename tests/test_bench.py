@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 import dicomnet
-from dicomnet import bench
+from dicomnet.cli import bench
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -23,7 +23,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicomnet.codec import decode_flat, encode_flat, scan_part10_head
+from dicomnet.proto.codec import decode_flat, encode_flat, scan_part10_head
 from dicomnet.storage import Part10File, decode_dataset, encode_dataset
 
 ascii_text = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="\\"))

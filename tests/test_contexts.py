@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dicomnet
-from dicomnet.contexts import (
+from dicomnet.errors import ProtocolError
+from dicomnet.proto.contexts import (
     DEFAULT_TRANSFER_SYNTAXES,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     VERIFICATION,
@@ -19,8 +20,7 @@ from dicomnet.contexts import (
     contexts_for_instances,
     negotiate_as_acceptor,
 )
-from dicomnet.errors import ProtocolError
-from dicomnet.pdu import (
+from dicomnet.proto.pdu import (
     AAssociateRQ,
     PDUType,
     PresentationContextRQ,

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 
-from dicomnet.dimse import (
+from dicomnet.errors import ProtocolError
+from dicomnet.proto.dimse import (
     CCancelRQ,
     CEchoRQ,
     CEchoRSP,
@@ -33,8 +34,7 @@ from dicomnet.dimse import (
     encode_message,
     fragment,
 )
-from dicomnet.errors import ProtocolError
-from dicomnet.pdu import PDataTF, PresentationDataValue, decode_pdu_bytes, parse_pdu_header
+from dicomnet.proto.pdu import PDataTF, PresentationDataValue, decode_pdu_bytes, parse_pdu_header
 from dicomnet.testing import FakeClock
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

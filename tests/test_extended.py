@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 import dicomnet
-from dicomnet.contexts import VERIFICATION, PresentationContext, negotiate_as_acceptor
-from dicomnet.extended import (
+from dicomnet.proto.contexts import VERIFICATION, PresentationContext, negotiate_as_acceptor
+from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
     SOPClassExtendedNegotiations,
     UserIdentityNegotiation,
 )
-from dicomnet.pdu import (
+from dicomnet.proto.pdu import (
     AAssociateRQ,
     AsyncOperationsWindow,
     PresentationContextRQ,

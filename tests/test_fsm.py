@@ -1,4 +1,4 @@
-"""`dicomnet.fsm` against PS3.8 §9.2, transcribed here independently of the module.
+"""`dicomnet.proto.fsm` against PS3.8 §9.2, transcribed here independently of the module.
 
 Sources: PS3.8 §9.2.1 (states, Tables 9-1 .. 9-5), §9.2.2 (actions, Tables 9-6 .. 9-9;
 read from dicom.nema.org/medical/dicom/2019a/output/chtml/part08/sect_9.2.2.html)
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from dicomnet.fsm import ACTION_NEXT_STATES, TRANSITIONS, UNREACHABLE, Action, Event, State
-from dicomnet.ul import UpperLayer
+from dicomnet.proto.fsm import ACTION_NEXT_STATES, TRANSITIONS, UNREACHABLE, Action, Event, State
+from dicomnet.proto.ul import UpperLayer
 
 # "." is a blank cell. Rows: Evt1 A-ASSOCIATE request (local user); Evt2 transport connect
 # confirm; Evt3 A-ASSOCIATE-AC PDU; Evt4 A-ASSOCIATE-RJ PDU; Evt5 transport connection

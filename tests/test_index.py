@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from dicomnet.errors import DicomNetError
-from dicomnet.index import (
+from dicomnet.pacs.index import (
     _INDEXED_TAGS,
     INDEX_FILE_NAME,
     SCHEMA_VERSION,
@@ -1007,7 +1007,7 @@ def _in_subquery(node: int, detail: dict[int, str], parent: dict[int, int]) -> b
 def test_query_plans_do_not_sort(big: tuple[Index, str, str]) -> None:
     """SQLite streams the rows: no query materialises its result in a temporary
     b-tree (per-row subqueries, such as the DISTINCT modalities of one study, may)."""
-    from dicomnet.index import _plan_find
+    from dicomnet.pacs.index import _plan_find
 
     idx, study_uid, series_uid = big
     identifiers = [

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
-from dicomnet.matching import (
+from dicomnet.pacs.matching import (
     MatchError,
     MatchKind,
     candidate_keys,

@@ -20,9 +20,9 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from dicomnet import pacs
-from dicomnet.index import INDEX_FILE_NAME, Index
-from dicomnet.pacs import Indexer
+from dicomnet.pacs import scp as pacs
+from dicomnet.pacs.index import INDEX_FILE_NAME, Index
+from dicomnet.pacs.scp import Indexer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -188,8 +188,8 @@ async def test_the_indexer_pipe_is_watched_once_and_let_go_when_the_process_ends
 _SIGNAL_AT_START = """
 import anyio, os, signal, sys
 from pathlib import Path
-from dicomnet.index import INDEX_FILE_NAME, Index
-from dicomnet.pacs import Indexer
+from dicomnet.pacs.index import INDEX_FILE_NAME, Index
+from dicomnet.pacs.scp import Indexer
 
 async def main(folder):
     paths = sorted(folder.glob("*.dcm"))
@@ -234,7 +234,8 @@ def test_a_stop_signal_while_the_indexer_process_starts_does_not_kill_it(tmp_pat
 _SECOND_SIGNAL = """
 import os, signal, sys
 import anyio
-from dicomnet import cli, pacs
+from dicomnet import cli
+from dicomnet.pacs import scp as pacs
 
 pacs.INDEX_LINGER = 3600.0  # the first batch goes when serving stops
 index_in_process = pacs.Indexer._index_in_process

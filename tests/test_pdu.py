@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dicomnet.errors import ProtocolError
-from dicomnet.pdu import (
+from dicomnet.proto.pdu import (
     PDU,
     AAbort,
     AAssociateAC,

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 import dicomnet
-from dicomnet.contexts import VERIFICATION, PresentationContext
+from dicomnet.proto.contexts import VERIFICATION, PresentationContext
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -1,4 +1,4 @@
-"""The Upper Layer protocol machine (`dicomnet.ul.UpperLayer`) walked cell by cell
+"""The Upper Layer protocol machine (`dicomnet.proto.ul.UpperLayer`) walked cell by cell
 through PS3.8 Table 9-10, plus framing, timers (on a FakeClock) and whole exchanges
 between an in-memory requestor/acceptor pair.
 """
@@ -14,10 +14,10 @@ import strategies as sx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicomnet.dimse import CEchoRQ, CommandReceived, MessageAssembler, encode_message
 from dicomnet.errors import InvalidStateError
-from dicomnet.fsm import ACTION_NEXT_STATES, TRANSITIONS, Action, Event, State
-from dicomnet.pdu import (
+from dicomnet.proto.dimse import CEchoRQ, CommandReceived, MessageAssembler, encode_message
+from dicomnet.proto.fsm import ACTION_NEXT_STATES, TRANSITIONS, Action, Event, State
+from dicomnet.proto.pdu import (
     AAbort,
     AAssociateRJ,
     AAssociateRQ,
@@ -28,16 +28,7 @@ from dicomnet.pdu import (
     decode_pdu_bytes,
     parse_pdu_header,
 )
-from dicomnet.testing import (
-    FakeClock,
-    UpperLayerPair,
-    build_abort,
-    build_associate_ac,
-    build_associate_rj,
-    build_associate_rq,
-    build_p_data,
-)
-from dicomnet.ul import (
+from dicomnet.proto.ul import (
     HARD_MAX_PDU_LENGTH,
     MAX_ASSOCIATION_PDU_LENGTH,
     NEED_DATA,
@@ -51,6 +42,15 @@ from dicomnet.ul import (
     ReleaseRequested,
     ULEvent,
     UpperLayer,
+)
+from dicomnet.testing import (
+    FakeClock,
+    UpperLayerPair,
+    build_abort,
+    build_associate_ac,
+    build_associate_rj,
+    build_associate_rq,
+    build_p_data,
 )
 
 ARTIM = 30.0

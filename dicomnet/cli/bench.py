@@ -46,13 +46,6 @@ import anyio.to_thread
 
 from dicomnet.association import Association
 from dicomnet.client import connect
-from dicomnet.contexts import (
-    EXPLICIT_VR_LITTLE_ENDIAN,
-    VERIFICATION,
-    ContextCount,
-    PresentationContext,
-    contexts_for_instances,
-)
 from dicomnet.errors import (
     ARTIMTimeout,
     AssociationAborted,
@@ -66,6 +59,13 @@ from dicomnet.errors import (
     IdleTimeout,
     NotNegotiatedError,
     ProtocolError,
+)
+from dicomnet.proto.contexts import (
+    EXPLICIT_VR_LITTLE_ENDIAN,
+    VERIFICATION,
+    ContextCount,
+    PresentationContext,
+    contexts_for_instances,
 )
 from dicomnet.status import Status
 from dicomnet.storage import Part10File

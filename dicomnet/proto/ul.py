@@ -4,7 +4,7 @@ One `UpperLayer` per TCP connection. The async shell feeds it bytes with
 `receive_data()`, takes events from `next_event()` until `NEED_DATA`, writes out
 whatever `data_to_send()` returns, and calls `handle_timer()` when the deadline
 from `get_timer()` passes. Local requests (`accept()`, `release()`, `abort()`, ...)
-return the bytes to write. Every decision follows `dicomnet.fsm.TRANSITIONS`.
+return the bytes to write. Every decision follows `dicomnet.proto.fsm.TRANSITIONS`.
 
 Time comes from the injected `clock` (seconds, monotonic), so ARTIM, the
 association/release request timeout and the idle timeout are testable without
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from dicomnet.errors import InvalidStateError, ProtocolError
-from dicomnet.fsm import TRANSITIONS, Action, Event, State
-from dicomnet.pdu import (
+from dicomnet.proto.fsm import TRANSITIONS, Action, Event, State
+from dicomnet.proto.pdu import (
     PDU,
     PDU_HEADER_LENGTH,
     AAbort,

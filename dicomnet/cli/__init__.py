@@ -19,13 +19,13 @@ import anyio.to_thread
 
 from dicomnet._version import __version__
 from dicomnet.client import connect
-from dicomnet.contexts import (
+from dicomnet.errors import DicomNetError, DimseError
+from dicomnet.proto.contexts import (
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     ContextCount,
     PresentationContext,
     contexts_for_instances,
 )
-from dicomnet.errors import DicomNetError, DimseError
 from dicomnet.storage import Part10File
 
 __all__ = ["main"]
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
 
-    from dicomnet import bench
+    from dicomnet.cli import bench
 
     bench.add_parser(sub)
 
@@ -218,7 +218,7 @@ def _connect(args: argparse.Namespace, contexts: Sequence[PresentationContext]) 
 
 
 async def _echo(args: argparse.Namespace) -> int:
-    from dicomnet.contexts import VERIFICATION
+    from dicomnet.proto.contexts import VERIFICATION
 
     failures = 0
     async with _connect(args, [PresentationContext(VERIFICATION)]) as association:
@@ -530,7 +530,7 @@ async def _move(args: argparse.Namespace) -> int:
 
 def get_contexts(model: str) -> list[PresentationContext]:
     """The C-GET model plus storage contexts asking for the SCP role (PS3.7 §D.3.3.4)."""
-    from dicomnet.contexts import COMMON_STORAGE_SOP_CLASSES, all_storage_sop_classes
+    from dicomnet.proto.contexts import COMMON_STORAGE_SOP_CLASSES, all_storage_sop_classes
     from dicomnet.qr import GET_MODELS
 
     receivable = (
@@ -634,7 +634,7 @@ def _worker_argv(argv: Sequence[str], slot: int) -> list[str]:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from dicomnet.pacs import StorageSCP
+    from dicomnet.pacs.scp import StorageSCP
 
     workers = max(1, args.workers)
     is_worker = args.worker_of is not None
@@ -703,13 +703,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    from dicomnet import bench
+    from dicomnet.cli import bench
 
     return await bench.run(args)
 
 
 async def _index(args: argparse.Namespace) -> int:
-    from dicomnet.index import INDEX_FILE_NAME, Index
+    from dicomnet.pacs.index import INDEX_FILE_NAME, Index
 
     storage = Path(args.storage)
     if not storage.is_dir():

@@ -7,7 +7,7 @@ instance's file (path relative to the storage folder), transfer syntax and size.
 
 - `Index.query(model, level, identifier)` answers a C-FIND: hierarchical (baseline)
   search per PS3.4 §C.4.1.2.1 / §C.4.1.3.1, attribute matching per §C.2.2.2 done
-  in SQLite (`dicomnet.matching`), one response identifier per match, streamed from
+  in SQLite (`dicomnet.pacs.matching`), one response identifier per match, streamed from
   a cursor. Return keys the index does not hold are read from a stored file of the
   matching entity, and only when asked for (matching on them is then done in
   Python on that file, §C.2.2.2.6 sequence matching included).
@@ -94,9 +94,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
-from dicomnet.codec import UNSCANNED_TRANSFER_SYNTAXES, part10_meta, top_level_values
 from dicomnet.errors import DicomNetError
-from dicomnet.matching import (
+from dicomnet.pacs.matching import (
     KEYED_VRS,
     MatchError,
     match_key,
@@ -107,6 +106,7 @@ from dicomnet.matching import (
     query_values,
     sql_condition,
 )
+from dicomnet.proto.codec import UNSCANNED_TRANSFER_SYNTAXES, part10_meta, top_level_values
 
 __all__ = [
     "INDEX_FILE_NAME",

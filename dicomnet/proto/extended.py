@@ -3,7 +3,7 @@
 An item is offered by the requestor (`offer`), answered by the acceptor (`answer`) and
 read back by the requestor (`finalise`). Adding an item means adding a class here,
 not touching the Upper Layer or the association code. SCP/SCU Role Selection is
-negotiated with the presentation contexts it qualifies (`dicomnet.contexts`).
+negotiated with the presentation contexts it qualifies (`dicomnet.proto.contexts`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from dicomnet.pdu import (
+from dicomnet.proto.pdu import (
     AsyncOperationsWindow,
     SOPClassCommonExtendedNegotiation,
     SOPClassExtendedNegotiation,

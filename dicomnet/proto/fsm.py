@@ -1,7 +1,7 @@
 """The DICOM Upper Layer state machine as data: PS3.8 §9.2, Tables 9-9 and 9-10.
 
 This module owns the states, events, actions and the state transition table.
-`dicomnet.ul.UpperLayer` looks every (state, event) pair up here and runs the
+`dicomnet.proto.ul.UpperLayer` looks every (state, event) pair up here and runs the
 action it names; a pair absent from `TRANSITIONS` is listed in `UNREACHABLE`
 with the reason it cannot happen (or why a local request there is refused).
 """

@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 from pydicom.dataset import Dataset
 
-from dicomnet.index import INDEX_FILE_NAME, Index, QueryError
+from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
 from dicomnet.qr import FindRequest, RetrieveRequest
 from dicomnet.server import AE, Server
 from dicomnet.service import StoreRequest

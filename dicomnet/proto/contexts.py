@@ -3,7 +3,7 @@
 Sans-IO. `PresentationContext` is what a side proposes (requestor) or supports
 (acceptor); `AcceptedContext` is the negotiated outcome on one association.
 SCP/SCU Role Selection is answered here with the contexts it qualifies; the other
-extended negotiation items go through `dicomnet.extended`.
+extended negotiation items go through `dicomnet.proto.extended`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from functools import cache
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import AllTransferSyntaxes
 
-from dicomnet.extended import ExtendedNegotiation
-from dicomnet.pdu import (
+from dicomnet.proto.extended import ExtendedNegotiation
+from dicomnet.proto.pdu import (
     AAssociateAC,
     AAssociateRQ,
     PresentationContextAC,
@@ -307,7 +307,7 @@ _Answers = tuple[
 class ContextAnswers:
     """An acceptor's answers to recent proposals, by the identity of what was asked
     (held here, so an id is not reused meanwhile). A repeated A-ASSOCIATE-RQ decodes to
-    the same objects (`dicomnet.pdu.decode_pdu`), so it is answered without going
+    the same objects (`dicomnet.proto.pdu.decode_pdu`), so it is answered without going
     through its contexts again. Bounded: it starts afresh when full."""
 
     LIMIT = 64

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final
 
 from dicomnet.errors import ProtocolError
-from dicomnet.pdu import PDV_HEADER_LENGTH, PresentationDataValue, encode_pdata_header
+from dicomnet.proto.pdu import PDV_HEADER_LENGTH, PresentationDataValue, encode_pdata_header
 
 __all__ = [
     "NO_DATASET",
