@@ -20,7 +20,7 @@ import anyio
 from pydicom.dataset import Dataset
 
 import dicomnet
-from dicomnet.qr import FindRequest
+from dicomnet.services.qr import FindRequest
 
 
 def backend_options(loop: str | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """dicomnet: an asyncio-native DICOM networking framework (PS3.7 DIMSE, PS3.8 Upper Layer)."""
 
 from dicomnet._version import __version__
-from dicomnet.association import Association
+from dicomnet.association import Handlers
 from dicomnet.client import connect, default_contexts
 from dicomnet.errors import (
     ARTIMTimeout,
@@ -20,16 +20,18 @@ from dicomnet.errors import (
     Reject,
 )
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
-from dicomnet.qr import (
+from dicomnet.server import AE, AssociationRequest, Server, retrieve_listener
+from dicomnet.services import Association
+from dicomnet.services.nservices import NRequest, NResponse
+from dicomnet.services.qr import (
     FindRequest,
     Responses,
     RetrieveListener,
     RetrieveProgress,
     RetrieveRequest,
-    retrieve_listener,
 )
-from dicomnet.server import AE, Server
-from dicomnet.service import AssociationRequest, EchoRequest, StoreRequest
+from dicomnet.services.storage import StoreRequest
+from dicomnet.services.verification import EchoRequest
 from dicomnet.status import Status, StatusCategory
 
 __all__ = [
@@ -48,8 +50,11 @@ __all__ = [
     "DimseTimeout",
     "EchoRequest",
     "FindRequest",
+    "Handlers",
     "IdleTimeout",
     "InvalidStateError",
+    "NRequest",
+    "NResponse",
     "NotNegotiatedError",
     "PresentationContext",
     "ProtocolError",

@@ -1,65 +1,43 @@
-"""One async `Association` per TCP connection: the shell around the sans-IO core.
+"""One async association per connection: the shell around the sans-IO core.
 
-A reader task feeds received bytes to the `UpperLayer`, reassembles DIMSE messages,
-routes responses to the waiting request by Message ID Being Responded To, and runs
-SCP handlers in tasks of the association's own task group. Writes go through one
-lock so that a message's PDUs are never interleaved with another's.
+A reader task feeds received bytes to the `UpperLayer` (PS3.8), reassembles DIMSE
+messages, hands each response to the request waiting for it (the `Operations` core
+says which, by Message ID Being Responded To) and each request to the `Service` that
+answers it, in tasks of the association's own task group. Writes go through one
+`MessageWriter`. The shell knows no service by name: a service plugs in as a `Service`
+(what it accepts, how it answers a request) and, for the SCU, as a subclass of
+`BaseAssociation` (what it offers); `dicomnet.services` puts them together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Protocol
 
 import anyio
 import anyio.abc
-import anyio.to_thread
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 
 from dicomnet.errors import (
     AssociationAborted,
     DicomNetError,
-    DimseError,
     DimseTimeout,
     InvalidStateError,
-    NotNegotiatedError,
     ProtocolError,
 )
-from dicomnet.proto.contexts import (
-    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-    UNCOMPRESSED_TRANSFER_SYNTAXES,
-    VERIFICATION,
-    AcceptedContext,
-)
+from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.proto.dimse import (
     CCancelRQ,
-    CEchoRQ,
-    CEchoRSP,
-    CFindRQ,
-    CGetRQ,
-    CMoveRQ,
     CommandReceived,
-    CStoreRQ,
-    CStoreRSP,
     DatasetFragment,
     DimseMessage,
     MessageAssembler,
-    MessageIDs,
-    OutstandingRequests,
-    encode_command,
-    encode_command_pdus,
-    encode_small_message,
-    fragment,
-    max_pdv_data,
-    pdata_into,
+    failure_response,
 )
 from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
@@ -68,6 +46,7 @@ from dicomnet.proto.extended import (
     UserIdentityNegotiation,
 )
 from dicomnet.proto.fsm import State
+from dicomnet.proto.operations import Operations, Verdict
 from dicomnet.proto.pdu import AAssociateAC, AAssociateRQ, AbortSource, PresentationDataValue
 from dicomnet.proto.ul import (
     NEED_DATA,
@@ -78,41 +57,29 @@ from dicomnet.proto.ul import (
     ReleaseRequested,
     UpperLayer,
 )
-from dicomnet.qr import (
-    Responses,
-    RetrieveListener,
-    RetrieveProgress,
-    Served,
-    serve_find,
-    serve_retrieve,
-)
-from dicomnet.qr import find as _find
-from dicomnet.qr import get as _get
-from dicomnet.qr import move as _move
-from dicomnet.qr import retrieve as _retrieve
-from dicomnet.service import EchoRequest, StoreRequest
 from dicomnet.status import Status
-from dicomnet.storage import (
-    DatasetReader,
-    Part10File,
-    Spool,
-    encode_dataset,
-    is_valid_uid,
-    part10_header,
-)
-from dicomnet.stream import DicomStream
+from dicomnet.storage import Part10File, Spool
+from dicomnet.stream import ByteStream
+from dicomnet.writer import MessageWriter
 
-__all__ = ["Association", "AssociationSettings", "ExtendedResults", "Handlers"]
+__all__ = [
+    "AssociationSettings",
+    "BaseAssociation",
+    "ExtendedResults",
+    "Handlers",
+    "Operation",
+    "Received",
+    "Served",
+    "Service",
+]
 
 log = logging.getLogger("dicomnet")
 
-SEND_BATCH = 1 << 20  # bytes per socket write when streaming a data set
-SMALL_MESSAGE = 1 << 16  # data sets below this go in the command's P-DATA-TF PDU if they fit
 RECEIVE_SIZE = 1 << 18
-MAX_RESPONSE_DATASET = 64 << 20  # a response identifier larger than this is refused
+MAX_MEMORY_DATASET = 64 << 20  # a data set kept in memory larger than this is refused
+MAX_QUEUED = 16  # requests past the operations window waiting before the reader waits too
 
-Handler = Callable[..., Any]
-_Delivery = tuple[DimseMessage, bytes | None] | StoreRequest | BaseException
+_Delivery = tuple[DimseMessage, bytes | None] | BaseException | object
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,52 +111,80 @@ class ExtendedResults:
         return iter((self.async_operations_window, self.user_identity, self.sop_class_extended))
 
 
-@dataclass(slots=True)
+Connector = Callable[..., Any]  # `dicomnet.connect`, or what stands in for it
+
+
 class Handlers:
-    """The SCP handlers an association dispatches requests to."""
+    """What an AE performs: handlers kept by each service under keys of its own, the
+    AE's peer table, and how to open an association to a peer (for the services that
+    send something elsewhere: C-MOVE sub-operations, storage commitment reports)."""
 
-    on_echo: Handler | None = None
-    on_store: Handler | None = None
-    on_find: Handler | None = None
-    on_move: Handler | None = None
-    on_get: Handler | None = None
-    # Move destination AE title -> (host, port), or None when unknown.
-    move_destination: Callable[[str], tuple[str, int] | None] | None = None
+    def __init__(self) -> None:
+        self._table: dict[Hashable, Any] = {}
+        self.version = 0  # changes with every handler set: what is negotiated follows it
+        self.peer_address: Callable[[str], tuple[str, int] | None] = lambda aet: None
+        self.connect: Connector | None = None
 
+    def get(self, key: Hashable) -> Any:
+        return self._table.get(key)
 
-def _store_status(result: Any) -> tuple[int, str | None]:
-    if result is None:
-        return 0x0000, None
-    if isinstance(result, tuple):
-        status, comment = result
-        return int(status), (str(comment) if comment is not None else None)
-    return int(result), None
+    def set(self, key: Hashable, handler: Any) -> None:
+        self._table[key] = handler
+        self.version += 1
 
-
-def _comment(exc: BaseException) -> str:
-    # Error Comment is LO: at most 64 characters (PS3.7 Annex C).
-    text = f"{type(exc).__name__}: {exc}"
-    return text[:64]
+    def keys(self) -> list[Hashable]:
+        return list(self._table)
 
 
-class _Incoming:
-    """The data set of a message being received."""
+@dataclass(slots=True)
+class Received:
+    """A request received in full: its context, command, and data set (kept in
+    memory as `data`, or spooled by the service's `dataset_sink`)."""
 
-    __slots__ = ("buffer", "event", "spool", "status")
+    context: AcceptedContext
+    message: DimseMessage
+    data: bytes | None = None
+    spool: Spool | None = None
 
-    def __init__(self, event: CommandReceived, spool: Spool | None) -> None:
-        self.event = event
-        self.spool = spool
-        self.buffer = bytearray() if spool is None else None
-        self.status: tuple[int, str] | None = None  # a refusal decided before the data set ends
 
-    def write(self, data: memoryview) -> None:
-        if self.spool is not None:
-            self.spool.write(data)
-        elif self.buffer is not None:
-            if len(self.buffer) + len(data) > MAX_RESPONSE_DATASET:
-                raise ProtocolError("response data set larger than 64 MiB")
-            self.buffer += data
+class Service(Protocol):
+    """One DIMSE service, as the association and the AE see it.
+
+    `requests`: the request messages it answers. `inline`: it may be answered on the
+    reader itself while the peer may invoke one operation at a time (no task). The AE
+    asks `contexts()` what to accept for it, given the handlers it has.
+    """
+
+    requests: ClassVar[tuple[type[Any], ...]]
+    inline: ClassVar[bool]
+
+    def contexts(
+        self, handlers: Handlers, models: tuple[str, ...]
+    ) -> dict[str, PresentationContext]: ...
+
+    def dataset_sink(
+        self, association: BaseAssociation, context: AcceptedContext, message: Any
+    ) -> Spool | None:
+        """Where the request's data set goes: a spool, or None to keep it in memory."""
+        ...
+
+    async def serve(self, association: BaseAssociation, request: Received) -> None:
+        """Answer the request (send its response or responses)."""
+        ...
+
+
+@dataclass
+class Served:
+    """A request being performed, so that C-CANCEL (or the end of the association)
+    reaches it: `cancelled` is set and the scope the handler runs in is cancelled."""
+
+    cancelled: bool = False
+    scope: anyio.CancelScope | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class Mailbox:
@@ -262,58 +257,56 @@ class Mailbox:
 
 
 class Operation:
-    """A request this side invoked, keyed by its Message ID (PS3.7 §9.1).
+    """The caller's side of a request this side invoked: where its responses (and, for
+    C-GET, the instances of its sub-operations) are delivered. Its state (sent,
+    pending, cancelled) is kept by the `Operations` core under `message_id`."""
 
-    Request sent, then pending responses, then the final one; or abandoned after a
-    C-CANCEL, in which case the reader drops the remaining responses. The operation
-    holds one slot of the asynchronous operations window until its final response.
-    """
+    __slots__ = ("context", "ended", "final_status", "finished", "mailbox", "message_id")
 
-    __slots__ = (
-        "_release",
-        "abandoned",
-        "context",
-        "ended",
-        "final_status",
-        "finished",
-        "mailbox",
-        "message_id",
-    )
-
-    def __init__(
-        self,
-        message_id: int,
-        context: AcceptedContext,
-        buffer: int,
-        release: Callable[[Operation], None],
-    ) -> None:
+    def __init__(self, message_id: int, context: AcceptedContext, buffer: int) -> None:
         self.message_id = message_id
         self.context = context
         self.mailbox = Mailbox(buffer)
-        self.abandoned = False
         self.ended = False
         self.finished = asyncio.Event()
         self.final_status: Status | None = None
-        self._release = release
 
     def end(self) -> None:
-        """The final response arrived (or the association ended): free the slot and ID."""
         if not self.ended:
             self.ended = True
             self.mailbox.close()
-            self._release(self)
             self.finished.set()
 
 
-class Association:
-    """An established association, as requestor (SCU) or acceptor (SCP).
+class _Incoming:
+    """The data set of a message being received."""
 
-    Made by `dicomnet.connect()` or by `AE.serve()`; not constructed directly.
+    __slots__ = ("buffer", "event", "spool")
+
+    def __init__(self, event: CommandReceived, spool: Spool | None) -> None:
+        self.event = event
+        self.spool = spool
+        self.buffer = bytearray() if spool is None else None
+
+    def write(self, data: memoryview) -> None:
+        if self.spool is not None:
+            self.spool.write(data)
+        elif self.buffer is not None:
+            if len(self.buffer) + len(data) > MAX_MEMORY_DATASET:
+                raise ProtocolError("data set larger than 64 MiB in a message kept in memory")
+            self.buffer += data
+
+
+class BaseAssociation:
+    """An established association, as requestor (SCU) or acceptor (SCP): the shell.
+
+    Made by `dicomnet.connect()` or by `AE.serve()` (as `dicomnet.Association`, which
+    adds the services' requests); not constructed directly.
     """
 
     def __init__(
         self,
-        stream: DicomStream,
+        stream: ByteStream,
         ul: UpperLayer,
         *,
         request: AAssociateRQ,
@@ -321,14 +314,15 @@ class Association:
         contexts: dict[int, AcceptedContext],
         peer_max_pdu_length: int,
         settings: AssociationSettings,
+        services: dict[type[Any], Service],
+        clock: Callable[[], float],
         handlers: Handlers | None = None,
         peer_address: tuple[str, int] = ("", 0),
-        clock: Callable[[], float] = time.monotonic,
         extended: ExtendedResults | None = None,
     ) -> None:
         self._stream = stream
-        self.extended = extended or ExtendedResults()
         self._ul = ul
+        self.extended = extended or ExtendedResults()
         self.request = request
         self.response = response
         self.contexts = contexts
@@ -337,21 +331,27 @@ class Association:
         self.handlers = handlers or Handlers()
         self.peer_address = peer_address
         self.is_requestor = ul.is_requestor
-        self._clock = clock
-        self._send_lock = asyncio.Lock()
-        self._ids = MessageIDs()
-        self._outstanding = OutstandingRequests(settings.dimse_timeout, clock)
+        self.clock = clock
+        self._services = services
+        window = self.extended.async_operations_window
+        self._ops = Operations(
+            max_invoked=window.invoked,
+            max_performed=window.performed,
+            dimse_timeout=settings.dimse_timeout,
+        )
         self._operations: dict[int, Operation] = {}
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._served: dict[int, Served] = {}
-        self._retrieve_sinks: list[Operation] = []
-        window = self.extended.async_operations_window.invoked
-        self._slots = asyncio.Semaphore(window if window > 0 else 0xFFFF)
+        self._diversions: dict[type[Any], list[Callable[[Any], Awaitable[bool]]]] = {}
+        self._writer = MessageWriter(
+            stream, peer_max_pdu_length, self._write_unlocked, self._broken_message
+        )
         self._assembler = MessageAssembler(self._context_known)
         self._incoming: _Incoming | None = None
         self._closed = asyncio.Event()
         self._error: DicomNetError | None = None
-        self._in_flight = 0
-        self._idle: asyncio.Event | None = None  # set when nothing is in flight any more
+        self._queued: deque[Received] = deque()  # requests past the window, to perform
+        self._performed: asyncio.Event | None = None  # set when a request was answered
         self._task_group: anyio.abc.TaskGroup | None = None
         self._stream_closed = False
 
@@ -384,8 +384,26 @@ class Association:
     def accepted_contexts(self) -> list[AcceptedContext]:
         return list(self.contexts.values())
 
+    @property
+    def operations(self) -> Operations:
+        """The DIMSE operations core of this association (read it, do not drive it)."""
+        return self._ops
+
     def _context_known(self, context_id: int) -> bool:
         return context_id in self.contexts
+
+    def context_for(
+        self, abstract_syntax: str, transfer_syntax: str | None = None, *, scp: bool = False
+    ) -> AcceptedContext | None:
+        """An accepted context of `abstract_syntax` on which we may invoke as SCU (or,
+        with `scp`, as SCP: e.g. N-EVENT-REPORT), in `transfer_syntax` if given."""
+        for context in self.contexts.values():
+            if context.abstract_syntax == abstract_syntax and (
+                context.we_are_scp if scp else context.we_are_scu
+            ):
+                if transfer_syntax is None or context.transfer_syntax == transfer_syntax:
+                    return context
+        return None
 
     def __repr__(self) -> str:
         role = "requestor" if self.is_requestor else "acceptor"
@@ -408,16 +426,28 @@ class Association:
                     self._set_error(AssociationAborted(f"internal error: {exc!r}"))
                     await self._abort_now(str(exc))
                 finally:
-                    self._discard_incoming()
-                    await self._close_stream()
-                    for operation in list(self._operations.values()):
-                        operation.end()
-                    for served in list(self._served.values()):
-                        served.cancel()
+                    self._ended()
                 # Handlers of requests received in full run to completion (their data is
                 # kept even though no response can be sent any more).
         finally:
-            await self._finish()
+            self._ended()
+            self._closed.set()
+
+    def _ended(self) -> None:
+        """Nothing more is read: end the operations, cancel what is performed."""
+        self._discard_incoming()
+        if self._ul.state != State.STA1:
+            self._ul.connection_lost()
+        self._close_stream()
+        self._ops.close()
+        for operation in list(self._operations.values()):
+            operation.end()
+        self._operations.clear()
+        self._wake_slot_waiters()
+        for served in list(self._served.values()):
+            served.cancel()
+        self._queued.clear()
+        self._performed_wake()
 
     async def _read_loop(self) -> None:
         ul = self._ul
@@ -435,16 +465,16 @@ class Association:
             if ul.state == State.STA1:
                 return
             deadline = self._next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self._clock())
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
             data = await stream.receive(RECEIVE_SIZE, timeout)
             if data is None:
                 self._handle_timers()
                 continue
-            ul.receive_data(data)
+            ul.receive_data(data, self.clock())
 
     def _next_deadline(self) -> float | None:
         ul_deadline = self._ul.get_timer()
-        dimse_deadline = self._outstanding.get_timer()
+        dimse_deadline = self._ops.get_timer()
         if ul_deadline is None or dimse_deadline is None:
             return dimse_deadline if ul_deadline is None else ul_deadline
         return min(ul_deadline, dimse_deadline)
@@ -453,10 +483,11 @@ class Association:
         """A timer was started outside the reader: shorten the reader's wait to match."""
         deadline = self._next_deadline()
         if deadline is not None:
-            self._stream.reschedule(deadline - self._clock())
+            self._stream.reschedule(deadline - self.clock())
 
     def _handle_timers(self) -> None:
-        expired = self._outstanding.expired()
+        now = self.clock()
+        expired = self._ops.expired(now)
         if expired:
             error = DimseTimeout(
                 f"no DIMSE response within {self.settings.dimse_timeout:g} s "
@@ -464,16 +495,16 @@ class Association:
             )
             self._set_error(error)
             for message_id in expired:
-                self._outstanding.responded(message_id, final=True)
-                operation = self._operations.get(message_id)
+                operation = self._operations.pop(message_id, None)
                 if operation is not None:
                     try:
                         operation.mailbox.put_nowait(error)
                     except anyio.BrokenResourceError:
                         pass
-            self._ul.request_abort(str(error))  # the A-ABORT is written by the read loop
+                    operation.end()
+            self._ul.request_abort(now, str(error))  # the A-ABORT is written by the read loop
             return
-        self._ul.handle_timer()
+        self._ul.handle_timer(now)
 
     async def _process_events(self) -> None:
         ul = self._ul
@@ -489,17 +520,17 @@ class Association:
                     log.warning("%r: %s; aborting", self, exc)
                     self._set_error(exc)
                     self._discard_incoming()
-                    ul.request_abort(str(exc))
+                    ul.request_abort(self.clock(), str(exc))
             elif isinstance(event, ReleaseRequested):
                 log.debug("%r: peer requested release", self)
                 if event.collision and self.is_requestor:
-                    await self._write_or_lost(ul.release_response())
+                    await self._write_or_lost(ul.release_response(self.clock()))
                 elif not event.collision:
                     assert self._task_group is not None
                     self._task_group.start_soon(self._answer_release)
             elif isinstance(event, ReleaseConfirmed):
                 if ul.state == State.STA12:
-                    await self._write_or_lost(ul.release_response())
+                    await self._write_or_lost(ul.release_response(self.clock()))
             elif isinstance(event, Aborted):
                 self._on_aborted(event)
             elif isinstance(event, ConnectionClosed):
@@ -540,34 +571,15 @@ class Association:
         self._incoming = None
 
     async def _answer_release(self) -> None:
-        if self._in_flight:
-            if self._idle is None:
-                self._idle = asyncio.Event()
-            await self._idle.wait()
+        """A-RELEASE-RP once every request being performed was answered (PS3.8 §7.2)."""
+        while (self._ops.performing or self._queued) and not self.is_closed:
+            await self._wait_performed()
         try:
-            await self._write_or_lost(self._ul.release_response())
+            await self._write_or_lost(self._ul.release_response(self.clock()))
         except InvalidStateError:
             pass
 
-    def _serve_cancellable(self, message_id: int) -> Served:
-        served = Served()
-        self._served[message_id] = served
-        if self.is_closed:
-            served.cancel()
-        return served
-
-    async def _finish(self) -> None:
-        for served in list(self._served.values()):
-            served.cancel()
-        self._discard_incoming()
-        if self._ul.state != State.STA1:
-            self._ul.connection_lost()
-        for operation in list(self._operations.values()):
-            operation.end()
-        await self._close_stream()
-        self._closed.set()
-
-    async def _close_stream(self) -> None:
+    def _close_stream(self) -> None:
         if not self._stream_closed:
             self._stream_closed = True
             self._stream.close()
@@ -582,17 +594,15 @@ class Association:
             message = event.message
             log.debug("%r: received %s", self, message)
             if isinstance(message, CCancelRQ):
-                served = self._served.get(message.message_id_being_responded_to)
-                if served is not None:
-                    served.cancel()
+                self._cancel_requested(message.message_id_being_responded_to)
                 return
             if not event.has_dataset:
                 if message.is_request:
-                    await self._dispatch(event, None)
+                    await self._dispatch(Received(self.contexts[event.context_id], message))
                 else:
                     await self._deliver(message, None)
                 return
-            self._incoming = _Incoming(event, self._spool_for(event))
+            self._incoming = _Incoming(event, self._sink_for(event))
             return
         assert isinstance(event, DatasetFragment)
         incoming = self._incoming
@@ -602,159 +612,161 @@ class Association:
         if not event.is_last:
             return
         self._incoming = None
+        message = incoming.event.message
+        if not message.is_request:
+            await self._deliver(message, bytes(incoming.buffer or b""))
+            return
+        context = self.contexts[incoming.event.context_id]
         if incoming.spool is not None:
             incoming.spool.finish()
-            await self._dispatch(incoming.event, incoming)
-        elif incoming.event.message.is_request:
-            await self._dispatch(incoming.event, incoming)
+            await self._dispatch(Received(context, message, spool=incoming.spool))
         else:
-            await self._deliver(incoming.event.message, bytes(incoming.buffer or b""))
+            await self._dispatch(Received(context, message, bytes(incoming.buffer or b"")))
 
-    def _spool_for(self, event: CommandReceived) -> Spool | None:
+    def _sink_for(self, event: CommandReceived) -> Spool | None:
         message = event.message
-        if not isinstance(message, CStoreRQ):
+        if not message.is_request:
             return None
-        context = self.contexts[event.context_id]
-        if not is_valid_uid(message.affected_sop_instance_uid) or not is_valid_uid(
-            message.affected_sop_class_uid
-        ):
-            return _NullSpool(b"", 0)
-        header = part10_header(
-            message.affected_sop_class_uid,
-            message.affected_sop_instance_uid,
-            context.transfer_syntax,
-            self.peer_ae_title,
-        )
-        return Spool(header, self.settings.spool_threshold, self.settings.spool_dir)
+        service = self._services.get(type(message))
+        if service is None:
+            return None
+        return service.dataset_sink(self, self.contexts[event.context_id], message)
+
+    def _cancel_requested(self, message_id: int) -> None:
+        """C-CANCEL-RQ (PS3.7 §9.3.2.3): stop the request it names, if it is performed."""
+        if self._ops.cancel_requested(message_id):
+            served = self._served.get(message_id)
+            if served is not None:
+                served.cancel()
 
     async def _deliver(self, message: DimseMessage, data: bytes | None) -> None:
-        message_id = getattr(message, "message_id_being_responded_to", -1)
-        operation = self._operations.get(message_id)
-        if operation is None:
+        message_id: int = getattr(message, "message_id_being_responded_to", -1)
+        status = Status(getattr(message, "status", 0))
+        verdict = self._ops.response(message_id, not status.is_pending, self.clock())
+        if verdict is Verdict.UNKNOWN:
             log.warning("%r: response to unknown message ID %s ignored", self, message_id)
             return
-        status = Status(getattr(message, "status", 0))
-        final = not status.is_pending
-        self._outstanding.responded(message_id, final)
-        if final:
-            operation.final_status = status
-        if not operation.abandoned:
+        operation = self._operations.get(message_id)
+        if operation is None:  # pragma: no cover - the core and the shell agree
+            return
+        if verdict is Verdict.DELIVER or verdict is Verdict.FINAL:
             try:
                 await operation.mailbox.put((message, data))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
-        if final:
-            operation.end()
+        if verdict is Verdict.FINAL or verdict is Verdict.DROP_FINAL:
+            operation.final_status = status
+            self._end_operation(operation)
 
-    async def _dispatch(self, event: CommandReceived, incoming: _Incoming | None) -> None:
-        assert self._task_group is not None
-        self._in_flight += 1
-        if (
-            isinstance(event.message, (CEchoRQ, CStoreRQ))
-            and self.extended.async_operations_window.performed == 1
-        ):
+    async def _dispatch(self, request: Received) -> None:
+        message = request.message
+        message_id: int = getattr(message, "message_id", 0)
+        if not self._ops.can_perform:
+            # The peer invoked more than the window it negotiated (PS3.7 §D.3.3.3): the
+            # request waits for room; past a few, so does the reader.
+            self._queued.append(request)
+            while len(self._queued) > MAX_QUEUED and not self.is_closed:
+                await self._wait_performed()
+            return
+        if not self._ops.perform(message_id):
+            await self._refuse(request, 0x0210, "duplicate invocation: message ID in use")
+            return
+        service = self._services.get(type(message))
+        if service is not None and service.inline and self._ops.max_performed == 1:
             # One operation at a time (PS3.7 §D.3.3.3): the peer waits for this answer
             # anyway, so serve it right here instead of in a task of its own.
-            await self._serve(event, incoming)
+            await self._serve(service, request)
         else:
-            self._task_group.start_soon(self._serve, event, incoming)
+            assert self._task_group is not None
+            self._task_group.start_soon(self._serve, service, request)
 
-    async def _serve(self, event: CommandReceived, incoming: _Incoming | None) -> None:
-        message = event.message
-        context = self.contexts[event.context_id]
-        spool = incoming.spool if incoming is not None else None
-        response: DimseMessage | None = None
+    async def _serve(self, service: Service | None, request: Received) -> None:
+        message = request.message
+        message_id: int = getattr(message, "message_id", 0)
         try:
-            if isinstance(message, CEchoRQ):
-                response = await self._serve_echo(context, message)
-            elif isinstance(message, CStoreRQ):
-                assert spool is not None
-                response = await self._serve_store(context, message, spool)
-            elif isinstance(message, CFindRQ):
-                await serve_find(self, context, message, _payload(incoming))
-            elif isinstance(message, (CGetRQ, CMoveRQ)):
-                await serve_retrieve(self, context, message, _payload(incoming))
+            if service is None:
+                await self._refuse(request, 0x0211, "unrecognized operation")
             else:
-                log.warning("%r: unexpected request %s ignored", self, type(message).__name__)
+                await service.serve(self, request)
+        except DicomNetError as exc:
+            log.debug("%r: could not answer %s: %s", self, type(message).__name__, exc)
+        except Exception as exc:  # a bug of ours: answer it a failure, go on
+            log.exception("%r: answering %s failed", self, type(message).__name__)
+            await self._refuse_quietly(request, 0x0110, f"{type(exc).__name__}: {exc}")
         finally:
-            if spool is not None:
-                spool.close()
-            if response is not None:
-                try:
-                    await self.send_message(context.context_id, response)
-                except DicomNetError as exc:
-                    log.debug("%r: could not send %s: %s", self, type(response).__name__, exc)
-            self._in_flight -= 1
-            if self._in_flight == 0 and self._idle is not None:
-                self._idle.set()
-                self._idle = None
+            if request.spool is not None:
+                request.spool.close()
+            self._served.pop(message_id, None)
+            self._ops.performed(message_id)
+            self._performed_wake()
 
-    async def _serve_echo(self, context: AcceptedContext, message: CEchoRQ) -> CEchoRSP:
-        status, comment = 0x0000, None
-        if self.handlers.on_echo is not None:
-            try:
-                status, comment = _store_status(
-                    await self.handlers.on_echo(EchoRequest(self, context, message))
-                )
-            except Exception as exc:
-                log.exception("on_echo handler failed")
-                status, comment = 0xC000, _comment(exc)
-        return CEchoRSP(message.message_id, status, message.affected_sop_class_uid, comment)
+    def _performed_wake(self) -> None:
+        """A request was answered: start a queued one, wake who waits for room."""
+        if self._queued and self._ops.can_perform and self._task_group is not None:
+            self._task_group.start_soon(self._dispatch, self._queued.popleft())
+        event = self._performed
+        if event is not None:
+            self._performed = None
+            event.set()
 
-    async def _serve_store(
-        self, context: AcceptedContext, message: CStoreRQ, spool: Spool
-    ) -> CStoreRSP:
-        def reply(status: int, comment: str | None = None) -> CStoreRSP:
-            return CStoreRSP(
-                message.message_id,
-                status,
-                message.affected_sop_class_uid,
-                message.affected_sop_instance_uid,
-                comment,
-            )
+    async def _wait_performed(self) -> None:
+        if self._performed is None:
+            self._performed = asyncio.Event()
+        await self._performed.wait()
 
-        if isinstance(spool, _NullSpool):
-            return reply(0xC000, "invalid SOP Class or Instance UID")
-        if message.affected_sop_class_uid != context.abstract_syntax:
-            return reply(0x0122, "SOP Class not accepted on this presentation context")
-        sink = (
-            next((op for op in self._retrieve_sinks if not op.ended), None)
-            if self._retrieve_sinks
-            else None
+    async def _refuse(self, request: Received, status: int, comment: str) -> None:
+        message = request.message
+        log.info("%r: %s refused: %s", self, type(message).__name__, comment)
+        await self.send_message(
+            request.context.context_id, failure_response(message, status, comment)
         )
-        if sink is not None:
-            # A C-STORE sub-operation of our C-GET: hand it to the `get()` loop.
-            request = StoreRequest(self, context, message, spool, fsync=self.settings.fsync)
-            try:
-                await sink.mailbox.put(request)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return reply(0xA700, "the retrieve was cancelled")
-            await request.acknowledged()
-            return reply(request.status, None)
-        if not context.we_are_scp:
-            return reply(0x0122, "SOP Class not accepted on this presentation context")
-        if self.handlers.on_store is None:
-            return reply(0x0122, "no storage handler")
-        request = StoreRequest(self, context, message, spool, fsync=self.settings.fsync)
+
+    async def _refuse_quietly(self, request: Received, status: int, comment: str) -> None:
         try:
-            status, comment = _store_status(await self.handlers.on_store(request))
-        except Exception as exc:
-            log.exception("on_store handler failed for %s", message.affected_sop_instance_uid)
-            return reply(0xC000, _comment(exc))
-        return reply(status, comment)
+            await self._refuse(request, status, comment)
+        except DicomNetError:
+            pass
+
+    @asynccontextmanager
+    async def divert(
+        self, message_type: type[Any], diversion: Callable[[Any], Awaitable[bool]]
+    ) -> AsyncIterator[None]:
+        """While the block runs, the requests of `message_type` a service offers to
+        `diverted()` go to `diversion` first (it returns True when it took one): how a
+        C-GET receives its C-STORE sub-operations, and a storage commitment request its
+        report on the same association."""
+        diversions = self._diversions.setdefault(message_type, [])
+        diversions.append(diversion)
+        try:
+            yield
+        finally:
+            diversions.remove(diversion)
+
+    async def diverted(self, message: DimseMessage, item: Any) -> bool:
+        """Offer a received request (`item`: the service's request object) to the
+        diversions of its type; True when one took it."""
+        for diversion in list(self._diversions.get(type(message), ())):
+            if await diversion(item):
+                return True
+        return False
+
+    def cancellable(self, message_id: int) -> Served:
+        """The handle by which a C-CANCEL reaches the request `message_id` being performed."""
+        served = Served()
+        self._served[message_id] = served
+        if self.is_closed:
+            served.cancel()
+        return served
 
     # --- sending ---------------------------------------------------------------------------
 
-    async def _write(self, data: bytes) -> None:
-        if not data:
-            return
-        async with self._send_lock:
-            await self._write_unlocked(data)
-
     async def _write_or_lost(self, data: bytes) -> bool:
         """Write what the Upper Layer produced; a dead connection becomes Evt17."""
+        if not data:
+            return True
         try:
-            await self._write(data)
+            async with self._writer.lock:
+                await self._write_unlocked(data)
         except DicomNetError:
             self._ul.connection_lost()
             return False
@@ -763,16 +775,17 @@ class Association:
     async def _write_unlocked(self, data: bytes | bytearray) -> None:
         try:
             await self._stream.send(data)
-            self._ul.note_activity()
+            self._ul.note_activity(self.clock())
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             self._set_error(AssociationAborted(f"connection lost while sending: {exc!r}"))
-            raise self._termination_error() from exc
+            raise self.termination_error() from exc
 
     def _check_can_send(self) -> None:
         if not self._ul.can_send_data:
-            raise self._termination_error()
+            raise self.termination_error()
 
-    def _termination_error(self) -> DicomNetError:
+    def termination_error(self) -> DicomNetError:
+        """Why nothing more can be done on this association."""
         if self._error is not None:
             return self._error
         return AssociationAborted(f"association is not established ({self._ul.state.name})")
@@ -780,35 +793,20 @@ class Association:
     async def send_message(
         self, context_id: int, message: DimseMessage, dataset: bytes | memoryview | None = None
     ) -> None:
-        """Send one DIMSE message (and its data set) as P-DATA-TF PDUs, in one write when small."""
+        """Send one DIMSE message (and its data set) as P-DATA-TF PDUs."""
         log.debug("%r: sending %s", self, message)
-        command = encode_command(message, has_dataset=dataset is not None)
-        max_pdu = self.peer_max_pdu_length
-        async with self._send_lock:
-            self._check_can_send()
-            if dataset is not None and len(dataset) < SMALL_MESSAGE:
-                packed = encode_small_message(context_id, command, dataset, max_pdu)
-                if packed is not None:
-                    await self._write_unlocked(packed)
-                    return
-            if dataset is None:
-                await self._write_unlocked(encode_command_pdus(context_id, command, max_pdu))
-                return
-            pieces: Iterable[bytes | memoryview] = fragment(context_id, command, True, max_pdu)
-            batch: list[bytes | memoryview] = list(pieces)
-            size = 0
-            try:
-                for piece in fragment(context_id, dataset, False, max_pdu):
-                    batch.append(piece)
-                    size += len(piece)
-                    if size >= SEND_BATCH:
-                        await self._write_unlocked(b"".join(batch))
-                        batch, size = [], 0
-                if batch:
-                    await self._write_unlocked(b"".join(batch))
-            except BaseException as exc:
-                await self._broken_message(exc)
-                raise
+        await self._writer.send(context_id, message, dataset, self._check_can_send)
+
+    async def send_file_message(
+        self,
+        context_id: int,
+        message: DimseMessage,
+        part10: Part10File,
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> None:
+        """Send one message whose data set is streamed from a Part-10 file."""
+        log.debug("%r: sending %s from %s", self, message, part10.path)
+        await self._writer.send_file(context_id, message, part10, progress, self._check_can_send)
 
     async def _broken_message(self, exc: BaseException) -> None:
         """A message was cut short after part of it went out: abort the association."""
@@ -817,114 +815,46 @@ class Association:
         self._set_error(AssociationAborted(f"sending a message failed: {exc!r}"))
         with anyio.CancelScope(shield=True):
             await self._abort_now(str(exc))
-            await self._close_stream()
-
-    async def _send_file_message(
-        self,
-        context_id: int,
-        message: DimseMessage,
-        part10: Part10File,
-        progress: Callable[[int, int], Any] | None,
-    ) -> None:
-        """Stream a Part-10 file's data set from disk after the command (no decoding)."""
-        log.debug("%r: sending %s from %s", self, message, part10.path)
-        command = encode_command(message, has_dataset=True)
-        total = part10.dataset_length
-        # A deflated data set of odd length gets its trailing NUL pad (PS3.5 §A.5).
-        pad = total % 2 == 1 and part10.transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
-        async with self._send_lock:
-            self._check_can_send()
-            try:
-                await self._stream_file(context_id, command, part10, progress, pad)
-            except BaseException as exc:
-                await self._broken_message(exc)
-                raise
-
-    async def _stream_file(
-        self,
-        context_id: int,
-        command: bytes,
-        part10: Part10File,
-        progress: Callable[[int, int], Any] | None,
-        pad: bool,
-    ) -> None:
-        max_pdu = self.peer_max_pdu_length
-        per_pdv = max_pdv_data(max_pdu)
-        block_size = max(1, SEND_BATCH // per_pdv) * per_pdv
-        in_file = part10.dataset_length
-        total = in_file + (1 if pad else 0)  # the pad byte is the buffer's own zero
-        prefix = b"".join(fragment(context_id, command, True, max_pdu))
-        with DatasetReader(part10) as reader:
-            sent = 0
-            while True:  # at least once: an empty data set is one empty last fragment
-                size = min(block_size, total - sent)
-                sent += size
-                block, slots = pdata_into(
-                    context_id, size, max_pdu, is_final=sent >= total, prefix=prefix
-                )
-                if size <= (1 << 16):
-                    reader.fill(slots)
-                else:
-                    # From the page cache right here; what is not cached, in a worker thread.
-                    rest = reader.fill_cached(slots)
-                    if rest:
-                        await anyio.to_thread.run_sync(reader.fill, rest)
-                prefix = b""
-                await self._write_unlocked(block)
-                if progress is not None:
-                    progress(min(sent, in_file), in_file)
-                if sent >= total:
-                    break
+            self._close_stream()
 
     # --- requests (SCU) --------------------------------------------------------------------
 
-    def _context_for(
-        self, abstract_syntax: str, transfer_syntax: str | None = None
-    ) -> AcceptedContext | None:
-        for context in self.contexts.values():
-            if context.abstract_syntax == abstract_syntax and context.we_are_scu:
-                if transfer_syntax is None or context.transfer_syntax == transfer_syntax:
-                    return context
-        return None
-
     async def begin(self, context: AcceptedContext, buffer: int = 4) -> Operation:
         """Reserve a slot of the operations window and a Message ID for a new request."""
-        if self.is_closed:
-            raise self._termination_error()
-        await self._slots.acquire()
-        try:
-            message_id = self._ids.allocate()
-        except BaseException:
-            self._slots.release()
-            raise
-        operation = Operation(message_id, context, buffer, self._release_operation)
-        self._operations[message_id] = operation
-        if self.is_closed:
-            operation.end()
-            raise self._termination_error()
+        while True:
+            if self.is_closed:
+                raise self.termination_error()
+            if self._ops.can_invoke:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            await waiter
+        operation = Operation(self._ops.invoke(), context, buffer)
+        self._operations[operation.message_id] = operation
         return operation
-
-    def _release_operation(self, operation: Operation) -> None:
-        self._operations.pop(operation.message_id, None)
-        self._outstanding.responded(operation.message_id, final=True)
-        self._ids.release(operation.message_id)
-        self._slots.release()
 
     def started(self, operation: Operation) -> None:
         """The request went out: the DIMSE timeout runs from now."""
-        self._outstanding.started(operation.message_id)
-        self._rearm()
+        if self._ops.is_outstanding(operation.message_id):
+            self._ops.sent(operation.message_id, self.clock())
+            self._rearm()
 
     async def next_response(self, operation: Operation) -> tuple[DimseMessage, bytes | None]:
         """The next response (pending or final) to `operation`."""
+        delivery = await self.next_delivery(operation)
+        if not isinstance(delivery, tuple):  # pragma: no cover - only C-GET gets others
+            raise ProtocolError(f"unexpected {type(delivery).__name__} for a request")
+        return delivery
+
+    async def next_delivery(self, operation: Operation) -> Any:
+        """The next item for `operation`: a (response, data set bytes) pair, or what a
+        diversion put there (a C-GET's instances)."""
         try:
             delivery: _Delivery = await operation.mailbox.get()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
-            raise self._termination_error() from None
+            raise self.termination_error() from None
         if isinstance(delivery, BaseException):
             raise delivery
-        if isinstance(delivery, StoreRequest):  # pragma: no cover - only C-GET gets these
-            raise ProtocolError("C-STORE sub-operation outside a C-GET")
         return delivery
 
     async def cancel(self, operation: Operation) -> None:
@@ -932,10 +862,10 @@ class Association:
 
         The reader drops the responses still to come and frees the slot at the final one.
         """
-        if operation.ended or operation.abandoned:
-            return
-        operation.abandoned = True
         operation.mailbox.close_receiver()
+        if not self._ops.cancel(operation.message_id):
+            self._forget_if_over(operation)
+            return
         with anyio.CancelScope(shield=True):
             try:
                 await self.send_message(
@@ -944,13 +874,39 @@ class Association:
             except DicomNetError as exc:
                 log.debug("%r: could not send C-CANCEL: %s", self, exc)
 
-    async def _request(
+    def abandon(self, operation: Operation) -> None:
+        """The caller left before the final response: drop what still comes."""
+        if operation.ended:
+            return
+        operation.mailbox.close_receiver()
+        self._ops.abandon(operation.message_id)
+        self._forget_if_over(operation)
+
+    def _forget_if_over(self, operation: Operation) -> None:
+        if not self._ops.is_outstanding(operation.message_id):
+            self._end_operation(operation)
+
+    def _end_operation(self, operation: Operation) -> None:
+        self._operations.pop(operation.message_id, None)
+        operation.end()
+        self._wake_slot_waiters()
+
+    def _wake_slot_waiters(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not self.is_closed:
+                    return
+
+    async def send_request(
         self,
         context: AcceptedContext,
         make: Callable[[int], DimseMessage],
         send: Callable[[DimseMessage], Awaitable[None]],
     ) -> tuple[DimseMessage, bytes | None]:
-        """Send one request and wait for its final response."""
+        """Send one request (`make(message_id)`, sent by `send`) and wait for its final
+        response, skipping pending ones."""
         operation = await self.begin(context)
         try:
             await send(make(operation.message_id))
@@ -960,227 +916,21 @@ class Association:
                 if not Status(getattr(response, "status", 0)).is_pending:
                     return response, data
         finally:
-            if not operation.ended:
-                # Left before the final response (error or cancellation): nothing more is
-                # expected by anyone, so drop what still comes.
-                operation.abandoned = True
-                operation.mailbox.close_receiver()
-
-    async def echo(self) -> Status:
-        """C-ECHO (PS3.7 §9.1.5). Returns the status; a failure raises `DimseError`."""
-        context = self._context_for(VERIFICATION)
-        if context is None:
-            raise NotNegotiatedError("Verification SOP Class (1.2.840.10008.1.1) not accepted")
-        cid = context.context_id
-        response, _ = await self._request(
-            context, lambda mid: CEchoRQ(mid), lambda msg: self.send_message(cid, msg)
-        )
-        return _check(response)
-
-    async def store(
-        self,
-        dataset_or_path: Dataset | str | os.PathLike[str],
-        *,
-        progress: Callable[[int, int], Any] | None = None,
-        priority: int = 0,
-        move_originator_ae_title: str | None = None,
-        move_originator_message_id: int | None = None,
-    ) -> Status:
-        """C-STORE (PS3.7 §9.1.1) of a pydicom Dataset or a Part-10 file.
-
-        A file is streamed from disk after its file meta, without decoding it, when a
-        context with its own transfer syntax was accepted; otherwise an uncompressed
-        file is converted. `progress(bytes_sent, total)` is called as data goes out.
-        Returns the status (success or warning); a failure raises `DimseError`.
-        """
-        if isinstance(dataset_or_path, Dataset):
-            return await self._store_dataset(
-                dataset_or_path,
-                progress,
-                priority,
-                move_originator_ae_title,
-                move_originator_message_id,
-            )
-        path = Path(dataset_or_path)
-        try:
-            part10 = Part10File.open(path)
-        except ValueError:
-            dataset = await anyio.to_thread.run_sync(lambda: dcmread(path, force=True))
-            return await self._store_dataset(
-                dataset,
-                progress,
-                priority,
-                move_originator_ae_title,
-                move_originator_message_id,
-            )
-        context = self._context_for(part10.sop_class_uid, part10.transfer_syntax)
-        if context is None:
-            if _convertible(part10.transfer_syntax) and self._convertible_context(
-                part10.sop_class_uid
-            ):
-                dataset = await anyio.to_thread.run_sync(lambda: dcmread(path, force=True))
-                return await self._store_dataset(
-                    dataset,
-                    progress,
-                    priority,
-                    move_originator_ae_title,
-                    move_originator_message_id,
-                )
-            raise self._not_negotiated(part10.sop_class_uid, part10.transfer_syntax)
-        cid = context.context_id
-
-        def make(mid: int) -> CStoreRQ:
-            return CStoreRQ(
-                mid,
-                part10.sop_class_uid,
-                part10.sop_instance_uid,
-                priority,
-                move_originator_ae_title,
-                move_originator_message_id,
-            )
-
-        async def send(message: DimseMessage) -> None:
-            await self._send_file_message(cid, message, part10, progress)
-
-        response, _ = await self._request(context, make, send)
-        return _check(response)
-
-    def find(
-        self,
-        query: Dataset,
-        *,
-        model: str = "study",
-        level: str | None = None,
-        priority: int = 0,
-    ) -> Responses[Dataset]:
-        """C-FIND (PS3.7 §9.1.2): `async for identifier in assoc.find(query, model=...)`.
-
-        `model`: "patient", "study" or "mwl"; `level` sets Query/Retrieve Level.
-        Leaving the loop early sends C-CANCEL. A failure status raises `DimseError`.
-        """
-        return _find(self, query, model=model, level=level, priority=priority)
-
-    def move(
-        self,
-        query: Dataset,
-        *,
-        destination: str,
-        model: str = "study",
-        level: str | None = None,
-        priority: int = 0,
-    ) -> Responses[RetrieveProgress]:
-        """C-MOVE (PS3.7 §9.1.4) to `destination`: progress of each response."""
-        return _move(
-            self, query, destination=destination, model=model, level=level, priority=priority
-        )
-
-    def get(
-        self,
-        query: Dataset,
-        *,
-        model: str = "study",
-        level: str | None = None,
-        priority: int = 0,
-    ) -> Responses[StoreRequest]:
-        """C-GET (PS3.7 §9.1.3): the instances of the C-STORE sub-operations as they come."""
-        return _get(self, query, model=model, level=level, priority=priority)
-
-    def retrieve(
-        self,
-        query: Dataset,
-        *,
-        model: str = "study",
-        level: str | None = None,
-        via: Literal["auto", "get", "move"] = "auto",
-        listener: RetrieveListener | None = None,
-        priority: int = 0,
-    ) -> Responses[StoreRequest]:
-        """The matching instances themselves: by C-GET where the peer accepted it,
-        else by C-MOVE to `listener` (see `dicomnet.retrieve_listener`)."""
-        return _retrieve(
-            self, query, model=model, level=level, via=via, listener=listener, priority=priority
-        )
-
-    def _convertible_context(self, sop_class_uid: str) -> AcceptedContext | None:
-        for context in self.contexts.values():
-            if (
-                context.abstract_syntax == sop_class_uid
-                and context.we_are_scu
-                and _convertible(context.transfer_syntax)
-            ):
-                return context
-        return None
-
-    def _not_negotiated(self, sop_class_uid: str, transfer_syntax: str) -> NotNegotiatedError:
-        from pydicom.uid import UID
-
-        offered = sorted(
-            UID(c.transfer_syntax).name
-            for c in self.contexts.values()
-            if c.abstract_syntax == sop_class_uid
-        )
-        text = (
-            f"no accepted presentation context for {UID(sop_class_uid).name} "
-            f"({sop_class_uid}) in {UID(transfer_syntax).name} ({transfer_syntax})"
-        )
-        text += (
-            f"; accepted for this SOP class: {', '.join(offered)}"
-            if offered
-            else ("; the SOP class itself was not accepted")
-        )
-        return NotNegotiatedError(text)
-
-    async def _store_dataset(
-        self,
-        dataset: Dataset,
-        progress: Callable[[int, int], Any] | None,
-        priority: int,
-        move_originator_ae_title: str | None,
-        move_originator_message_id: int | None,
-    ) -> Status:
-        sop_class = str(dataset.get("SOPClassUID", "") or "")
-        sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
-        if not sop_class or not sop_instance:
-            raise ValueError("the data set has no SOP Class UID or SOP Instance UID")
-        meta = getattr(dataset, "file_meta", None)
-        own_ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-        context = self._context_for(sop_class, own_ts) if own_ts else None
-        if context is None and (not own_ts or _convertible(own_ts)):
-            context = self._convertible_context(sop_class)
-        if context is None:
-            raise self._not_negotiated(sop_class, own_ts or UNCOMPRESSED_TRANSFER_SYNTAXES[0])
-        ts = context.transfer_syntax
-        data = await anyio.to_thread.run_sync(lambda: encode_dataset(dataset, ts))
-        cid = context.context_id
-
-        def make(mid: int) -> CStoreRQ:
-            return CStoreRQ(
-                mid,
-                sop_class,
-                sop_instance,
-                priority,
-                move_originator_ae_title,
-                move_originator_message_id,
-            )
-
-        async def send(message: DimseMessage) -> None:
-            await self.send_message(cid, message, data)
-            if progress is not None:
-                progress(len(data), len(data))
-
-        response, _ = await self._request(context, make, send)
-        return _check(response)
+            self.abandon(operation)
 
     # --- release and abort -----------------------------------------------------------------
 
     async def release(self) -> None:
-        """A-RELEASE (PS3.8 §7.2): ask the peer to release and wait until it has."""
+        """A-RELEASE (PS3.8 §7.2): ask the peer to release and wait until it has.
+
+        Operations still outstanding are waited for first (at most the DIMSE timeout)."""
         if self.is_closed:
             return
-        async with self._send_lock:
+        await self._drain_invoked()
+        async with self._writer.lock:
             if self._ul.state != State.STA6:
                 return
-            data = self._ul.release()
+            data = self._ul.release(self.clock())
             self._rearm()
             try:
                 await self._write_unlocked(data)
@@ -1188,23 +938,29 @@ class Association:
                 pass
         await self._closed.wait()
 
+    async def _drain_invoked(self) -> None:
+        timeout = self.settings.dimse_timeout
+        with anyio.move_on_after(timeout if timeout is not None else 60.0):
+            for operation in list(self._operations.values()):
+                await operation.finished.wait()
+
     async def abort(self) -> None:
         """A-ABORT (PS3.8 §7.3): end the association at once."""
         if self.is_closed:
             return
         with anyio.CancelScope(shield=True):
             self._set_error(AssociationAborted("association aborted locally"))
-            data = self._ul.abort()
+            data = self._ul.abort(self.clock())
             if data:
                 try:
                     await self._stream.send(data)
                 except Exception:
                     pass
             self._ul.connection_lost()
-            await self._close_stream()
+            self._close_stream()
 
     async def _abort_now(self, error: str) -> None:
-        data = self._ul.abort(error)
+        data = self._ul.abort(self.clock(), error)
         if data:
             try:
                 await self._stream.send(data)
@@ -1214,30 +970,3 @@ class Association:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
-
-
-class _NullSpool(Spool):
-    """Swallows a data set that will be refused (its UIDs are unusable)."""
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.size += len(data)
-
-
-def _convertible(transfer_syntax: str) -> bool:
-    return (
-        transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES
-        or transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
-    )
-
-
-def _check(response: DimseMessage) -> Status:
-    status = Status(getattr(response, "status", 0))
-    if status.is_failure or status.is_cancel:
-        raise DimseError(status, getattr(response, "error_comment", None))
-    return status
-
-
-def _payload(incoming: _Incoming | None) -> bytes | None:
-    if incoming is None or incoming.buffer is None:
-        return None
-    return bytes(incoming.buffer)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
 
-from dicomnet.association import Association, AssociationSettings, ExtendedResults, Handlers
+from dicomnet.association import AssociationSettings, ExtendedResults, Handlers
 from dicomnet.errors import (
     ARTIMTimeout,
     AssociationAborted,
@@ -40,8 +39,9 @@ from dicomnet.proto.pdu import (
     UserInformation,
 )
 from dicomnet.proto.ul import Aborted, AssociateAccepted, AssociateRejected, UpperLayer
+from dicomnet.services import Association, service_table
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicomnet.stream import open_connection
+from dicomnet.stream import TCP, NetworkBackend
 from dicomnet.transport import next_ul_event
 
 __all__ = ["connect", "default_contexts", "open_association"]
@@ -78,7 +78,7 @@ async def open_association(
     sop_class_extended: Sequence[SOPClassExtendedNegotiation] = (),
     sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
     handlers: Handlers | None = None,
-    clock: Callable[[], float] = time.monotonic,
+    backend: NetworkBackend = TCP,
 ) -> Association:
     """Connect and negotiate; the caller runs `Association.run()` in a task group."""
     settings = settings or AssociationSettings()
@@ -106,7 +106,7 @@ async def open_association(
     )
     try:
         with anyio.fail_after(connect_timeout):
-            stream = await open_connection(host, port)
+            stream = await backend.connect(host, port)
     except TimeoutError:
         raise ConnectTimeout(
             f"could not connect to {host}:{port} within {connect_timeout:g} s"
@@ -120,12 +120,12 @@ async def open_association(
         max_pdu_length=settings.max_pdu_length,
         artim_timeout=settings.artim_timeout,
         idle_timeout=settings.idle_timeout,
-        clock=clock,
     )
+    clock = backend.clock
     ul.request_association(request)
     try:
         try:
-            await stream.send(ul.connection_made())
+            await stream.send(ul.connection_made(clock()))
         except anyio.BrokenResourceError:
             raise AssociationAborted(
                 f"the connection to {host}:{port} closed before the association request"
@@ -170,9 +170,10 @@ async def open_association(
         contexts=accepted,
         peer_max_pdu_length=response.user_information.max_length or 0,
         settings=settings,
+        services=service_table(),
+        clock=clock,
         handlers=handlers,
         peer_address=(str(address[0]), int(address[1])),
-        clock=clock,
         extended=extended,
     )
 
@@ -195,6 +196,7 @@ async def connect(
     sop_class_extended: Sequence[SOPClassExtendedNegotiation] = (),
     sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
     handlers: Handlers | None = None,
+    backend: NetworkBackend = TCP,
 ) -> AsyncIterator[Association]:
     """Open an association; release it when the block ends, abort it if the block raises.
 
@@ -202,7 +204,9 @@ async def connect(
     TCP connect, ARTIM (association and release requests), DIMSE response, idle.
     Extended negotiation (PS3.7 Annex D.3.3): `user_identity`, `async_operations_window`
     (invoked, performed), `sop_class_extended`, `sop_class_common_extended`; the
-    outcome is on `Association.extended`.
+    outcome is on `Association.extended`. `handlers` (an AE's `ae.handlers`)
+    answer what the peer sends us on this association, e.g. N-EVENT-REPORTs.
+    `backend`: the network (default TCP; `dicomnet.testing.MemoryNetwork` in tests).
     """
     settings = AssociationSettings(
         max_pdu_length=max_pdu_length,
@@ -223,6 +227,7 @@ async def connect(
         sop_class_extended=sop_class_extended,
         sop_class_common_extended=sop_class_common_extended,
         handlers=handlers,
+        backend=backend,
     )
     error: BaseException | None = None
     async with anyio.create_task_group() as tg:

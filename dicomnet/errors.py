@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from typing import Any
 
 __all__ = [
     "ARTIMTimeout",
@@ -58,11 +59,19 @@ class AssociationAborted(DicomNetError):
 class DimseError(DicomNetError):
     """A DIMSE response with a failure (or otherwise unexpected) status."""
 
-    def __init__(self, status: int, error_comment: str | None = None, message: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        error_comment: str | None = None,
+        message: str = "",
+        *,
+        response: Any = None,
+    ) -> None:
         from dicomnet.status import Status
 
         self.status = Status(status)
         self.error_comment = error_comment
+        self.response = response  # the response received (an `NResponse` for DIMSE-N)
         text = message or f"DIMSE operation failed with status {self.status!r}"
         if error_comment:
             text += f": {error_comment}"

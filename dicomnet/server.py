@@ -4,55 +4,93 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
-from dicomnet.association import Association, AssociationSettings, ExtendedResults, Handlers
+from dicomnet.association import AssociationSettings, ExtendedResults, Handlers
 from dicomnet.client import connect
 from dicomnet.errors import Reject
-from dicomnet.proto.contexts import (
-    DEFAULT_TRANSFER_SYNTAXES,
-    VERIFICATION,
-    ContextAnswers,
-    PresentationContext,
-    all_storage_sop_classes,
-    all_transfer_syntaxes,
-    negotiate_as_acceptor,
-)
+from dicomnet.proto.contexts import ContextAnswers, PresentationContext, negotiate_as_acceptor
 from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
     SOPClassExtendedNegotiations,
     UserIdentityNegotiation,
 )
-from dicomnet.proto.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ
+from dicomnet.proto.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ, UserIdentityRQ
 from dicomnet.proto.ul import AssociateRequested, ConnectionClosed, UpperLayer
-from dicomnet.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from dicomnet.service import AssociationRequest
+from dicomnet.services import SERVICES, Association, service_table
+from dicomnet.services.common import merge_contexts
+from dicomnet.services.nservices import (
+    N_ACTION,
+    N_CREATE,
+    N_DELETE,
+    N_EVENT_REPORT,
+    N_GET,
+    N_SET,
+    handler_key,
+)
+from dicomnet.services.qr import ON_FIND, ON_GET, ON_MOVE, RetrieveListener
+from dicomnet.services.storage import ON_STORE
+from dicomnet.services.verification import ON_ECHO
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicomnet.stream import DicomStream, start_server
+from dicomnet.stream import TCP, ByteStream, Listener, NetworkBackend
 from dicomnet.transport import next_ul_event
 
-__all__ = ["AE", "Server"]
+__all__ = ["AE", "AssociationRequest", "Server", "retrieve_listener"]
 
 log = logging.getLogger("dicomnet")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(frozen=True, slots=True)
+class AssociationRequest:
+    """An A-ASSOCIATE-RQ awaiting the `on_association` handler's verdict."""
+
+    pdu: AAssociateRQ
+    peer_host: str
+    peer_port: int
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.pdu.calling_ae_title
+
+    @property
+    def called_ae_title(self) -> str:
+        return self.pdu.called_ae_title
+
+    @property
+    def user_identity(self) -> UserIdentityRQ | None:
+        return self.pdu.user_information.user_identity_rq
+
+    @property
+    def implementation_class_uid(self) -> str | None:
+        return self.pdu.user_information.implementation_class_uid
+
+    @property
+    def implementation_version_name(self) -> str | None:
+        return self.pdu.user_information.implementation_version_name
+
+
 class AE:
     """A DICOM application entity: its title, what it supports, and its handlers.
 
-    As acceptor (`serve()`), it supports Verification always and every storage SOP
-    class pydicom knows, in every transfer syntax, once an `on_store` handler is set
-    (or exactly `contexts` when given). `max_associations` refuses associations past
-    that many with rejected-transient / local-limit-exceeded (PS3.8 Table 9-21);
+    As acceptor (`serve()`), it supports Verification always, and what each service
+    negotiates for the handlers set: every storage SOP class pydicom knows, in every
+    transfer syntax, once `on_store` is set; the query/retrieve models of
+    `query_models` for `on_find` / `on_move` / `on_get`; the SOP classes of the DIMSE-N
+    handlers. Exactly `contexts`, when given. `max_associations` refuses associations
+    past that many with rejected-transient / local-limit-exceeded (PS3.8 Table 9-21);
     `allowed_calling_ae_titles` refuses others with calling-AE-title-not-recognized.
+    `async_operations_window`: (invoked, performed), the most operations this AE
+    invokes and performs at once on one association when the requestor proposes a
+    window (PS3.7 §D.3.3.3; 0 is unlimited).
     """
 
     def __init__(
@@ -72,6 +110,7 @@ class AE:
         fsync: bool = True,
         peers: dict[str, tuple[str, int]] | None = None,
         query_models: Iterable[str] = ("patient", "study", "mwl"),
+        async_operations_window: tuple[int, int] = (1, 1),
     ) -> None:
         if not 0 < len(ae_title.strip()) <= 16:
             raise ValueError("an AE title has 1 to 16 characters")
@@ -96,9 +135,12 @@ class AE:
         self.peers = dict(peers or {})
         # The information models accepted for C-FIND/C-MOVE/C-GET when handlers are set.
         self.query_models = tuple(query_models)
+        self.async_operations_window = async_operations_window
         # SOP Class Extended Negotiation answers (PS3.7 §D.3.3.5): SOP class -> info bytes.
         self.sop_class_extended: dict[str, bytes] = {}
-        self.handlers = Handlers(move_destination=self.peers.get)
+        self.handlers = Handlers()
+        self.handlers.peer_address = lambda aet: self.peers.get(aet.strip())
+        self.handlers.connect = connect
         self._on_association: Callable[[AssociationRequest], Any] | None = None
         self._negotiation_cache: (
             tuple[object, dict[str, PresentationContext], ContextAnswers] | None
@@ -117,32 +159,72 @@ class AE:
 
     def on_echo(self, handler: F) -> F:
         """`async def h(request: EchoRequest) -> status` (default: success)."""
-        self.handlers.on_echo = handler
+        self.handlers.set(ON_ECHO, handler)
         return handler
 
     def on_store(self, handler: F) -> F:
         """`async def h(request: StoreRequest) -> status` (or `(status, error_comment)`)."""
-        self.handlers.on_store = handler
+        self.handlers.set(ON_STORE, handler)
         return handler
 
     def on_find(self, handler: F) -> F:
         """`async def h(request: FindRequest)`, an async generator: each yield (a Dataset,
         or `(dataset, pending_status)`) is one pending C-FIND response."""
-        self.handlers.on_find = handler
+        self.handlers.set(ON_FIND, handler)
         return handler
 
     def on_move(self, handler: F) -> F:
         """`async def h(request: RetrieveRequest)`, an async generator yielding the
         instances (Datasets or Part-10 paths) to send to `request.destination`, which
-        is resolved with `peers` (or `handlers.move_destination`)."""
-        self.handlers.on_move = handler
+        is resolved with `peers`."""
+        self.handlers.set(ON_MOVE, handler)
         return handler
 
     def on_get(self, handler: F) -> F:
         """`async def h(request: RetrieveRequest)`, an async generator yielding the
         instances to send back over the same association."""
-        self.handlers.on_get = handler
+        self.handlers.set(ON_GET, handler)
         return handler
+
+    def _on_n(self, operation: str, sop_classes: tuple[str, ...]) -> Callable[[F], F]:
+        if not sop_classes:
+            raise TypeError(f"{operation} handlers are registered for one or more SOP classes")
+
+        def register(handler: F) -> F:
+            for sop_class in sop_classes:
+                self.handlers.set(handler_key(operation, sop_class), handler)
+            return handler
+
+        return register
+
+    def on_n_event_report(self, *sop_classes: str) -> Callable[[F], F]:
+        """`async def h(request: NRequest)` for N-EVENT-REPORTs of these SOP classes
+        (PS3.7 §10.1.1), also on associations we requested (`AE.connect`)."""
+        return self._on_n(N_EVENT_REPORT, sop_classes)
+
+    def on_n_get(self, *sop_classes: str) -> Callable[[F], F]:
+        """`async def h(request: NRequest) -> (status, attributes)` (PS3.7 §10.1.2);
+        `request.attributes` is the Attribute Identifier List."""
+        return self._on_n(N_GET, sop_classes)
+
+    def on_n_set(self, *sop_classes: str) -> Callable[[F], F]:
+        """`async def h(request: NRequest) -> status` or `(status, attributes)`;
+        `request.dataset` is the Modification List (PS3.7 §10.1.3)."""
+        return self._on_n(N_SET, sop_classes)
+
+    def on_n_action(self, *sop_classes: str) -> Callable[[F], F]:
+        """`async def h(request: NRequest) -> status` or `(status, reply)`;
+        `request.action_type`, `request.dataset` (PS3.7 §10.1.4)."""
+        return self._on_n(N_ACTION, sop_classes)
+
+    def on_n_create(self, *sop_classes: str) -> Callable[[F], F]:
+        """`async def h(request: NRequest) -> status` or `(status, attributes)`;
+        `request.sop_instance_uid` is the requestor's or a new one (PS3.7 §10.1.5)."""
+        return self._on_n(N_CREATE, sop_classes)
+
+    def on_n_delete(self, *sop_classes: str) -> Callable[[F], F]:
+        """`async def h(request: NRequest) -> status` (PS3.7 §10.1.6)."""
+        return self._on_n(N_DELETE, sop_classes)
 
     # --- negotiation -----------------------------------------------------------------------
 
@@ -153,13 +235,9 @@ class AE:
     def _negotiation(self) -> tuple[dict[str, PresentationContext], ContextAnswers]:
         """The supported contexts and the answers given with them, built again only when
         the contexts, handlers or query models they come from change."""
-        handlers = self.handlers
         key = (
             tuple(self.contexts) if self.contexts is not None else None,
-            handlers.on_store is not None,
-            handlers.on_find is not None,
-            handlers.on_move is not None,
-            handlers.on_get is not None,
+            self.handlers.version,
             self.query_models,
         )
         if self._negotiation_cache is None or self._negotiation_cache[0] != key:
@@ -169,24 +247,9 @@ class AE:
     def _build_supported_contexts(self) -> dict[str, PresentationContext]:
         if self.contexts is not None:
             return {ctx.abstract_syntax: ctx for ctx in self.contexts}
-        every = all_transfer_syntaxes()
-        handlers = self.handlers
-        supported = {VERIFICATION: PresentationContext(VERIFICATION, every)}
-        models: list[str] = []
-        for handler, table in (
-            (handlers.on_find, FIND_MODELS),
-            (handlers.on_move, MOVE_MODELS),
-            (handlers.on_get, GET_MODELS),
-        ):
-            if handler is not None:
-                models += [uid for name, uid in table.items() if name in self.query_models]
-        for uid in models:
-            supported[uid] = PresentationContext(uid, DEFAULT_TRANSFER_SYNTAXES)
-        if handlers.on_store is not None or handlers.on_get is not None:
-            # C-GET sends its sub-operations back: the requestor may take the SCP role.
-            scu, scp = handlers.on_store is not None, handlers.on_get is not None
-            for uid in all_storage_sop_classes():
-                supported[uid] = PresentationContext(uid, every, scu_role=scu, scp_role=scp)
+        supported: dict[str, PresentationContext] = {}
+        for service in SERVICES:
+            merge_contexts(supported, service.contexts(self.handlers, self.query_models))
         return supported
 
     # --- SCU -------------------------------------------------------------------------------
@@ -200,20 +263,25 @@ class AE:
 
     @asynccontextmanager
     async def serve(
-        self, host: str = "127.0.0.1", port: int = 11112, *, reuse_port: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        *,
+        reuse_port: bool = False,
+        backend: NetworkBackend = TCP,
     ) -> AsyncIterator[Server]:
         """Listen and serve associations until the block ends (then stop and abort all).
 
         `reuse_port` sets SO_REUSEPORT, so several processes can serve one port.
+        `backend`: the network (default TCP; `dicomnet.testing.MemoryNetwork` in tests).
         """
-        server = Server(self)
+        server = Server(self, backend)
         async with anyio.create_task_group() as tg:
             server._task_group = tg
-            server._listener = await start_server(
+            server._listener = await backend.listen(
                 server._on_connection, host, port, reuse_port=reuse_port
             )
-            sockname = server._listener.sockets[0].getsockname()
-            server.host, server.port = str(sockname[0]), int(sockname[1])
+            server.host, server.port = server._listener.host, server._listener.port
             try:
                 yield server
             finally:
@@ -223,16 +291,16 @@ class AE:
 class Server:
     """A listening AE: `host`, `port`, `close()`, `wait_closed()`, `associations`."""
 
-    def __init__(self, ae: AE) -> None:
+    def __init__(self, ae: AE, backend: NetworkBackend = TCP) -> None:
         self.ae = ae
-        self._listener: asyncio.Server | None = None
+        self.backend = backend
+        self._listener: Listener | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._closed = asyncio.Event()
         self._reserved = 0
         self.associations: set[Association] = set()
         self.host = ""
         self.port = 0
-        self.clock: Callable[[], float] = time.monotonic
 
     async def close(self) -> None:
         """Stop listening and end every association (A-ABORT)."""
@@ -250,7 +318,7 @@ class Server:
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    def _on_connection(self, stream: DicomStream) -> None:
+    def _on_connection(self, stream: ByteStream) -> None:
         if self._closed.is_set() or self._task_group is None:
             stream.abort()
             return
@@ -271,22 +339,95 @@ class Server:
             return AAssociateRJ(1, 1, 7)  # permanent, user, called AE title not recognized
         return None
 
-    async def _handle_connection(self, stream: DicomStream) -> None:
+    async def _admit(
+        self, rq: AAssociateRQ, peer: tuple[str, int]
+    ) -> tuple[AAssociateRJ | None, bytes | None]:
+        """The `on_association` handler's verdict on a request the AE's own rules let
+        through: (rejection or None, the User Identity server response to send)."""
+        ae = self.ae
+        if ae._on_association is None:
+            return None, None
+        try:
+            with anyio.fail_after(ae.settings.artim_timeout):
+                verdict = await ae._on_association(AssociationRequest(rq, peer[0], peer[1]))
+        except Reject as refusal:
+            return AAssociateRJ(refusal.result, refusal.source, refusal.reason), None
+        except Exception:
+            log.exception("on_association handler failed; rejecting")
+            return AAssociateRJ(2, 1, 1), None
+        return None, verdict if isinstance(verdict, bytes) else None
+
+    async def _reject(
+        self, stream: ByteStream, ul: UpperLayer, rq: AAssociateRQ, rejection: AAssociateRJ
+    ) -> None:
+        peer = stream.remote_address
+        log.info(
+            "rejected association from %r (%s:%s): result %d source %d reason %d",
+            rq.calling_ae_title,
+            peer[0],
+            peer[1],
+            rejection.result,
+            rejection.source,
+            rejection.reason,
+        )
+        clock = self.backend.clock
+        await stream.send(ul.reject(rejection, clock()))
+        # Sta13: wait (ARTIM) for the peer to close the connection.
+        while not isinstance(await next_ul_event(stream, ul, clock), ConnectionClosed):
+            pass
+
+    def _accept(
+        self, stream: ByteStream, ul: UpperLayer, rq: AAssociateRQ, identity: bytes | None
+    ) -> tuple[Association, bytes]:
+        """Negotiate the association (PS3.8 §9.3.3, PS3.7 Annex D.3.3): the association
+        and the A-ASSOCIATE-AC to send."""
         ae = self.ae
         settings = ae.settings
+        extended = ExtendedResults(
+            AsyncOperationsWindowNegotiation(*ae.async_operations_window),
+            UserIdentityNegotiation(server_response=identity),
+            SOPClassExtendedNegotiations(supported=dict(ae.sop_class_extended)),
+        )
+        supported, answers = ae._negotiation()
+        negotiated = negotiate_as_acceptor(
+            rq,
+            supported,
+            answers=answers,
+            max_pdu_length=settings.max_pdu_length,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+            extensions=tuple(extended),
+        )
+        association = Association(
+            stream,
+            ul,
+            request=rq,
+            response=negotiated.response,
+            contexts=negotiated.contexts,
+            peer_max_pdu_length=negotiated.peer_max_pdu_length,
+            settings=settings,
+            services=_SERVICE_TABLE,
+            clock=self.backend.clock,
+            handlers=ae.handlers,
+            peer_address=stream.remote_address,
+            extended=extended,
+        )
+        return association, ul.accept(negotiated.response)
+
+    async def _handle_connection(self, stream: ByteStream) -> None:
+        settings = self.ae.settings
         peer = stream.remote_address
+        clock = self.backend.clock
         ul = UpperLayer(
             is_requestor=False,
             max_pdu_length=settings.max_pdu_length,
             artim_timeout=settings.artim_timeout,
             idle_timeout=settings.idle_timeout,
-            clock=self.clock,
         )
         reserved = False
-        identity_response: bytes | None = None
         try:
-            ul.connection_made()
-            event = await next_ul_event(stream, ul, self.clock)
+            ul.connection_made(clock())
+            event = await next_ul_event(stream, ul, clock)
             if not isinstance(event, AssociateRequested):
                 return
             rq = event.request
@@ -297,87 +438,17 @@ class Server:
                 rq.calling_ae_title,
                 rq.called_ae_title,
             )
-            rejection = self._verdict(rq)
+            rejection, identity = self._verdict(rq), None
             if rejection is None:
                 self._reserved += 1
                 reserved = True
-                if ae._on_association is not None:
-                    try:
-                        with anyio.fail_after(settings.artim_timeout):
-                            verdict = await ae._on_association(
-                                AssociationRequest(rq, peer[0], peer[1])
-                            )
-                        if isinstance(verdict, bytes):
-                            identity_response = verdict
-                    except Reject as refusal:
-                        rejection = AAssociateRJ(refusal.result, refusal.source, refusal.reason)
-                    except Exception:
-                        log.exception("on_association handler failed; rejecting")
-                        rejection = AAssociateRJ(2, 1, 1)
+                rejection, identity = await self._admit(rq, peer)
             if rejection is not None:
-                log.info(
-                    "rejected association from %r (%s:%s): result %d source %d reason %d",
-                    rq.calling_ae_title,
-                    peer[0],
-                    peer[1],
-                    rejection.result,
-                    rejection.source,
-                    rejection.reason,
-                )
-                await stream.send(ul.reject(rejection))
-                # Sta13: wait (ARTIM) for the peer to close the connection.
-                while not isinstance(await next_ul_event(stream, ul, self.clock), ConnectionClosed):
-                    pass
+                await self._reject(stream, ul, rq, rejection)
                 return
-            extended = ExtendedResults(
-                AsyncOperationsWindowNegotiation(1, 1),
-                UserIdentityNegotiation(server_response=identity_response),
-                SOPClassExtendedNegotiations(supported=dict(ae.sop_class_extended)),
-            )
-            supported, answers = ae._negotiation()
-            negotiated = negotiate_as_acceptor(
-                rq,
-                supported,
-                answers=answers,
-                max_pdu_length=settings.max_pdu_length,
-                implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-                implementation_version_name=IMPLEMENTATION_VERSION_NAME,
-                extensions=tuple(extended),
-            )
-            await stream.send(ul.accept(negotiated.response))
-            association = Association(
-                stream,
-                ul,
-                request=rq,
-                response=negotiated.response,
-                contexts=negotiated.contexts,
-                peer_max_pdu_length=negotiated.peer_max_pdu_length,
-                settings=settings,
-                handlers=ae.handlers,
-                peer_address=peer,
-                clock=self.clock,
-                extended=extended,
-            )
-            self.associations.add(association)
-            log.info(
-                "association from %r (%s:%s) accepted with %d of %d presentation contexts",
-                rq.calling_ae_title,
-                peer[0],
-                peer[1],
-                len(negotiated.contexts),
-                len(rq.presentation_contexts),
-            )
-            try:
-                await association.run()
-            finally:
-                self.associations.discard(association)
-                log.info(
-                    "association from %r (%s:%s) ended: %s",
-                    rq.calling_ae_title,
-                    peer[0],
-                    peer[1],
-                    association.outcome,
-                )
+            association, accept = self._accept(stream, ul, rq, identity)
+            await stream.send(accept)
+            await self._run(association, len(rq.presentation_contexts))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             log.debug("connection from %s:%s lost: %s", peer[0], peer[1], exc)
         except Exception:
@@ -386,3 +457,45 @@ class Server:
             if reserved:
                 self._reserved -= 1
             stream.close()
+
+    async def _run(self, association: Association, proposed: int) -> None:
+        peer = association.peer_address
+        self.associations.add(association)
+        log.info(
+            "association from %r (%s:%s) accepted with %d of %d presentation contexts",
+            association.peer_ae_title,
+            peer[0],
+            peer[1],
+            len(association.contexts),
+            proposed,
+        )
+        try:
+            await association.run()
+        finally:
+            self.associations.discard(association)
+            log.info(
+                "association from %r (%s:%s) ended: %s",
+                association.peer_ae_title,
+                peer[0],
+                peer[1],
+                association.outcome,
+            )
+
+
+_SERVICE_TABLE = service_table()
+
+
+@asynccontextmanager
+async def retrieve_listener(
+    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
+) -> AsyncIterator[RetrieveListener]:
+    """Serve a storage SCP under `ae_title` for `Association.retrieve(..., listener=)`.
+
+    The peer must know `ae_title` as a move destination at this host and port.
+    """
+    listener = RetrieveListener(ae_title)
+    ae = AE(ae_title)
+    ae.on_store(listener._on_store)
+    async with ae.serve(host, port, backend=backend) as server:
+        listener.host, listener.port = server.host, server.port
+        yield listener

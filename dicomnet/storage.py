@@ -23,6 +23,7 @@ import struct
 import tempfile
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -188,14 +189,26 @@ def _fsync_directory_now(directory: Path) -> None:
 
 
 _temp_names = itertools.count()
-_known_folders: set[str] = set()
 
 
-def _ensure_folder(folder: str) -> None:
-    if folder not in _known_folders:
-        os.makedirs(folder or ".", exist_ok=True)
-        if len(_known_folders) < 10_000:
-            _known_folders.add(folder)
+def _make_folder(folder: str, fsync: bool) -> None:
+    """Create `folder` (and its parents); with `fsync`, make its entry durable too."""
+    os.makedirs(folder, exist_ok=True)
+    if fsync:
+        _fsync_directory(Path(folder).parent)
+
+
+def _with_folder(folder: str, fsync: bool, write: Callable[[], None]) -> None:
+    """Run `write`; if `folder` does not exist (never made, or deleted while serving),
+    create it and run `write` again. Nothing is remembered between calls: the happy path
+    costs no system call of its own."""
+    try:
+        write()
+    except FileNotFoundError:
+        if not folder or os.path.isdir(folder):
+            raise
+        _make_folder(folder, fsync)
+        write()
 
 
 # At most this many buffers per gathering write (POSIX guarantees IOV_MAX >= 16).
@@ -238,8 +251,14 @@ def write_atomic(
     # Plain strings here: this runs once per stored instance, and pathlib costs more
     # than the system calls around it.
     path = os.fspath(path)
+    folder = os.path.dirname(path)
+    _with_folder(folder, fsync, lambda: _write_file(path, chunks, fsync))
+    if fsync:
+        _fsync_directory(Path(folder or "."))
+
+
+def _write_file(path: str, chunks: list[bytes | memoryview], fsync: bool) -> None:
     folder, name = os.path.split(path)
-    _ensure_folder(folder)
     if not (_unnamed_files and _write_unnamed_then_link(path, folder or ".", chunks, fsync)):
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.{next(_temp_names)}.part")
         # O_EXCL: never write into someone else's file; mode 0o666 less the umask.
@@ -256,8 +275,6 @@ def write_atomic(
         except BaseException:
             _unlink_quietly(tmp)
             raise
-    if fsync:
-        _fsync_directory(Path(folder or "."))
 
 
 def _write_unnamed_then_link(
@@ -404,13 +421,15 @@ class Spool:
         if self._memory is not None:
             write_atomic(path, [self.header, *self._memory], fsync)
             return path
-        _ensure_folder(os.path.dirname(path))
         assert self._path is not None and self._file is not None
         self._file.flush()
         if fsync:
             os.fsync(self._file.fileno())
+        spooled = self._path
         try:
-            os.replace(self._path, path)
+            _with_folder(os.path.dirname(path), fsync, lambda: os.replace(spooled, path))
+        except FileNotFoundError:
+            raise
         except OSError:
             # Another file system: copy through a temp file next to the target.
             with open(self._path, "rb") as src:

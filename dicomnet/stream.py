@@ -1,4 +1,11 @@
-"""A lean TCP byte stream on asyncio's Protocol API, for the association shell.
+"""The network under the association shell: a small backend seam and its TCP backend.
+
+`NetworkBackend` is what the shell needs from a network: `connect()` and `listen()`
+giving `ByteStream`s, and the monotonic `clock()` its deadlines are read on. The TCP
+backend here is the default; `dicomnet.testing.MemoryNetwork` is an in-memory one on a
+fake clock, so associations are tested without sockets or sleeps.
+
+The TCP stream is a lean byte stream on asyncio's Protocol API.
 
 Each association reads through one `DicomStream`: data arrives in `data_received`
 callbacks and is handed to the single reader without extra event-loop round trips,
@@ -14,13 +21,80 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import anyio
 
-__all__ = ["DicomStream", "open_connection", "start_server"]
+__all__ = [
+    "TCP",
+    "ByteStream",
+    "DicomStream",
+    "Listener",
+    "NetworkBackend",
+    "TCPBackend",
+    "open_connection",
+    "start_server",
+]
+
+
+class ByteStream(Protocol):
+    """One connection as the shell uses it."""
+
+    remote_address: tuple[str, int]
+    local_address: tuple[str, int]
+
+    async def receive(self, max_bytes: int = ..., timeout: float | None = None) -> bytes | None:
+        """Received bytes; b"" once the peer closed; None when `timeout` seconds passed
+        (or sooner: the caller checks its deadlines against its clock)."""
+        ...
+
+    async def send(self, data: bytes | bytearray) -> None:
+        """Write `data` (raise `anyio.BrokenResourceError` once closed)."""
+        ...
+
+    def reschedule(self, timeout: float) -> None:
+        """Make a pending `receive()` give up after `timeout` seconds if that is sooner."""
+        ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent data."""
+        ...
+
+
+class Listener(Protocol):
+    """A listening endpoint: where it listens, and how it stops."""
+
+    host: str
+    port: int
+
+    def close(self) -> None: ...
+
+
+class NetworkBackend(Protocol):
+    """Connections and the clock they run on (the seam under the shell)."""
+
+    def clock(self) -> float:
+        """Monotonic seconds: the time every deadline of an association is on."""
+        ...
+
+    async def connect(self, host: str, port: int) -> ByteStream: ...
+
+    async def listen(
+        self,
+        on_connection: Callable[[ByteStream], Any],
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+    ) -> Listener:
+        """Listen; `on_connection(stream)` is called (synchronously) for each connection."""
+        ...
+
 
 # Stop reading from the socket when this much received data is waiting to be parsed.
 HIGH_WATER = 4 << 20
@@ -257,3 +331,37 @@ async def start_server(
     return await loop.create_server(
         factory, host, port, reuse_port=reuse_port or None, backlog=backlog
     )
+
+
+class _TCPListener:
+    def __init__(self, server: asyncio.Server) -> None:
+        self._server = server
+        sockname = server.sockets[0].getsockname()
+        self.host, self.port = str(sockname[0]), int(sockname[1])
+
+    def close(self) -> None:
+        self._server.close()
+
+
+class TCPBackend:
+    """TCP over asyncio (or uvloop), on `time.monotonic`."""
+
+    @staticmethod
+    def clock() -> float:
+        return time.monotonic()
+
+    async def connect(self, host: str, port: int) -> ByteStream:
+        return await open_connection(host, port)
+
+    async def listen(
+        self,
+        on_connection: Callable[[ByteStream], Any],
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+    ) -> Listener:
+        return _TCPListener(await start_server(on_connection, host, port, reuse_port=reuse_port))
+
+
+TCP = TCPBackend()

@@ -1,14 +1,24 @@
-"""What tests (ours and our users') need: a fake clock, PDU builders, an in-memory peer pair.
+"""What tests (ours and our users') need: a fake clock, PDU builders, in-memory peers.
 
-Sans-IO like the layers it serves: nothing here opens a socket or needs an event
-loop. `UpperLayerPair` joins a requestor and an acceptor `UpperLayer` (PS3.8 §9.2)
-back to back, as if through one TCP connection, on one shared `FakeClock`.
+`UpperLayerPair` joins a requestor and an acceptor `UpperLayer` (PS3.8 §9.2) back to
+back, as if through one TCP connection, on one shared `FakeClock`: sans-IO, no event
+loop. `MemoryNetwork` is a network backend for whole associations without sockets:
+`ae.serve(..., backend=net)` and `dicomnet.connect(..., backend=net)` meet in memory,
+and every deadline (ARTIM, DIMSE, idle) runs on the network's `FakeClock`, which moves
+only when the test advances it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import asyncio
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
 
 from dicomnet.proto.pdu import (
     APPLICATION_CONTEXT_NAME,
@@ -35,6 +45,8 @@ __all__ = [
     "VERIFICATION_SOP_CLASS",
     "Exchange",
     "FakeClock",
+    "MemoryNetwork",
+    "MemoryStream",
     "UpperLayerPair",
     "build_abort",
     "build_associate_ac",
@@ -55,20 +67,51 @@ DEFAULT_MAX_LENGTH = 16384
 
 
 class FakeClock:
-    """A monotonic clock that moves only when told to: pass it as `UpperLayer(clock=...)`."""
+    """A monotonic clock that moves only when told to.
+
+    Pass it where a clock is asked for (`UpperLayerPair`, `MemoryNetwork`). Timers set
+    with `call_at` run when `advance` passes their time (in time order)."""
 
     def __init__(self, start: float = 0.0) -> None:
         self.now = float(start)
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._order = itertools.count()
 
     def __call__(self) -> float:
         return self.now
 
     def advance(self, seconds: float) -> float:
-        """Move time forward by `seconds` (never backwards) and return the new time."""
+        """Move time forward by `seconds` (never backwards), run the timers now due, and
+        return the new time."""
         if seconds < 0:
             raise ValueError("a monotonic clock cannot go backwards")
         self.now += seconds
+        while self._timers and self._timers[0][0] <= self.now:
+            _, _, timer = heapq.heappop(self._timers)
+            timer.fire()
         return self.now
+
+    def call_at(self, when: float, callback: Callable[[], Any]) -> _Timer:
+        """Run `callback` once the clock reaches `when`; `.cancel()` the returned timer
+        to drop it."""
+        timer = _Timer(callback)
+        heapq.heappush(self._timers, (when, next(self._order), timer))
+        return timer
+
+
+class _Timer:
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[], Any]) -> None:
+        self._callback: Callable[[], Any] | None = callback
+
+    def cancel(self) -> None:
+        self._callback = None
+
+    def fire(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 # --- PDU builders ----------------------------------------------------------------------------
@@ -234,14 +277,12 @@ class UpperLayerPair:
             max_pdu_length=requestor_max_pdu_length,
             artim_timeout=artim_timeout,
             idle_timeout=idle_timeout,
-            clock=self.clock,
         )
         self.acceptor = UpperLayer(
             is_requestor=False,
             max_pdu_length=acceptor_max_pdu_length,
             artim_timeout=artim_timeout,
             idle_timeout=idle_timeout,
-            clock=self.clock,
         )
         self.propagate_close = propagate_close
         self.connected = False
@@ -271,8 +312,8 @@ class UpperLayerPair:
         """A-ASSOCIATE request (Evt1), then the transport connection opens on both sides
         (Evt2 for the requestor, Evt5 for the acceptor), then `pump()`."""
         self.requestor.request_association(request if request is not None else build_associate_rq())
-        self.acceptor.connection_made()
-        self._to_acceptor += self.requestor.connection_made()
+        self.acceptor.connection_made(self.clock())
+        self._to_acceptor += self.requestor.connection_made(self.clock())
         self.connected = True
         return self.pump()
 
@@ -298,7 +339,7 @@ class UpperLayerPair:
                 deadline = machine.get_timer()
                 if deadline is None or deadline > self.clock():
                     break
-                machine.handle_timer()
+                machine.handle_timer(self.clock())
         return self.pump()
 
     def pump(self, max_rounds: int = 1000) -> Exchange:
@@ -315,13 +356,13 @@ class UpperLayerPair:
                 data = bytes(self._to_acceptor)
                 self._to_acceptor.clear()
                 exchange.to_acceptor += data
-                self.acceptor.receive_data(data)
+                self.acceptor.receive_data(data, self.clock())
                 moved = True
             if self._to_requestor:
                 data = bytes(self._to_requestor)
                 self._to_requestor.clear()
                 exchange.to_requestor += data
-                self.requestor.receive_data(data)
+                self.requestor.receive_data(data, self.clock())
                 moved = True
             closed_by_requestor = self._drain(self.requestor, exchange.requestor)
             closed_by_acceptor = self._drain(self.acceptor, exchange.acceptor)
@@ -359,8 +400,141 @@ class UpperLayerPair:
             pending, peer, events = self._to_requestor, self.requestor, exchange.requestor
             exchange.to_requestor += bytes(pending)
         if pending:
-            peer.receive_data(bytes(pending))
+            peer.receive_data(bytes(pending), self.clock())
             pending.clear()
         self._drain(peer, events)
-        peer.receive_data(b"")
+        peer.receive_data(b"", self.clock())
         self._drain(peer, events)
+
+
+# --- an in-memory network --------------------------------------------------------------------
+
+
+class MemoryStream:
+    """One end of an in-memory connection (a `dicomnet.stream.ByteStream`)."""
+
+    def __init__(self, clock: FakeClock, local: tuple[str, int], remote: tuple[str, int]) -> None:
+        self._clock = clock
+        self.local_address = local
+        self.remote_address = remote
+        self.peer: MemoryStream | None = None
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: _Timer | None = None
+        self.sent = 0  # bytes written, for tests
+
+    def _feed(self, data: bytes) -> None:
+        if not self._eof:
+            self._chunks.append(data)
+            self._wake()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def receive(self, max_bytes: int = 1 << 18, timeout: float | None = None) -> bytes | None:
+        if not self._chunks and not self._eof:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            if timeout is not None:
+                self.reschedule(timeout)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+            if not self._chunks and not self._eof:
+                return None
+        if not self._chunks:
+            return b""
+        chunk = self._chunks.popleft()
+        if len(chunk) > max_bytes:
+            self._chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        return chunk
+
+    def reschedule(self, timeout: float) -> None:
+        if self._waiter is None or self._waiter.done():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._clock.call_at(self._clock.now + max(0.0, timeout), self._wake)
+
+    async def send(self, data: bytes | bytearray) -> None:
+        if self._closed or self.peer is None:
+            raise anyio.BrokenResourceError("the connection is closed")
+        self.sent += len(data)
+        self.peer._feed(bytes(data))
+        await asyncio.sleep(0)  # as a socket write would, let the loop run
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._eof = True
+            self._wake()
+            if self.peer is not None:
+                self.peer._feed_eof()
+
+    def abort(self) -> None:
+        self.close()
+
+
+class _MemoryListener:
+    def __init__(self, network: MemoryNetwork, host: str, port: int) -> None:
+        self._network = network
+        self.host, self.port = host, port
+
+    def close(self) -> None:
+        self._network._listeners.pop((self.host, self.port), None)
+
+
+class MemoryNetwork:
+    """A network backend in memory, on a `FakeClock`: pass it as `backend=` to
+    `AE.serve()` and `dicomnet.connect()`. A connection to an address nobody listens on
+    is refused; `streams` holds every connection's two ends, for inspection."""
+
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.fake_clock = clock if clock is not None else FakeClock()
+        self._listeners: dict[tuple[str, int], Callable[[Any], Any]] = {}
+        self._ports = itertools.count(40000)
+        self.streams: list[tuple[MemoryStream, MemoryStream]] = []
+
+    def clock(self) -> float:
+        return self.fake_clock.now
+
+    async def connect(self, host: str, port: int) -> MemoryStream:
+        on_connection = self._listeners.get((host, port))
+        if on_connection is None:
+            raise ConnectionRefusedError(111, f"nothing listens on {host}:{port}")
+        local = ("memory-client", next(self._ports))
+        ours = MemoryStream(self.fake_clock, local, (host, port))
+        theirs = MemoryStream(self.fake_clock, (host, port), local)
+        ours.peer, theirs.peer = theirs, ours
+        self.streams.append((ours, theirs))
+        on_connection(theirs)
+        await asyncio.sleep(0)
+        return ours
+
+    async def listen(
+        self,
+        on_connection: Callable[[Any], Any],
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+    ) -> _MemoryListener:
+        if port == 0:
+            port = next(self._ports)
+        if (host, port) in self._listeners:
+            raise OSError(98, f"{host}:{port} is in use")
+        self._listeners[(host, port)] = on_connection
+        return _MemoryListener(self, host, port)

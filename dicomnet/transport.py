@@ -1,4 +1,4 @@
-"""Driving an `UpperLayer` over a `DicomStream` during association set-up."""
+"""Driving an `UpperLayer` over a `ByteStream` during association set-up."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import anyio
 
 from dicomnet.proto.fsm import State
 from dicomnet.proto.ul import NEED_DATA, ConnectionClosed, ULEvent, UpperLayer
-from dicomnet.stream import DicomStream
+from dicomnet.stream import ByteStream
 
 __all__ = ["next_ul_event"]
 
 
-async def next_ul_event(stream: DicomStream, ul: UpperLayer, clock: Callable[[], float]) -> ULEvent:
+async def next_ul_event(stream: ByteStream, ul: UpperLayer, clock: Callable[[], float]) -> ULEvent:
     """Receive until the Upper Layer has an event; write what it produces; run its timers.
 
     Returns `ConnectionClosed` once the machine is back in Sta1.
@@ -34,6 +34,6 @@ async def next_ul_event(stream: DicomStream, ul: UpperLayer, clock: Callable[[],
         timeout = None if deadline is None else max(0.0, deadline - clock())
         data = await stream.receive(65536, timeout)
         if data is None:
-            ul.handle_timer()
+            ul.handle_timer(clock())
         else:
-            ul.receive_data(data)
+            ul.receive_data(data, clock())

@@ -26,8 +26,6 @@ from dicomnet.proto.dimse import (
     DatasetFragment,
     DimseMessage,
     MessageAssembler,
-    MessageIDs,
-    OutstandingRequests,
     decode_command,
     encode_command,
     encode_command_pdus,
@@ -35,7 +33,6 @@ from dicomnet.proto.dimse import (
     fragment,
 )
 from dicomnet.proto.pdu import PDataTF, PresentationDataValue, decode_pdu_bytes, parse_pdu_header
-from dicomnet.testing import FakeClock
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -433,91 +430,3 @@ def test_garbage_command_pdvs_raise_only_protocol_error(raw: bytes, pieces: int)
             assembler.feed(pdv(1, True, index == len(chunks) - 1, chunk))
     except ProtocolError:
         pass
-
-
-# --- message IDs -----------------------------------------------------------------------------
-
-
-def test_message_ids_count_up_and_wrap_to_one() -> None:
-    ids = MessageIDs()
-    assert [ids.allocate() for _ in range(3)] == [1, 2, 3]
-    ids.release(2)
-    assert ids.allocate() == 4  # counts on, does not reuse at once
-    for n in (1, 3, 4):
-        ids.release(n)
-    for expected in range(5, 0xFFFF):
-        assert ids.allocate() == expected
-        ids.release(expected)
-    assert [ids.allocate(), ids.allocate(), ids.allocate()] == [0xFFFF, 1, 2]
-
-
-def test_message_ids_skip_outstanding_ones_and_run_out() -> None:
-    ids = MessageIDs()
-    allocated = [ids.allocate() for _ in range(0xFFFF)]
-    assert allocated == list(range(1, 0x10000))
-    with pytest.raises(RuntimeError):
-        ids.allocate()
-    ids.release(3)
-    ids.release(4242)
-    assert ids.allocate() == 3  # wrapped: 1 and 2 are still outstanding
-    assert ids.allocate() == 4242
-    ids.release(0xFFFF)
-    assert ids.allocate() == 0xFFFF
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.just(None), st.integers(0, 50)), max_size=200))
-def test_message_ids_unique_among_outstanding(operations: list[int | None]) -> None:
-    ids = MessageIDs()
-    held: list[int] = []
-    for op in operations:
-        if op is None or not held:
-            new = ids.allocate()
-            assert 1 <= new <= 0xFFFF
-            assert new not in held
-            held.append(new)
-        else:
-            ids.release(held.pop(op % len(held)))
-        assert ids.outstanding == set(held)
-
-
-# --- DIMSE deadlines -------------------------------------------------------------------------
-
-
-def test_outstanding_request_deadlines() -> None:
-    clock = FakeClock(100.0)
-    requests = OutstandingRequests(timeout=5.0, clock=clock)
-    assert requests.get_timer() is None and requests.expired() == []
-    requests.started(1)
-    clock.advance(2.0)
-    requests.started(2)
-    assert requests.get_timer() == 105.0
-    clock.advance(2.0)  # t = 104: a pending response restarts request 1's deadline
-    requests.responded(1, final=False)
-    assert requests.get_timer() == 107.0  # request 2: 102 + 5
-    clock.now = 107.0
-    assert requests.expired() == [2]
-    requests.responded(2, final=True)
-    assert requests.get_timer() == 109.0
-    clock.now = 108.999
-    assert requests.expired() == []
-    clock.now = 109.0
-    assert requests.expired() == [1]
-    requests.responded(1, final=True)
-    assert requests.get_timer() is None and requests.expired() == []
-
-
-def test_outstanding_requests_without_timeout() -> None:
-    clock = FakeClock()
-    requests = OutstandingRequests(timeout=None, clock=clock)
-    requests.started(1)
-    requests.responded(1, final=False)
-    clock.advance(1e9)
-    assert requests.get_timer() is None and requests.expired() == []
-
-
-def test_response_to_an_unknown_request_is_harmless() -> None:
-    requests = OutstandingRequests(timeout=1.0, clock=FakeClock())
-    requests.responded(99, final=False)
-    requests.responded(99, final=True)
-    assert requests.get_timer() is None

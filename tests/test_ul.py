@@ -113,9 +113,44 @@ STATE_ROLES: dict[State, tuple[bool, ...]] = {
 STA13_ROUTES = ("abort", "release", "provider-abort", "reject")
 
 
+class Clocked(UpperLayer):
+    """An `UpperLayer` whose calls take their `now` from a fake clock when not given
+    one: the tables below walk states and events, the time tests move the clock."""
+
+    def __init__(self, clock: FakeClock, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.clock = clock
+
+    def _at(self, now: float | None) -> float:
+        return self.clock() if now is None else now
+
+    def connection_made(self, now: float | None = None) -> bytes:
+        return super().connection_made(self._at(now))
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float | None = None) -> None:
+        super().receive_data(data, self._at(now))
+
+    def handle_timer(self, now: float | None = None) -> None:
+        super().handle_timer(self._at(now))
+
+    def reject(self, response: AAssociateRJ, now: float | None = None) -> bytes:
+        return super().reject(response, self._at(now))
+
+    def release(self, now: float | None = None) -> bytes:
+        return super().release(self._at(now))
+
+    def release_response(self, now: float | None = None) -> bytes:
+        return super().release_response(self._at(now))
+
+    def abort(self, now: float | str | None = None, error: str = "") -> bytes:  # type: ignore[override]
+        if isinstance(now, str):
+            return super().abort(self.clock(), now)
+        return super().abort(self._at(now), error)
+
+
 @dataclass
 class Driven:
-    ul: UpperLayer
+    ul: Clocked
     clock: FakeClock
 
 
@@ -123,7 +158,7 @@ def make(is_requestor: bool, **kwargs: object) -> Driven:
     clock = FakeClock(1000.0)
     options: dict[str, object] = {"max_pdu_length": MAX_PDU, "artim_timeout": ARTIM}
     options.update(kwargs)
-    return Driven(UpperLayer(is_requestor=is_requestor, clock=clock, **options), clock)  # type: ignore[arg-type]
+    return Driven(Clocked(clock, is_requestor=is_requestor, **options), clock)
 
 
 def _established(d: Driven) -> None:
@@ -854,14 +889,14 @@ def test_association_data_release() -> None:
     assert len(received) > len(dataset) // MAX_PDU
     assert b"".join(bytes(v.data) for e in received[1:] for v in e.pdu.values) == dataset
 
-    exchange = pair.from_requestor(pair.requestor.release())
+    exchange = pair.from_requestor(pair.requestor.release(pair.clock()))
     assert exchange.acceptor == [ReleaseRequested()]
     assert pair.requestor.state == State.STA7 and pair.acceptor.state == State.STA8
     # the acceptor may still send data before answering (Sta8, AR-7; Sta7, AR-6)
     pair.acceptor.check_send_data()
     exchange = pair.from_acceptor(PDATA.encode())
     assert exchange.requestor == [DataReceived(PDATA)]
-    exchange = pair.from_acceptor(pair.acceptor.release_response())
+    exchange = pair.from_acceptor(pair.acceptor.release_response(pair.clock()))
     assert exchange.requestor == [ReleaseConfirmed(), ConnectionClosed()]
     assert exchange.acceptor == [ConnectionClosed()]  # Evt17 in Sta13: AR-5
     assert pair.requestor.state == pair.acceptor.state == State.STA1
@@ -871,8 +906,8 @@ def test_association_data_release() -> None:
 def test_release_collision_between_a_pair() -> None:
     pair = UpperLayerPair()
     pair.associate()
-    pair.send_to_acceptor(pair.requestor.release())
-    pair.send_to_requestor(pair.acceptor.release())
+    pair.send_to_acceptor(pair.requestor.release(pair.clock()))
+    pair.send_to_requestor(pair.acceptor.release(pair.clock()))
     exchange = pair.pump()
     assert exchange.requestor == [ReleaseRequested(collision=True)]
     assert exchange.acceptor == [ReleaseRequested(collision=True)]
@@ -880,11 +915,11 @@ def test_release_collision_between_a_pair() -> None:
     assert pair.acceptor.state == State.STA10
     # PS3.8 §9.2.5: the requestor answers first, then the acceptor.
     with pytest.raises(InvalidStateError):
-        pair.acceptor.release_response()
-    exchange = pair.from_requestor(pair.requestor.release_response())
+        pair.acceptor.release_response(pair.clock())
+    exchange = pair.from_requestor(pair.requestor.release_response(pair.clock()))
     assert exchange.acceptor == [ReleaseConfirmed()]
     assert pair.requestor.state == State.STA11 and pair.acceptor.state == State.STA12
-    exchange = pair.from_acceptor(pair.acceptor.release_response())
+    exchange = pair.from_acceptor(pair.acceptor.release_response(pair.clock()))
     assert exchange.requestor == [ReleaseConfirmed(), ConnectionClosed()]
     assert exchange.acceptor == [ConnectionClosed()]
     assert pair.requestor.state == pair.acceptor.state == State.STA1
@@ -895,10 +930,10 @@ def test_abort_between_a_pair(aborter: str) -> None:
     pair = UpperLayerPair()
     pair.associate()
     if aborter == "requestor":
-        exchange = pair.from_requestor(pair.requestor.abort("bye"))
+        exchange = pair.from_requestor(pair.requestor.abort(pair.clock(), "bye"))
         mine, theirs = exchange.requestor, exchange.acceptor
     else:
-        exchange = pair.from_acceptor(pair.acceptor.abort("bye"))
+        exchange = pair.from_acceptor(pair.acceptor.abort(pair.clock(), "bye"))
         mine, theirs = exchange.acceptor, exchange.requestor
     assert mine == [Aborted(0, 0, local=True, error="bye"), ConnectionClosed()]
     assert theirs == [Aborted(0, 0, local=False), ConnectionClosed()]
@@ -909,7 +944,7 @@ def test_rejection_between_a_pair() -> None:
     pair = UpperLayerPair()
     exchange = pair.connect(RQ)
     assert exchange.acceptor == [AssociateRequested(RQ)]
-    exchange = pair.from_acceptor(pair.acceptor.reject(build_associate_rj(2, 3, 1)))
+    exchange = pair.from_acceptor(pair.acceptor.reject(build_associate_rj(2, 3, 1), pair.clock()))
     assert exchange.requestor == [AssociateRejected(AAssociateRJ(2, 3, 1)), ConnectionClosed()]
     assert exchange.acceptor == [ConnectionClosed()]  # Evt17 in Sta13
     assert pair.requestor.state == pair.acceptor.state == State.STA1
@@ -937,7 +972,7 @@ def test_oversize_p_data_between_a_pair_is_aborted() -> None:
 
 def test_artim_on_a_pair_when_the_requestor_never_speaks() -> None:
     pair = UpperLayerPair(artim_timeout=5.0)
-    pair.acceptor.connection_made()
+    pair.acceptor.connection_made(pair.clock())
     assert pair.advance(4.9).acceptor == []
     assert pair.advance(0.1).acceptor == [ConnectionClosed()]
     assert pair.acceptor.state == State.STA1
@@ -960,7 +995,7 @@ def test_unanswered_associate_rq_on_a_pair() -> None:
 def test_unanswered_release_on_a_pair_without_close_propagation() -> None:
     pair = UpperLayerPair(artim_timeout=5.0, propagate_close=False)
     pair.associate()
-    exchange = pair.from_requestor(pair.requestor.release())
+    exchange = pair.from_requestor(pair.requestor.release(pair.clock()))
     assert exchange.acceptor == [ReleaseRequested()]
     exchange = pair.advance(5.0)  # the acceptor never answers
     assert isinstance(exchange.requestor[0], Aborted)
@@ -1011,3 +1046,13 @@ def test_a_whole_p_data_over_the_maximum_length_still_aborts() -> None:
     (event,) = feed(d.ul, too_long.encode())
     assert isinstance(event, Aborted) and "exceeds the maximum" in (event.error or "")
     assert d.ul.state == State.STA13
+
+
+def test_time_is_only_what_the_calls_say() -> None:
+    ul = UpperLayer(is_requestor=False, artim_timeout=30.0)  # no clock of its own
+    ul.connection_made(500.0)  # Evt5, AE-5: ARTIM starts at the given time
+    assert ul.get_timer() == 530.0
+    ul.handle_timer(529.9)
+    assert ul.state == State.STA2
+    ul.handle_timer(530.0)  # Evt18 in Sta2: AA-2, closed
+    assert ul.state == State.STA1

@@ -470,7 +470,7 @@ def _describe(dataset: Any) -> str:
 
 
 def _qr_contexts(kind: str, model: str) -> list[PresentationContext]:
-    from dicomnet.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
+    from dicomnet.services.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
 
     table = {"find": FIND_MODELS, "move": MOVE_MODELS, "get": GET_MODELS}[kind]
     return [PresentationContext(table[model])]
@@ -531,7 +531,7 @@ async def _move(args: argparse.Namespace) -> int:
 def get_contexts(model: str) -> list[PresentationContext]:
     """The C-GET model plus storage contexts asking for the SCP role (PS3.7 §D.3.3.4)."""
     from dicomnet.proto.contexts import COMMON_STORAGE_SOP_CLASSES, all_storage_sop_classes
-    from dicomnet.qr import GET_MODELS
+    from dicomnet.services.qr import GET_MODELS
 
     receivable = (
         *UNCOMPRESSED_TRANSFER_SYNTAXES,
@@ -555,7 +555,8 @@ def get_contexts(model: str) -> list[PresentationContext]:
 
 
 async def _get(args: argparse.Namespace) -> int:
-    from dicomnet.qr import MOVE_MODELS, retrieve_listener
+    from dicomnet.server import retrieve_listener
+    from dicomnet.services.qr import MOVE_MODELS
     from dicomnet.storage import is_valid_uid
 
     query = _build_query(args.key)

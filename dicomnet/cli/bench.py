@@ -44,7 +44,6 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
-from dicomnet.association import Association
 from dicomnet.client import connect
 from dicomnet.errors import (
     ARTIMTimeout,
@@ -67,6 +66,7 @@ from dicomnet.proto.contexts import (
     PresentationContext,
     contexts_for_instances,
 )
+from dicomnet.services import Association
 from dicomnet.status import Status
 from dicomnet.storage import Part10File
 

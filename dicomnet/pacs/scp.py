@@ -24,9 +24,9 @@ import anyio.to_thread
 from pydicom.dataset import Dataset
 
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
-from dicomnet.qr import FindRequest, RetrieveRequest
 from dicomnet.server import AE, Server
-from dicomnet.service import StoreRequest
+from dicomnet.services.qr import FindRequest, RetrieveRequest
+from dicomnet.services.storage import StoreRequest
 from dicomnet.storage import is_valid_uid
 
 __all__ = ["StorageSCP"]

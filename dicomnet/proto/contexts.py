@@ -304,16 +304,22 @@ _Answers = tuple[
 ]
 
 
+_Proposal = tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]]
+
+
 class ContextAnswers:
-    """An acceptor's answers to recent proposals, by the identity of what was asked
-    (held here, so an id is not reused meanwhile). A repeated A-ASSOCIATE-RQ decodes to
-    the same objects (`dicomnet.proto.pdu.decode_pdu`), so it is answered without going
-    through its contexts again. Bounded: it starts afresh when full."""
+    """An acceptor's answers to recent proposals, by what was proposed (the presentation
+    contexts and role selections: UIDs only). A requestor that proposes the same contexts
+    each time it connects (a modality, a storescu with over a hundred of them) is
+    answered without going through its contexts again. Bounded: it starts afresh when
+    full."""
 
     LIMIT = 64
 
     def __init__(self) -> None:
-        self._known: dict[tuple[int, int], tuple[object, object, _Answers]] = {}
+        self._known: dict[
+            tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]], _Answers
+        ] = {}
 
     def answer(
         self,
@@ -321,14 +327,14 @@ class ContextAnswers:
         roles: tuple[RoleSelection, ...],
         supported: dict[str, PresentationContext],
     ) -> _Answers:
-        key = (id(proposed), id(roles))
+        key = (proposed, roles)
         known = self._known.get(key)
-        if known is not None and known[0] is proposed and known[1] is roles:
-            return known[2]
+        if known is not None:
+            return known
         answers = _answer_contexts(proposed, roles, supported)
         if len(self._known) >= self.LIMIT:
             self._known = {}
-        self._known[key] = (proposed, roles, answers)
+        self._known[key] = answers
         return answers
 
 

@@ -1,4 +1,4 @@
-"""DIMSE messages (PS3.7 §9, §10): command sets, P-DATA fragmentation, reassembly.
+"""DIMSE messages (PS3.7 §9.3, §10.3): command sets, P-DATA fragmentation, reassembly.
 
 Sans-IO. Command sets are always Implicit VR Little Endian with the Command Group
 Length (0000,0000) first (PS3.7 §6.3.1). A message travels as command PDVs then,
@@ -12,7 +12,7 @@ import functools
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast
 
 from dicomnet.errors import ProtocolError
 from dicomnet.proto.pdu import PDV_HEADER_LENGTH, PresentationDataValue, encode_pdata_header
@@ -34,8 +34,20 @@ __all__ = [
     "DatasetFragment",
     "DimseMessage",
     "MessageAssembler",
-    "MessageIDs",
-    "OutstandingRequests",
+    "NActionRQ",
+    "NActionRSP",
+    "NCreateRQ",
+    "NCreateRSP",
+    "NDeleteRQ",
+    "NDeleteRSP",
+    "NEventReportRQ",
+    "NEventReportRSP",
+    "NGetRQ",
+    "NGetRSP",
+    "NSetRQ",
+    "NSetRSP",
+    "UnrecognizedRQ",
+    "UnrecognizedRSP",
     "decode_command",
     "encode_command",
     "fragment",
@@ -93,6 +105,10 @@ _ATTRS: dict[str, str] = {
     "completed": "NumberOfCompletedSuboperations",
     "failed": "NumberOfFailedSuboperations",
     "warning": "NumberOfWarningSuboperations",
+    "event_type_id": "EventTypeID",
+    "action_type_id": "ActionTypeID",
+    "attribute_identifier_list": "AttributeIdentifierList",
+    "command_field": "CommandField",
 }
 
 _ELEMENT = struct.Struct("<HHI")
@@ -245,6 +261,192 @@ class CCancelRQ(_Message):
     is_request: ClassVar[bool] = True
 
 
+# --- DIMSE-N (PS3.7 §10.3): requests name the instance they address with Requested SOP
+# Class/Instance UID, but N-CREATE and N-EVENT-REPORT, whose instance is the one affected.
+
+
+@dataclass(frozen=True, slots=True)
+class NEventReportRQ(_Message):
+    """N-EVENT-REPORT-RQ (PS3.7 §10.3.1.1); Event Information is the optional data set."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str
+    event_type_id: int
+    command_field: ClassVar[int] = 0x0100
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class NEventReportRSP(_Message):
+    """N-EVENT-REPORT-RSP (PS3.7 §10.3.1.2); Event Reply is the optional data set."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    event_type_id: int | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    command_field: ClassVar[int] = 0x8100
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class NGetRQ(_Message):
+    """N-GET-RQ (PS3.7 §10.3.2.1): no data set; no Attribute Identifier List means all."""
+
+    message_id: int
+    requested_sop_class_uid: str
+    requested_sop_instance_uid: str
+    attribute_identifier_list: tuple[int, ...] | None = None
+    command_field: ClassVar[int] = 0x0110
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class NGetRSP(_Message):
+    """N-GET-RSP (PS3.7 §10.3.2.2); the Attribute List is the data set."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    attribute_identifier_list: tuple[int, ...] | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    command_field: ClassVar[int] = 0x8110
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class NSetRQ(_Message):
+    """N-SET-RQ (PS3.7 §10.3.3.1); the Modification List is the data set."""
+
+    message_id: int
+    requested_sop_class_uid: str
+    requested_sop_instance_uid: str
+    command_field: ClassVar[int] = 0x0120
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class NSetRSP(_Message):
+    """N-SET-RSP (PS3.7 §10.3.3.2); the Attribute List is the optional data set."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    attribute_identifier_list: tuple[int, ...] | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    command_field: ClassVar[int] = 0x8120
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class NActionRQ(_Message):
+    """N-ACTION-RQ (PS3.7 §10.3.4.1); Action Information is the optional data set."""
+
+    message_id: int
+    requested_sop_class_uid: str
+    requested_sop_instance_uid: str
+    action_type_id: int
+    command_field: ClassVar[int] = 0x0130
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class NActionRSP(_Message):
+    """N-ACTION-RSP (PS3.7 §10.3.4.2); Action Reply is the optional data set."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    action_type_id: int | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    command_field: ClassVar[int] = 0x8130
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class NCreateRQ(_Message):
+    """N-CREATE-RQ (PS3.7 §10.3.5.1): without an instance UID, the SCP assigns one."""
+
+    message_id: int
+    affected_sop_class_uid: str
+    affected_sop_instance_uid: str | None = None
+    command_field: ClassVar[int] = 0x0140
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class NCreateRSP(_Message):
+    """N-CREATE-RSP (PS3.7 §10.3.5.2); the Attribute List is the optional data set."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    attribute_identifier_list: tuple[int, ...] | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    command_field: ClassVar[int] = 0x8140
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class NDeleteRQ(_Message):
+    """N-DELETE-RQ (PS3.7 §10.3.6.1): no data set."""
+
+    message_id: int
+    requested_sop_class_uid: str
+    requested_sop_instance_uid: str
+    command_field: ClassVar[int] = 0x0150
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class NDeleteRSP(_Message):
+    """N-DELETE-RSP (PS3.7 §10.3.6.2): no data set."""
+
+    message_id_being_responded_to: int
+    status: int
+    affected_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    command_field: ClassVar[int] = 0x8150
+    is_request: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class UnrecognizedRQ(_Message):
+    """A request whose Command Field no DIMSE service has: answered with 0x0211
+    (Unrecognized operation, PS3.7 Annex C) in a response of that field | 0x8000."""
+
+    command_field: int  # type: ignore[misc]
+    message_id: int
+    affected_sop_class_uid: str | None = None
+    requested_sop_class_uid: str | None = None
+    is_request: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class UnrecognizedRSP(_Message):
+    """The response to an `UnrecognizedRQ`: its Command Field with the response bit set."""
+
+    command_field: int  # type: ignore[misc]
+    message_id_being_responded_to: int
+    status: int = 0x0211
+    affected_sop_class_uid: str | None = None
+    error_comment: str | None = None
+    is_request: ClassVar[bool] = False
+
+
 DimseMessage = (
     CEchoRQ
     | CEchoRSP
@@ -257,6 +459,20 @@ DimseMessage = (
     | CMoveRQ
     | CMoveRSP
     | CCancelRQ
+    | NEventReportRQ
+    | NEventReportRSP
+    | NGetRQ
+    | NGetRSP
+    | NSetRQ
+    | NSetRSP
+    | NActionRQ
+    | NActionRSP
+    | NCreateRQ
+    | NCreateRSP
+    | NDeleteRQ
+    | NDeleteRSP
+    | UnrecognizedRQ
+    | UnrecognizedRSP
 )
 
 _MESSAGE_TYPES: dict[int, type[Any]] = {
@@ -273,6 +489,18 @@ _MESSAGE_TYPES: dict[int, type[Any]] = {
         CMoveRQ,
         CMoveRSP,
         CCancelRQ,
+        NEventReportRQ,
+        NEventReportRSP,
+        NGetRQ,
+        NGetRSP,
+        NSetRQ,
+        NSetRSP,
+        NActionRQ,
+        NActionRSP,
+        NCreateRQ,
+        NCreateRSP,
+        NDeleteRQ,
+        NDeleteRSP,
     )
 }
 _FIELDS: dict[type[Any], tuple[tuple[str, str, bool], ...]] = {
@@ -280,7 +508,7 @@ _FIELDS: dict[type[Any], tuple[tuple[str, str, bool], ...]] = {
         (f.name, _ATTRS[f.name], f.default is not None and f.default is not f.default_factory)
         for f in fields(cls)
     )
-    for cls in _MESSAGE_TYPES.values()
+    for cls in (*_MESSAGE_TYPES.values(), UnrecognizedRQ, UnrecognizedRSP)
 }
 
 
@@ -333,10 +561,11 @@ _EncodeStep = tuple[str, bytes, Callable[[Any], bytes] | None]
 def _encode_plan(
     cls: type[Any], fields_: tuple[tuple[str, str, bool], ...]
 ) -> tuple[_EncodeStep, ...]:
-    steps: list[tuple[int, _EncodeStep]] = [
-        (0x0100, ("", _ELEMENT.pack(0, 0x0100, 2) + _US.pack(cls.command_field), None)),
-        (0x0800, ("", b"", None)),
-    ]
+    steps: list[tuple[int, _EncodeStep]] = [(0x0800, ("", b"", None))]
+    if not any(attr == "command_field" for attr, _, _ in fields_):
+        # The same for every message of the type: the whole element is the header.
+        header = _ELEMENT.pack(0, 0x0100, 2) + _US.pack(cls.command_field)
+        steps.append((0x0100, ("", header, None)))
     for attr, keyword, _ in fields_:
         element, vr = _KEYWORD_ELEMENT[keyword]
         steps.append((element, (attr, _ELEMENT_TAG.pack(0, element), _ENCODE_VR[vr])))
@@ -445,7 +674,9 @@ def _command_elements(data: bytes | memoryview) -> dict[int, bytes]:
 def decode_command(data: bytes | memoryview) -> tuple[DimseMessage, bool]:
     """Decode a command set into (message, has_dataset).
 
-    Only the elements of the message's type are decoded; others are skipped."""
+    Only the elements of the message's type are decoded; others are skipped. A request
+    of a Command Field no service has decodes to `UnrecognizedRQ` (to be answered
+    0x0211); a response of one is a `ProtocolError` (we sent no such request)."""
     elements = _command_elements(data)
     raw_field = elements.get(0x0100)
     if raw_field is None:
@@ -453,7 +684,9 @@ def decode_command(data: bytes | memoryview) -> tuple[DimseMessage, bool]:
     command_field = _decode_us(raw_field)
     cls = _MESSAGE_TYPES.get(command_field)
     if cls is None:
-        raise ProtocolError(f"unsupported DIMSE command field 0x{command_field:04X}")
+        if command_field & 0x8000:
+            raise ProtocolError(f"response of unknown DIMSE command field 0x{command_field:04X}")
+        cls = UnrecognizedRQ
     kwargs: dict[str, Any] = {}
     for attr, element, decode in _DECODE_PLANS[cls]:
         raw = elements.get(element)
@@ -655,54 +888,42 @@ class MessageAssembler:
         return DatasetFragment(context_id, data, pdv.is_last)
 
 
-# --- message IDs and DIMSE timeouts ----------------------------------------------------------
+# --- answering any request -------------------------------------------------------------------
+
+_RESPONSE_OF: dict[type[Any], type[Any]] = {
+    cls: _MESSAGE_TYPES[cls.command_field | 0x8000]
+    for cls in _MESSAGE_TYPES.values()
+    if cls.is_request and cls.command_field | 0x8000 in _MESSAGE_TYPES
+}
 
 
-class MessageIDs:
-    """Allocates Message IDs (1..65535) unique among the outstanding requests."""
-
-    def __init__(self) -> None:
-        self._next = 1
-        self.outstanding: set[int] = set()
-
-    def allocate(self) -> int:
-        if len(self.outstanding) >= 0xFFFF:
-            raise RuntimeError("all 65535 message IDs are outstanding")
-        while True:
-            candidate = self._next
-            self._next = candidate % 0xFFFF + 1
-            if candidate not in self.outstanding:
-                self.outstanding.add(candidate)
-                return candidate
-
-    def release(self, message_id: int) -> None:
-        self.outstanding.discard(message_id)
+def response_type(request: DimseMessage) -> type[Any]:
+    """The response message type of `request`'s type."""
+    return _RESPONSE_OF[type(request)]
 
 
-class OutstandingRequests:
-    """DIMSE response deadlines per outstanding Message ID, on an injected clock.
-
-    Each response (pending ones too) restarts that request's deadline.
-    """
-
-    def __init__(self, timeout: float | None, clock: Callable[[], float]) -> None:
-        self.timeout = timeout
-        self._clock = clock
-        self._deadlines: dict[int, float] = {}
-
-    def started(self, message_id: int) -> None:
-        if self.timeout is not None:
-            self._deadlines[message_id] = self._clock() + self.timeout
-
-    def responded(self, message_id: int, final: bool) -> None:
-        if final:
-            self._deadlines.pop(message_id, None)
-        elif message_id in self._deadlines and self.timeout is not None:
-            self._deadlines[message_id] = self._clock() + self.timeout
-
-    def get_timer(self) -> float | None:
-        return min(self._deadlines.values()) if self._deadlines else None
-
-    def expired(self) -> list[int]:
-        now = self._clock()
-        return [mid for mid, deadline in self._deadlines.items() if now >= deadline]
+def failure_response(
+    request: DimseMessage, status: int, comment: str | None = None
+) -> DimseMessage:
+    """A response to `request` with `status` and an Error Comment (LO: at most 64
+    characters, PS3.7 Annex C), its SOP Class/Instance UIDs those the request named."""
+    text = comment[:64] if comment else None
+    message_id: int = getattr(request, "message_id", 0)
+    sop_class = getattr(request, "affected_sop_class_uid", None) or getattr(
+        request, "requested_sop_class_uid", None
+    )
+    if isinstance(request, UnrecognizedRQ):
+        return UnrecognizedRSP(request.command_field | 0x8000, message_id, status, sop_class, text)
+    cls = _RESPONSE_OF[type(request)]
+    instance = getattr(request, "affected_sop_instance_uid", None) or getattr(
+        request, "requested_sop_instance_uid", None
+    )
+    names = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {
+        "message_id_being_responded_to": message_id,
+        "status": status,
+        "affected_sop_class_uid": sop_class,
+        "affected_sop_instance_uid": instance,
+        "error_comment": text,
+    }
+    return cast(DimseMessage, cls(**{k: v for k, v in values.items() if k in names}))

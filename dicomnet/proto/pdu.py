@@ -11,7 +11,6 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import cast
 
 from dicomnet.errors import ProtocolError
 
@@ -561,6 +560,7 @@ def _encode_associate(
 # tuple (kept here, so an id is not reused meanwhile): an acceptor that answers a
 # repeated request with the same (remembered) answer encodes it once.
 _contexts_memo: dict[int, tuple[object, bytes]] = {}
+_CONTEXTS_MEMO_LIMIT = 64
 
 
 def _encoded_contexts(
@@ -571,7 +571,7 @@ def _encoded_contexts(
         return known[1]
     encoded = b"".join([context.encode() for context in contexts])
     if isinstance(contexts, tuple):  # immutable: safe to remember
-        if len(_contexts_memo) >= _RQ_MEMO_LIMIT:
+        if len(_contexts_memo) >= _CONTEXTS_MEMO_LIMIT:
             _contexts_memo.clear()
         _contexts_memo[id(contexts)] = (contexts, encoded)
     return encoded
@@ -861,21 +861,11 @@ def parse_pdu_header(data: bytes | bytearray | memoryview, offset: int = 0) -> t
     return int(pdu_type), int(length)
 
 
-# A requestor proposes the same A-ASSOCIATE-RQ each time it connects (a modality, a
-# storescu with over a hundred presentation contexts): identical bodies decode to one
-# shared object, decoded once. Bounded: it starts afresh when full.
-_RQ_MEMO_LIMIT = 64
-_rq_memo: dict[bytes, AAssociateRQ] = {}
-
-
 def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
     """Decode a PDU from its type and body (the bytes after the 6-byte header)."""
     decoder = _DECODERS.get(pdu_type)  # type: ignore[call-overload]
     if decoder is None:
         raise ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}")
-    key = bytes(body) if pdu_type == PDUType.A_ASSOCIATE_RQ else None
-    if key is not None and (known := _rq_memo.get(key)) is not None:
-        return known
     view = body if isinstance(body, memoryview) else memoryview(body)
     try:
         pdu: PDU = decoder(view)
@@ -883,10 +873,6 @@ def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
         raise
     except (struct.error, IndexError, ValueError, UnicodeError) as exc:  # defensive
         raise ProtocolError(f"malformed PDU 0x{pdu_type:02X}: {exc}") from exc
-    if key is not None:
-        if len(_rq_memo) >= _RQ_MEMO_LIMIT:
-            _rq_memo.clear()
-        _rq_memo[key] = cast(AAssociateRQ, pdu)
     return pdu
 
 

@@ -6,16 +6,14 @@ whatever `data_to_send()` returns, and calls `handle_timer()` when the deadline
 from `get_timer()` passes. Local requests (`accept()`, `release()`, `abort()`, ...)
 return the bytes to write. Every decision follows `dicomnet.proto.fsm.TRANSITIONS`.
 
-Time comes from the injected `clock` (seconds, monotonic), so ARTIM, the
-association/release request timeout and the idle timeout are testable without
-sleeping.
+Time is an argument: every call that may start a timer or counts as activity takes
+`now` (seconds on the shell's monotonic clock), so ARTIM, the association/release
+request timeout and the idle timeout are plain logic, tested without sleeping.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -174,14 +172,13 @@ class UpperLayer:
         max_pdu_length: int = 0,
         artim_timeout: float = 30.0,
         idle_timeout: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.is_requestor = is_requestor
         self.state = State.STA1
         self.max_pdu_length = max_pdu_length
         self.artim_timeout = artim_timeout
         self.idle_timeout = idle_timeout
-        self._clock = clock
+        self._now = 0.0  # the time given by the call being handled
         self._buffer = bytearray()
         self._start = 0  # offset of the first unparsed byte in _buffer
         # A large PDU being received into its own buffer: its type, body and bytes so far.
@@ -195,7 +192,7 @@ class UpperLayer:
         self._outbound = bytearray()
         self._artim_deadline: float | None = None
         self._request_deadline: float | None = None
-        self._last_received = clock()
+        self._last_received = 0.0
         self._pending_rq: AAssociateRQ | None = None
         self._pending_pdu: PDU | None = None
         self._pending_error = ""
@@ -222,7 +219,7 @@ class UpperLayer:
         self._outbound += pdu.encode()
 
     def _start_artim(self) -> None:
-        self._artim_deadline = self._clock() + self.artim_timeout
+        self._artim_deadline = self._now + self.artim_timeout
 
     def _stop_artim(self) -> None:
         self._artim_deadline = None
@@ -240,7 +237,7 @@ class UpperLayer:
     def _ae_2(self) -> None:
         assert self._pending_rq is not None
         self._send_pdu(self._pending_rq)
-        self._request_deadline = self._clock() + self.artim_timeout
+        self._request_deadline = self._now + self.artim_timeout
         self.state = State.STA5
 
     def _ae_3(self) -> None:
@@ -299,7 +296,7 @@ class UpperLayer:
     # AR: association release
     def _ar_1(self) -> None:
         self._send_pdu(AReleaseRQ())
-        self._request_deadline = self._clock() + self.artim_timeout
+        self._request_deadline = self._now + self.artim_timeout
         self.state = State.STA7
 
     def _ar_2(self) -> None:
@@ -408,9 +405,9 @@ class UpperLayer:
         self._pending_rq = request
         self.request = request
 
-    def connection_made(self) -> bytes:
+    def connection_made(self, now: float) -> bytes:
         """Transport connect confirm (requestor, Evt2) or indication (acceptor, Evt5)."""
-        self._last_received = self._clock()
+        self._now = self._last_received = now
         self._fire(Event.EVT2 if self.is_requestor else Event.EVT5)
         return self.data_to_send()
 
@@ -420,8 +417,9 @@ class UpperLayer:
         self._fire(Event.EVT7)
         return self.data_to_send()
 
-    def reject(self, response: AAssociateRJ) -> bytes:
+    def reject(self, response: AAssociateRJ, now: float) -> bytes:
         """A-ASSOCIATE response primitive, reject (Evt8)."""
+        self._now = now
         self._pending_pdu = response
         self._fire(Event.EVT8)
         return self.data_to_send()
@@ -434,23 +432,26 @@ class UpperLayer:
     def can_send_data(self) -> bool:
         return (self.state, Event.EVT9) in TRANSITIONS
 
-    def release(self) -> bytes:
+    def release(self, now: float) -> bytes:
         """A-RELEASE request primitive (Evt11)."""
+        self._now = now
         self._fire(Event.EVT11)
         return self.data_to_send()
 
-    def release_response(self) -> bytes:
+    def release_response(self, now: float) -> bytes:
         """A-RELEASE response primitive (Evt14)."""
+        self._now = now
         self._fire(Event.EVT14)
         return self.data_to_send()
 
-    def abort(self, error: str = "") -> bytes:
+    def abort(self, now: float, error: str = "") -> bytes:
         """A-ABORT request primitive (Evt15). A no-op where there is nothing to abort."""
-        self.request_abort(error)
+        self.request_abort(now, error)
         return self.data_to_send()
 
-    def request_abort(self, error: str = "") -> None:
+    def request_abort(self, now: float, error: str = "") -> None:
         """A-ABORT request primitive (Evt15), its PDU left for `data_to_send()`."""
+        self._now = now
         if (self.state, Event.EVT15) in TRANSITIONS:
             self._pending_error = error
             self._fire(Event.EVT15)
@@ -464,13 +465,16 @@ class UpperLayer:
 
     # --- received bytes ---------------------------------------------------------------------
 
-    def note_activity(self) -> None:
-        """Data was sent: the idle timeout counts from now as well as from receipt."""
-        self._last_received = self._clock()
+    def note_activity(self, now: float) -> None:
+        """Data was sent: the idle timeout counts from `now` as well as from receipt."""
+        self._last_received = now
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes read from the transport; `b""` means the peer closed it."""
-        self._last_received = self._clock()
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Feed bytes read from the transport at `now`; `b""` means the peer closed it.
+
+        PDUs are parsed (and their events made) by `next_event()`, which works at this
+        `now` too."""
+        self._now = self._last_received = now
         if not data:
             self.connection_lost()
             return
@@ -635,9 +639,9 @@ class UpperLayer:
                 deadline = idle
         return deadline
 
-    def handle_timer(self) -> None:
-        """Run whatever timer has expired by now."""
-        now = self._clock()
+    def handle_timer(self, now: float) -> None:
+        """Run whatever timer has expired by `now`."""
+        self._now = now
         if self._artim_deadline is not None and now >= self._artim_deadline:
             self._artim_deadline = None
             self._fire(Event.EVT18)
@@ -645,14 +649,14 @@ class UpperLayer:
         if self._request_deadline is not None and now >= self._request_deadline:
             self._request_deadline = None
             what = "A-ASSOCIATE-RQ" if self.state == State.STA5 else "A-RELEASE-RQ"
-            self.request_abort(f"no answer to {what} within {self.artim_timeout:g} s")
+            self.request_abort(now, f"no answer to {what} within {self.artim_timeout:g} s")
             return
         if (
             self.idle_timeout is not None
             and self.state in _IDLE_STATES
             and now >= self._last_received + self.idle_timeout
         ):
-            self.request_abort(f"nothing received for {self.idle_timeout:g} s")
+            self.request_abort(now, f"nothing received for {self.idle_timeout:g} s")
 
 
 _P_DATA_TF = int(PDUType.P_DATA_TF)

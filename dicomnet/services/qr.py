@@ -7,8 +7,8 @@ early sends C-CANCEL for that Message ID and the remaining responses are dropped
 the operation keeps its slot of the operations window until the final response, so
 the next request on the association waits for it.
 
-SCP (PS3.4 Annex C): `on_find`, `on_move` and `on_get` handlers are async
-generators. The framework sends each yielded identifier as a pending C-FIND
+SCP (PS3.4 Annex C, Annex K for the worklist): `on_find`, `on_move` and `on_get`
+handlers are async generators. The framework sends each yielded identifier as a pending C-FIND
 response, or runs a C-STORE sub-operation for each yielded instance (to the move
 destination, or back over the same association for C-GET) and reports the counts.
 A C-CANCEL, an abort or a release closes the handler's generator.
@@ -22,14 +22,14 @@ import os
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import anyio
 from pydicom.dataset import Dataset
 
+from dicomnet.association import BaseAssociation, Handlers, Operation, Received, Served
 from dicomnet.errors import (
     AssociationAborted,
     DicomNetError,
@@ -37,6 +37,7 @@ from dicomnet.errors import (
     NotNegotiatedError,
 )
 from dicomnet.proto.contexts import (
+    DEFAULT_TRANSFER_SYNTAXES,
     MODALITY_WORKLIST_FIND,
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_GET,
@@ -45,26 +46,31 @@ from dicomnet.proto.contexts import (
     STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
     AcceptedContext,
+    PresentationContext,
+    all_storage_sop_classes,
+    all_transfer_syntaxes,
     contexts_for_instances,
 )
-from dicomnet.proto.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CMoveRSP
+from dicomnet.proto.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CMoveRSP, CStoreRQ
+from dicomnet.services.common import failure
+from dicomnet.services.storage import StorageUser, StoreRequest
 from dicomnet.status import Status
-from dicomnet.storage import Part10File, decode_dataset, encode_dataset
-
-if TYPE_CHECKING:
-    from dicomnet.association import Association, Operation
-    from dicomnet.service import StoreRequest
+from dicomnet.storage import Part10File, Spool, decode_dataset, encode_dataset
 
 __all__ = [
     "FIND_MODELS",
     "GET_MODELS",
     "MOVE_MODELS",
+    "ON_FIND",
+    "ON_GET",
+    "ON_MOVE",
     "FindRequest",
+    "QueryRetrieve",
+    "QueryRetrieveUser",
     "Responses",
     "RetrieveListener",
     "RetrieveProgress",
     "RetrieveRequest",
-    "retrieve_listener",
 ]
 
 log = logging.getLogger("dicomnet")
@@ -82,6 +88,11 @@ _MODEL_OF: dict[str, str] = {
 }
 
 T = TypeVar("T")
+
+# The handlers' keys in `Handlers`.
+ON_FIND = "on_find"
+ON_MOVE = "on_move"
+ON_GET = "on_get"
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -157,8 +168,8 @@ class Responses(Generic[T]):
 # --- SCU -------------------------------------------------------------------------------------
 
 
-def _context(association: Association, sop_class: str, what: str) -> AcceptedContext:
-    context = association._context_for(sop_class)
+def _context(association: BaseAssociation, sop_class: str, what: str) -> AcceptedContext:
+    context = association.context_for(sop_class)
     if context is None:
         raise NotNegotiatedError(f"{what} ({sop_class}) was not accepted on this association")
     return context
@@ -173,7 +184,7 @@ def _identifier(query: Dataset, level: str | None) -> Dataset:
 
 
 def find(
-    association: Association,
+    association: BaseAssociation,
     query: Dataset,
     *,
     model: str = "study",
@@ -214,7 +225,9 @@ def find(
     return Responses(run)
 
 
-async def _leave(association: Association, operation: Operation, outcome: Responses[Any]) -> None:
+async def _leave(
+    association: BaseAssociation, operation: Operation, outcome: Responses[Any]
+) -> None:
     """Clean-up of an SCU operation: C-CANCEL unless its final response arrived, then
     wait (shielded, at most the DIMSE timeout) for the final response to record it."""
     try:
@@ -252,7 +265,7 @@ def _progress(response: Any, payload: bytes | None, transfer_syntax: str) -> Ret
 
 
 def move(
-    association: Association,
+    association: BaseAssociation,
     query: Dataset,
     *,
     destination: str,
@@ -294,7 +307,7 @@ def move(
 
 
 def get(
-    association: Association,
+    association: BaseAssociation,
     query: Dataset,
     *,
     model: str = "study",
@@ -314,23 +327,21 @@ def get(
     async def run(outcome: Responses[StoreRequest]) -> AsyncGenerator[StoreRequest, None]:
         context = _context(association, sop_class, f"{model} C-GET")
         operation = await association.begin(context, buffer=4)
-        association._retrieve_sinks.append(operation)
         try:
-            message = CGetRQ(operation.message_id, sop_class, priority)
-            async for instance in _retrieve_loop(
-                association, operation, message, query, level, outcome
-            ):
-                yield instance
+            async with association.divert(CStoreRQ, lambda item: _hand_over(operation, item)):
+                message = CGetRQ(operation.message_id, sop_class, priority)
+                async for instance in _retrieve_loop(
+                    association, operation, message, query, level, outcome
+                ):
+                    yield instance
         finally:
-            if operation in association._retrieve_sinks:
-                association._retrieve_sinks.remove(operation)
             await _leave(association, operation, outcome)
 
     return Responses(run)
 
 
 async def _retrieve_loop(
-    association: Association,
+    association: BaseAssociation,
     operation: Operation,
     message: CGetRQ | CMoveRQ,
     query: Dataset,
@@ -339,8 +350,6 @@ async def _retrieve_loop(
 ) -> AsyncGenerator[StoreRequest, None]:
     """Send a C-GET or C-MOVE and yield the instances arriving for it, until the final
     response. Instances are acknowledged (their C-STORE answered) on the next step."""
-    from dicomnet.service import StoreRequest
-
     context = operation.context
     data = encode_dataset(_identifier(query, level), context.transfer_syntax)
     current: StoreRequest | None = None
@@ -348,12 +357,7 @@ async def _retrieve_loop(
         await association.send_message(context.context_id, message, data)
         association.started(operation)
         while True:
-            try:
-                delivery = await operation.mailbox.get()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                raise association._termination_error() from None
-            if isinstance(delivery, BaseException):
-                raise delivery
+            delivery = await association.next_delivery(operation)
             if isinstance(delivery, StoreRequest):
                 current = delivery
                 yield delivery
@@ -374,6 +378,19 @@ async def _retrieve_loop(
     finally:
         if current is not None:
             current.acknowledge()
+
+
+async def _hand_over(operation: Operation, instance: StoreRequest) -> bool:
+    """Give an arriving instance to the retrieve `operation` waits for (C-GET, or C-MOVE
+    to our listener); answered 0xA700 if that retrieve is over."""
+    if operation.ended:
+        return False
+    try:
+        await operation.mailbox.put(instance)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        instance.status = 0xA700
+        instance.acknowledge()
+    return True
 
 
 class RetrieveListener:
@@ -404,36 +421,14 @@ class RetrieveListener:
         sink = self._sinks.get(key)
         if sink is None and len(self._sinks) == 1 and request.move_originator_message_id is None:
             sink = next(iter(self._sinks.values()))
-        if sink is None or sink.ended:
+        if sink is None or not await _hand_over(sink, request):
             return 0xA900, "not part of a retrieve in progress"
-        try:
-            await sink.mailbox.put(request)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return 0xA700, "the retrieve was cancelled"
         await request.acknowledged()
         return request.status
 
 
-@asynccontextmanager
-async def retrieve_listener(
-    ae_title: str, host: str = "127.0.0.1", port: int = 0
-) -> AsyncIterator[RetrieveListener]:
-    """Serve a storage SCP under `ae_title` for `Association.retrieve(..., listener=)`.
-
-    The peer must know `ae_title` as a move destination at this host and port.
-    """
-    from dicomnet.server import AE
-
-    listener = RetrieveListener(ae_title)
-    ae = AE(ae_title)
-    ae.on_store(listener._on_store)
-    async with ae.serve(host, port) as server:
-        listener.host, listener.port = server.host, server.port
-        yield listener
-
-
 def retrieve(
-    association: Association,
+    association: BaseAssociation,
     query: Dataset,
     *,
     model: str = "study",
@@ -444,7 +439,7 @@ def retrieve(
 ) -> Responses[StoreRequest]:
     """The instances themselves: by C-GET where the peer accepted it (and `via` allows),
     otherwise by C-MOVE to `listener` (a `retrieve_listener()` of ours)."""
-    get_context = association._context_for(GET_MODELS.get(model, ""))
+    get_context = association.context_for(GET_MODELS.get(model, ""))
     if via == "get" or (via == "auto" and get_context is not None):
         return get(association, query, model=model, level=level, priority=priority)
     if listener is None:
@@ -481,7 +476,7 @@ def retrieve(
 class FindRequest:
     """A C-FIND-RQ for the `on_find` handler: `identifier` is the decoded query."""
 
-    association: Association
+    association: BaseAssociation
     context: AcceptedContext
     message: CFindRQ
     identifier: Dataset
@@ -497,7 +492,7 @@ class FindRequest:
 class RetrieveRequest:
     """A C-MOVE-RQ or C-GET-RQ for `on_move` / `on_get`; `destination` is the move's."""
 
-    association: Association
+    association: BaseAssociation
     context: AcceptedContext
     message: CMoveRQ | CGetRQ
     identifier: Dataset
@@ -508,19 +503,6 @@ class RetrieveRequest:
     def level(self) -> str | None:
         value = self.identifier.get("QueryRetrieveLevel", None)
         return str(value) if value else None
-
-
-@dataclass
-class Served:
-    """A request being performed by a handler, so that C-CANCEL can reach it."""
-
-    cancelled: bool = False
-    scope: anyio.CancelScope | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.scope is not None:
-            self.scope.cancel()
 
 
 async def _next(generator: AsyncGenerator[Any, None], served: Served) -> tuple[bool, Any]:
@@ -547,21 +529,6 @@ def _decode_identifier(
         return decode_dataset(data, context.transfer_syntax), None
     except Exception as exc:
         return None, f"identifier cannot be decoded: {exc}"[:64]
-
-
-def _comment(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:64]
-
-
-def _failure(exc: Exception, handler: str) -> tuple[int, str]:
-    """The failure status for a handler's exception: its own `status` (a `DimseError`,
-    an index `QueryError`) if it has a failure one, else 0xC000 (unable to process)."""
-    status = getattr(exc, "status", None)
-    if isinstance(status, int) and Status(status).is_failure:
-        log.info("%s handler refused the request: %s", handler, exc)
-        return status, str(getattr(exc, "error_comment", None) or exc)[:64]
-    log.exception("%s handler failed", handler)
-    return 0xC000, _comment(exc)
 
 
 # Matches a C-FIND handler may produce ahead of the responses sent (backpressure).
@@ -644,7 +611,7 @@ async def _produce(generator: AsyncGenerator[Any, None], served: Served, out: _H
 
 
 async def serve_find(
-    association: Association, context: AcceptedContext, message: CFindRQ, data: bytes | None
+    association: BaseAssociation, context: AcceptedContext, message: CFindRQ, data: bytes | None
 ) -> None:
     """Perform a C-FIND with the `on_find` handler (PS3.4 §C.4.1)."""
     sop_class = message.affected_sop_class_uid
@@ -657,7 +624,7 @@ async def serve_find(
         response = CFindRSP(message.message_id, status, sop_class, comment)
         await association.send_message(context.context_id, response, payload)
 
-    handler = association.handlers.on_find
+    handler = association.handlers.get(ON_FIND)
     identifier, problem = _decode_identifier(data, context)
     if handler is None:
         await reply(0xC000, comment="no C-FIND handler")
@@ -665,38 +632,35 @@ async def serve_find(
     if identifier is None:
         await reply(0xA900, comment=problem)
         return
-    served = association._serve_cancellable(message.message_id)
+    served = association.cancellable(message.message_id)
     request = FindRequest(association, context, message, identifier, _MODEL_OF.get(sop_class, ""))
     matches = _Handoff(FIND_AHEAD)
-    failure: Exception | None = None
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_produce, handler(request), served, matches)
-            try:
-                while not served.cancelled:
-                    more, item = await matches.get()
-                    if not more:
-                        failure = matches.error
-                        break
-                    match, pending = item if isinstance(item, tuple) else (item, 0xFF00)
-                    try:
-                        await reply(pending, match)
-                    except DicomNetError:
-                        served.cancel()
-                        return  # the association is gone: nothing more can be sent
-                    except Exception as exc:  # a match that cannot be encoded
-                        failure = exc
-                        served.cancel()  # stop the handler wherever it waits
-                        break
-            finally:
-                matches.abandon()
-    finally:
-        association._served.pop(message.message_id, None)
-    status, comment = _failure(failure, "on_find") if failure is not None else (0x0000, None)
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_produce, handler(request), served, matches)
+        try:
+            while not served.cancelled:
+                more, item = await matches.get()
+                if not more:
+                    error = matches.error
+                    break
+                match, pending = item if isinstance(item, tuple) else (item, 0xFF00)
+                try:
+                    await reply(pending, match)
+                except DicomNetError:
+                    served.cancel()
+                    return  # the association is gone: nothing more can be sent
+                except Exception as exc:  # a match that cannot be encoded
+                    error = exc
+                    served.cancel()  # stop the handler wherever it waits
+                    break
+        finally:
+            matches.abandon()
+    status, text = failure(error, "on_find") if error is not None else (0x0000, None)
     if served.cancelled and status == 0x0000:
         status = 0xFE00
     try:
-        await reply(status, comment=comment)
+        await reply(status, comment=text)
     except DicomNetError as exc:
         log.debug("could not send the final C-FIND response: %s", exc)
 
@@ -733,29 +697,27 @@ class _Counts:
     failed_uids: list[str] = field(default_factory=list)
 
 
-async def serve_retrieve(
-    association: Association,
-    context: AcceptedContext,
-    message: CMoveRQ | CGetRQ,
-    data: bytes | None,
-) -> None:
-    """Perform a C-MOVE or C-GET with the `on_move` / `on_get` handler (PS3.4 §C.4.2, C.4.3)."""
-    is_move = isinstance(message, CMoveRQ)
-    sop_class = message.affected_sop_class_uid
+_Reply = Callable[..., Any]
+
+
+def _retrieve_reply(
+    association: BaseAssociation, context: AcceptedContext, message: CMoveRQ | CGetRQ
+) -> _Reply:
+    """How to send a C-MOVE / C-GET response with sub-operation counts (PS3.7 §9.3.3.2)."""
+    rsp_type = CMoveRSP if isinstance(message, CMoveRQ) else CGetRSP
     ts = context.transfer_syntax
-    rsp_type = CMoveRSP if is_move else CGetRSP
 
     async def reply(status: int, counts: _Counts | None = None, comment: str | None = None) -> None:
         payload = None
-        if counts is not None and counts.failed_uids and not Status(status).is_pending:
+        state = Status(status)
+        if counts is not None and counts.failed_uids and not state.is_pending:
             failed = Dataset()
             failed.FailedSOPInstanceUIDList = counts.failed_uids
             payload = encode_dataset(failed, ts)
-        state = Status(status)
         response = rsp_type(
             message.message_id,
             status,
-            sop_class,
+            message.affected_sop_class_uid,
             counts.remaining if counts and (state.is_pending or state.is_cancel) else None,
             counts.completed if counts else None,
             counts.failed if counts else None,
@@ -764,7 +726,42 @@ async def serve_retrieve(
         )
         await association.send_message(context.context_id, response, payload)
 
-    handler = association.handlers.on_move if is_move else association.handlers.on_get
+    return reply
+
+
+async def _last_reply(
+    reply: _Reply, status: int, counts: _Counts, comment: str | None = None
+) -> None:
+    try:
+        await reply(status, counts, comment)
+    except DicomNetError as exc:
+        log.debug("could not send the final retrieve response: %s", exc)
+
+
+async def _collect(generator: AsyncGenerator[Any, None], served: Served) -> list[_Item]:
+    """Everything a retrieve handler yields (until it ends or the request is cancelled)."""
+    items: list[_Item] = []
+    try:
+        while True:
+            more, value = await _next(generator, served)
+            if not more:
+                return items
+            items.append(await anyio.to_thread.run_sync(_item, value))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await generator.aclose()
+
+
+async def serve_retrieve(
+    association: BaseAssociation,
+    context: AcceptedContext,
+    message: CMoveRQ | CGetRQ,
+    data: bytes | None,
+) -> None:
+    """Perform a C-MOVE or C-GET with the `on_move` / `on_get` handler (PS3.4 §C.4.2, C.4.3)."""
+    name = ON_MOVE if isinstance(message, CMoveRQ) else ON_GET
+    reply = _retrieve_reply(association, context, message)
+    handler = association.handlers.get(name)
     identifier, problem = _decode_identifier(data, context)
     if handler is None:
         await reply(0xC000, comment="no retrieve handler")
@@ -774,41 +771,25 @@ async def serve_retrieve(
         return
     destination: tuple[str, int] | None = None
     if isinstance(message, CMoveRQ):
-        resolve = association.handlers.move_destination
-        destination = resolve(message.move_destination) if resolve is not None else None
+        destination = association.handlers.peer_address(message.move_destination)
         if destination is None:
-            await reply(
-                0xA801, _Counts(0), f"unknown move destination {message.move_destination!r}"[:64]
-            )
+            text = f"unknown move destination {message.move_destination!r}"[:64]
+            await reply(0xA801, _Counts(0), text)
             return
-    served = association._serve_cancellable(message.message_id)
+    served = association.cancellable(message.message_id)
     request = RetrieveRequest(
         association,
         context,
         message,
         identifier,
-        _MODEL_OF.get(sop_class, ""),
+        _MODEL_OF.get(message.affected_sop_class_uid, ""),
         message.move_destination if isinstance(message, CMoveRQ) else None,
     )
-    generator: AsyncGenerator[Any, None] = handler(request)
-    items: list[_Item] = []
     try:
-        try:
-            while True:
-                more, value = await _next(generator, served)
-                if not more:
-                    break
-                items.append(await anyio.to_thread.run_sync(_item, value))
-        finally:
-            with anyio.CancelScope(shield=True):
-                await generator.aclose()
+        items = await _collect(handler(request), served)
     except Exception as exc:
-        association._served.pop(message.message_id, None)
-        status, comment = _failure(exc, "on_move" if is_move else "on_get")
-        try:
-            await reply(status, _Counts(0), comment)
-        except DicomNetError as error:
-            log.debug("could not send the final retrieve response: %s", error)
+        status, text = failure(exc, name)
+        await _last_reply(reply, status, _Counts(0), text)
         return
     counts = _Counts(len(items))
     try:
@@ -826,12 +807,7 @@ async def serve_retrieve(
             return
         log.warning("retrieve failed: %s", exc)
         status = 0xA702
-    finally:
-        association._served.pop(message.message_id, None)
-    try:
-        await reply(status, counts)
-    except DicomNetError as exc:
-        log.debug("could not send the final retrieve response: %s", exc)
+    await _last_reply(reply, status, counts)
 
 
 def _final_status(counts: _Counts, cancelled: bool) -> int:
@@ -872,20 +848,24 @@ async def _run_sub_operations(
 
 
 async def _get_items(
-    association: Association,
+    association: BaseAssociation,
     items: list[_Item],
     counts: _Counts,
     served: Served,
     reply: Callable[..., Any],
 ) -> int:
+    if not isinstance(association, StorageUser):  # pragma: no cover - always one
+        raise NotNegotiatedError("this association cannot send instances")
+    sender = association
+
     async def store(item: _Item) -> Status:
-        return await association.store(item.source)
+        return await sender.store(item.source)
 
     return await _run_sub_operations(items, counts, served, store, reply)
 
 
 async def _move_items(
-    association: Association,
+    association: BaseAssociation,
     message: CMoveRQ,
     destination: tuple[str, int],
     items: list[_Item],
@@ -895,8 +875,9 @@ async def _move_items(
 ) -> int:
     if not items:
         return 0x0000
-    from dicomnet.client import connect
-
+    connect = association.handlers.connect
+    if connect is None:  # pragma: no cover - an AE always sets it
+        raise NotNegotiatedError("no way to open an association to the move destination")
     host, port = destination
     try:
         async with connect(
@@ -913,7 +894,8 @@ async def _move_items(
         ) as sub:
 
             async def store(item: _Item) -> Status:
-                return await sub.store(
+                sender: StorageUser = sub
+                return await sender.store(
                     item.source,
                     move_originator_ae_title=association.peer_ae_title,
                     move_originator_message_id=message.message_id,
@@ -931,3 +913,103 @@ async def _move_items(
             counts.failed_uids.append(item.sop_instance_uid)
         counts.remaining = 0
         return _final_status(counts, served.cancelled)
+
+
+# --- plugging in -----------------------------------------------------------------------------
+
+
+class QueryRetrieveUser(StorageUser):
+    """What Query/Retrieve offers the SCU (a C-GET's instances come by C-STORE)."""
+
+    def find(
+        self,
+        query: Dataset,
+        *,
+        model: str = "study",
+        level: str | None = None,
+        priority: int = 0,
+    ) -> Responses[Dataset]:
+        """C-FIND (PS3.7 §9.1.2): `async for identifier in assoc.find(query, model=...)`.
+
+        `model`: "patient", "study" or "mwl"; `level` sets Query/Retrieve Level.
+        Leaving the loop early sends C-CANCEL. A failure status raises `DimseError`.
+        """
+        return find(self, query, model=model, level=level, priority=priority)
+
+    def move(
+        self,
+        query: Dataset,
+        *,
+        destination: str,
+        model: str = "study",
+        level: str | None = None,
+        priority: int = 0,
+    ) -> Responses[RetrieveProgress]:
+        """C-MOVE (PS3.7 §9.1.4) to `destination`: progress of each response."""
+        return move(
+            self, query, destination=destination, model=model, level=level, priority=priority
+        )
+
+    def get(
+        self,
+        query: Dataset,
+        *,
+        model: str = "study",
+        level: str | None = None,
+        priority: int = 0,
+    ) -> Responses[StoreRequest]:
+        """C-GET (PS3.7 §9.1.3): the instances of the C-STORE sub-operations as they come."""
+        return get(self, query, model=model, level=level, priority=priority)
+
+    def retrieve(
+        self,
+        query: Dataset,
+        *,
+        model: str = "study",
+        level: str | None = None,
+        via: Literal["auto", "get", "move"] = "auto",
+        listener: RetrieveListener | None = None,
+        priority: int = 0,
+    ) -> Responses[StoreRequest]:
+        """The matching instances themselves: by C-GET where the peer accepted it,
+        else by C-MOVE to `listener` (see `dicomnet.retrieve_listener`)."""
+        return retrieve(
+            self, query, model=model, level=level, via=via, listener=listener, priority=priority
+        )
+
+
+class QueryRetrieve:
+    """The SCP side: the information models of `models` whose handler is set, and for
+    C-GET every storage SOP class with the SCP role offered to the requestor."""
+
+    requests: ClassVar[tuple[type[Any], ...]] = (CFindRQ, CMoveRQ, CGetRQ)
+    inline: ClassVar[bool] = False
+
+    def contexts(
+        self, handlers: Handlers, models: tuple[str, ...]
+    ) -> dict[str, PresentationContext]:
+        supported: dict[str, PresentationContext] = {}
+        for key, table in ((ON_FIND, FIND_MODELS), (ON_MOVE, MOVE_MODELS), (ON_GET, GET_MODELS)):
+            if handlers.get(key) is not None:
+                for name, uid in table.items():
+                    if name in models:
+                        supported[uid] = PresentationContext(uid, DEFAULT_TRANSFER_SYNTAXES)
+        if handlers.get(ON_GET) is not None:
+            # C-GET sends its sub-operations back: the requestor may take the SCP role.
+            every = all_transfer_syntaxes()
+            for uid in all_storage_sop_classes():
+                supported[uid] = PresentationContext(uid, every, scu_role=False, scp_role=True)
+        return supported
+
+    def dataset_sink(
+        self, association: BaseAssociation, context: AcceptedContext, message: Any
+    ) -> Spool | None:
+        return None
+
+    async def serve(self, association: BaseAssociation, request: Received) -> None:
+        message = request.message
+        if isinstance(message, CFindRQ):
+            await serve_find(association, request.context, message, request.data)
+        else:
+            assert isinstance(message, (CMoveRQ, CGetRQ))
+            await serve_retrieve(association, request.context, message, request.data)

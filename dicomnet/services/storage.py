@@ -1,0 +1,338 @@
+"""The Storage service (PS3.4 Annex B, PS3.7 §9.1.1): C-STORE, both roles.
+
+SCU: a Part-10 file is streamed from disk after its file meta, without decoding it;
+a Dataset (or a file whose syntax was not accepted but can be converted) is encoded
+in an accepted uncompressed syntax. SCP: the data set is spooled as it arrives
+(memory up to a threshold, then a temp file) and handed to `on_store` as a
+`StoreRequest`; the instances of our own C-GET are diverted to its loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import anyio.to_thread
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicomnet.association import BaseAssociation, Handlers, Received
+from dicomnet.errors import NotNegotiatedError
+from dicomnet.proto.contexts import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    AcceptedContext,
+    PresentationContext,
+    all_storage_sop_classes,
+    all_transfer_syntaxes,
+)
+from dicomnet.proto.dimse import CStoreRQ, CStoreRSP, DimseMessage
+from dicomnet.services.common import check, comment, status_of
+from dicomnet.status import Status
+from dicomnet.storage import Part10File, Spool, encode_dataset, is_valid_uid, part10_header
+
+__all__ = ["ON_STORE", "Storage", "StorageUser", "StoreRequest"]
+
+log = logging.getLogger("dicomnet")
+
+ON_STORE = "on_store"  # the handler's key in `Handlers`
+
+
+@dataclass(slots=True)
+class StoreRequest:
+    """A C-STORE-RQ with its data set (PS3.7 §9.1.1).
+
+    The data set stays as received (spooled to memory or a temp file); `dataset`
+    decodes it on first use, `save()` writes it as a Part-10 file atomically.
+    """
+
+    association: BaseAssociation
+    context: AcceptedContext
+    message: CStoreRQ
+    spool: Spool
+    fsync: bool = True
+    status: int = 0x0000  # the C-STORE response status, for instances received by C-GET
+    _dataset: Dataset | None = field(default=None, repr=False)
+    # Made when first needed: only instances received by C-GET are acknowledged.
+    _done: asyncio.Event | None = field(default=None, repr=False)
+
+    def acknowledge(self) -> None:
+        """Done with this instance: its C-STORE response (`status`) may be sent."""
+        self._done_event().set()
+
+    async def acknowledged(self) -> None:
+        await self._done_event().wait()
+
+    def _done_event(self) -> asyncio.Event:
+        if self._done is None:
+            self._done = asyncio.Event()
+        return self._done
+
+    @property
+    def sop_class_uid(self) -> str:
+        return self.message.affected_sop_class_uid
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.message.affected_sop_instance_uid
+
+    @property
+    def transfer_syntax(self) -> str:
+        return self.context.transfer_syntax
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.association.peer_ae_title
+
+    @property
+    def move_originator_ae_title(self) -> str | None:
+        return self.message.move_originator_ae_title
+
+    @property
+    def move_originator_message_id(self) -> int | None:
+        return self.message.move_originator_message_id
+
+    @property
+    def size(self) -> int:
+        """Length of the data set in bytes, as received."""
+        return self.spool.size
+
+    @property
+    def dataset(self) -> Dataset:
+        """The data set, decoded by pydicom on first access (file meta attached)."""
+        if self._dataset is None:
+            with self.spool.open_part10() as f:
+                self._dataset = dcmread(f, force=True)
+        return self._dataset
+
+    def dataset_bytes(self) -> bytes:
+        """The data set bytes exactly as received (no file meta)."""
+        return self.spool.dataset_bytes()
+
+    async def save(self, path: str | os.PathLike[str], *, fsync: bool | None = None) -> Path:
+        """Write a Part-10 file (file meta + data set bytes as received) atomically."""
+        return await self.spool.save(path, fsync=self.fsync if fsync is None else fsync)
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    """What a C-STORE-RQ carries besides the instance (PS3.7 §9.3.1.1)."""
+
+    priority: int = 0
+    move_originator_ae_title: str | None = None
+    move_originator_message_id: int | None = None
+
+    def request(self, message_id: int, sop_class: str, sop_instance: str) -> CStoreRQ:
+        return CStoreRQ(
+            message_id,
+            sop_class,
+            sop_instance,
+            self.priority,
+            self.move_originator_ae_title,
+            self.move_originator_message_id,
+        )
+
+
+def convertible(transfer_syntax: str) -> bool:
+    """A data set in this syntax can be re-encoded in an uncompressed one by pydicom."""
+    return (
+        transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES
+        or transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+    )
+
+
+class StorageUser(BaseAssociation):
+    """What the Storage service offers the SCU."""
+
+    async def store(
+        self,
+        dataset_or_path: Dataset | str | os.PathLike[str],
+        *,
+        progress: Callable[[int, int], Any] | None = None,
+        priority: int = 0,
+        move_originator_ae_title: str | None = None,
+        move_originator_message_id: int | None = None,
+    ) -> Status:
+        """C-STORE (PS3.7 §9.1.1) of a pydicom Dataset or a Part-10 file.
+
+        A file is streamed from disk after its file meta, without decoding it, when a
+        context with its own transfer syntax was accepted; otherwise an uncompressed
+        file is converted. `progress(bytes_sent, total)` is called as data goes out.
+        Returns the status (success or warning); a failure raises `DimseError`.
+        """
+        options = _Options(priority, move_originator_ae_title, move_originator_message_id)
+        if isinstance(dataset_or_path, Dataset):
+            return await self._store_dataset(dataset_or_path, progress, options)
+        path = Path(dataset_or_path)
+        try:
+            part10 = Part10File.open(path)
+        except ValueError:
+            part10 = None
+        context = None
+        if part10 is not None:
+            context = self.context_for(part10.sop_class_uid, part10.transfer_syntax)
+            if context is None and not (
+                convertible(part10.transfer_syntax)
+                and self._convertible_context(part10.sop_class_uid)
+            ):
+                raise self._not_negotiated(part10.sop_class_uid, part10.transfer_syntax)
+        if part10 is None or context is None:
+            dataset = await anyio.to_thread.run_sync(lambda: dcmread(path, force=True))
+            return await self._store_dataset(dataset, progress, options)
+        file, cid = part10, context.context_id
+
+        async def send(message: DimseMessage) -> None:
+            await self.send_file_message(cid, message, file, progress)
+
+        response, _ = await self.send_request(
+            context,
+            lambda mid: options.request(mid, file.sop_class_uid, file.sop_instance_uid),
+            send,
+        )
+        return check(response)
+
+    def _convertible_context(self, sop_class_uid: str) -> AcceptedContext | None:
+        for context in self.contexts.values():
+            if (
+                context.abstract_syntax == sop_class_uid
+                and context.we_are_scu
+                and convertible(context.transfer_syntax)
+            ):
+                return context
+        return None
+
+    def _not_negotiated(self, sop_class_uid: str, transfer_syntax: str) -> NotNegotiatedError:
+        offered = sorted(
+            UID(c.transfer_syntax).name
+            for c in self.contexts.values()
+            if c.abstract_syntax == sop_class_uid
+        )
+        text = (
+            f"no accepted presentation context for {UID(sop_class_uid).name} "
+            f"({sop_class_uid}) in {UID(transfer_syntax).name} ({transfer_syntax})"
+        )
+        text += (
+            f"; accepted for this SOP class: {', '.join(offered)}"
+            if offered
+            else ("; the SOP class itself was not accepted")
+        )
+        return NotNegotiatedError(text)
+
+    async def _store_dataset(
+        self,
+        dataset: Dataset,
+        progress: Callable[[int, int], Any] | None,
+        options: _Options,
+    ) -> Status:
+        sop_class = str(dataset.get("SOPClassUID", "") or "")
+        sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
+        if not sop_class or not sop_instance:
+            raise ValueError("the data set has no SOP Class UID or SOP Instance UID")
+        meta = getattr(dataset, "file_meta", None)
+        own_ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+        context = self.context_for(sop_class, own_ts) if own_ts else None
+        if context is None and (not own_ts or convertible(own_ts)):
+            context = self._convertible_context(sop_class)
+        if context is None:
+            raise self._not_negotiated(sop_class, own_ts or UNCOMPRESSED_TRANSFER_SYNTAXES[0])
+        ts = context.transfer_syntax
+        data = await anyio.to_thread.run_sync(lambda: encode_dataset(dataset, ts))
+        cid = context.context_id
+
+        async def send(message: DimseMessage) -> None:
+            await self.send_message(cid, message, data)
+            if progress is not None:
+                progress(len(data), len(data))
+
+        response, _ = await self.send_request(
+            context, lambda mid: options.request(mid, sop_class, sop_instance), send
+        )
+        return check(response)
+
+
+class _NullSpool(Spool):
+    """Swallows a data set that will be refused (its UIDs are unusable)."""
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+
+
+class Storage:
+    """The SCP side: every storage SOP class, in every syntax, once `on_store` is set."""
+
+    requests: ClassVar[tuple[type[Any], ...]] = (CStoreRQ,)
+    inline: ClassVar[bool] = True
+
+    def contexts(
+        self, handlers: Handlers, models: tuple[str, ...]
+    ) -> dict[str, PresentationContext]:
+        if handlers.get(ON_STORE) is None:
+            return {}
+        every = all_transfer_syntaxes()
+        return {
+            uid: PresentationContext(uid, every, scu_role=True) for uid in all_storage_sop_classes()
+        }
+
+    def dataset_sink(
+        self, association: BaseAssociation, context: AcceptedContext, message: Any
+    ) -> Spool | None:
+        assert isinstance(message, CStoreRQ)
+        if not is_valid_uid(message.affected_sop_instance_uid) or not is_valid_uid(
+            message.affected_sop_class_uid
+        ):
+            return _NullSpool(b"", 0)
+        header = part10_header(
+            message.affected_sop_class_uid,
+            message.affected_sop_instance_uid,
+            context.transfer_syntax,
+            association.peer_ae_title,
+        )
+        settings = association.settings
+        return Spool(header, settings.spool_threshold, settings.spool_dir)
+
+    async def serve(self, association: BaseAssociation, request: Received) -> None:
+        message = request.message
+        assert isinstance(message, CStoreRQ) and request.spool is not None
+        status, text = await self._perform(association, request.context, message, request.spool)
+        response = CStoreRSP(
+            message.message_id,
+            status,
+            message.affected_sop_class_uid,
+            message.affected_sop_instance_uid,
+            text,
+        )
+        await association.send_message(request.context.context_id, response)
+
+    async def _perform(
+        self,
+        association: BaseAssociation,
+        context: AcceptedContext,
+        message: CStoreRQ,
+        spool: Spool,
+    ) -> tuple[int, str | None]:
+        if isinstance(spool, _NullSpool):
+            return 0xC000, "invalid SOP Class or Instance UID"
+        if message.affected_sop_class_uid != context.abstract_syntax:
+            return 0x0122, "SOP Class not accepted on this presentation context"
+        instance = StoreRequest(
+            association, context, message, spool, fsync=association.settings.fsync
+        )
+        if await association.diverted(message, instance):
+            # A C-STORE sub-operation of our C-GET: its loop answers it.
+            await instance.acknowledged()
+            return instance.status, None
+        handler = association.handlers.get(ON_STORE)
+        if not context.we_are_scp or handler is None:
+            return 0x0122, "SOP Class not accepted on this presentation context"
+        try:
+            return status_of(await handler(instance))
+        except Exception as exc:
+            log.exception("on_store handler failed for %s", message.affected_sop_instance_uid)
+            return 0xC000, comment(exc)
