@@ -467,7 +467,11 @@ class MemoryStream:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._clock.call_at(self._clock.now + max(0.0, timeout), self._wake)
+            self._timer = None
+        if timeout <= 0:  # already due: as a loop timer would, wake on the next turn
+            asyncio.get_running_loop().call_soon(self._wake)
+            return
+        self._timer = self._clock.call_at(self._clock.now + timeout, self._wake)
 
     async def send(self, data: bytes | bytearray) -> None:
         if self._closed or self.peer is None:

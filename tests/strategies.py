@@ -260,3 +260,35 @@ dimse_messages = st.one_of(
     ),
     st.builds(dimse.CCancelRQ, message_ids),
 )
+
+
+def _n_response(cls: type, *extra: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """An N-*-RSP: message ID, status, optional UIDs, `extra`, optional comment and ID."""
+    return st.builds(
+        cls,
+        message_ids,
+        u16,
+        _optional(uids),
+        _optional(uids),
+        *extra,
+        _optional(long_strings),
+        _optional(u16),
+    )
+
+
+# PS3.7 §10.3: every DIMSE-N message type.
+n_messages = st.one_of(
+    st.builds(dimse.NEventReportRQ, message_ids, uids, uids, u16),
+    _n_response(dimse.NEventReportRSP, _optional(u16)),
+    st.builds(dimse.NGetRQ, message_ids, uids, uids, _optional(tags)),
+    _n_response(dimse.NGetRSP, _optional(tags)),
+    st.builds(dimse.NSetRQ, message_ids, uids, uids),
+    _n_response(dimse.NSetRSP, _optional(tags)),
+    st.builds(dimse.NActionRQ, message_ids, uids, uids, u16),
+    _n_response(dimse.NActionRSP, _optional(u16)),
+    st.builds(dimse.NCreateRQ, message_ids, uids, _optional(uids)),
+    _n_response(dimse.NCreateRSP, _optional(tags)),
+    st.builds(dimse.NDeleteRQ, message_ids, uids, uids),
+    _n_response(dimse.NDeleteRSP),
+)
+dimse_messages = st.one_of(dimse_messages, n_messages)

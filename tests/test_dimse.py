@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import fields as dataclass_fields
 from io import BytesIO
 
 import pytest
@@ -26,10 +27,25 @@ from dicomnet.proto.dimse import (
     DatasetFragment,
     DimseMessage,
     MessageAssembler,
+    NActionRQ,
+    NActionRSP,
+    NCreateRQ,
+    NCreateRSP,
+    NDeleteRQ,
+    NDeleteRSP,
+    NEventReportRQ,
+    NEventReportRSP,
+    NGetRQ,
+    NGetRSP,
+    NSetRQ,
+    NSetRSP,
+    UnrecognizedRQ,
+    UnrecognizedRSP,
     decode_command,
     encode_command,
     encode_command_pdus,
     encode_message,
+    failure_response,
     fragment,
 )
 from dicomnet.proto.pdu import PDataTF, PresentationDataValue, decode_pdu_bytes, parse_pdu_header
@@ -66,6 +82,40 @@ COMMAND_FIELDS = {
     "CMoveRQ": 0x0021,
     "CMoveRSP": 0x8021,
     "CCancelRQ": 0x0FFF,
+    # PS3.7 §10.3 (Tables 10.3-1 to 10.3-12)
+    "NEventReportRQ": 0x0100,
+    "NEventReportRSP": 0x8100,
+    "NGetRQ": 0x0110,
+    "NGetRSP": 0x8110,
+    "NSetRQ": 0x0120,
+    "NSetRSP": 0x8120,
+    "NActionRQ": 0x0130,
+    "NActionRSP": 0x8130,
+    "NCreateRQ": 0x0140,
+    "NCreateRSP": 0x8140,
+    "NDeleteRQ": 0x0150,
+    "NDeleteRSP": 0x8150,
+}
+
+# The command fields of each DIMSE-N message, as PS3.7 Tables 10.3-1 to 10.3-12 list
+# them: M (always sent), and the others (U, C) that may be; plus, for responses, the
+# status-related fields of PS3.7 Annex C (Error Comment, Error ID, Attribute Identifier
+# List). Group length, Command Field and Command Data Set Type are in every one.
+ALWAYS = {0x0000, 0x0100, 0x0800}
+RSP_STATUS_FIELDS = {0x0902, 0x0903}
+N_TABLES: dict[type, tuple[set[int], set[int]]] = {
+    NEventReportRQ: ({0x0002, 0x0110, 0x1000, 0x1002}, set()),
+    NEventReportRSP: ({0x0120, 0x0900}, {0x0002, 0x1000, 0x1002} | RSP_STATUS_FIELDS),
+    NGetRQ: ({0x0003, 0x0110, 0x1001}, {0x1005}),
+    NGetRSP: ({0x0120, 0x0900}, {0x0002, 0x1000, 0x1005} | RSP_STATUS_FIELDS),
+    NSetRQ: ({0x0003, 0x0110, 0x1001}, set()),
+    NSetRSP: ({0x0120, 0x0900}, {0x0002, 0x1000, 0x1005} | RSP_STATUS_FIELDS),
+    NActionRQ: ({0x0003, 0x0110, 0x1001, 0x1008}, set()),
+    NActionRSP: ({0x0120, 0x0900}, {0x0002, 0x1000, 0x1008} | RSP_STATUS_FIELDS),
+    NCreateRQ: ({0x0002, 0x0110}, {0x1000}),
+    NCreateRSP: ({0x0120, 0x0900}, {0x0002, 0x1000, 0x1005} | RSP_STATUS_FIELDS),
+    NDeleteRQ: ({0x0003, 0x0110, 0x1001}, set()),
+    NDeleteRSP: ({0x0120, 0x0900}, {0x0002, 0x1000} | RSP_STATUS_FIELDS),
 }
 
 
@@ -109,6 +159,80 @@ def test_c_echo_rsp_bytes_by_hand() -> None:
         + bytes.fromhex("0000 0009 02000000 0000")  # (0000,0900) Status: success
     )
     assert encode_command(CEchoRSP(5)) == expected
+
+
+def test_n_action_rq_bytes_by_hand() -> None:
+    # PS3.7 Table 10.3-7: Requested SOP Class/Instance UID, Action Type ID; ascending tags.
+    expected = (
+        bytes.fromhex("0000 0000 04000000 62000000")  # group length 98
+        + bytes.fromhex("0000 0300 14000000")  # (0000,0003) Requested SOP Class UID, 20
+        + b"1.2.840.10008.1.20.1"
+        + bytes.fromhex("0000 0001 02000000 3001")  # 0130H N-ACTION-RQ
+        + bytes.fromhex("0000 1001 02000000 0700")  # Message ID 7
+        + bytes.fromhex("0000 0008 02000000 0000")  # a data set follows
+        + bytes.fromhex("0000 0110 16000000")  # (0000,1001) Requested SOP Instance UID, 22
+        + b"1.2.840.10008.1.20.1.1"
+        + bytes.fromhex("0000 0810 02000000 0100")  # (0000,1008) Action Type ID 1
+    )
+    message = NActionRQ(7, "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.1.1", 1)
+    assert encode_command(message, has_dataset=True) == expected
+    assert decode_command(expected) == (message, True)
+
+
+def test_n_create_rq_without_an_instance_leaves_the_element_out() -> None:
+    raw = encode_command(NCreateRQ(2, "1.2.840.10008.3.1.2.3.3"), has_dataset=True)
+    assert 0x1000 not in {e for _, e, _ in elements(raw)}
+    assert decode_command(raw) == (NCreateRQ(2, "1.2.840.10008.3.1.2.3.3"), True)
+
+
+@pytest.mark.parametrize("cls", list(N_TABLES), ids=lambda c: c.__name__)
+def test_n_messages_carry_the_fields_of_their_table(cls: type) -> None:
+    required, optional = N_TABLES[cls]
+    names = [f.name for f in dataclass_fields(cls)]
+    values = {
+        "message_id": 3,
+        "message_id_being_responded_to": 3,
+        "status": 0x0112,
+        "event_type_id": 2,
+        "action_type_id": 1,
+        "attribute_identifier_list": (0x00100010, 0x00100020),
+        "error_comment": "why",
+        "error_id": 9,
+    }
+    everything = cls(*[values.get(name, "1.2.3") for name in names])
+    minimal = cls(*[values.get(name, "1.2.3") for name in names if name in _required(cls)])
+    full = {e for _, e, _ in elements(encode_command(everything))}
+    least = {e for _, e, _ in elements(encode_command(minimal))}
+    assert full <= ALWAYS | required | optional
+    assert least == ALWAYS | required
+    assert decode_command(encode_command(everything)) == (everything, False)
+
+
+def _required(cls: type) -> set[str]:
+    from dataclasses import MISSING
+
+    return {f.name for f in dataclass_fields(cls) if f.default is MISSING}
+
+
+def test_an_unknown_command_decodes_as_unrecognized_and_is_answered_0211() -> None:
+    raw = encode_command(UnrecognizedRQ(0x0999, 12, "1.2.3"))
+    message, has_dataset = decode_command(raw)
+    assert message == UnrecognizedRQ(0x0999, 12, "1.2.3") and not has_dataset
+    answer = failure_response(message, 0x0211, "unrecognized operation")
+    assert answer == UnrecognizedRSP(0x8999, 12, 0x0211, "1.2.3", "unrecognized operation")
+    assert decode_command(encode_command(answer)) == (answer, False)
+    values = {e: v for _, e, v in elements(encode_command(answer))}
+    assert struct.unpack("<H", values[0x0100])[0] == 0x8999
+
+
+def test_failure_responses_name_what_the_request_named() -> None:
+    request = NSetRQ(4, "1.2.840.10008.3.1.2.3.3", "1.2.3.4")
+    answer = failure_response(request, 0x0112, "x" * 80)
+    assert answer == NSetRSP(
+        4, 0x0112, "1.2.840.10008.3.1.2.3.3", "1.2.3.4", error_comment="x" * 64
+    )
+    create = failure_response(NCreateRQ(5, "1.2.840.10008.3.1.2.3.3"), 0x0111)
+    assert create == NCreateRSP(5, 0x0111, "1.2.840.10008.3.1.2.3.3")
 
 
 @FAST
@@ -186,7 +310,7 @@ def test_store_rq_fields() -> None:
     [
         b"\x00",  # truncated element header
         bytes.fromhex("0000 0000 04000000 00000000"),  # no command field
-        bytes.fromhex("0000 0001 02000000 3001"),  # command field 0130H: not supported
+        bytes.fromhex("0000 0001 02000000 3001"),  # N-ACTION-RQ without its fields
         bytes.fromhex("0000 0001 02000000 3000"),  # C-ECHO-RQ without Message ID
         bytes.fromhex("0000 0001 03000000 300000"),  # US of 3 bytes
         bytes.fromhex("0000 0001 02000000 30"),  # value overruns

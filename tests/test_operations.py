@@ -96,7 +96,6 @@ def test_the_performed_window_and_duplicate_message_ids() -> None:
 def test_responses_are_delivered_then_dropped_after_cancel() -> None:
     ops = unlimited()
     mid = ops.invoke()
-    assert ops.response(mid, final=False, now=0.0) is Verdict.UNKNOWN  # not sent yet
     ops.sent(mid, 0.0)
     assert ops.invoked[mid].state is InvokedState.SENT
     assert ops.response(mid, final=False, now=0.0) is Verdict.DELIVER
@@ -108,6 +107,15 @@ def test_responses_are_delivered_then_dropped_after_cancel() -> None:
     assert ops.response(mid, final=True, now=0.0) is Verdict.DROP_FINAL
     assert not ops.is_outstanding(mid)
     assert ops.response(mid, final=True, now=0.0) is Verdict.UNKNOWN
+
+
+def test_a_response_may_come_before_the_shell_says_sent() -> None:
+    ops = unlimited(timeout=5.0)
+    mid = ops.invoke()
+    assert ops.response(mid, final=False, now=1.0) is Verdict.DELIVER
+    ops.sent(mid, 2.0)  # late: the deadline still runs from here
+    assert ops.get_timer() == 7.0
+    assert ops.response(mid, final=True, now=3.0) is Verdict.FINAL
 
 
 def test_a_request_never_sent_ends_when_cancelled() -> None:

@@ -674,9 +674,9 @@ def _command_elements(data: bytes | memoryview) -> dict[int, bytes]:
 def decode_command(data: bytes | memoryview) -> tuple[DimseMessage, bool]:
     """Decode a command set into (message, has_dataset).
 
-    Only the elements of the message's type are decoded; others are skipped. A request
+    Only the elements of the message's type are decoded; others are skipped. A message
     of a Command Field no service has decodes to `UnrecognizedRQ` (to be answered
-    0x0211); a response of one is a `ProtocolError` (we sent no such request)."""
+    0x0211) or `UnrecognizedRSP` (the answer to one we sent)."""
     elements = _command_elements(data)
     raw_field = elements.get(0x0100)
     if raw_field is None:
@@ -684,9 +684,7 @@ def decode_command(data: bytes | memoryview) -> tuple[DimseMessage, bool]:
     command_field = _decode_us(raw_field)
     cls = _MESSAGE_TYPES.get(command_field)
     if cls is None:
-        if command_field & 0x8000:
-            raise ProtocolError(f"response of unknown DIMSE command field 0x{command_field:04X}")
-        cls = UnrecognizedRQ
+        cls = UnrecognizedRSP if command_field & 0x8000 else UnrecognizedRQ
     kwargs: dict[str, Any] = {}
     for attr, element, decode in _DECODE_PLANS[cls]:
         raw = elements.get(element)

@@ -97,9 +97,10 @@ class Operations:
         self._restart(operation, now)
 
     def response(self, message_id: int, final: bool, now: float) -> Verdict:
-        """A response to `message_id` arrived at `now`."""
+        """A response to `message_id` arrived at `now` (perhaps before the shell could
+        say that the request went out: its answer is proof enough)."""
         operation = self.invoked.get(message_id)
-        if operation is None or operation.state is InvokedState.RESERVED:
+        if operation is None:
             return Verdict.UNKNOWN
         cancelled = operation.state is InvokedState.CANCELLED
         if final:
