@@ -20,8 +20,20 @@ from dicomnet.errors import (
     Reject,
 )
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
-from dicomnet.server import AE, AssociationRequest, Server, retrieve_listener
+from dicomnet.server import (
+    AE,
+    AssociationRequest,
+    Server,
+    commitment_listener,
+    retrieve_listener,
+)
 from dicomnet.services import Association
+from dicomnet.services.commitment import (
+    STORAGE_COMMITMENT,
+    CommitmentListener,
+    CommitmentResult,
+    CommitmentSCP,
+)
 from dicomnet.services.nservices import NRequest, NResponse
 from dicomnet.services.qr import (
     FindRequest,
@@ -36,12 +48,16 @@ from dicomnet.status import Status, StatusCategory
 
 __all__ = [
     "AE",
+    "STORAGE_COMMITMENT",
     "ARTIMTimeout",
     "AcceptedContext",
     "Association",
     "AssociationAborted",
     "AssociationRejected",
     "AssociationRequest",
+    "CommitmentListener",
+    "CommitmentResult",
+    "CommitmentSCP",
     "ConnectTimeout",
     "ConnectionFailed",
     "DicomNetError",
@@ -68,6 +84,7 @@ __all__ = [
     "StatusCategory",
     "StoreRequest",
     "__version__",
+    "commitment_listener",
     "connect",
     "default_contexts",
     "retrieve_listener",

@@ -735,11 +735,23 @@ class BaseAssociation:
         `diverted()` go to `diversion` first (it returns True when it took one): how a
         C-GET receives its C-STORE sub-operations, and a storage commitment request its
         report on the same association."""
-        diversions = self._diversions.setdefault(message_type, [])
-        diversions.append(diversion)
+        self.add_diversion(message_type, diversion)
         try:
             yield
         finally:
+            self.remove_diversion(message_type, diversion)
+
+    def add_diversion(
+        self, message_type: type[Any], diversion: Callable[[Any], Awaitable[bool]]
+    ) -> None:
+        """`divert` without a block: until `remove_diversion`."""
+        self._diversions.setdefault(message_type, []).append(diversion)
+
+    def remove_diversion(
+        self, message_type: type[Any], diversion: Callable[[Any], Awaitable[bool]]
+    ) -> None:
+        diversions = self._diversions.get(message_type, [])
+        if diversion in diversions:
             diversions.remove(diversion)
 
     async def diverted(self, message: DimseMessage, item: Any) -> bool:

@@ -19,8 +19,10 @@ from dicomnet.errors import (
 )
 from dicomnet.proto.contexts import (
     COMMON_STORAGE_SOP_CLASSES,
+    MODALITY_PERFORMED_PROCEDURE_STEP,
     MODALITY_WORKLIST_FIND,
     QUERY_RETRIEVE,
+    STORAGE_COMMITMENT_PUSH,
     VERIFICATION,
     PresentationContext,
     accepted_as_requestor,
@@ -50,14 +52,20 @@ log = logging.getLogger("dicomnet")
 
 
 def default_contexts() -> list[PresentationContext]:
-    """Verification, Patient/Study Root Q/R, Modality Worklist and common storage classes.
+    """Verification, Patient/Study Root Q/R, Modality Worklist, Storage Commitment, MPPS
+    and the common storage classes.
 
     The storage classes ask for both roles (PS3.7 §D.3.3.4), so that the same
     association can send instances and receive those of a C-GET.
     """
-    contexts = [
-        PresentationContext(uid) for uid in (VERIFICATION, *QUERY_RETRIEVE, MODALITY_WORKLIST_FIND)
-    ]
+    services = (
+        VERIFICATION,
+        *QUERY_RETRIEVE,
+        MODALITY_WORKLIST_FIND,
+        STORAGE_COMMITMENT_PUSH,
+        MODALITY_PERFORMED_PROCEDURE_STEP,
+    )
+    contexts = [PresentationContext(uid) for uid in services]
     contexts += [
         PresentationContext(uid, scu_role=True, scp_role=True) for uid in COMMON_STORAGE_SOP_CLASSES
     ]

@@ -25,6 +25,7 @@ from dicomnet.proto.extended import (
 from dicomnet.proto.pdu import APPLICATION_CONTEXT_NAME, AAssociateRJ, AAssociateRQ, UserIdentityRQ
 from dicomnet.proto.ul import AssociateRequested, ConnectionClosed, UpperLayer
 from dicomnet.services import SERVICES, Association, service_table
+from dicomnet.services.commitment import CommitmentListener
 from dicomnet.services.common import merge_contexts
 from dicomnet.services.nservices import (
     N_ACTION,
@@ -42,7 +43,7 @@ from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NA
 from dicomnet.stream import TCP, ByteStream, Listener, NetworkBackend
 from dicomnet.transport import next_ul_event
 
-__all__ = ["AE", "AssociationRequest", "Server", "retrieve_listener"]
+__all__ = ["AE", "AssociationRequest", "Server", "commitment_listener", "retrieve_listener"]
 
 log = logging.getLogger("dicomnet")
 
@@ -496,6 +497,21 @@ async def retrieve_listener(
     listener = RetrieveListener(ae_title)
     ae = AE(ae_title)
     ae.on_store(listener._on_store)
+    async with ae.serve(host, port, backend=backend) as server:
+        listener.host, listener.port = server.host, server.port
+        yield listener
+
+
+@asynccontextmanager
+async def commitment_listener(
+    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
+) -> AsyncIterator[CommitmentListener]:
+    """Serve `ae_title` for the storage commitment reports an SCP sends on associations
+    of its own (PS3.4 §J.3.3): pass it to `Association.request_commitment(listener=)`.
+    The SCP must know `ae_title` at this host and port."""
+    listener = CommitmentListener(ae_title)
+    ae = AE(ae_title)
+    listener.install(ae.handlers)
     async with ae.serve(host, port, backend=backend) as server:
         listener.host, listener.port = server.host, server.port
         yield listener

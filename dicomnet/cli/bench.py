@@ -220,6 +220,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--no-progress", action="store_true", help="no live progress line even on a terminal"
     )
+    parser.set_defaults(run=run)
     return parser
 
 

@@ -12,6 +12,7 @@ import signal
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from itertools import islice
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
@@ -23,8 +24,10 @@ import anyio
 import anyio.to_thread
 from pydicom.dataset import Dataset
 
+from dicomnet.pacs.commitments import COMMITMENTS_FOLDER, FolderReportStore, check_stored
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
 from dicomnet.server import AE, Server
+from dicomnet.services.commitment import CommitmentSCP, report_contexts
 from dicomnet.services.qr import FindRequest, RetrieveRequest
 from dicomnet.services.storage import StoreRequest
 from dicomnet.storage import is_valid_uid
@@ -469,6 +472,23 @@ class StorageSCP:
         self.ae.on_find(self.find)
         self.ae.on_move(self.retrieve)
         self.ae.on_get(self.retrieve)
+        self._first_process = process_slot == 0
+        self.commitment = CommitmentSCP(
+            lambda references: check_stored(storage, references),
+            FolderReportStore(storage / COMMITMENTS_FOLDER, fsync=fsync),
+            ae_title=ae_title,
+            connect=self._report_association,
+        )
+        self.commitment.install(self.ae.handlers)
+
+    def _report_association(self, ae_title: str) -> Any:
+        """An association to a storage commitment requestor, to send its report on
+        (PS3.4 §J.3.3): to its `--peer` address, with us as SCP by role selection."""
+        address = self.ae.peers.get(ae_title.strip())
+        if address is None:
+            return None
+        host, port = address
+        return self.ae.connect(host, port, aec=ae_title, contexts=report_contexts())
 
     @asynccontextmanager
     async def serve(
@@ -477,6 +497,8 @@ class StorageSCP:
         """Serve, with the background indexer running; stops both at the end."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.indexer.run)
+            # With `--workers`, the first process alone resends what was left undelivered.
+            await tg.start(partial(self.commitment.run, resume=self._first_process))
             async with self.ae.serve(host, port, reuse_port=reuse_port) as server:
                 yield server
             with anyio.CancelScope(shield=True):

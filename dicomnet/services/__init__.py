@@ -5,7 +5,8 @@ accepts, what an AE negotiates for it, how it answers a request: the SCP side) a
 if it offers requests to the SCU, a subclass of `BaseAssociation` with them. Adding a
 service is one module and one registration here: its object in `SERVICES` and its SCU
 class among `Association`'s bases. Services built on DIMSE-N (storage commitment, MPPS)
-need no registration of their own: they are handlers of N-service operations.
+are handlers of N-service operations: they need no `Service` of their own, only their
+SCU class if they offer one (`CommitmentUser` comes with the DIMSE-N requests).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from dicomnet.association import Service
-from dicomnet.services.nservices import NServices, NServiceUser
+from dicomnet.services.commitment import CommitmentUser
+from dicomnet.services.nservices import NServices
 from dicomnet.services.qr import QueryRetrieve, QueryRetrieveUser
 from dicomnet.services.storage import Storage, StorageUser
 from dicomnet.services.verification import Verification, VerificationUser
@@ -23,7 +25,7 @@ __all__ = ["SERVICES", "Association", "service_table"]
 SERVICES: tuple[Service, ...] = (Verification(), Storage(), QueryRetrieve(), NServices())
 
 
-class Association(VerificationUser, QueryRetrieveUser, StorageUser, NServiceUser):
+class Association(VerificationUser, QueryRetrieveUser, StorageUser, CommitmentUser):
     """An established association, as requestor (SCU) or acceptor (SCP), with the
     requests of every service.
 

@@ -13,9 +13,10 @@ requestor's handlers too (`connect(handlers=...)`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from pydicom.dataset import Dataset
@@ -108,6 +109,18 @@ class NRequest:
     sop_instance_uid: str
     dataset: Dataset | None = None
     status: int = 0x0000  # the response status, for requests taken by a diversion
+    _responded: asyncio.Event | None = field(default=None, repr=False)
+
+    async def responded(self) -> None:
+        """Wait until the response to this request was sent (or could not be): what
+        the handler starts that must follow it, such as a storage commitment report
+        on the same association (PS3.4 §J.3.3), waits for this."""
+        await self._responded_event().wait()
+
+    def _responded_event(self) -> asyncio.Event:
+        if self._responded is None:
+            self._responded = asyncio.Event()
+        return self._responded
 
     @property
     def operation(self) -> str:
@@ -309,24 +322,25 @@ class NServices:
         message = request.message
         assert isinstance(message, NRequestMessage)
         sop_class, instance = _addressed(message)
-        status, reply, text = await self._perform(association, request, sop_class, instance)
-        await _respond(association, request, status, reply, text, sop_class, instance)
+        nrequest = NRequest(association, request.context, message, sop_class, instance)
+        try:
+            status, reply, text = await self._perform(nrequest, request)
+            await _respond(association, request, status, reply, text, sop_class, instance)
+        finally:
+            nrequest._responded_event().set()
 
     async def _perform(
-        self, association: BaseAssociation, received: Received, sop_class: str, instance: str
+        self, request: NRequest, received: Received
     ) -> tuple[int, Dataset | None, str | None]:
-        message = received.message
-        assert isinstance(message, NRequestMessage)
-        operation = _OPERATION[type(message)]
+        association, message = request.association, request.message
+        operation, sop_class = request.operation, request.sop_class_uid
         if sop_class != received.context.abstract_syntax:
             return 0x0122, None, "SOP class not accepted on this presentation context"
-        dataset = None
         if received.data is not None:
             try:
-                dataset = decode_dataset(received.data, received.context.transfer_syntax)
+                request.dataset = decode_dataset(received.data, received.context.transfer_syntax)
             except Exception as exc:
                 return 0x0110, None, f"data set cannot be decoded: {exc}"[:64]
-        request = NRequest(association, received.context, message, sop_class, instance, dataset)
         if await association.diverted(message, request):
             return request.status, None, None
         handler = association.handlers.get(handler_key(operation, sop_class))

@@ -1,0 +1,180 @@
+"""What the commands share: their common options, logging, the association they open,
+and query keys from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dicomnet.client import connect
+from dicomnet.proto.contexts import PresentationContext
+
+__all__ = [
+    "add_common",
+    "add_query",
+    "add_remote",
+    "build_query",
+    "configure_logging",
+    "describe",
+    "open_association",
+    "qr_contexts",
+    "query_level",
+]
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aet", default="DICOMNET", help="our AE title (default: DICOMNET)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log associations")
+    parser.add_argument(
+        "--debug", action="store_true", help="log association and DIMSE traffic in detail"
+    )
+
+
+def add_remote(parser: argparse.ArgumentParser, timeout_flag: str = "--timeout") -> None:
+    parser.add_argument("host", help="the peer's host name or address")
+    parser.add_argument("port", type=int, help="the peer's TCP port")
+    parser.add_argument("--aec", default="ANY-SCP", help="the peer's AE title (default: ANY-SCP)")
+    parser.add_argument(
+        timeout_flag,
+        dest="timeout",
+        type=float,
+        default=30.0,
+        help="connect/ARTIM timeout, seconds (default 30)",
+    )
+    parser.add_argument(
+        "--dimse-timeout", type=float, default=60.0, help="DIMSE response timeout (default 60)"
+    )
+
+
+def add_query(
+    parser: argparse.ArgumentParser, models: tuple[str, ...] = ("patient", "study", "mwl")
+) -> None:
+    parser.add_argument(
+        "-k",
+        "--key",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="a query key: a keyword or gggg,eeee, with an optional value (repeatable); "
+        "nested: SequenceKeyword[0].Keyword=VALUE",
+    )
+    parser.add_argument(
+        "--model", choices=models, default="study", help="information model (default study)"
+    )
+    parser.add_argument(
+        "--level",
+        type=str.upper,
+        choices=("PATIENT", "STUDY", "SERIES", "IMAGE"),
+        help="Query/Retrieve Level (default: the model's top level)",
+    )
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if getattr(args, "verbose", False):
+        level = logging.INFO
+    if getattr(args, "debug", False):
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def open_association(args: argparse.Namespace, contexts: Sequence[PresentationContext]) -> Any:
+    """`connect()` with the command line's peer, titles and timeouts."""
+    return connect(
+        args.host,
+        args.port,
+        aet=args.aet,
+        aec=args.aec,
+        contexts=contexts,
+        connect_timeout=args.timeout,
+        artim_timeout=args.timeout,
+        dimse_timeout=args.dimse_timeout,
+    )
+
+
+def _tag(text: str) -> int:
+    """A keyword or `gggg,eeee` (parentheses optional) as a tag."""
+    from pydicom.datadict import tag_for_keyword
+
+    raw = text.strip().strip("()")
+    if "," in raw:
+        group, element = raw.split(",", 1)
+        try:
+            return (int(group, 16) << 16) | int(element, 16)
+        except ValueError:
+            raise SystemExit(f"dicomnet: {text!r} is not a tag (gggg,eeee)") from None
+    tag = tag_for_keyword(raw)
+    if tag is None:
+        raise SystemExit(f"dicomnet: {text!r} is not a DICOM keyword")
+    return int(tag)
+
+
+def _set_key(dataset: Any, path: str, value: str | None) -> None:
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataset import Dataset
+
+    head, _, rest = path.partition(".")
+    index = None
+    if head.endswith("]") and "[" in head:
+        head, _, number = head[:-1].partition("[")
+        index = int(number)
+    tag = _tag(head)
+    if rest or index is not None:
+        if tag not in dataset:
+            dataset.add_new(tag, "SQ", [])
+        items = dataset[tag].value
+        position = index or 0
+        while len(items) <= position:
+            items.append(Dataset())
+        if rest:
+            _set_key(items[position], rest, value)
+        return
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        vr = "LO"
+    if vr == "SQ":
+        dataset.add_new(tag, vr, [])
+    else:
+        dataset.add_new(tag, vr, value or None)
+
+
+def build_query(keys: Sequence[str]) -> Any:
+    from pydicom.dataset import Dataset
+
+    query = Dataset()
+    for key in keys:
+        name, has_value, value = key.partition("=")
+        _set_key(query, name, value if has_value else None)
+    return query
+
+
+_TOP_LEVEL = {"patient": "PATIENT", "study": "STUDY"}
+
+
+def query_level(args: argparse.Namespace) -> str | None:
+    if args.level:
+        return str(args.level)
+    return _TOP_LEVEL.get(args.model)
+
+
+def describe(dataset: Any) -> str:
+    parts = []
+    for element in dataset:
+        if element.VR == "SQ":
+            parts.append(f"{element.keyword or element.tag}=[{len(element.value)} item(s)]")
+        else:
+            parts.append(f"{element.keyword or element.tag}={element.value}")
+    return "  ".join(parts)
+
+
+def qr_contexts(kind: str, model: str) -> list[PresentationContext]:
+    from dicomnet.services.qr import FIND_MODELS, GET_MODELS, MOVE_MODELS
+
+    table = {"find": FIND_MODELS, "move": MOVE_MODELS, "get": GET_MODELS}[kind]
+    return [PresentationContext(table[model])]

@@ -1,0 +1,64 @@
+"""`dicomnet move`: C-MOVE to an AE (PS3.4 §C.4.2)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from dicomnet.cli.common import (
+    add_common,
+    add_query,
+    add_remote,
+    build_query,
+    open_association,
+    qr_contexts,
+    query_level,
+)
+from dicomnet.errors import DimseError
+
+__all__ = ["add_parser", "run"]
+
+log = logging.getLogger("dicomnet")
+
+
+def add_parser(sub: Any) -> None:
+    move = sub.add_parser("move", help="C-MOVE: have a peer send instances to an AE")
+    add_remote(move)
+    add_common(move)
+    add_query(move, models=("patient", "study"))
+    move.add_argument("--dest", required=True, metavar="AET", help="the move destination")
+    move.set_defaults(run=run)
+
+
+def _print_progress(progress: Any) -> None:
+    label = "final" if progress.is_final else "pending"
+    print(
+        f"{label}: remaining {progress.remaining}, completed {progress.completed}, "
+        f"failed {progress.failed}, warning {progress.warning} ({progress.status!r})"
+    )
+    for uid in progress.failed_sop_instance_uids:
+        print(f"failed: {uid}")
+
+
+async def run(args: argparse.Namespace) -> int:
+    query = build_query(args.key)
+    async with open_association(args, qr_contexts("move", args.model)) as association:
+        responses = association.move(
+            query, destination=args.dest, model=args.model, level=query_level(args)
+        )
+        try:
+            async for progress in responses:
+                _print_progress(progress)
+        except DimseError as exc:
+            # A failure final status: show its counts, then release normally.
+            progress = getattr(exc, "progress", None)
+            if progress is not None:
+                _print_progress(progress)
+            print(f"dicomnet move: {exc}", file=sys.stderr)
+            return 1
+    final = responses.progress
+    if final is None or responses.status is None:
+        return 1
+    return 0 if responses.status.is_success and not final.failed else 1

@@ -1,0 +1,177 @@
+"""`dicomnet serve`: the embedded PACS (`dicomnet.pacs`) on one or more processes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from dicomnet._version import __version__
+from dicomnet.cli.common import (
+    add_common,
+)
+
+__all__ = ["add_parser", "run"]
+
+log = logging.getLogger("dicomnet")
+
+
+def add_parser(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve", help="run a storage and query/retrieve SCP over what it receives"
+    )
+    add_common(serve)
+    serve.set_defaults(aet="DICOMNET")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=11112, help="TCP port (default 11112)")
+    serve.add_argument(
+        "--storage", default="./dicomnet-storage", help="folder for received instances"
+    )
+    serve.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="AET=HOST:PORT",
+        help="a known peer (move destination), repeatable",
+    )
+    serve.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="AET",
+        help="accept only these calling AE titles (repeatable)",
+    )
+    serve.add_argument(
+        "--max-associations", type=int, default=None, help="refuse associations past N"
+    )
+    serve.add_argument(
+        "--fsync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer C-STORE only once the file and its folder entry are on disk (default); "
+        "--no-fsync answers sooner and is less durable",
+    )
+    serve.add_argument(
+        "--idle-timeout", type=float, default=600.0, help="abort silent associations (600 s)"
+    )
+    serve.add_argument(
+        "--reindex", action="store_true", help="rebuild the index from the stored files first"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N processes on one port (SO_REUSEPORT), to use every core",
+    )
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
+    serve.set_defaults(run=run)
+
+
+def _parse_peers(raw: Sequence[str]) -> dict[str, tuple[str, int]]:
+    peers: dict[str, tuple[str, int]] = {}
+    for item in raw:
+        try:
+            aet, address = item.split("=", 1)
+            host, port = address.rsplit(":", 1)
+            peers[aet.strip()] = (host, int(port))
+        except ValueError:
+            raise SystemExit(f"dicomnet serve: --peer {item!r} is not AET=HOST:PORT") from None
+    return peers
+
+
+def _worker_argv(argv: Sequence[str], slot: int) -> list[str]:
+    """The command line of a worker process: the same `serve`, as worker `slot`."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--workers":
+            skip = True
+            continue
+        if item.startswith("--workers=") or item == "--reindex":
+            continue
+        out.append(item)
+    parent = ["--worker-of", str(os.getpid()), "--worker-slot", str(slot)]
+    return [sys.executable, "-m", "dicomnet", *out, *parent]
+
+
+async def run(args: argparse.Namespace) -> int:
+    from dicomnet.pacs.scp import StorageSCP
+
+    workers = max(1, args.workers)
+    is_worker = args.worker_of is not None
+    if workers > 1 and args.port == 0:
+        print("dicomnet serve: --workers needs a fixed --port", file=sys.stderr)
+        return 2
+    scp = StorageSCP(
+        Path(args.storage),
+        ae_title=args.aet,
+        peers=_parse_peers(args.peer),
+        allowed_calling_ae_titles=args.allow,
+        max_associations=args.max_associations,
+        fsync=args.fsync,
+        idle_timeout=args.idle_timeout,
+        reindex=args.reindex and not is_worker,
+        clean_spool=not is_worker,
+        processes=workers,
+        process_slot=args.worker_slot if is_worker else 0,
+    )
+    reuse_port = workers > 1 or is_worker
+    children: list[subprocess.Popen[bytes]] = []
+    stop = anyio.Event()
+
+    async def on_signals(signals: AsyncIterator[signal.Signals]) -> None:
+        # Handled until `serve` returns: a signal during the shutdown (a second Ctrl-C, a
+        # worker's SIGTERM from both its process group and the first process) must not
+        # kill it while the indexer takes the last batch.
+        async for signum in signals:
+            how = "already shutting down" if stop.is_set() else "shutting down"
+            log.info("received signal %d: %s", signum, how)
+            stop.set()
+
+    async def stop_with_parent(parent: int) -> None:
+        # A worker ends when the process that started it is gone.
+        while os.getppid() == parent:
+            await anyio.sleep(1.0)
+        stop.set()
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(on_signals, signals)
+            if is_worker:
+                watch.start_soon(stop_with_parent, args.worker_of)
+            async with scp.serve(args.host, args.port, reuse_port=reuse_port) as server:
+                if not is_worker:
+                    for slot in range(1, workers):
+                        children.append(subprocess.Popen(_worker_argv(args.argv, slot)))
+                    print(
+                        f"dicomnet {__version__}: {args.aet} listening on "
+                        f"{server.host}:{server.port}"
+                        f"{f' with {workers} processes' if workers > 1 else ''}, "
+                        f"storing to {scp.storage.resolve()}",
+                        flush=True,
+                    )
+                await stop.wait()  # leaving the block closes the server, then the indexer
+            for child in children:
+                child.terminate()
+            for child in children:
+                try:
+                    await anyio.to_thread.run_sync(child.wait, 10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            watch.cancel_scope.cancel()
+    scp.close()
+    return 0

@@ -1,0 +1,196 @@
+"""`dicomnet store`: send files and folders with C-STORE over N associations."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from dicomnet.cli.common import (
+    add_common,
+    add_remote,
+    open_association,
+)
+from dicomnet.errors import DicomNetError
+from dicomnet.proto.contexts import (
+    ContextCount,
+    PresentationContext,
+    contexts_for_instances,
+)
+from dicomnet.storage import Part10File
+
+__all__ = ["add_parser", "run"]
+
+log = logging.getLogger("dicomnet")
+
+
+def add_parser(sub: Any) -> None:
+    store = sub.add_parser("store", help="send files and folders (recursive) with C-STORE")
+    add_remote(store)
+    add_common(store)
+    store.add_argument("paths", nargs="+", metavar="PATH", help="files or folders")
+    store.add_argument(
+        "--concurrency", type=int, default=1, help="associations in parallel (default 1)"
+    )
+    store.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+    store.set_defaults(run=run)
+
+
+@dataclass
+class _StoreTally:
+    total: int
+    total_bytes: int
+    sent: int = 0
+    warning: int = 0
+    failed: int = 0
+    bytes_done: int = 0
+    failures: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    last_draw: float = 0.0
+    show: bool = False
+
+    def draw(self, force: bool = False) -> None:
+        if not self.show:
+            return
+        now = time.perf_counter()
+        if not force and now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        done = self.sent + self.warning + self.failed
+        width = 30
+        filled = int(width * done / self.total) if self.total else width
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.bytes_done / elapsed / 1e6
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files "
+            f"{self.bytes_done / 1e6:.1f} MB {rate:.1f} MB/s failed {self.failed}  "
+        )
+        sys.stderr.flush()
+
+
+def _collect(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Files to send (folders walked recursively, sorted) and errors for missing paths."""
+    files: list[Path] = []
+    errors: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                files.extend(Path(root) / name for name in sorted(names))
+        elif path.is_file():
+            files.append(path)
+        else:
+            errors.append(f"{raw}: no such file or folder")
+    return files, errors
+
+
+def _contexts_for(files: Sequence[Part10File]) -> list[PresentationContext]:
+    return contexts_for_instances((f.sop_class_uid, f.transfer_syntax) for f in files)
+
+
+def _batches(files: list[Part10File]) -> list[tuple[list[PresentationContext], list[Part10File]]]:
+    """Split the files so that each batch needs at most 128 presentation contexts."""
+    batches: list[tuple[list[PresentationContext], list[Part10File]]] = []
+    current: list[Part10File] = []
+    count = ContextCount()
+    for f in files:
+        if current and count.with_(f.sop_class_uid, f.transfer_syntax) > 128:
+            batches.append((_contexts_for(current), current))
+            current, count = [], ContextCount()
+        current.append(f)
+        count.add(f.sop_class_uid, f.transfer_syntax)
+    if current:
+        batches.append((_contexts_for(current), current))
+    return batches
+
+
+async def run(args: argparse.Namespace) -> int:
+    paths, errors = _collect(args.paths)
+    explicit = {Path(p) for p in args.paths if Path(p).is_file()}
+    infos: list[Part10File] = []
+    skipped = 0
+
+    def inspect() -> None:
+        nonlocal skipped
+        for path in paths:
+            try:
+                infos.append(Part10File.open(path))
+            except Exception as exc:
+                if path in explicit:
+                    errors.append(f"{path}: {exc}")
+                else:
+                    skipped += 1
+                    log.info("skipping %s: %s", path, exc)
+
+    await anyio.to_thread.run_sync(inspect)
+    tally = _StoreTally(
+        total=len(infos),
+        total_bytes=sum(i.dataset_length for i in infos),
+        show=sys.stderr.isatty() and not args.no_progress,
+    )
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    tally.failed += len(errors)
+    tally.total += len(errors)
+
+    async def worker(contexts: list[PresentationContext], queue: list[Part10File]) -> None:
+        attempts = 0
+        while queue:
+            try:
+                async with open_association(args, contexts) as association:
+                    while queue and not association.is_closed:
+                        item = queue.pop()
+                        try:
+                            status = await association.store(item.path)
+                        except DicomNetError as exc:
+                            tally.failed += 1
+                            tally.failures.append(f"{item.path}: {exc}")
+                        else:
+                            attempts = 0
+                            if status.is_warning:
+                                tally.warning += 1
+                            else:
+                                tally.sent += 1
+                        tally.bytes_done += item.dataset_length
+                        tally.draw()
+            except DicomNetError as exc:
+                tally.failures.append(f"association: {exc}")
+            attempts += 1
+            if attempts >= 3 and queue:
+                # The peer keeps refusing or dropping us: the rest of this queue fails.
+                while queue:
+                    item = queue.pop()
+                    tally.failed += 1
+                    tally.failures.append(f"{item.path}: not sent")
+                return
+
+    for contexts, batch in _batches(infos):
+        queue = list(reversed(batch))
+        async with anyio.create_task_group() as tg:
+            for _ in range(max(1, min(args.concurrency, len(batch)))):
+                tg.start_soon(worker, contexts, queue)
+    tally.draw(force=True)
+    if tally.show:
+        sys.stderr.write("\n")
+    elapsed = max(time.perf_counter() - tally.started, 1e-9)
+    for failure in tally.failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    mb = tally.bytes_done / 1e6
+    extra = f", skipped {skipped} non-DICOM" if skipped else ""
+    print(
+        f"sent {tally.sent}, warning {tally.warning}, failed {tally.failed}{extra}; "
+        f"{mb:.1f} MB in {elapsed:.2f} s, {mb / elapsed:.1f} MB/s"
+    )
+    return 1 if tally.failed else 0
