@@ -66,12 +66,18 @@ class DimseError(DicomNetError):
         message: str = "",
         *,
         response: Any = None,
+        attributes: tuple[int, ...] = (),
+        error_id: int | None = None,
     ) -> None:
         from dicomnet.status import Status
 
         self.status = Status(status)
         self.error_comment = error_comment
         self.response = response  # the response received (an `NResponse` for DIMSE-N)
+        # Raised by a DIMSE-N handler: the Attribute Identifier List and Error ID of the
+        # failure response (PS3.7 Annex C: e.g. 0x0106, 0x0120, 0x0121).
+        self.attributes = attributes
+        self.error_id = error_id
         text = message or f"DIMSE operation failed with status {self.status!r}"
         if error_comment:
             text += f": {error_comment}"

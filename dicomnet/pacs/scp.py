@@ -26,8 +26,10 @@ from pydicom.dataset import Dataset
 
 from dicomnet.pacs.commitments import COMMITMENTS_FOLDER, FolderReportStore, check_stored
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
+from dicomnet.pacs.mpps import MPPSRecords
 from dicomnet.server import AE, Server
 from dicomnet.services.commitment import CommitmentSCP, report_contexts
+from dicomnet.services.mpps import MPPSSCP
 from dicomnet.services.qr import FindRequest, RetrieveRequest
 from dicomnet.services.storage import StoreRequest
 from dicomnet.storage import is_valid_uid
@@ -410,7 +412,9 @@ class Indexer:
 
 class StorageSCP:
     """Stores every received instance as `<storage>/<SOPInstanceUID>.dcm`, bit-preserving,
-    indexes it, and answers C-FIND / C-MOVE / C-GET from the index.
+    indexes it, and answers C-FIND / C-MOVE / C-GET from the index; also a Storage
+    Commitment Push Model SCP over the stored files (`commitment`) and an MPPS SCP whose
+    instances are kept in the index database (`mpps`).
 
     Data sets are spooled in `<storage>/.tmp` (same file system, so the final rename is
     atomic); leftovers of an earlier crash there are removed at start. The index lives
@@ -480,6 +484,9 @@ class StorageSCP:
             connect=self._report_association,
         )
         self.commitment.install(self.ae.handlers)
+        # MPPS instances, in a table of the index database (PS3.4 Annex F).
+        self.mpps = MPPSRecords(storage / INDEX_FILE_NAME)
+        MPPSSCP(self.mpps).install(self.ae.handlers)
 
     def _report_association(self, ae_title: str) -> Any:
         """An association to a storage commitment requestor, to send its report on
@@ -507,6 +514,7 @@ class StorageSCP:
 
     def close(self) -> None:
         self.index.close()
+        self.mpps.close()
         if self.progress is not None:
             self.progress.close()
 

@@ -324,25 +324,23 @@ class NServices:
         sop_class, instance = _addressed(message)
         nrequest = NRequest(association, request.context, message, sop_class, instance)
         try:
-            status, reply, text = await self._perform(nrequest, request)
-            await _respond(association, request, status, reply, text, sop_class, instance)
+            outcome = await self._perform(nrequest, request)
+            await _respond(association, request, outcome, sop_class, instance)
         finally:
             nrequest._responded_event().set()
 
-    async def _perform(
-        self, request: NRequest, received: Received
-    ) -> tuple[int, Dataset | None, str | None]:
+    async def _perform(self, request: NRequest, received: Received) -> _Outcome:
         association, message = request.association, request.message
         operation, sop_class = request.operation, request.sop_class_uid
         if sop_class != received.context.abstract_syntax:
-            return 0x0122, None, "SOP class not accepted on this presentation context"
+            return _Outcome(0x0122, text="SOP class not accepted on this presentation context")
         if received.data is not None:
             try:
                 request.dataset = decode_dataset(received.data, received.context.transfer_syntax)
             except Exception as exc:
-                return 0x0110, None, f"data set cannot be decoded: {exc}"[:64]
+                return _Outcome(0x0110, text=f"data set cannot be decoded: {exc}")
         if await association.diverted(message, request):
-            return request.status, None, None
+            return _Outcome(request.status)
         handler = association.handlers.get(handler_key(operation, sop_class))
         if handler is None:
             return _unhandled(association.handlers, operation, sop_class)
@@ -350,11 +348,11 @@ class NServices:
             status, reply = _result(await handler(request))
         except DimseError as exc:
             log.info("%s handler refused: %s", operation, exc)
-            return int(exc.status), None, exc.error_comment
+            return _Outcome(int(exc.status), None, exc.error_comment, exc.attributes, exc.error_id)
         except Exception as exc:
             log.exception("%s handler for %s failed", operation, sop_class)
-            return 0x0110, None, comment(exc)
-        return status, reply, None
+            return _Outcome(0x0110, text=comment(exc))
+        return _Outcome(status, reply)
 
 
 def _addressed(message: NRequestMessage) -> tuple[str, str]:
@@ -366,18 +364,27 @@ def _addressed(message: NRequestMessage) -> tuple[str, str]:
     return message.requested_sop_class_uid, message.requested_sop_instance_uid
 
 
-def _unhandled(handlers: Handlers, operation: str, sop_class: str) -> tuple[int, None, str]:
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What a request is answered: status, reply data set and the status's fields."""
+
+    status: int
+    reply: Dataset | None = None
+    text: str | None = None
+    attributes: tuple[int, ...] = ()
+    error_id: int | None = None
+
+
+def _unhandled(handlers: Handlers, operation: str, sop_class: str) -> _Outcome:
     if any(handlers.get(handler_key(op, sop_class)) for op in _OPERATION.values()):
-        return 0x0211, None, f"{operation} is not supported for this SOP class"
-    return 0x0122, None, "SOP class not supported"
+        return _Outcome(0x0211, text=f"{operation} is not supported for this SOP class")
+    return _Outcome(0x0122, text="SOP class not supported")
 
 
 async def _respond(
     association: BaseAssociation,
     received: Received,
-    status: int,
-    reply: Dataset | None,
-    text: str | None,
+    outcome: _Outcome,
     sop_class: str,
     instance: str,
 ) -> None:
@@ -386,15 +393,17 @@ async def _respond(
     names = {f.name for f in fields(cls)}
     values: dict[str, Any] = {
         "message_id_being_responded_to": getattr(message, "message_id", 0),
-        "status": status,
+        "status": outcome.status,
         "affected_sop_class_uid": sop_class,
         "affected_sop_instance_uid": instance,
-        "error_comment": text[:64] if text else None,
+        "error_comment": outcome.text[:64] if outcome.text else None,
+        "error_id": outcome.error_id,
+        "attribute_identifier_list": outcome.attributes or None,
         "event_type_id": getattr(message, "event_type_id", None),
         "action_type_id": getattr(message, "action_type_id", None),
     }
     response = cls(**{k: v for k, v in values.items() if k in names and v is not None})
     data = None
-    if reply is not None:
-        data = encode_dataset(reply, received.context.transfer_syntax)
+    if outcome.reply is not None:
+        data = encode_dataset(outcome.reply, received.context.transfer_syntax)
     await association.send_message(received.context.context_id, response, data)

@@ -1,0 +1,128 @@
+"""MPPS instances of `dicomnet serve`, kept in the index database (PS3.4 Annex F).
+
+Each instance is one row of table `mpps` in the index's SQLite file (a table of its
+own: rebuilding the index from the stored files leaves it alone), with its data set
+as DICOM JSON (PS3.18 §F.2) and the attributes one looks for as columns. Several
+`--workers` processes share it; an N-SET is a compare-and-set on the status, so two
+at once cannot both pass the IN PROGRESS check.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+__all__ = ["MPPSRecords"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mpps (
+    sop_instance_uid TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    patient_id TEXT,
+    study_instance_uid TEXT,
+    modality TEXT,
+    station_ae_title TEXT,
+    start_date TEXT,
+    updated REAL NOT NULL,
+    dataset TEXT NOT NULL
+)
+"""
+
+
+def _columns(dataset: Dataset) -> tuple[str, str, str, str, str, str]:
+    steps = dataset.get("ScheduledStepAttributesSequence", None) or [Dataset()]
+    return (
+        str(dataset.get("PerformedProcedureStepStatus", "")).strip(),
+        str(dataset.get("PatientID", "") or ""),
+        str(steps[0].get("StudyInstanceUID", "") or ""),
+        str(dataset.get("Modality", "") or ""),
+        str(dataset.get("PerformedStationAETitle", "") or "").strip(),
+        str(dataset.get("PerformedProcedureStepStartDate", "") or ""),
+    )
+
+
+class MPPSRecords:
+    """The `mpps` table of an index database: an `MPPSStore`, and queries on it."""
+
+    def __init__(self, database: Path, *, timeout: float = 30.0) -> None:
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            database, timeout=timeout, check_same_thread=False, isolation_level=None
+        )
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _cursor(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._conn
+
+    def create(self, sop_instance_uid: str, dataset: Dataset) -> bool:
+        row = (sop_instance_uid, *_columns(dataset), time.time(), dataset.to_json())
+        with self._cursor() as conn:
+            try:
+                conn.execute("INSERT INTO mpps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def get(self, sop_instance_uid: str) -> Dataset | None:
+        with self._cursor() as conn:
+            row = conn.execute(
+                "SELECT dataset FROM mpps WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return None if row is None else Dataset.from_json(row[0])
+
+    def replace(self, sop_instance_uid: str, dataset: Dataset, status_was: str) -> bool:
+        status, patient, study, modality, station, start = _columns(dataset)
+        with self._cursor() as conn:
+            changed = conn.execute(
+                "UPDATE mpps SET status = ?, patient_id = ?, study_instance_uid = ?,"
+                " modality = ?, station_ae_title = ?, start_date = ?, updated = ?, dataset = ?"
+                " WHERE sop_instance_uid = ? AND status = ?",
+                (
+                    status,
+                    patient,
+                    study,
+                    modality,
+                    station,
+                    start,
+                    time.time(),
+                    dataset.to_json(),
+                    sop_instance_uid,
+                    status_was,
+                ),
+            ).rowcount
+        return changed == 1
+
+    def find(
+        self,
+        *,
+        status: str | None = None,
+        patient_id: str | None = None,
+        study_instance_uid: str | None = None,
+    ) -> list[Dataset]:
+        """The instances with these values (None: any), oldest change first."""
+        conditions, values = [], []
+        for column, value in (
+            ("status", status),
+            ("patient_id", patient_id),
+            ("study_instance_uid", study_instance_uid),
+        ):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                values.append(value)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        with self._cursor() as conn:
+            rows = conn.execute(f"SELECT dataset FROM mpps{where} ORDER BY updated", values)
+            return [Dataset.from_json(row[0]) for row in rows.fetchall()]
