@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a fresh machine: installs DCMTK (Debian/Ubuntu), creates
-# .venv with dicomnet and its test dependencies, then runs ruff, mypy and pytest.
+# Run the whole test suite on a fresh machine: installs DCMTK and Orthanc (Debian/Ubuntu,
+# the real peers of the interoperability tests), creates .venv with dicomnet and its test
+# dependencies, then runs ruff, mypy and pytest.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v storescp >/dev/null 2>&1; then
+MISSING=""
+command -v storescp >/dev/null 2>&1 || MISSING="$MISSING dcmtk"
+[ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null 2>&1 || MISSING="$MISSING orthanc"
+if [ -n "$MISSING" ]; then
     if command -v apt-get >/dev/null 2>&1; then
         SUDO=""
         [ "$(id -u)" -eq 0 ] || SUDO="sudo"
         $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dcmtk >/dev/null
+        # The package would start a system Orthanc: the tests start their own instead.
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $MISSING >/dev/null
+        if [ -d /run/systemd/system ]; then $SUDO systemctl stop orthanc 2>/dev/null || true; fi
     else
-        echo "warning: DCMTK is not installed and apt-get is unavailable; DCMTK tests will skip" >&2
+        echo "warning:$MISSING not installed and apt-get is unavailable; their tests will skip" >&2
     fi
 fi
 

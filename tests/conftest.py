@@ -26,17 +26,35 @@ log = logging.getLogger("dicomnet.tests")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dcmtk: needs DCMTK's command-line tools")
+    config.addinivalue_line("markers", "orthanc: needs Orthanc (apt-get install orthanc)")
     config.addinivalue_line("markers", "slow: large transfers")
 
 
+def _missing(item: pytest.Item) -> tuple[str, str] | None:
+    """(what is missing, the variable that makes it a failure) for a test's peer."""
+    if item.get_closest_marker("dcmtk") is not None:
+        missing = peers.dcmtk_missing()
+        if missing:
+            text = f"DCMTK tools not installed: {', '.join(missing)} (apt-get install dcmtk)"
+            return text, "DICOMNET_REQUIRE_DCMTK"
+    if item.get_closest_marker("orthanc") is not None:
+        import orthanc_peer
+
+        why = orthanc_peer.orthanc_missing()
+        if why:
+            return (
+                f"Orthanc cannot run: {why} (apt-get install orthanc)",
+                "DICOMNET_REQUIRE_ORTHANC",
+            )
+    return None
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("dcmtk") is None:
+    missing = _missing(item)
+    if missing is None:
         return
-    missing = peers.dcmtk_missing()
-    if not missing:
-        return
-    message = f"DCMTK tools not installed: {', '.join(missing)} (apt-get install dcmtk)"
-    if os.environ.get("DICOMNET_REQUIRE_DCMTK"):
+    message, required = missing
+    if os.environ.get(required):
         pytest.fail(message)
     pytest.skip(message)
 

@@ -18,14 +18,15 @@ Storage commitment (PS3.4 Annex J, Push Model) as Orthanc 1.10 does it:
   by AET, case-insensitively), proposing SCP/SCU role selection with SCP role only, and sends
   N-EVENT-REPORT: event type 1 (all committed) or 2 with a Failed SOP Sequence whose Failure
   Reason is 0x0112 (instance not in Orthanc) or 0x0119 (stored with another SOP Class UID).
-
-The facts and what was seen on the wire are in the project's research notes (orthanc.md).
+  The calling AET of that association is the Called AET the requester used for N-ACTION, and
+  the report can arrive before the requester has even read the N-ACTION-RSP.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import math
 import os
@@ -64,8 +65,9 @@ def orthanc_binary() -> str | None:
     return shutil.which("Orthanc")
 
 
+@functools.cache
 def orthanc_missing() -> str | None:
-    """Why Orthanc cannot run here, or None if it can."""
+    """Why Orthanc cannot run here, or None if it can (checked once)."""
     binary = orthanc_binary()
     if binary is None:
         return "Orthanc not found (apt-get install orthanc; or set ORTHANC_BINARY)"
@@ -150,11 +152,16 @@ class OrthancPeer:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait, SIGKILL if needed; the exit code (idempotent)."""
+    def stop(self, timeout: float = 15.0, *, kill: bool = False) -> int:
+        """SIGTERM (a clean stop takes ~3.5 s), wait, SIGKILL if needed; the exit code.
+
+        ``kill=True`` sends SIGKILL at once (fine for a throw-away workdir). Idempotent."""
         if self.returncode is None:
             if self.proc.poll() is None:
-                self.proc.terminate()
+                if kill:
+                    self.proc.kill()
+                else:
+                    self.proc.terminate()
                 try:
                     self.proc.wait(timeout)
                 except subprocess.TimeoutExpired:
@@ -334,17 +341,18 @@ def start_orthanc(
             proc = subprocess.Popen(
                 argv, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
-        peer = OrthancPeer(
-            workdir, aet, int(config["DicomPort"]), int(config["HttpPort"]), log_path, proc
-        )
+        dicom_port, http_port = int(config["DicomPort"]), int(config["HttpPort"])
+        peer = OrthancPeer(workdir, aet, dicom_port, http_port, log_path, proc)
         _running.append(peer)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while proc.poll() is None and time.monotonic() < deadline:
             try:
-                peer.request("GET", "/system", timeout=2.0)
-                return peer
-            except (OSError, OrthancError):
-                time.sleep(0.05)
+                system = peer.request("GET", "/system", timeout=2.0)
+                if system.get("DicomPort") == dicom_port:  # ours, not a stranger on the port
+                    return peer
+            except (OSError, OrthancError, ValueError):
+                pass
+            time.sleep(0.05)
         code = peer.stop()
         last_error = f"Orthanc exited {code} or did not answer:\n{peer.log_text()[-3000:]}"
     raise RuntimeError(last_error)
@@ -360,10 +368,10 @@ def orthanc(workdir: Path, **kwargs: Any) -> Iterator[OrthancPeer]:
         peer.stop()
 
 
-def stop_all() -> None:
-    """Stop every Orthanc this module started that is still running."""
+def stop_all(*, kill: bool = False) -> None:
+    """Stop every Orthanc this module started that is still running (also run at exit)."""
     for peer in list(_running):
-        peer.stop()
+        peer.stop(kill=kill)
 
 
 atexit.register(stop_all)

@@ -43,3 +43,19 @@ def test_find_then_move() -> None:
     assert "patient 1CT1: 3 studies" in out
     assert out.count(": 2 moved, 0 failed") == 3
     assert "archive received 6 instances; 6 reported moved" in out
+
+
+@pytest.mark.timeout(90)
+def test_storage_commitment() -> None:
+    out = run("storage_commitment.py")
+    assert out.count("  committed ") == 4
+    assert "  failed 1.2.826.0.1.3680043.8.498.999 (failure reason 0x0112)" in out
+    assert "all committed: the modality may delete its copies" in out
+
+
+@pytest.mark.timeout(90)
+def test_mpps() -> None:
+    out = run("mpps.py")
+    assert "N-CREATE: Success" in out and "N-SET COMPLETED: Success" in out
+    assert "N-SET again: refused 0x0110" in out
+    assert "RIS: P1 CT step PPS1 done" in out
