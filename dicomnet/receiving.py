@@ -1,0 +1,113 @@
+"""Messages arriving on an association: PDVs reassembled into commands and data sets
+(PS3.8 Annex E), each message then to the `Invoker` (a response) or the `Performer` (a
+request). A request's data set goes where its service says (a spool for C-STORE), any
+other into memory, at most 64 MiB."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from dicomnet.errors import ProtocolError
+from dicomnet.invoking import Invoker
+from dicomnet.performing import Performer, Received
+from dicomnet.proto.contexts import AcceptedContext
+from dicomnet.proto.dimse import CCancelRQ, CommandReceived, DatasetFragment, MessageAssembler
+from dicomnet.proto.pdu import PresentationDataValue
+from dicomnet.storage import Spool
+
+__all__ = ["MessageReceiver"]
+
+log = logging.getLogger("dicomnet")
+
+MAX_MEMORY_DATASET = 64 << 20  # a data set kept in memory larger than this is refused
+
+
+class _Incoming:
+    """The data set of a message being received."""
+
+    __slots__ = ("buffer", "event", "spool")
+
+    def __init__(self, event: CommandReceived, spool: Spool | None) -> None:
+        self.event = event
+        self.spool = spool
+        self.buffer = bytearray() if spool is None else None
+
+    def write(self, data: memoryview) -> None:
+        if self.spool is not None:
+            self.spool.write(data)
+        elif self.buffer is not None:
+            if len(self.buffer) + len(data) > MAX_MEMORY_DATASET:
+                raise ProtocolError("data set larger than 64 MiB in a message kept in memory")
+            self.buffer += data
+
+
+class MessageReceiver:
+    """Reassembles the PDVs of one association and hands on what they make."""
+
+    def __init__(
+        self,
+        contexts: dict[int, AcceptedContext],
+        invoker: Invoker,
+        performer: Performer,
+        describe: Callable[[], str],
+    ) -> None:
+        self._contexts = contexts
+        self._invoker = invoker
+        self._performer = performer
+        self._describe = describe
+        self._assembler = MessageAssembler(contexts.__contains__)
+        self._incoming: _Incoming | None = None
+
+    def discard(self) -> None:
+        """Drop a data set being received (the association ended or failed)."""
+        if self._incoming is not None and self._incoming.spool is not None:
+            self._incoming.spool.discard()
+        self._incoming = None
+
+    async def feed(self, pdv: PresentationDataValue) -> None:
+        """One PDV received (a `ProtocolError` if the peer breaks PS3.8 Annex E)."""
+        event = self._assembler.feed(pdv)
+        if event is None:
+            return
+        if isinstance(event, CommandReceived):
+            await self._command(event)
+            return
+        assert isinstance(event, DatasetFragment)
+        incoming = self._incoming
+        if incoming is None:  # pragma: no cover - the assembler guarantees order
+            raise ProtocolError("data set fragment without a command")
+        incoming.write(event.data)
+        if event.is_last:
+            self._incoming = None
+            await self._complete(incoming)
+
+    async def _command(self, event: CommandReceived) -> None:
+        message = event.message
+        log.debug("%s: received %s", self._describe(), message)
+        if isinstance(message, CCancelRQ):
+            self._performer.cancel_requested(message.message_id_being_responded_to)
+            return
+        context = self._contexts[event.context_id]
+        if not event.has_dataset:
+            if message.is_request:
+                await self._performer.dispatch(Received(context, message))
+            else:
+                await self._invoker.deliver(message, None)
+            return
+        spool = self._performer.dataset_sink(context, message) if message.is_request else None
+        self._incoming = _Incoming(event, spool)
+
+    async def _complete(self, incoming: _Incoming) -> None:
+        """A message with its data set arrived in full."""
+        message = incoming.event.message
+        if not message.is_request:
+            await self._invoker.deliver(message, bytes(incoming.buffer or b""))
+            return
+        context = self._contexts[incoming.event.context_id]
+        if incoming.spool is not None:
+            incoming.spool.finish()
+            await self._performer.dispatch(Received(context, message, spool=incoming.spool))
+        else:
+            data = bytes(incoming.buffer or b"")
+            await self._performer.dispatch(Received(context, message, data))
