@@ -14,17 +14,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import peers
 import pytest
 import worklist_data
-from peers import (
-    HOST,
-    DicomnetServer,
-    dcmtk_tool,
-    describe_cli,
-    run_dicomnet,
-    run_tool,
-    start_dicomnet_server,
-)
+from peers import HOST, DicomnetServer
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -89,7 +82,7 @@ CASES: dict[str, tuple[tuple[str, ...], dict[str, list[str]]]] = {
 
 @pytest.fixture(scope="module")
 def findscu() -> str:
-    path = dcmtk_tool("findscu")
+    path = peers.dcmtk_tool("findscu")
     if path is None:
         pytest.skip("DCMTK findscu not installed")
     return path
@@ -100,7 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DicomnetServer]
     """One `dicomnet serve --worklist` for the module, stopped at the end."""
     workdir = tmp_path_factory.mktemp("worklist-serve")
     worklist_data.write_worklist(workdir / "worklist")
-    started = start_dicomnet_server(
+    started = peers.start_dicomnet_server(
         workdir, aet=SERVER_AET, extra_args=["--worklist", str(workdir / "worklist")]
     )
     try:
@@ -122,7 +115,7 @@ def run_findscu(
     """findscu -W with every response written to `out` (-X); its output and the responses."""
     out.mkdir()
     args = [arg for key in with_return_keys(keys) for arg in ("-k", key)]
-    result = run_tool(
+    result = peers.run_tool(
         [findscu, "-W", "-aet", "FINDSCU", "-aec", SERVER_AET, "-to", "10", "-ta", "10",
          "-td", "30", "-X", "-od", str(out), *args, HOST, str(server.port)],
         timeout=60,
@@ -177,7 +170,7 @@ def test_findscu_sequence_key_without_item_keys_returns_whole_steps(
     """A zero-length sequence key (PS3.4 §K.2.2.1.2 note 4): the whole sequence."""
     out = tmp_path / "responses"
     out.mkdir()
-    result = run_tool(
+    result = peers.run_tool(
         [findscu, "-W", "-aec", SERVER_AET, "-X", "-od", str(out), "-k", "AccessionNumber=ACC7",
          "-k", "ScheduledProcedureStepSequence", HOST, str(server.port)],
         timeout=60,
@@ -190,15 +183,17 @@ def test_findscu_sequence_key_without_item_keys_returns_whole_steps(
 
 
 def test_dicomnet_find_worklist(server: DicomnetServer) -> None:
-    result = run_dicomnet(
+    result = peers.run_dicomnet(
         ["find", HOST, server.port, "--aec", SERVER_AET, "--model", "mwl", "--json",
          "-k", f"{SPS}.Modality=CT", "-k", f"{SPS}.ScheduledProcedureStepStartDate=20261202-",
          *[arg for key in RETURN_KEYS for arg in ("-k", key)]],
         timeout=60,
     )  # fmt: skip
-    assert result.returncode == 0, describe_cli(result)
+    assert result.returncode == 0, peers.describe_cli(result)
     responses = [Dataset.from_json(json.loads(line)) for line in result.stdout.splitlines()]
-    assert steps_by_accession(responses) == {"ACC5": ["S5"], "ACC7": ["S7a"]}, describe_cli(result)
+    assert steps_by_accession(responses) == {"ACC5": ["S5"], "ACC7": ["S7a"]}, peers.describe_cli(
+        result
+    )
     for response in responses:
         check_return_keys(response)
     assert "2 match(es)" in result.stderr

@@ -236,20 +236,25 @@ def test_specific_character_set_of_the_response() -> None:
     assert response is not None and "SpecificCharacterSet" not in response
 
 
-@pytest.mark.parametrize("charset", [None, "ISO_IR 100", "ISO_IR 192"])
-def test_responses_encode_and_decode_back(charset: str | None) -> None:
-    identifier = query({"ScheduledPerformingPhysicianName": ""}, PatientName="")
-    if charset is not None:
-        identifier.SpecificCharacterSet = charset
-    parsed = WorklistQuery.parse(identifier)
-    for item in (ITEMS[2], ITEMS[0], ITEMS[2]):  # the same item twice, in between another
-        response = parsed.match(item)
+@pytest.mark.parametrize("whole_sequence", [False, True])
+def test_responses_encode_and_decode_back_under_each_character_set(whole_sequence: bool) -> None:
+    """The same item answered in UTF-8, Latin-1, then UTF-8 again: the names decode back
+    each time (a person name's bytes of an earlier response are not sent again)."""
+    item = ITEMS[2].copy()
+    step = item.ScheduledProcedureStepSequence[0]
+    step.ScheduledPerformingPhysicianName = "Ångström^Åsa"
+    for charset in (None, "ISO_IR 100", "ISO_IR 192", None):
+        identifier = query(None if whole_sequence else {"ScheduledPerformingPhysicianName": ""})
+        identifier.PatientName = ""
+        if whole_sequence:
+            identifier.ScheduledProcedureStepSequence = []
+        if charset is not None:
+            identifier.SpecificCharacterSet = charset
+        response = match_item(identifier, item)
         assert response is not None
-        back = decode_dataset(
-            encode_dataset(response, ExplicitVRLittleEndian), ExplicitVRLittleEndian
-        )
-        assert str(back.PatientName) == str(item.PatientName)
-        step = back.ScheduledProcedureStepSequence[0]
-        assert str(step.ScheduledPerformingPhysicianName) == str(
-            item.ScheduledProcedureStepSequence[0].ScheduledPerformingPhysicianName
-        )
+        data = encode_dataset(response, ExplicitVRLittleEndian)
+        back = decode_dataset(data, ExplicitVRLittleEndian)
+        assert back.SpecificCharacterSet == (charset or "ISO_IR 192")
+        assert str(back.PatientName) == "Müller^Hans"
+        name = back.ScheduledProcedureStepSequence[0].ScheduledPerformingPhysicianName
+        assert str(name) == "Ångström^Åsa"

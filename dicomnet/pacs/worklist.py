@@ -30,7 +30,8 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
-from dicomnet.pacs.worklist_matching import WorklistQuery, decoded_copy
+from dicomnet.pacs.matching import copy_dataset
+from dicomnet.pacs.worklist_matching import WorklistQuery
 
 __all__ = ["WorklistFolder", "read_item"]
 
@@ -66,7 +67,7 @@ def read_item(path: str | os.PathLike[str]) -> Dataset:
     try:
         # Decoded now, in the worker thread: a value that does not decode fails here,
         # not in the middle of a query.
-        return decoded_copy(dataset)
+        return copy_dataset(dataset)
     except Exception as exc:  # pydicom raises many kinds on a bad value
         raise ValueError(f"a value cannot be decoded: {exc}") from exc
 

@@ -43,7 +43,13 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnet.pacs.index import QueryError
-from dicomnet.pacs.matching import MatchError, ParsedQuery, candidate_keys, parse_query
+from dicomnet.pacs.matching import (
+    MatchError,
+    ParsedQuery,
+    candidate_keys,
+    copy_dataset,
+    parse_query,
+)
 
 __all__ = [
     "DATE_TIME_PAIRS",
@@ -51,7 +57,6 @@ __all__ = [
     "Key",
     "KeyItem",
     "WorklistQuery",
-    "decoded_copy",
     "match_item",
 ]
 
@@ -132,7 +137,7 @@ class KeyItem:
             value = None if found is None else found.value
             if key.query is not None and not key.query.match_keys(candidate_keys(key.vr, value)):
                 return None
-            out.add(_element(key.tag, key.vr if found is None else found.VR, value))
+            out.add(DataElement(key.tag, key.vr if found is None else found.VR, value))
         return out
 
 
@@ -237,35 +242,14 @@ def _match_sequence(key: Key, found: DataElement | None) -> list[Dataset] | None
     """Sequence Matching (§C.2.2.2.6): the response items, or None for no match."""
     items = list(found.value) if found is not None and found.VR == "SQ" else []
     if key.item is None:
-        return [decoded_copy(item) for item in items]
+        return [copy_dataset(item) for item in items]
     matched = [out for out in map(key.item.match, items) if out is not None]
     if matched or key.item.universal:
         return matched
     return None
 
 
-def decoded_copy(dataset: Dataset) -> Dataset:
-    """A deep copy of `dataset` with every value decoded (person names as text, see
-    `_element`), for a response or a cached worklist item."""
-    out = Dataset()
-    for elem in dataset:
-        if elem.VR == "SQ":
-            copies = DicomSequence([decoded_copy(item) for item in elem.value])
-            out.add(DataElement(elem.tag, "SQ", copies))
-        else:
-            out.add(_element(elem.tag, elem.VR, elem.value))
-    return out
-
-
-def _element(tag: int, vr: str, value: object) -> DataElement:
-    """A response element. A person name is given as text: a `PersonName` keeps the bytes
-    of its first encoding, which would go out again under another character set."""
-    if vr == "PN" and value is not None:
-        value = [str(v) for v in value] if isinstance(value, MultiValue) else str(value)
-    return DataElement(tag, vr, value)
-
-
-# -- character sets (PS3.5 §6.1.2.5) ------------------------------------------------------
+# -- character sets (PS3.4 §C.2.2.2, PS3.5 §6.1) -------------------------------------------
 
 
 def _response_charset(out: Dataset, requested: tuple[str, ...]) -> tuple[str, ...]:
