@@ -67,6 +67,12 @@ def add_parser(sub: Any) -> None:
         "--reindex", action="store_true", help="rebuild the index from the stored files first"
     )
     serve.add_argument(
+        "--worklist",
+        type=Path,
+        metavar="DIR",
+        help="also a Modality Worklist SCP: each file in DIR (DICOM or DICOM JSON) is an item",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -128,6 +134,7 @@ async def run(args: argparse.Namespace) -> int:
         clean_spool=not is_worker,
         processes=workers,
         process_slot=args.worker_slot if is_worker else 0,
+        worklist=args.worklist,
     )
     reuse_port = workers > 1 or is_worker
     children: list[subprocess.Popen[bytes]] = []

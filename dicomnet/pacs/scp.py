@@ -1,5 +1,6 @@
-"""The embedded SCP behind `dicomnet serve`: verification, storage to a folder, and
-query/retrieve (C-FIND, C-MOVE, C-GET) over an SQLite index of what is stored."""
+"""The embedded SCP behind `dicomnet serve`: verification, storage to a folder,
+query/retrieve (C-FIND, C-MOVE, C-GET) over an SQLite index of what is stored, and the
+Modality Worklist (C-FIND, PS3.4 Annex K) over a folder of items."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pydicom.dataset import Dataset
 from dicomnet.pacs.commitments import COMMITMENTS_FOLDER, FolderReportStore, check_stored
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
 from dicomnet.pacs.mpps import MPPSRecords
+from dicomnet.pacs.worklist import WorklistFolder
 from dicomnet.server import AE, Server
 from dicomnet.services.commitment import CommitmentSCP, report_contexts
 from dicomnet.services.mpps import MPPSSCP
@@ -423,6 +425,9 @@ class StorageSCP:
     `processes` > 1: this is the first of that many processes serving `storage` (`serve
     --workers N`); `process_slot` k > 0: it is the k-th of them, started after the first.
     Their queries then also wait for what the others stored (see `IndexProgress`).
+
+    `worklist`: a folder of worklist items (`WorklistFolder`); the AE then also accepts the
+    Modality Worklist model, and its C-FINDs are answered from the folder.
     """
 
     def __init__(
@@ -439,8 +444,10 @@ class StorageSCP:
         clean_spool: bool = True,
         processes: int = 1,
         process_slot: int = 0,
+        worklist: Path | None = None,
     ) -> None:
         self.storage = storage
+        self.worklist = WorklistFolder(worklist) if worklist is not None else None
         self._storage_folder = str(storage)
         storage.mkdir(parents=True, exist_ok=True)
         spool = storage / SPOOL_FOLDER
@@ -462,7 +469,7 @@ class StorageSCP:
             fsync=fsync,
             idle_timeout=idle_timeout,
             peers=peers,
-            query_models=("patient", "study"),
+            query_models=("patient", "study", "mwl") if worklist else ("patient", "study"),
         )
         # One process of several serving this storage (`serve --workers N`): the first
         # makes the file where each says how far it has indexed (see IndexProgress).
@@ -529,6 +536,10 @@ class StorageSCP:
         return 0x0000
 
     async def find(self, request: FindRequest) -> AsyncIterator[Dataset | tuple[Dataset, int]]:
+        if request.model == "mwl" and self.worklist is not None:
+            async for item in self.worklist.find(request.identifier):
+                yield item
+            return
         if request.model not in ("patient", "study"):
             raise QueryError(0xC000, f"the {request.model or 'requested'} model is not served")
         await self.indexer.drain()
