@@ -30,7 +30,7 @@ from dicomnet.storage import Spool
 if TYPE_CHECKING:
     from dicomnet.association import BaseAssociation
 
-__all__ = ["Handlers", "Performer", "Received", "Served", "Service"]
+__all__ = ["Handlers", "Performer", "Received", "Served", "Service", "ServiceBase"]
 
 log = logging.getLogger("dicomnet")
 
@@ -98,6 +98,17 @@ class Service(Protocol):
     async def serve(self, association: BaseAssociation, request: Received) -> None:
         """Answer the request (send its response or responses)."""
         ...
+
+
+class ServiceBase:
+    """Defaults for a `Service`: answered in a task of its own, data sets in memory."""
+
+    inline: ClassVar[bool] = False
+
+    def dataset_sink(
+        self, association: BaseAssociation, context: AcceptedContext, message: Any
+    ) -> Spool | None:
+        return None
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -486,32 +486,41 @@ class Server:
 _SERVICE_TABLE = service_table()
 
 
-@asynccontextmanager
-async def retrieve_listener(
-    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
-) -> AsyncIterator[RetrieveListener]:
-    """Serve a storage SCP under `ae_title` for `Association.retrieve(..., listener=)`.
+class _Listener(Protocol):
+    ae_title: str
+    host: str
+    port: int
 
-    The peer must know `ae_title` as a move destination at this host and port.
-    """
-    listener = RetrieveListener(ae_title)
-    ae = AE(ae_title)
-    ae.on_store(listener._on_store)
-    async with ae.serve(host, port, backend=backend) as server:
-        listener.host, listener.port = server.host, server.port
-        yield listener
+    def install(self, handlers: Handlers) -> None: ...
+
+
+L = TypeVar("L", bound=_Listener)
 
 
 @asynccontextmanager
-async def commitment_listener(
-    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
-) -> AsyncIterator[CommitmentListener]:
-    """Serve `ae_title` for the storage commitment reports an SCP sends on associations
-    of its own (PS3.4 §J.3.3): pass it to `Association.request_commitment(listener=)`.
-    The SCP must know `ae_title` at this host and port."""
-    listener = CommitmentListener(ae_title)
-    ae = AE(ae_title)
+async def _serving(listener: L, host: str, port: int, backend: NetworkBackend) -> AsyncIterator[L]:
+    """An AE of the listener's title, answering with it, served until the block ends."""
+    ae = AE(listener.ae_title)
     listener.install(ae.handlers)
     async with ae.serve(host, port, backend=backend) as server:
         listener.host, listener.port = server.host, server.port
         yield listener
+
+
+def retrieve_listener(
+    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
+) -> AbstractAsyncContextManager[RetrieveListener]:
+    """Serve a storage SCP under `ae_title` for `Association.retrieve(..., listener=)`.
+
+    The peer must know `ae_title` as a move destination at this host and port.
+    """
+    return _serving(RetrieveListener(ae_title), host, port, backend)
+
+
+def commitment_listener(
+    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
+) -> AbstractAsyncContextManager[CommitmentListener]:
+    """Serve `ae_title` for the storage commitment reports an SCP sends on associations
+    of its own (PS3.4 §J.3.3): pass it to `Association.request_commitment(listener=)`.
+    The SCP must know `ae_title` at this host and port."""
+    return _serving(CommitmentListener(ae_title), host, port, backend)

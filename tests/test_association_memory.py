@@ -179,24 +179,36 @@ async def test_cancel_stops_the_handler_and_the_association_goes_on(net: MemoryN
 # --- the asynchronous operations window ------------------------------------------------------
 
 
+class Overlap:
+    """A handler that counts how many of its calls run at once; with `together`, each
+    waits until that many have started (so they must overlap, or the test hangs)."""
+
+    def __init__(self, together: int = 0) -> None:
+        self.running = 0
+        self.most = 0
+        self.calls = 0
+        self._together = together
+        self._all_in = anyio.Event()
+
+    async def __call__(self, request: object) -> int:
+        self.running += 1
+        self.calls += 1
+        self.most = max(self.most, self.running)
+        if self.running == self._together:
+            self._all_in.set()
+        if self._together:
+            await self._all_in.wait()
+        else:
+            await anyio.sleep(0)
+        self.running -= 1
+        return 0
+
+
 async def test_window_of_three_both_ways(net: MemoryNetwork) -> None:
     """The requestor invokes three C-ECHOs at once and the acceptor performs them at
     once; then the acceptor invokes three N-EVENT-REPORTs at once on the requestor."""
     ae = dicomnet.AE("PACS", async_operations_window=(3, 3))
-    in_echo = 0
-    most_echoes = 0
-    echoes_release = anyio.Event()
-
-    @ae.on_echo
-    async def echo(request: dicomnet.EchoRequest) -> int:
-        nonlocal in_echo, most_echoes
-        in_echo += 1
-        most_echoes = max(most_echoes, in_echo)
-        if in_echo == 3:
-            echoes_release.set()
-        await echoes_release.wait()
-        in_echo -= 1
-        return 0
+    echoes = ae.on_echo(Overlap(together=3))
 
     @ae.on_n_action(PRINTER)
     async def action(request: dicomnet.NRequest) -> int:
@@ -207,20 +219,7 @@ async def test_window_of_three_both_ways(net: MemoryNetwork) -> None:
         return 0
 
     client = dicomnet.AE("SCU")
-    in_report = 0
-    most_reports = 0
-    reports_release = anyio.Event()
-
-    @client.on_n_event_report(PRINTER)
-    async def report(request: dicomnet.NRequest) -> int:
-        nonlocal in_report, most_reports
-        in_report += 1
-        most_reports = max(most_reports, in_report)
-        if in_report == 3:
-            reports_release.set()
-        await reports_release.wait()
-        in_report -= 1
-        return 0
+    reports = client.on_n_event_report(PRINTER)(Overlap(together=3))
 
     contexts = [PresentationContext(VERIFICATION), PresentationContext(PRINTER)]
     async with ae.serve(HOST, PORT, backend=net):
@@ -232,25 +231,15 @@ async def test_window_of_three_both_ways(net: MemoryNetwork) -> None:
             async with anyio.create_task_group() as tg:
                 for _ in range(3):
                     tg.start_soon(assoc.echo)
-            assert most_echoes == 3
+            assert echoes.most == 3
             rsp = await assoc.n_action(PRINTER, PRINTER_INSTANCE, 1)
             assert rsp.status == 0
-            assert most_reports == 3
+            assert reports.most == 3
 
 
 async def test_window_of_one_serialises(net: MemoryNetwork) -> None:
     ae = dicomnet.AE("PACS")  # answers (1, 1)
-    in_echo = 0
-    most = 0
-
-    @ae.on_echo
-    async def echo(request: dicomnet.EchoRequest) -> int:
-        nonlocal in_echo, most
-        in_echo += 1
-        most = max(most, in_echo)
-        await anyio.sleep(0)
-        in_echo -= 1
-        return 0
+    echoes = ae.on_echo(Overlap())
 
     async with ae.serve(HOST, PORT, backend=net):
         async with dicomnet.connect(HOST, PORT, async_operations_window=(4, 4), backend=net) as a:
@@ -259,25 +248,13 @@ async def test_window_of_one_serialises(net: MemoryNetwork) -> None:
             async with anyio.create_task_group() as tg:
                 for _ in range(5):
                     tg.start_soon(a.echo)
-    assert most == 1
+    assert echoes.most == 1 and echoes.calls == 5
 
 
 async def test_a_peer_past_its_window_is_served_in_turn(net: MemoryNetwork) -> None:
     """Requests beyond the negotiated window wait for room; none is lost."""
     ae = dicomnet.AE("PACS")
-    in_echo = 0
-    most = 0
-    answered = 0
-
-    @ae.on_echo
-    async def echo(request: dicomnet.EchoRequest) -> int:
-        nonlocal in_echo, most, answered
-        in_echo += 1
-        most = max(most, in_echo)
-        await anyio.sleep(0)
-        in_echo -= 1
-        answered += 1
-        return 0
+    echoes = ae.on_echo(Overlap())
 
     async with ae.serve(HOST, PORT, backend=net):
         async with dicomnet.connect(HOST, PORT, backend=net) as assoc:
@@ -285,8 +262,8 @@ async def test_a_peer_past_its_window_is_served_in_turn(net: MemoryNetwork) -> N
             assert context is not None
             for message_id in (101, 102, 103):  # three at once, though the window is 1
                 await assoc.send_message(context.context_id, CEchoRQ(message_id))
-            await settle(lambda: answered == 3)
-    assert most == 1
+            await settle(lambda: echoes.calls == 3 and not echoes.running)
+    assert echoes.most == 1
 
 
 # --- release with work in flight -------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pynetdicom_n import mpps_final, mpps_in_progress
 
 import dicomnet
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index
@@ -20,7 +21,6 @@ from dicomnet.testing import FakeClock, MemoryNetwork
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
 HOST, PORT = "ris.test", 104
-STUDY = "1.2.826.0.1.3680043.8.498.1"
 
 
 @pytest.fixture
@@ -30,60 +30,7 @@ def anyio_backend() -> str:
 
 def new_step() -> Dataset:
     """An N-CREATE data set with every type 1 and type 2 attribute of Table F.7.2-1."""
-    step = Dataset()
-    step.StudyInstanceUID = STUDY
-    step.ReferencedStudySequence = Sequence()
-    for keyword in (
-        "AccessionNumber",
-        "RequestedProcedureID",
-        "RequestedProcedureDescription",
-        "ScheduledProcedureStepID",
-        "ScheduledProcedureStepDescription",
-    ):
-        setattr(step, keyword, "")
-    step.ScheduledProtocolCodeSequence = Sequence()
-    ds = Dataset()
-    ds.ScheduledStepAttributesSequence = Sequence([step])
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "P1"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "F"
-    ds.ReferencedPatientSequence = Sequence()
-    ds.PerformedProcedureStepID = "PPS1"
-    ds.PerformedStationAETitle = "CT1"
-    ds.PerformedStationName = ""
-    ds.PerformedLocation = ""
-    ds.PerformedProcedureStepStartDate = "20261205"
-    ds.PerformedProcedureStepStartTime = "0930"
-    ds.PerformedProcedureStepStatus = "IN PROGRESS"
-    ds.PerformedProcedureStepDescription = ""
-    ds.PerformedProcedureTypeDescription = ""
-    ds.ProcedureCodeSequence = Sequence()
-    ds.PerformedProcedureStepEndDate = ""
-    ds.PerformedProcedureStepEndTime = ""
-    ds.Modality = "CT"
-    ds.StudyID = ""
-    ds.PerformedProtocolCodeSequence = Sequence()
-    ds.PerformedSeriesSequence = Sequence()
-    return ds
-
-
-def completion(status: str = "COMPLETED") -> Dataset:
-    series = Dataset()
-    series.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
-    series.ProtocolName = "HEAD"
-    series.PerformingPhysicianName = ""
-    series.OperatorsName = ""
-    series.SeriesDescription = ""
-    series.RetrieveAETitle = ""
-    series.ReferencedImageSequence = Sequence()
-    series.ReferencedNonImageCompositeSOPInstanceSequence = Sequence()
-    ds = Dataset()
-    ds.PerformedProcedureStepStatus = status
-    ds.PerformedProcedureStepEndDate = "20261205"
-    ds.PerformedProcedureStepEndTime = "1000"
-    ds.PerformedSeriesSequence = Sequence([series])
-    return ds
+    return mpps_in_progress(PatientName="Doe^Jane", PatientID="P1", PerformedStationAETitle="CT1")
 
 
 class Steps:
@@ -149,14 +96,14 @@ async def test_the_life_cycle_and_every_refusal() -> None:
             strange.PerformedProcedureStepStatus = "PAUSED"
             assert (await refused(assoc.n_set(MPPS, "1.2.3.4", strange))).status == 0x0106
 
-            assert (await assoc.n_set(MPPS, "1.2.3.4", completion())).status == 0
+            assert (await assoc.n_set(MPPS, "1.2.3.4", mpps_final())).status == 0
             error = await refused(assoc.n_set(MPPS, "1.2.3.4", change))
             assert error.status == 0x0110
             assert error.error_comment == "Performed Procedure Step Object may no longer be updated"
             assert (await refused(assoc.n_set(MPPS, "9.9.9", change))).status == 0x0112
 
             assert (
-                await assoc.n_set(MPPS, given.sop_instance_uid, completion("DISCONTINUED"))
+                await assoc.n_set(MPPS, given.sop_instance_uid, mpps_final("DISCONTINUED"))
             ).status == 0
             assert (await refused(assoc.n_delete(MPPS, "1.2.3.4"))).status == 0x0211
     final = store.steps["1.2.3.4"]
@@ -213,10 +160,12 @@ def test_mpps_records_share_the_index_database(tmp_path: Path) -> None:
         records = MPPSRecords(database)
         step = new_step()
         step.SOPInstanceUID = "1.2.3"
+        study = step.ScheduledStepAttributesSequence[0].StudyInstanceUID
         assert records.create("1.2.3", step)
         assert not records.create("1.2.3", step)
-        done = new_step()
-        done.update(completion())
+        done = Dataset()
+        done.update(step)
+        done.update(mpps_final())
         done.SOPInstanceUID = "1.2.3"
         assert records.replace("1.2.3", done, "IN PROGRESS")
         assert not records.replace("1.2.3", done, "IN PROGRESS")  # no longer IN PROGRESS
@@ -228,6 +177,6 @@ def test_mpps_records_share_the_index_database(tmp_path: Path) -> None:
     assert kept is not None and kept.PerformedProcedureStepStatus == "COMPLETED"
     assert [d.SOPInstanceUID for d in again.find(status="COMPLETED", patient_id="P1")] == ["1.2.3"]
     assert again.find(status="IN PROGRESS") == []
-    assert again.find(study_instance_uid=STUDY)[0].PerformedSeriesSequence[0].ProtocolName == "HEAD"
+    assert again.find(study_instance_uid=study)[0].PerformedSeriesSequence[0].ProtocolName == "HEAD"
     assert again.get("9.9") is None
     again.close()

@@ -25,6 +25,7 @@ from pydicom.uid import generate_uid
 
 from dicomnet.association import BaseAssociation, Handlers, Received
 from dicomnet.errors import DimseError, NotNegotiatedError
+from dicomnet.performing import ServiceBase
 from dicomnet.proto.contexts import (
     UNCOMPRESSED_TRANSFER_SYNTAXES,
     AcceptedContext,
@@ -42,7 +43,7 @@ from dicomnet.proto.dimse import (
 )
 from dicomnet.services.common import comment
 from dicomnet.status import Status
-from dicomnet.storage import Spool, decode_dataset, encode_dataset
+from dicomnet.storage import decode_dataset, encode_dataset
 
 __all__ = [
     "N_ACTION",
@@ -287,13 +288,13 @@ def _result(value: Any) -> tuple[int, Dataset | None]:
     return int(value), None
 
 
-class NServices:
+class NServices(ServiceBase):
     """The SCP side of DIMSE-N: each request to the handler of its operation and SOP
     class. A class with an N-EVENT-REPORT handler lets the requestor take the SCP role
     (PS3.7 §D.3.3.4): how a storage commitment report comes on a new association."""
 
     requests: ClassVar[tuple[type[Any], ...]] = tuple(_OPERATION)
-    inline: ClassVar[bool] = False  # a handler may itself wait for the peer
+    # Not inline: a handler may itself wait for the peer.
 
     def contexts(
         self, handlers: Handlers, models: tuple[str, ...]
@@ -312,11 +313,6 @@ class NServices:
             )
             for uid in sorted(reports | performs)
         }
-
-    def dataset_sink(
-        self, association: BaseAssociation, context: AcceptedContext, message: Any
-    ) -> Spool | None:
-        return None
 
     async def serve(self, association: BaseAssociation, request: Received) -> None:
         message = request.message

@@ -36,6 +36,7 @@ from dicomnet.errors import (
     DimseError,
     NotNegotiatedError,
 )
+from dicomnet.performing import ServiceBase
 from dicomnet.proto.contexts import (
     DEFAULT_TRANSFER_SYNTAXES,
     MODALITY_WORKLIST_FIND,
@@ -53,9 +54,9 @@ from dicomnet.proto.contexts import (
 )
 from dicomnet.proto.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CMoveRSP, CStoreRQ
 from dicomnet.services.common import failure
-from dicomnet.services.storage import StorageUser, StoreRequest
+from dicomnet.services.storage import ON_STORE, StorageUser, StoreRequest
 from dicomnet.status import Status
-from dicomnet.storage import Part10File, Spool, decode_dataset, encode_dataset
+from dicomnet.storage import Part10File, decode_dataset, encode_dataset
 
 __all__ = [
     "FIND_MODELS",
@@ -412,6 +413,10 @@ class RetrieveListener:
 
     def _unregister(self, originator: str, operation: Operation) -> None:
         self._sinks.pop((originator.strip(), operation.message_id), None)
+
+    def install(self, handlers: Handlers) -> None:
+        """Receive storage requests with this listener (an AE's handlers)."""
+        handlers.set(ON_STORE, self._on_store)
 
     async def _on_store(self, request: StoreRequest) -> int | tuple[int, str]:
         key = (
@@ -978,12 +983,11 @@ class QueryRetrieveUser(StorageUser):
         )
 
 
-class QueryRetrieve:
+class QueryRetrieve(ServiceBase):
     """The SCP side: the information models of `models` whose handler is set, and for
     C-GET every storage SOP class with the SCP role offered to the requestor."""
 
     requests: ClassVar[tuple[type[Any], ...]] = (CFindRQ, CMoveRQ, CGetRQ)
-    inline: ClassVar[bool] = False
 
     def contexts(
         self, handlers: Handlers, models: tuple[str, ...]
@@ -1000,11 +1004,6 @@ class QueryRetrieve:
             for uid in all_storage_sop_classes():
                 supported[uid] = PresentationContext(uid, every, scu_role=False, scp_role=True)
         return supported
-
-    def dataset_sink(
-        self, association: BaseAssociation, context: AcceptedContext, message: Any
-    ) -> Spool | None:
-        return None
 
     async def serve(self, association: BaseAssociation, request: Received) -> None:
         message = request.message

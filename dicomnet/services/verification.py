@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from dicomnet.association import BaseAssociation, Handlers, Received
 from dicomnet.errors import NotNegotiatedError
+from dicomnet.performing import ServiceBase
 from dicomnet.proto.contexts import (
     VERIFICATION,
     AcceptedContext,
@@ -17,7 +18,6 @@ from dicomnet.proto.contexts import (
 from dicomnet.proto.dimse import CEchoRQ, CEchoRSP
 from dicomnet.services.common import check, comment, status_of
 from dicomnet.status import Status
-from dicomnet.storage import Spool
 
 __all__ = ["ON_ECHO", "EchoRequest", "Verification", "VerificationUser"]
 
@@ -50,7 +50,7 @@ class VerificationUser(BaseAssociation):
         return check(response)
 
 
-class Verification:
+class Verification(ServiceBase):
     """The SCP side: every AE answers C-ECHO (success, or what `on_echo` returns)."""
 
     requests: ClassVar[tuple[type[Any], ...]] = (CEchoRQ,)
@@ -60,11 +60,6 @@ class Verification:
         self, handlers: Handlers, models: tuple[str, ...]
     ) -> dict[str, PresentationContext]:
         return {VERIFICATION: PresentationContext(VERIFICATION, all_transfer_syntaxes())}
-
-    def dataset_sink(
-        self, association: BaseAssociation, context: AcceptedContext, message: Any
-    ) -> Spool | None:
-        return None
 
     async def serve(self, association: BaseAssociation, request: Received) -> None:
         message = request.message
