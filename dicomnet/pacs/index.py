@@ -46,8 +46,8 @@ Schema (version `SCHEMA_VERSION`, in ``PRAGMA user_version``; a database of
 another version is dropped and recreated empty, with `Index.created` set so the
 caller rebuilds it from the files)::
 
-    patient (pk, patient_id UNIQUE NOT NULL, patient_name, issuer_of_patient_id,
-             patient_birth_date, patient_sex)
+    patient (pk, patient_id NOT NULL (UNIQUE where not ''), patient_name,
+             issuer_of_patient_id, patient_birth_date, patient_sex)
     study   (pk, patient_pk -> patient, study_instance_uid UNIQUE, study_date,
              study_time, accession_number, study_id, referring_physician_name,
              study_description)
@@ -60,12 +60,26 @@ Each PN, DA, TM, DT, IS and DS column ``x`` has a companion ``x_key`` holding it
 match key (`matching.match_key`: lower-case PN, canonical sortable date/time,
 numeric IS), which is what conditions and indexes use. ModalitiesInStudy,
 SOPClassesInStudy, AvailableTransferSyntaxUID and the Number of ... Related ...
-counts are derived in SQL at query time. Patients are identified by Patient ID
-alone (the unique key of the Patient Root model); an instance without one goes to
-the patient with an empty ID. When an instance arrives whose study, series or
-patient attributes differ from those indexed, the newest values win (attributes
-it lacks keep their indexed value), and entities left without instances are
-deleted.
+counts are derived in SQL at query time. When an instance arrives whose study,
+series or patient attributes differ from those indexed, the newest values win
+(attributes it lacks keep their indexed value), and entities left without
+instances are deleted.
+
+Patients are identified by Patient ID alone (the unique key of the Patient Root
+model). An instance without Patient ID (absent, empty or spaces) says nothing of
+its patient, so it is never merged with another patient on that missing ID: it
+goes to the patient of its study if the study is indexed (an identified patient
+is then left as it is), else to a new patient of its own. So each study without
+a Patient ID has a patient of its own, with an empty Patient ID and that study's
+patient attributes; an instance of the study that has a Patient ID moves the
+study to that patient (the patient left without studies goes). This is what
+dcm4chee-arc does (an object without Patient ID whose study is not known gets a
+new patient); DCMTK's dcmqrscp, which keeps one record per instance, matches a
+study-level query on each instance's own patient attributes but shows every
+instance without ID as one patient at the PATIENT level. Here such patients are
+PATIENT-level matches of their own (empty Patient ID, their own name); their
+studies are found by a study-level query on the other patient keys (Study
+Root).
 """
 
 from __future__ import annotations
@@ -130,7 +144,7 @@ _RANK: dict[str, int] = {level: rank for rank, level in enumerate(LEVELS)}
 
 #: The index's file name inside the storage folder (hidden: `rebuild` skips it).
 INDEX_FILE_NAME = ".dicomnet-index.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: PS3.4 §C.4.1.1.4 / §C.4.2.1.5 failure statuses.
 STATUS_IDENTIFIER_DOES_NOT_MATCH = 0xA900
@@ -202,6 +216,8 @@ class _Table:
     parent: str | None  # foreign key column to the level above
     parent_table: str | None
     attributes: tuple[_Stored, ...]  # the first is the unique key
+    #: When set, the unique key is unique only among the rows where this holds.
+    unique_where: str | None = None
 
     @property
     def unique(self) -> _Stored:
@@ -222,6 +238,7 @@ _TABLES: tuple[_Table, ...] = (
             _Stored("PatientBirthDate", "DA", "patient_birth_date"),
             _Stored("PatientSex", "CS", "patient_sex"),
         ),
+        unique_where="patient_id != ''",  # patients without ID: one per study
     ),
     _Table(
         "study",
@@ -281,12 +298,18 @@ def _schema() -> list[str]:
             )
         for attr in table.attributes:
             if attr is table.unique:
-                columns.append(f"{attr.column} TEXT NOT NULL UNIQUE")
+                unique = "" if table.unique_where else " UNIQUE"
+                columns.append(f"{attr.column} TEXT NOT NULL{unique}")
             else:
                 columns.extend(f"{column} TEXT" for column in attr.columns)
         if table.name == "instance":
             columns += ["path TEXT NOT NULL", "transfer_syntax TEXT", "size INTEGER"]
         statements.append(f"CREATE TABLE {table.name} ({', '.join(columns)})")
+        if table.unique_where:
+            statements.append(
+                f"CREATE UNIQUE INDEX {table.name}_{table.unique.column} ON {table.name}"
+                f" ({table.unique.column}) WHERE {table.unique_where}"
+            )
         if table.parent is not None:
             statements.append(
                 f"CREATE INDEX {table.name}_{table.parent} ON {table.name} ({table.parent})"
@@ -301,11 +324,13 @@ def _schema() -> list[str]:
     return statements
 
 
-def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
-    """INSERT ... ON CONFLICT(unique) DO UPDATE ... RETURNING pk, and its column order.
+def _upsert_sql(table: _Table, by_pk: bool = False) -> tuple[str, list[str]]:
+    """INSERT ... ON CONFLICT(unique) DO UPDATE ... RETURNING pk, and its column order;
+    `by_pk`: the first column is the row's pk (NULL for a new row), the conflict on it.
 
     A NULL (attribute absent from the new instance) keeps the indexed value."""
-    columns: list[str] = [table.parent] if table.parent else []
+    columns: list[str] = ["pk"] if by_pk else []
+    columns += [table.parent] if table.parent else []
     updates: list[str] = [f"{table.parent} = excluded.{table.parent}"] if table.parent else []
     for attr in table.attributes:
         columns.extend(attr.columns)
@@ -320,16 +345,27 @@ def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
     if table.name == "instance":
         columns += ["path", "transfer_syntax", "size"]
         updates += [f"{c} = excluded.{c}" for c in ("path", "transfer_syntax", "size")]
+    conflict = f"({table.unique.column})"
+    if by_pk:
+        conflict = "(pk)"
+    elif table.unique_where:
+        conflict += f" WHERE {table.unique_where}"
     sql = (
         f"INSERT INTO {table.name} ({', '.join(columns)})"
         f" VALUES ({', '.join('?' * len(columns))})"
-        f" ON CONFLICT({table.unique.column}) DO UPDATE SET {', '.join(updates)}"
+        f" ON CONFLICT{conflict} DO UPDATE SET {', '.join(updates)}"
         " RETURNING pk"
     )
     return sql, columns
 
 
 _UPSERTS = {table.name: _upsert_sql(table) for table in _TABLES}
+# A patient without Patient ID: a row of its own, found through its study.
+_UPSERT_PATIENT_BY_PK = _upsert_sql(_TABLE["patient"], by_pk=True)[0]
+_STUDY_PATIENT = (
+    "SELECT p.pk, p.patient_id FROM study AS st JOIN patient AS p ON p.pk = st.patient_pk"
+    " WHERE st.study_instance_uid = ?"
+)
 _PARENT_TABLES = tuple(table for table in _TABLES if table.name != "instance")
 # A new instance (the usual case) is one INSERT; a conflict leaves the row as it was.
 _INSERT_INSTANCE = (
@@ -1254,17 +1290,24 @@ class Index:
         written: an instance whose parents are the same as the previous one's skips
         their upserts (a rebuild walks folders series by series). The instance row is
         inserted first; only an instance indexed before (a conflict) is looked up, to
-        prune the series, study and patient it may have left."""
+        prune the series, study and patient it may have left. An instance without
+        Patient ID goes to the patient of its study (`_patient_without_id`)."""
         old_series: set[int] = set()
         old_studies: set[int] = set()
         old_patients: set[int] = set()
         parent: int | None = None
+        study_uid = cast(str, record.rows["study"][0])
         for table in _PARENT_TABLES:
             values = record.rows[table.name]
-            key = (parent, *values)
+            without_id = table.name == "patient" and not values[0]
+            key = (study_uid if without_id else parent, *values)
             hit = cache.get(table.name)
             if hit is not None and hit[0] == key:
                 parent = hit[1]
+                continue
+            if without_id:
+                parent = self._patient_without_id(conn, values, study_uid)
+                cache[table.name] = (key, parent)
                 continue
             if table.name == "study":  # the study may move to another patient
                 for (old,) in conn.execute(
@@ -1299,6 +1342,19 @@ class Index:
             conn.execute(_UPSERTS["instance"][0], instance)
         if self._prune(conn, old_series, old_studies, old_patients):
             cache.clear()  # a remembered row may be gone
+
+    @staticmethod
+    def _patient_without_id(
+        conn: sqlite3.Connection, values: list[str | int | None], study_uid: str
+    ) -> int:
+        """The patient of an instance without Patient ID: the patient of its study if
+        that is indexed (updated with the instance's values unless it has an ID, of
+        which the instance says nothing), else a new patient of its own."""
+        row = conn.execute(_STUDY_PATIENT, (study_uid,)).fetchone()
+        if row is not None and row[1]:
+            return int(row[0])
+        pk = None if row is None else row[0]
+        return int(conn.execute(_UPSERT_PATIENT_BY_PK, [pk, *values]).fetchone()[0])
 
     @staticmethod
     def _prune(
