@@ -56,7 +56,8 @@ The matching kinds (PS3.4 §C.2.2.2):
   it in the local time zone / Timezone Offset From UTC, which this module does
   not know). A range crossing midnight, or whose start is after its end, matches
   nothing (§C.2.2.2.5). Combined date-time matching of a DA/TM pair (an extended
-  negotiation option) is not done: StudyDate and StudyTime are matched separately.
+  negotiation option, §C.2.2.2.5.4) is `dicomnet.pacs.combined`'s; here StudyDate
+  and StudyTime are matched separately.
 - Multiple values (§C.2.2.2.8): without the Multiple Value Matching extended
   negotiation their meaning is undefined by the standard; here a key with several
   values (``CT\\MR``) matches a candidate that matches any of them (an OR, as for
