@@ -6,14 +6,16 @@ Unique or Required keys at some level, plus a few common optional ones, and the
 instance's file (path relative to the storage folder), transfer syntax and size.
 
 - `Index.query(model, level, identifier)` answers a C-FIND: hierarchical (baseline)
-  search per PS3.4 §C.4.1.2.1 / §C.4.1.3.1, attribute matching per §C.2.2.2 done
+  search per PS3.4 §C.4.1.2.1 / §C.4.1.3.1, or relational search (§C.4.1.3.2.2)
+  when the SCU negotiated it (``relational=True``), attribute matching per §C.2.2.2 done
   in SQLite (`dicomnet.pacs.matching`), one response identifier per match, streamed from
   a cursor. Return keys the index does not hold are read from a stored file of the
   matching entity, and only when asked for (matching on them is then done in
   Python on that file, §C.2.2.2.6 sequence matching included).
 - `Index.files(model, level, identifier)` lists what a C-MOVE / C-GET retrieves
   (PS3.4 §C.4.2.2.1, §C.4.3.2.1: unique keys at and above the level, a list of UIDs
-  allowed at the level).
+  allowed at the level; with relational retrieve, ``relational=True``,
+  §C.4.2.3.2.1 / §C.4.3.3.2.1, the unique keys above the level may be left out).
 - `Index.add` / `add_many` / `remove` / `rebuild` keep it up to date.
 
 Where baseline hierarchical search leaves the SCP a choice, this one is lenient:
@@ -23,11 +25,16 @@ may be absent; a key whose level is not known (a private or rare attribute) is
 taken as an Optional key of the query level, read from the files. Keys of levels
 below the query level are refused.
 
+With relational queries (§C.4.1.3.2.1), keys of any level above the query level
+may be given without the unique keys of those levels: every key is matched, a
+level without keys matching every entity. The unique keys above that an SCU does
+send are matched like other keys (a list or a pattern included).
+
 Errors in an identifier raise `QueryError(status, message)`: 0xA900 (Identifier
 does not match SOP Class) for a missing or wrong Query/Retrieve Level, keys below
-the level, or missing / non-single unique keys of the levels above (a relational
-query, which is not supported); 0xC000 (Unable to process) for a key value that
-cannot be matched (a DA range that is not a date range, ...).
+the level, or, unless relational queries / retrieves were negotiated, missing or
+non-single unique keys of the levels above; 0xC000 (Unable to process) for a key
+value that cannot be matched (a DA range that is not a date range, ...).
 
 Threads: nothing here is async (the async SCP runs these calls in worker threads,
 ``anyio.to_thread.run_sync``). Writes go through one connection opened with
@@ -78,8 +85,8 @@ new patient); DCMTK's dcmqrscp, which keeps one record per instance, matches a
 study-level query on each instance's own patient attributes but shows every
 instance without ID as one patient at the PATIENT level. Here such patients are
 PATIENT-level matches of their own (empty Patient ID, their own name); their
-studies are found by a study-level query on the other patient keys (Study
-Root).
+studies are found by a study-level query on the other patient keys (Study Root,
+or Patient Root with relational queries).
 """
 
 from __future__ import annotations
@@ -693,10 +700,11 @@ def _attribute_level(elem: DataElement, model: Model, level: Level) -> Level:
 
 
 def _check_hierarchy(
-    model: Model, level: Level, identifier: Dataset, keys: list[DataElement]
+    model: Model, level: Level, identifier: Dataset, keys: list[DataElement], relational: bool
 ) -> None:
-    """Baseline hierarchical search (PS3.4 §C.4.1.2.1): no keys below the level, and a
-    single value for the unique key of every level above it."""
+    """No keys below the level; for baseline hierarchical search (PS3.4 §C.4.1.2.1), a
+    single value for the unique key of every level above it, which relational
+    queries (§C.4.1.2.2.1, §C.4.1.3.2) do not need."""
     rank = _RANK[level]
     for elem in keys:
         found = _attribute_level(elem, model, level)
@@ -706,6 +714,8 @@ def _check_hierarchy(
                 f"{_keyword(elem)} is a {found} key, below the {level} level",
                 (elem.tag,),
             )
+    if relational:
+        return
     for above in _model_levels(model)[: rank - _RANK[_model_levels(model)[0]]]:
         keyword = _UNIQUE[above]
         tag = tag_for_keyword(keyword)
@@ -732,11 +742,13 @@ def _condition(keyword: str, attr: _Attr, value: object) -> tuple[str, tuple[str
     return sql, cond.params
 
 
-def _plan_find(model: Model, level: Level | None, identifier: Dataset) -> _FindPlan:
+def _plan_find(
+    model: Model, level: Level | None, identifier: Dataset, relational: bool = False
+) -> _FindPlan:
     chosen = _check_level(model, level, identifier)
     elements = list(identifier)
     keys = [elem for elem in elements if _is_key(elem.tag)]
-    _check_hierarchy(model, chosen, identifier, keys)
+    _check_hierarchy(model, chosen, identifier, keys, relational)
     select: list[str] = []
     where: list[str] = []
     plan = _FindPlan(chosen, "", [])
@@ -784,48 +796,60 @@ def _plan_find(model: Model, level: Level | None, identifier: Dataset) -> _FindP
 
 
 def _plan_retrieve(
-    model: Model, level: Level | None, identifier: Dataset, select: str
+    model: Model, level: Level | None, identifier: Dataset, select: str, relational: bool = False
 ) -> tuple[str, list[str]]:
     """The instances a C-MOVE / C-GET retrieves (PS3.4 §C.4.2.2.1, §C.4.3.2.1): the unique
-    keys of the levels above the retrieve level each a single value, the unique key of
-    the retrieve level one value or a list of UIDs; other keys are ignored."""
+    keys of the levels above the retrieve level each a single value (with relational
+    retrieve, §C.4.2.3.2.1 / §C.4.3.3.2.1, they may be absent), the unique key of the
+    retrieve level one value or a list of UIDs; other keys are ignored."""
     chosen = _check_level(model, level, identifier)
-    levels = _model_levels(model)
     where: list[str] = []
     params: list[str] = []
-    for current in levels:
+    for current in _model_levels(model):
         keyword = _UNIQUE[current]
         tag = tag_for_keyword(keyword)
         assert tag is not None
         elem = identifier.get(tag)
         attr = _ATTRS[keyword]
         values = query_values(attr.vr, elem.value) if elem is not None else []
-        if _RANK[current] > _RANK[chosen]:
-            if values:
-                raise QueryError(
-                    STATUS_IDENTIFIER_DOES_NOT_MATCH,
-                    f"{keyword} is below the {chosen} retrieve level",
-                    (tag,),
-                )
+        if not _retrieve_key(keyword, tag, values, current, chosen, relational):
             continue
-        if not values:
-            raise QueryError(
-                STATUS_IDENTIFIER_DOES_NOT_MATCH,
-                f"{keyword} is required to retrieve at {chosen} level",
-                (tag,),
-            )
-        if any("*" in v or "?" in v for v in values) or (current != chosen and len(values) > 1):
-            raise QueryError(
-                STATUS_IDENTIFIER_DOES_NOT_MATCH,
-                f"{keyword} must be {'UIDs' if current == chosen else 'one value'}, no wild cards",
-                (tag,),
-            )
         condition = _condition(keyword, attr, values)
         assert condition is not None
         where.append(condition[0])
         params.extend(condition[1])
     sql = f"SELECT {select} FROM {_FROM['IMAGE']} WHERE {' AND '.join(where)}"
     return sql, params
+
+
+def _retrieve_key(
+    keyword: str, tag: int, values: list[str], current: Level, chosen: Level, relational: bool
+) -> bool:
+    """Check the unique key of `current` in a retrieve at level `chosen`; whether it
+    is matched."""
+    if _RANK[current] > _RANK[chosen]:
+        if values:
+            raise QueryError(
+                STATUS_IDENTIFIER_DOES_NOT_MATCH,
+                f"{keyword} is below the {chosen} retrieve level",
+                (tag,),
+            )
+        return False
+    if not values:
+        if relational and current != chosen:
+            return False
+        raise QueryError(
+            STATUS_IDENTIFIER_DOES_NOT_MATCH,
+            f"{keyword} is required to retrieve at {chosen} level",
+            (tag,),
+        )
+    if any("*" in v or "?" in v for v in values) or (current != chosen and len(values) > 1):
+        raise QueryError(
+            STATUS_IDENTIFIER_DOES_NOT_MATCH,
+            f"{keyword} must be {'UIDs' if current == chosen else 'one value'}, no wild cards",
+            (tag,),
+        )
+    return True
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -1378,21 +1402,24 @@ class Index:
 
     # -- C-FIND --
 
-    def query(self, model: Model, level: Level | None, identifier: Dataset) -> Iterator[Dataset]:
+    def query(
+        self, model: Model, level: Level | None, identifier: Dataset, *, relational: bool = False
+    ) -> Iterator[Dataset]:
         """Answer a C-FIND: one response identifier per matching entity, streamed.
 
         `model` is the information model of the negotiated SOP class; `level` the
         Query/Retrieve Level, or None to take it from the identifier (which must then
-        hold it; if both are given they must agree). Each response holds exactly the
-        attributes of the identifier (Query/Retrieve Level set, Instance Availability
-        ``ONLINE``, Query/Retrieve View, Retrieve AE Title and Timezone Offset From UTC
-        returned as sent), plus Specific Character Set when needed: the identifier's
-        when every value fits it, else ``ISO_IR 192``.
+        hold it; if both are given they must agree). `relational`: relational queries
+        were negotiated (PS3.4 §C.4.1.3.2; no unique keys needed above the level).
+        Each response holds exactly the attributes of the identifier (Query/Retrieve
+        Level set, Instance Availability ``ONLINE``, Query/Retrieve View, Retrieve AE
+        Title and Timezone Offset From UTC returned as sent), plus Specific Character
+        Set when needed: the identifier's when every value fits it, else ``ISO_IR 192``.
 
         The identifier is checked now (`QueryError`); the rows are read as the returned
         iterator is advanced, on a connection of its own that closing the iterator
         closes."""
-        plan = _plan_find(model, level, identifier)
+        plan = _plan_find(model, level, identifier, relational)
         if self._conn is None:
             raise RuntimeError("the index is closed")
         return self._run_find(plan)
@@ -1470,26 +1497,30 @@ class Index:
     # -- C-MOVE / C-GET --
 
     def files(
-        self, model: Model, level: Level | None, identifier: Dataset
+        self, model: Model, level: Level | None, identifier: Dataset, *, relational: bool = False
     ) -> Iterator[tuple[Path, str, str, str]]:
         """The instances a C-MOVE or C-GET of `identifier` retrieves, as (file path,
         SOP Class UID, SOP Instance UID, transfer syntax UID), streamed. The path is
         `root` joined with the stored relative path (absolute for files added from
-        outside `root`). `model` and `level` as for `query`. The identifier is checked
-        now (`QueryError`)."""
+        outside `root`). `model` and `level` as for `query`; `relational`: relational
+        retrieve was negotiated (PS3.4 §C.4.2.3.2.1, §C.4.3.3.2.1: no unique keys
+        needed above the level). The identifier is checked now (`QueryError`)."""
         sql, params = _plan_retrieve(
             model,
             level,
             identifier,
             "i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax",
+            relational,
         )
         if self._conn is None:
             raise RuntimeError("the index is closed")
         return self._run_files(sql, params)
 
-    def count_files(self, model: Model, level: Level | None, identifier: Dataset) -> int:
+    def count_files(
+        self, model: Model, level: Level | None, identifier: Dataset, *, relational: bool = False
+    ) -> int:
         """How many instances `files` would yield (for the C-MOVE / C-GET counts)."""
-        sql, params = _plan_retrieve(model, level, identifier, "COUNT(*)")
+        sql, params = _plan_retrieve(model, level, identifier, "COUNT(*)", relational)
         conn = self._read_connection()
         try:
             return int(conn.execute(sql, params).fetchone()[0])
