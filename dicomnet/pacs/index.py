@@ -11,7 +11,13 @@ instance's file (path relative to the storage folder), transfer syntax and size.
   in SQLite (`dicomnet.pacs.matching`), one response identifier per match, streamed from
   a cursor. Return keys the index does not hold are read from a stored file of the
   matching entity, and only when asked for (matching on them is then done in
-  Python on that file, §C.2.2.2.6 sequence matching included).
+  Python on that file, §C.2.2.2.6 sequence matching included). When the SCU
+  negotiated combined date-time matching (``combined_datetime=True``), a Date key
+  and its Time key that are both ranges are one date-time range
+  (§C.2.2.2.5.4, `dicomnet.pacs.combined`): in SQL for the indexed pairs (Study,
+  Series Date / Time), on each response for the others. Empty Value Matching
+  (``""``, §C.2.2.2.7) of a derived key (ModalitiesInStudy, SOPClassesInStudy)
+  matches the studies where no series / instance has a value.
 - `Index.files(model, level, identifier)` lists what a C-MOVE / C-GET retrieves
   (PS3.4 §C.4.2.2.1, §C.4.3.2.1: unique keys at and above the level, a list of UIDs
   allowed at the level; with relational retrieve, ``relational=True``,
@@ -86,7 +92,8 @@ study-level query on each instance's own patient attributes but shows every
 instance without ID as one patient at the PATIENT level. Here such patients are
 PATIENT-level matches of their own (empty Patient ID, their own name); their
 studies are found by a study-level query on the other patient keys (Study Root,
-or Patient Root with relational queries).
+or Patient Root with relational queries), or, in Patient Root, with Patient ID
+``""`` (Empty Value Matching: the patients without ID).
 """
 
 from __future__ import annotations
@@ -116,16 +123,24 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
 from dicomnet.errors import DicomNetError
+from dicomnet.pacs.combined import (
+    CombinedRange,
+    combined_matches,
+    combined_range,
+    combined_sql,
+    date_time_pairs,
+)
 from dicomnet.pacs.matching import (
     KEYED_VRS,
     MatchError,
+    ParsedQuery,
     match_key,
     match_sequence,
     matches,
     normalize,
     parse_query,
     query_values,
-    sql_condition,
+    sql_condition_of,
 )
 from dicomnet.proto.codec import UNSCANNED_TRANSFER_SYNTAXES, part10_meta, top_level_values
 
@@ -631,6 +646,10 @@ class _FindPlan:
     outputs: list[_Output] = field(default_factory=list)
     file_tags: list[int] = field(default_factory=list)
     charset: list[str] | None = None
+    select: list[str] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    #: Combined date-time ranges checked on each response: (DA tag, TM tag, range).
+    pairs: list[tuple[int, int, CombinedRange]] = field(default_factory=list)
 
 
 def _keyword(elem: DataElement) -> str:
@@ -730,69 +749,123 @@ def _check_hierarchy(
             )
 
 
-def _condition(keyword: str, attr: _Attr, value: object) -> tuple[str, tuple[str, ...]] | None:
+def _parse(vr: str, value: object, keyword: str, tag: int) -> ParsedQuery:
     try:
-        cond = sql_condition(attr.match_sql, attr.vr, value, keyword=keyword)
+        return parse_query(vr, value, keyword)
     except MatchError as exc:
-        tag = tag_for_keyword(keyword) or 0
         raise QueryError(STATUS_UNABLE_TO_PROCESS, str(exc), (tag,)) from None
-    if cond is None:
+
+
+def _condition(keyword: str, attr: _Attr, value: object) -> tuple[str, tuple[str, ...]] | None:
+    parsed = _parse(attr.vr, value, keyword, tag_for_keyword(keyword) or 0)
+    if parsed.universal:
         return None
-    sql = attr.exists.format(cond=cond.sql) if attr.exists else cond.sql
-    return sql, cond.params
+    if attr.exists is None:
+        cond = sql_condition_of(attr.match_sql, parsed)
+        return cond.sql, cond.params
+    return _exists_condition(attr, parsed)
+
+
+def _exists_condition(attr: _Attr, parsed: ParsedQuery) -> tuple[str, tuple[str, ...]]:
+    """A condition on an attribute derived from the entities below (ModalitiesInStudy,
+    ...): some of them match, or, for Empty Value Matching, none has a value."""
+    assert attr.exists is not None
+    parts: list[str] = []
+    params: tuple[str, ...] = ()
+    valued = parsed.without_empty()
+    if valued is not None:
+        cond = sql_condition_of(attr.match_sql, valued)
+        parts.append(attr.exists.format(cond=cond.sql))
+        params = cond.params
+    if parsed.has_empty:
+        parts.append(f"{attr.value_sql} IS NULL")
+    return ("(" + " OR ".join(parts) + ")" if len(parts) > 1 else parts[0]), params
+
+
+def _plan_pairs(plan: _FindPlan, keys: list[DataElement]) -> frozenset[int]:
+    """Combined date-time matching (PS3.4 §C.2.2.2.5.4, `dicomnet.pacs.combined`) of
+    the DA / TM key pairs that allow it: in SQL when both are indexed, else on each
+    response. Returns the tags of the paired keys, which are not matched apart."""
+    by_keyword = {elem.keyword: elem for elem in keys if elem.keyword}
+    paired: set[int] = set()
+    for date_keyword, time_keyword in date_time_pairs(by_keyword):
+        date, time = by_keyword[date_keyword], by_keyword[time_keyword]
+        if date.VR != "DA" or time.VR != "TM":
+            continue
+        span = combined_range(
+            _parse("DA", date.value, date_keyword, int(date.tag)),
+            _parse("TM", time.value, time_keyword, int(time.tag)),
+        )
+        if span is None:
+            continue
+        paired |= {int(date.tag), int(time.tag)}
+        date_attr, time_attr = _ATTRS.get(date_keyword), _ATTRS.get(time_keyword)
+        if date_attr is None or time_attr is None or date_attr.exists or time_attr.exists:
+            plan.pairs.append((int(date.tag), int(time.tag), span))
+            continue
+        cond = combined_sql(span, date_attr.match_sql, time_attr.match_sql)
+        plan.where.append(cond.sql)
+        plan.params.extend(cond.params)
+    return frozenset(paired)
 
 
 def _plan_find(
-    model: Model, level: Level | None, identifier: Dataset, relational: bool = False
+    model: Model,
+    level: Level | None,
+    identifier: Dataset,
+    relational: bool = False,
+    combined_datetime: bool = False,
 ) -> _FindPlan:
     chosen = _check_level(model, level, identifier)
     elements = list(identifier)
     keys = [elem for elem in elements if _is_key(elem.tag)]
     _check_hierarchy(model, chosen, identifier, keys, relational)
-    select: list[str] = []
-    where: list[str] = []
     plan = _FindPlan(chosen, "", [])
+    paired = _plan_pairs(plan, keys) if combined_datetime else frozenset()
     for elem in elements:
-        tag = int(elem.tag)
-        if tag == _SPECIFIC_CHARACTER_SET:
-            values = query_values("CS", elem.value) if elem.value else []
-            plan.charset = values or None
-            continue
-        if tag == _QUERY_RETRIEVE_LEVEL:
-            plan.outputs.append(_Output(tag, "CS", "level"))
-            continue
-        if tag == _INSTANCE_AVAILABILITY:
-            plan.outputs.append(_Output(tag, "CS", "online"))
-            continue
-        if tag in _ECHOED:
-            plan.outputs.append(_Output(tag, elem.VR, "echo", key=elem))
-            continue
-        if not _is_key(tag):
-            continue
-        attr = _ATTRS.get(elem.keyword) if elem.keyword else None
-        if attr is not None and elem.VR != "SQ":
-            condition = _condition(elem.keyword, attr, elem.value)
-            if condition is not None:
-                where.append(condition[0])
-                plan.params.extend(condition[1])
-            select.append(attr.value_sql)
-            plan.outputs.append(_Output(tag, attr.vr, "column", index=len(select)))
-            continue
-        needs_filter = elem.VR == "SQ"
-        if not needs_filter:
-            try:
-                needs_filter = not parse_query(elem.VR, elem.value, _keyword(elem)).universal
-            except MatchError as exc:
-                raise QueryError(STATUS_UNABLE_TO_PROCESS, str(exc), (tag,)) from None
-        plan.file_tags.append(tag)
-        plan.outputs.append(_Output(tag, elem.VR, "file", key=elem, filter=needs_filter))
+        _plan_element(plan, elem, int(elem.tag) in paired)
     if not any(output.source == "level" for output in plan.outputs):
         plan.outputs.append(_Output(_QUERY_RETRIEVE_LEVEL, "CS", "level"))
     path = _PATH[chosen] if plan.file_tags else "NULL"
-    plan.sql = f"SELECT {', '.join([path, *select])} FROM {_FROM[chosen]}"
-    if where:
-        plan.sql += " WHERE " + " AND ".join(where)
+    plan.sql = f"SELECT {', '.join([path, *plan.select])} FROM {_FROM[chosen]}"
+    if plan.where:
+        plan.sql += " WHERE " + " AND ".join(plan.where)
     return plan
+
+
+def _plan_element(plan: _FindPlan, elem: DataElement, paired: bool) -> None:
+    """Add one element of the identifier to `plan`; a `paired` key is returned but
+    not matched on its own."""
+    tag = int(elem.tag)
+    if tag == _SPECIFIC_CHARACTER_SET:
+        values = query_values("CS", elem.value) if elem.value else []
+        plan.charset = values or None
+    elif tag == _QUERY_RETRIEVE_LEVEL:
+        plan.outputs.append(_Output(tag, "CS", "level"))
+    elif tag == _INSTANCE_AVAILABILITY:
+        plan.outputs.append(_Output(tag, "CS", "online"))
+    elif tag in _ECHOED:
+        plan.outputs.append(_Output(tag, elem.VR, "echo", key=elem))
+    elif _is_key(tag):
+        _plan_key(plan, elem, paired)
+
+
+def _plan_key(plan: _FindPlan, elem: DataElement, paired: bool) -> None:
+    tag = int(elem.tag)
+    attr = _ATTRS.get(elem.keyword) if elem.keyword else None
+    if attr is not None and elem.VR != "SQ":
+        condition = None if paired else _condition(elem.keyword, attr, elem.value)
+        if condition is not None:
+            plan.where.append(condition[0])
+            plan.params.extend(condition[1])
+        plan.select.append(attr.value_sql)
+        plan.outputs.append(_Output(tag, attr.vr, "column", index=len(plan.select)))
+        return
+    needs_filter = elem.VR == "SQ" or (
+        not paired and not _parse(elem.VR, elem.value, _keyword(elem), tag).universal
+    )
+    plan.file_tags.append(tag)
+    plan.outputs.append(_Output(tag, elem.VR, "file", key=elem, filter=needs_filter))
 
 
 def _plan_retrieve(
@@ -985,6 +1058,17 @@ def _from_text(vr: str, text: str | None) -> object:
     if "\\" in text and vr not in ("LT", "ST", "UT", "UR"):
         return text.split("\\")
     return text
+
+
+def _pairs_match(pairs: list[tuple[int, int, CombinedRange]], response: Dataset) -> bool:
+    """Whether each combined date-time range holds the response's date and time."""
+    for date_tag, time_tag, span in pairs:
+        date, time = response.get(date_tag), response.get(time_tag)
+        date_value = None if date is None else date.value
+        time_value = None if time is None else time.value
+        if not combined_matches(span, date_value, time_value):
+            return False
+    return True
 
 
 def _has_non_ascii(dataset: Dataset) -> bool:
@@ -1403,23 +1487,31 @@ class Index:
     # -- C-FIND --
 
     def query(
-        self, model: Model, level: Level | None, identifier: Dataset, *, relational: bool = False
+        self,
+        model: Model,
+        level: Level | None,
+        identifier: Dataset,
+        *,
+        relational: bool = False,
+        combined_datetime: bool = False,
     ) -> Iterator[Dataset]:
         """Answer a C-FIND: one response identifier per matching entity, streamed.
 
         `model` is the information model of the negotiated SOP class; `level` the
         Query/Retrieve Level, or None to take it from the identifier (which must then
         hold it; if both are given they must agree). `relational`: relational queries
-        were negotiated (PS3.4 §C.4.1.3.2; no unique keys needed above the level).
-        Each response holds exactly the attributes of the identifier (Query/Retrieve
-        Level set, Instance Availability ``ONLINE``, Query/Retrieve View, Retrieve AE
-        Title and Timezone Offset From UTC returned as sent), plus Specific Character
-        Set when needed: the identifier's when every value fits it, else ``ISO_IR 192``.
+        were negotiated (PS3.4 §C.4.1.3.2; no unique keys needed above the level);
+        `combined_datetime`: combined date-time matching was (§C.2.2.2.5.4, a Date and
+        a Time key matched as one date-time range). Each response holds exactly the
+        attributes of the identifier (Query/Retrieve Level set, Instance Availability
+        ``ONLINE``, Query/Retrieve View, Retrieve AE Title and Timezone Offset From UTC
+        returned as sent), plus Specific Character Set when needed: the identifier's
+        when every value fits it, else ``ISO_IR 192``.
 
         The identifier is checked now (`QueryError`); the rows are read as the returned
         iterator is advanced, on a connection of its own that closing the iterator
         closes."""
-        plan = _plan_find(model, level, identifier, relational)
+        plan = _plan_find(model, level, identifier, relational, combined_datetime)
         if self._conn is None:
             raise RuntimeError("the index is closed")
         return self._run_find(plan)
@@ -1466,6 +1558,8 @@ class Index:
                 if elem is None:
                     return None
                 out.add(elem)
+        if not _pairs_match(plan.pairs, out):
+            return None
         if _has_non_ascii(out):
             if plan.charset is not None and _encodable(out, plan.charset):
                 out.SpecificCharacterSet = plan.charset[0]
