@@ -174,6 +174,33 @@ CASES: list[tuple[object, str, object, bool]] = [
     # a backslash is text in LT / ST / UT
     ("a\\b", "LT", "a\\b", True),
     ("a\\b", "LT", "a", False),
+    # Universal Matching (C.2.2.2.3): zero length, spaces, or only "*"; empty matches
+    ("", "LO", None, True),
+    ("", "LO", "", True),
+    ("  ", "DA", None, True),
+    ("*", "LO", None, True),
+    ("*", "PN", "", True),
+    ("**", "UI", None, True),
+    ("*", "DA", "20200101", True),
+    # Empty Value Matching (C.2.2.2.7): "" matches only what is empty or absent
+    ('""', "LO", None, True),
+    ('""', "LO", "", True),
+    ('""', "LO", "   ", True),
+    ('""', "LO", "x", False),
+    ('""', "LO", '""', False),
+    ('""', "PN", "^^", True),
+    ('""', "PN", "Doe", False),
+    ('""', "DA", None, True),
+    ('""', "DA", "20200101", False),
+    ('""', "TM", None, True),
+    ('""', "UI", "1.2", False),
+    ('""', "IS", "0", False),
+    (' "" ', "SH", None, True),
+    ('""\\CT', "CS", "CT", True),
+    ('""\\CT', "CS", None, True),
+    ('""\\CT', "CS", "MR", False),
+    ('""\\20200101-', "DA", "20210101", True),
+    ('""\\*', "CS", "MR", True),
 ]
 
 
@@ -199,6 +226,10 @@ def test_matching_kinds(
         ("20200101-20200201", "DA", ["20190101", "20200115"], True),
         ("MR", "CS", [], False),
         ("", "CS", [], True),
+        ('""', "CS", [], True),
+        ('""', "CS", ["CT"], False),
+        ('""', "CS", ["", "CT"], False),
+        ('""\\MR', "CS", ["CT", "MR"], True),
     ],
 )
 def test_multi_valued_candidates(
@@ -226,6 +257,10 @@ def test_multi_valued_candidates(
         ("20200101120000-0500", "DT", MatchKind.SINGLE),
         ("1.2\\1.3", "UI", MatchKind.UID_LIST),
         ("CT\\MR", "CS", MatchKind.MULTIPLE),
+        ('""', "LO", MatchKind.EMPTY),
+        ('""', "DA", MatchKind.EMPTY),
+        ('""', "UI", MatchKind.EMPTY),
+        ('""\\CT', "CS", MatchKind.MULTIPLE),
     ],
 )
 def test_parse_query_kind(query: object, vr: str, kind: MatchKind) -> None:
@@ -263,6 +298,22 @@ def test_universal_gives_no_condition() -> None:
     assert sql_condition("k", "LO", "") is None
     assert sql_condition("k", "PN", "*") is None
     assert sql_condition("k", "DA", "-") is None
+    assert sql_condition("k", "CS", 'CT\\*\\""') is None
+
+
+def test_empty_value_condition() -> None:
+    """A column holding NULL or '' has no value; a multi-valued one is NULL then."""
+    cond = sql_condition("k", "LO", '""')
+    assert cond is not None and cond.sql == "(k IS NULL OR k = '')" and cond.params == ()
+    cond = sql_condition("mv", "CS", '""\\CT', multi_valued=True)
+    assert cond is not None and cond.params == ("CT",)
+    assert cond.sql.startswith("(EXISTS (SELECT 1 FROM json_each(mv)")
+    assert cond.sql.endswith(" OR (mv IS NULL OR mv = ''))")
+    parsed = parse_query("CS", '""\\CT')
+    assert parsed.has_empty
+    rest = parsed.without_empty()
+    assert rest is not None and [a.op for a in rest.alternatives] == ["eq"]
+    assert parse_query("CS", '""').without_empty() is None
 
 
 def test_long_uid_list_is_one_parameter(db: sqlite3.Connection) -> None:
@@ -394,7 +445,7 @@ def query_and_candidate(draw: st.DrawFn) -> tuple[object, str, object]:
             query = f"{query}\\{candidate}"
     elif vr == "IS":
         candidate = draw(st.integers(-999, 999).map(str) | st.just("007") | st.none())
-        query = draw(st.integers(-999, 999).map(str) | st.just("7"))
+        query = draw(st.integers(-999, 999).map(str) | st.just("7") | st.just('""'))
     else:
         candidate = draw(_TEXT | st.none() | st.lists(_TEXT, max_size=3).map("\\".join))
         query = draw(_PATTERN | _TEXT)
@@ -407,6 +458,8 @@ def query_and_candidate(draw: st.DrawFn) -> tuple[object, str, object]:
             query = "".join(chars) + draw(st.sampled_from(["", "*"]))
             if vr == "PN" and draw(st.booleans()):
                 query = query.upper()
+    if draw(st.integers(0, 7)) == 0:  # Empty Value Matching, alone or with another value
+        query = draw(st.sampled_from(['""', f'{query}\\""', f'""\\{query}']))
     return query, vr, candidate
 
 

@@ -6,14 +6,22 @@ Unique or Required keys at some level, plus a few common optional ones, and the
 instance's file (path relative to the storage folder), transfer syntax and size.
 
 - `Index.query(model, level, identifier)` answers a C-FIND: hierarchical (baseline)
-  search per PS3.4 §C.4.1.2.1 / §C.4.1.3.1, attribute matching per §C.2.2.2 done
+  search per PS3.4 §C.4.1.2.1 / §C.4.1.3.1, or relational search (§C.4.1.3.2.2)
+  when the SCU negotiated it (``relational=True``), attribute matching per §C.2.2.2 done
   in SQLite (`dicomnet.pacs.matching`), one response identifier per match, streamed from
   a cursor. Return keys the index does not hold are read from a stored file of the
   matching entity, and only when asked for (matching on them is then done in
-  Python on that file, §C.2.2.2.6 sequence matching included).
+  Python on that file, §C.2.2.2.6 sequence matching included). When the SCU
+  negotiated combined date-time matching (``combined_datetime=True``), a Date key
+  and its Time key that are both ranges are one date-time range
+  (§C.2.2.2.5.4, `dicomnet.pacs.combined`): in SQL for the indexed pairs (Study,
+  Series Date / Time), on each response for the others. Empty Value Matching
+  (``""``, §C.2.2.2.7) of a derived key (ModalitiesInStudy, SOPClassesInStudy)
+  matches the studies where no series / instance has a value.
 - `Index.files(model, level, identifier)` lists what a C-MOVE / C-GET retrieves
   (PS3.4 §C.4.2.2.1, §C.4.3.2.1: unique keys at and above the level, a list of UIDs
-  allowed at the level).
+  allowed at the level; with relational retrieve, ``relational=True``,
+  §C.4.2.3.2.1 / §C.4.3.3.2.1, the unique keys above the level may be left out).
 - `Index.add` / `add_many` / `remove` / `rebuild` keep it up to date.
 
 Where baseline hierarchical search leaves the SCP a choice, this one is lenient:
@@ -23,11 +31,16 @@ may be absent; a key whose level is not known (a private or rare attribute) is
 taken as an Optional key of the query level, read from the files. Keys of levels
 below the query level are refused.
 
+With relational queries (§C.4.1.3.2.1), keys of any level above the query level
+may be given without the unique keys of those levels: every key is matched, a
+level without keys matching every entity. The unique keys above that an SCU does
+send are matched like other keys (a list or a pattern included).
+
 Errors in an identifier raise `QueryError(status, message)`: 0xA900 (Identifier
 does not match SOP Class) for a missing or wrong Query/Retrieve Level, keys below
-the level, or missing / non-single unique keys of the levels above (a relational
-query, which is not supported); 0xC000 (Unable to process) for a key value that
-cannot be matched (a DA range that is not a date range, ...).
+the level, or, unless relational queries / retrieves were negotiated, missing or
+non-single unique keys of the levels above; 0xC000 (Unable to process) for a key
+value that cannot be matched (a DA range that is not a date range, ...).
 
 Threads: nothing here is async (the async SCP runs these calls in worker threads,
 ``anyio.to_thread.run_sync``). Writes go through one connection opened with
@@ -46,8 +59,8 @@ Schema (version `SCHEMA_VERSION`, in ``PRAGMA user_version``; a database of
 another version is dropped and recreated empty, with `Index.created` set so the
 caller rebuilds it from the files)::
 
-    patient (pk, patient_id UNIQUE NOT NULL, patient_name, issuer_of_patient_id,
-             patient_birth_date, patient_sex)
+    patient (pk, patient_id NOT NULL (UNIQUE where not ''), patient_name,
+             issuer_of_patient_id, patient_birth_date, patient_sex)
     study   (pk, patient_pk -> patient, study_instance_uid UNIQUE, study_date,
              study_time, accession_number, study_id, referring_physician_name,
              study_description)
@@ -60,12 +73,27 @@ Each PN, DA, TM, DT, IS and DS column ``x`` has a companion ``x_key`` holding it
 match key (`matching.match_key`: lower-case PN, canonical sortable date/time,
 numeric IS), which is what conditions and indexes use. ModalitiesInStudy,
 SOPClassesInStudy, AvailableTransferSyntaxUID and the Number of ... Related ...
-counts are derived in SQL at query time. Patients are identified by Patient ID
-alone (the unique key of the Patient Root model); an instance without one goes to
-the patient with an empty ID. When an instance arrives whose study, series or
-patient attributes differ from those indexed, the newest values win (attributes
-it lacks keep their indexed value), and entities left without instances are
-deleted.
+counts are derived in SQL at query time. When an instance arrives whose study,
+series or patient attributes differ from those indexed, the newest values win
+(attributes it lacks keep their indexed value), and entities left without
+instances are deleted.
+
+Patients are identified by Patient ID alone (the unique key of the Patient Root
+model). An instance without Patient ID (absent, empty or spaces) says nothing of
+its patient, so it is never merged with another patient on that missing ID: it
+goes to the patient of its study if the study is indexed (an identified patient
+is then left as it is), else to a new patient of its own. So each study without
+a Patient ID has a patient of its own, with an empty Patient ID and that study's
+patient attributes; an instance of the study that has a Patient ID moves the
+study to that patient (the patient left without studies goes). This is what
+dcm4chee-arc does (an object without Patient ID whose study is not known gets a
+new patient); DCMTK's dcmqrscp, which keeps one record per instance, matches a
+study-level query on each instance's own patient attributes but shows every
+instance without ID as one patient at the PATIENT level. Here such patients are
+PATIENT-level matches of their own (empty Patient ID, their own name); their
+studies are found by a study-level query on the other patient keys (Study Root,
+or Patient Root with relational queries), or, in Patient Root, with Patient ID
+``""`` (Empty Value Matching: the patients without ID).
 """
 
 from __future__ import annotations
@@ -95,16 +123,24 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import PersonName
 
 from dicomnet.errors import DicomNetError
+from dicomnet.pacs.combined import (
+    CombinedRange,
+    combined_matches,
+    combined_range,
+    combined_sql,
+    date_time_pairs,
+)
 from dicomnet.pacs.matching import (
     KEYED_VRS,
     MatchError,
+    ParsedQuery,
     match_key,
     match_sequence,
     matches,
     normalize,
     parse_query,
     query_values,
-    sql_condition,
+    sql_condition_of,
 )
 from dicomnet.proto.codec import UNSCANNED_TRANSFER_SYNTAXES, part10_meta, top_level_values
 
@@ -130,7 +166,7 @@ _RANK: dict[str, int] = {level: rank for rank, level in enumerate(LEVELS)}
 
 #: The index's file name inside the storage folder (hidden: `rebuild` skips it).
 INDEX_FILE_NAME = ".dicomnet-index.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: PS3.4 §C.4.1.1.4 / §C.4.2.1.5 failure statuses.
 STATUS_IDENTIFIER_DOES_NOT_MATCH = 0xA900
@@ -202,6 +238,8 @@ class _Table:
     parent: str | None  # foreign key column to the level above
     parent_table: str | None
     attributes: tuple[_Stored, ...]  # the first is the unique key
+    #: When set, the unique key is unique only among the rows where this holds.
+    unique_where: str | None = None
 
     @property
     def unique(self) -> _Stored:
@@ -222,6 +260,7 @@ _TABLES: tuple[_Table, ...] = (
             _Stored("PatientBirthDate", "DA", "patient_birth_date"),
             _Stored("PatientSex", "CS", "patient_sex"),
         ),
+        unique_where="patient_id != ''",  # patients without ID: one per study
     ),
     _Table(
         "study",
@@ -281,12 +320,18 @@ def _schema() -> list[str]:
             )
         for attr in table.attributes:
             if attr is table.unique:
-                columns.append(f"{attr.column} TEXT NOT NULL UNIQUE")
+                unique = "" if table.unique_where else " UNIQUE"
+                columns.append(f"{attr.column} TEXT NOT NULL{unique}")
             else:
                 columns.extend(f"{column} TEXT" for column in attr.columns)
         if table.name == "instance":
             columns += ["path TEXT NOT NULL", "transfer_syntax TEXT", "size INTEGER"]
         statements.append(f"CREATE TABLE {table.name} ({', '.join(columns)})")
+        if table.unique_where:
+            statements.append(
+                f"CREATE UNIQUE INDEX {table.name}_{table.unique.column} ON {table.name}"
+                f" ({table.unique.column}) WHERE {table.unique_where}"
+            )
         if table.parent is not None:
             statements.append(
                 f"CREATE INDEX {table.name}_{table.parent} ON {table.name} ({table.parent})"
@@ -301,11 +346,13 @@ def _schema() -> list[str]:
     return statements
 
 
-def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
-    """INSERT ... ON CONFLICT(unique) DO UPDATE ... RETURNING pk, and its column order.
+def _upsert_sql(table: _Table, by_pk: bool = False) -> tuple[str, list[str]]:
+    """INSERT ... ON CONFLICT(unique) DO UPDATE ... RETURNING pk, and its column order;
+    `by_pk`: the first column is the row's pk (NULL for a new row), the conflict on it.
 
     A NULL (attribute absent from the new instance) keeps the indexed value."""
-    columns: list[str] = [table.parent] if table.parent else []
+    columns: list[str] = ["pk"] if by_pk else []
+    columns += [table.parent] if table.parent else []
     updates: list[str] = [f"{table.parent} = excluded.{table.parent}"] if table.parent else []
     for attr in table.attributes:
         columns.extend(attr.columns)
@@ -320,16 +367,27 @@ def _upsert_sql(table: _Table) -> tuple[str, list[str]]:
     if table.name == "instance":
         columns += ["path", "transfer_syntax", "size"]
         updates += [f"{c} = excluded.{c}" for c in ("path", "transfer_syntax", "size")]
+    conflict = f"({table.unique.column})"
+    if by_pk:
+        conflict = "(pk)"
+    elif table.unique_where:
+        conflict += f" WHERE {table.unique_where}"
     sql = (
         f"INSERT INTO {table.name} ({', '.join(columns)})"
         f" VALUES ({', '.join('?' * len(columns))})"
-        f" ON CONFLICT({table.unique.column}) DO UPDATE SET {', '.join(updates)}"
+        f" ON CONFLICT{conflict} DO UPDATE SET {', '.join(updates)}"
         " RETURNING pk"
     )
     return sql, columns
 
 
 _UPSERTS = {table.name: _upsert_sql(table) for table in _TABLES}
+# A patient without Patient ID: a row of its own, found through its study.
+_UPSERT_PATIENT_BY_PK = _upsert_sql(_TABLE["patient"], by_pk=True)[0]
+_STUDY_PATIENT = (
+    "SELECT p.pk, p.patient_id FROM study AS st JOIN patient AS p ON p.pk = st.patient_pk"
+    " WHERE st.study_instance_uid = ?"
+)
 _PARENT_TABLES = tuple(table for table in _TABLES if table.name != "instance")
 # A new instance (the usual case) is one INSERT; a conflict leaves the row as it was.
 _INSERT_INSTANCE = (
@@ -588,6 +646,10 @@ class _FindPlan:
     outputs: list[_Output] = field(default_factory=list)
     file_tags: list[int] = field(default_factory=list)
     charset: list[str] | None = None
+    select: list[str] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    #: Combined date-time ranges checked on each response: (DA tag, TM tag, range).
+    pairs: list[tuple[int, int, CombinedRange]] = field(default_factory=list)
 
 
 def _keyword(elem: DataElement) -> str:
@@ -657,10 +719,11 @@ def _attribute_level(elem: DataElement, model: Model, level: Level) -> Level:
 
 
 def _check_hierarchy(
-    model: Model, level: Level, identifier: Dataset, keys: list[DataElement]
+    model: Model, level: Level, identifier: Dataset, keys: list[DataElement], relational: bool
 ) -> None:
-    """Baseline hierarchical search (PS3.4 §C.4.1.2.1): no keys below the level, and a
-    single value for the unique key of every level above it."""
+    """No keys below the level; for baseline hierarchical search (PS3.4 §C.4.1.2.1), a
+    single value for the unique key of every level above it, which relational
+    queries (§C.4.1.2.2.1, §C.4.1.3.2) do not need."""
     rank = _RANK[level]
     for elem in keys:
         found = _attribute_level(elem, model, level)
@@ -670,6 +733,8 @@ def _check_hierarchy(
                 f"{_keyword(elem)} is a {found} key, below the {level} level",
                 (elem.tag,),
             )
+    if relational:
+        return
     for above in _model_levels(model)[: rank - _RANK[_model_levels(model)[0]]]:
         keyword = _UNIQUE[above]
         tag = tag_for_keyword(keyword)
@@ -684,112 +749,180 @@ def _check_hierarchy(
             )
 
 
-def _condition(keyword: str, attr: _Attr, value: object) -> tuple[str, tuple[str, ...]] | None:
+def _parse(vr: str, value: object, keyword: str, tag: int) -> ParsedQuery:
     try:
-        cond = sql_condition(attr.match_sql, attr.vr, value, keyword=keyword)
+        return parse_query(vr, value, keyword)
     except MatchError as exc:
-        tag = tag_for_keyword(keyword) or 0
         raise QueryError(STATUS_UNABLE_TO_PROCESS, str(exc), (tag,)) from None
-    if cond is None:
+
+
+def _condition(keyword: str, attr: _Attr, value: object) -> tuple[str, tuple[str, ...]] | None:
+    parsed = _parse(attr.vr, value, keyword, tag_for_keyword(keyword) or 0)
+    if parsed.universal:
         return None
-    sql = attr.exists.format(cond=cond.sql) if attr.exists else cond.sql
-    return sql, cond.params
+    if attr.exists is None:
+        cond = sql_condition_of(attr.match_sql, parsed)
+        return cond.sql, cond.params
+    return _exists_condition(attr, parsed)
 
 
-def _plan_find(model: Model, level: Level | None, identifier: Dataset) -> _FindPlan:
+def _exists_condition(attr: _Attr, parsed: ParsedQuery) -> tuple[str, tuple[str, ...]]:
+    """A condition on an attribute derived from the entities below (ModalitiesInStudy,
+    ...): some of them match, or, for Empty Value Matching, none has a value."""
+    assert attr.exists is not None
+    parts: list[str] = []
+    params: tuple[str, ...] = ()
+    valued = parsed.without_empty()
+    if valued is not None:
+        cond = sql_condition_of(attr.match_sql, valued)
+        parts.append(attr.exists.format(cond=cond.sql))
+        params = cond.params
+    if parsed.has_empty:
+        parts.append(f"{attr.value_sql} IS NULL")
+    return ("(" + " OR ".join(parts) + ")" if len(parts) > 1 else parts[0]), params
+
+
+def _plan_pairs(plan: _FindPlan, keys: list[DataElement]) -> frozenset[int]:
+    """Combined date-time matching (PS3.4 §C.2.2.2.5.4, `dicomnet.pacs.combined`) of
+    the DA / TM key pairs that allow it: in SQL when both are indexed, else on each
+    response. Returns the tags of the paired keys, which are not matched apart."""
+    by_keyword = {elem.keyword: elem for elem in keys if elem.keyword}
+    paired: set[int] = set()
+    for date_keyword, time_keyword in date_time_pairs(by_keyword):
+        date, time = by_keyword[date_keyword], by_keyword[time_keyword]
+        if date.VR != "DA" or time.VR != "TM":
+            continue
+        span = combined_range(
+            _parse("DA", date.value, date_keyword, int(date.tag)),
+            _parse("TM", time.value, time_keyword, int(time.tag)),
+        )
+        if span is None:
+            continue
+        paired |= {int(date.tag), int(time.tag)}
+        date_attr, time_attr = _ATTRS.get(date_keyword), _ATTRS.get(time_keyword)
+        if date_attr is None or time_attr is None or date_attr.exists or time_attr.exists:
+            plan.pairs.append((int(date.tag), int(time.tag), span))
+            continue
+        cond = combined_sql(span, date_attr.match_sql, time_attr.match_sql)
+        plan.where.append(cond.sql)
+        plan.params.extend(cond.params)
+    return frozenset(paired)
+
+
+def _plan_find(
+    model: Model,
+    level: Level | None,
+    identifier: Dataset,
+    relational: bool = False,
+    combined_datetime: bool = False,
+) -> _FindPlan:
     chosen = _check_level(model, level, identifier)
     elements = list(identifier)
     keys = [elem for elem in elements if _is_key(elem.tag)]
-    _check_hierarchy(model, chosen, identifier, keys)
-    select: list[str] = []
-    where: list[str] = []
+    _check_hierarchy(model, chosen, identifier, keys, relational)
     plan = _FindPlan(chosen, "", [])
+    paired = _plan_pairs(plan, keys) if combined_datetime else frozenset()
     for elem in elements:
-        tag = int(elem.tag)
-        if tag == _SPECIFIC_CHARACTER_SET:
-            values = query_values("CS", elem.value) if elem.value else []
-            plan.charset = values or None
-            continue
-        if tag == _QUERY_RETRIEVE_LEVEL:
-            plan.outputs.append(_Output(tag, "CS", "level"))
-            continue
-        if tag == _INSTANCE_AVAILABILITY:
-            plan.outputs.append(_Output(tag, "CS", "online"))
-            continue
-        if tag in _ECHOED:
-            plan.outputs.append(_Output(tag, elem.VR, "echo", key=elem))
-            continue
-        if not _is_key(tag):
-            continue
-        attr = _ATTRS.get(elem.keyword) if elem.keyword else None
-        if attr is not None and elem.VR != "SQ":
-            condition = _condition(elem.keyword, attr, elem.value)
-            if condition is not None:
-                where.append(condition[0])
-                plan.params.extend(condition[1])
-            select.append(attr.value_sql)
-            plan.outputs.append(_Output(tag, attr.vr, "column", index=len(select)))
-            continue
-        needs_filter = elem.VR == "SQ"
-        if not needs_filter:
-            try:
-                needs_filter = not parse_query(elem.VR, elem.value, _keyword(elem)).universal
-            except MatchError as exc:
-                raise QueryError(STATUS_UNABLE_TO_PROCESS, str(exc), (tag,)) from None
-        plan.file_tags.append(tag)
-        plan.outputs.append(_Output(tag, elem.VR, "file", key=elem, filter=needs_filter))
+        _plan_element(plan, elem, int(elem.tag) in paired)
     if not any(output.source == "level" for output in plan.outputs):
         plan.outputs.append(_Output(_QUERY_RETRIEVE_LEVEL, "CS", "level"))
     path = _PATH[chosen] if plan.file_tags else "NULL"
-    plan.sql = f"SELECT {', '.join([path, *select])} FROM {_FROM[chosen]}"
-    if where:
-        plan.sql += " WHERE " + " AND ".join(where)
+    plan.sql = f"SELECT {', '.join([path, *plan.select])} FROM {_FROM[chosen]}"
+    if plan.where:
+        plan.sql += " WHERE " + " AND ".join(plan.where)
     return plan
 
 
+def _plan_element(plan: _FindPlan, elem: DataElement, paired: bool) -> None:
+    """Add one element of the identifier to `plan`; a `paired` key is returned but
+    not matched on its own."""
+    tag = int(elem.tag)
+    if tag == _SPECIFIC_CHARACTER_SET:
+        values = query_values("CS", elem.value) if elem.value else []
+        plan.charset = values or None
+    elif tag == _QUERY_RETRIEVE_LEVEL:
+        plan.outputs.append(_Output(tag, "CS", "level"))
+    elif tag == _INSTANCE_AVAILABILITY:
+        plan.outputs.append(_Output(tag, "CS", "online"))
+    elif tag in _ECHOED:
+        plan.outputs.append(_Output(tag, elem.VR, "echo", key=elem))
+    elif _is_key(tag):
+        _plan_key(plan, elem, paired)
+
+
+def _plan_key(plan: _FindPlan, elem: DataElement, paired: bool) -> None:
+    tag = int(elem.tag)
+    attr = _ATTRS.get(elem.keyword) if elem.keyword else None
+    if attr is not None and elem.VR != "SQ":
+        condition = None if paired else _condition(elem.keyword, attr, elem.value)
+        if condition is not None:
+            plan.where.append(condition[0])
+            plan.params.extend(condition[1])
+        plan.select.append(attr.value_sql)
+        plan.outputs.append(_Output(tag, attr.vr, "column", index=len(plan.select)))
+        return
+    needs_filter = elem.VR == "SQ" or (
+        not paired and not _parse(elem.VR, elem.value, _keyword(elem), tag).universal
+    )
+    plan.file_tags.append(tag)
+    plan.outputs.append(_Output(tag, elem.VR, "file", key=elem, filter=needs_filter))
+
+
 def _plan_retrieve(
-    model: Model, level: Level | None, identifier: Dataset, select: str
+    model: Model, level: Level | None, identifier: Dataset, select: str, relational: bool = False
 ) -> tuple[str, list[str]]:
     """The instances a C-MOVE / C-GET retrieves (PS3.4 §C.4.2.2.1, §C.4.3.2.1): the unique
-    keys of the levels above the retrieve level each a single value, the unique key of
-    the retrieve level one value or a list of UIDs; other keys are ignored."""
+    keys of the levels above the retrieve level each a single value (with relational
+    retrieve, §C.4.2.3.2.1 / §C.4.3.3.2.1, they may be absent), the unique key of the
+    retrieve level one value or a list of UIDs; other keys are ignored."""
     chosen = _check_level(model, level, identifier)
-    levels = _model_levels(model)
     where: list[str] = []
     params: list[str] = []
-    for current in levels:
+    for current in _model_levels(model):
         keyword = _UNIQUE[current]
         tag = tag_for_keyword(keyword)
         assert tag is not None
         elem = identifier.get(tag)
         attr = _ATTRS[keyword]
         values = query_values(attr.vr, elem.value) if elem is not None else []
-        if _RANK[current] > _RANK[chosen]:
-            if values:
-                raise QueryError(
-                    STATUS_IDENTIFIER_DOES_NOT_MATCH,
-                    f"{keyword} is below the {chosen} retrieve level",
-                    (tag,),
-                )
+        if not _retrieve_key(keyword, tag, values, current, chosen, relational):
             continue
-        if not values:
-            raise QueryError(
-                STATUS_IDENTIFIER_DOES_NOT_MATCH,
-                f"{keyword} is required to retrieve at {chosen} level",
-                (tag,),
-            )
-        if any("*" in v or "?" in v for v in values) or (current != chosen and len(values) > 1):
-            raise QueryError(
-                STATUS_IDENTIFIER_DOES_NOT_MATCH,
-                f"{keyword} must be {'UIDs' if current == chosen else 'one value'}, no wild cards",
-                (tag,),
-            )
         condition = _condition(keyword, attr, values)
         assert condition is not None
         where.append(condition[0])
         params.extend(condition[1])
     sql = f"SELECT {select} FROM {_FROM['IMAGE']} WHERE {' AND '.join(where)}"
     return sql, params
+
+
+def _retrieve_key(
+    keyword: str, tag: int, values: list[str], current: Level, chosen: Level, relational: bool
+) -> bool:
+    """Check the unique key of `current` in a retrieve at level `chosen`; whether it
+    is matched."""
+    if _RANK[current] > _RANK[chosen]:
+        if values:
+            raise QueryError(
+                STATUS_IDENTIFIER_DOES_NOT_MATCH,
+                f"{keyword} is below the {chosen} retrieve level",
+                (tag,),
+            )
+        return False
+    if not values:
+        if relational and current != chosen:
+            return False
+        raise QueryError(
+            STATUS_IDENTIFIER_DOES_NOT_MATCH,
+            f"{keyword} is required to retrieve at {chosen} level",
+            (tag,),
+        )
+    if any("*" in v or "?" in v for v in values) or (current != chosen and len(values) > 1):
+        raise QueryError(
+            STATUS_IDENTIFIER_DOES_NOT_MATCH,
+            f"{keyword} must be {'UIDs' if current == chosen else 'one value'}, no wild cards",
+            (tag,),
+        )
+    return True
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -925,6 +1058,17 @@ def _from_text(vr: str, text: str | None) -> object:
     if "\\" in text and vr not in ("LT", "ST", "UT", "UR"):
         return text.split("\\")
     return text
+
+
+def _pairs_match(pairs: list[tuple[int, int, CombinedRange]], response: Dataset) -> bool:
+    """Whether each combined date-time range holds the response's date and time."""
+    for date_tag, time_tag, span in pairs:
+        date, time = response.get(date_tag), response.get(time_tag)
+        date_value = None if date is None else date.value
+        time_value = None if time is None else time.value
+        if not combined_matches(span, date_value, time_value):
+            return False
+    return True
 
 
 def _has_non_ascii(dataset: Dataset) -> bool:
@@ -1254,17 +1398,24 @@ class Index:
         written: an instance whose parents are the same as the previous one's skips
         their upserts (a rebuild walks folders series by series). The instance row is
         inserted first; only an instance indexed before (a conflict) is looked up, to
-        prune the series, study and patient it may have left."""
+        prune the series, study and patient it may have left. An instance without
+        Patient ID goes to the patient of its study (`_patient_without_id`)."""
         old_series: set[int] = set()
         old_studies: set[int] = set()
         old_patients: set[int] = set()
         parent: int | None = None
+        study_uid = cast(str, record.rows["study"][0])
         for table in _PARENT_TABLES:
             values = record.rows[table.name]
-            key = (parent, *values)
+            without_id = table.name == "patient" and not values[0]
+            key = (study_uid if without_id else parent, *values)
             hit = cache.get(table.name)
             if hit is not None and hit[0] == key:
                 parent = hit[1]
+                continue
+            if without_id:
+                parent = self._patient_without_id(conn, values, study_uid)
+                cache[table.name] = (key, parent)
                 continue
             if table.name == "study":  # the study may move to another patient
                 for (old,) in conn.execute(
@@ -1301,6 +1452,19 @@ class Index:
             cache.clear()  # a remembered row may be gone
 
     @staticmethod
+    def _patient_without_id(
+        conn: sqlite3.Connection, values: list[str | int | None], study_uid: str
+    ) -> int:
+        """The patient of an instance without Patient ID: the patient of its study if
+        that is indexed (updated with the instance's values unless it has an ID, of
+        which the instance says nothing), else a new patient of its own."""
+        row = conn.execute(_STUDY_PATIENT, (study_uid,)).fetchone()
+        if row is not None and row[1]:
+            return int(row[0])
+        pk = None if row is None else row[0]
+        return int(conn.execute(_UPSERT_PATIENT_BY_PK, [pk, *values]).fetchone()[0])
+
+    @staticmethod
     def _prune(
         conn: sqlite3.Connection, series: set[int], studies: set[int], patients: set[int]
     ) -> int:
@@ -1322,12 +1486,23 @@ class Index:
 
     # -- C-FIND --
 
-    def query(self, model: Model, level: Level | None, identifier: Dataset) -> Iterator[Dataset]:
+    def query(
+        self,
+        model: Model,
+        level: Level | None,
+        identifier: Dataset,
+        *,
+        relational: bool = False,
+        combined_datetime: bool = False,
+    ) -> Iterator[Dataset]:
         """Answer a C-FIND: one response identifier per matching entity, streamed.
 
         `model` is the information model of the negotiated SOP class; `level` the
         Query/Retrieve Level, or None to take it from the identifier (which must then
-        hold it; if both are given they must agree). Each response holds exactly the
+        hold it; if both are given they must agree). `relational`: relational queries
+        were negotiated (PS3.4 §C.4.1.3.2; no unique keys needed above the level);
+        `combined_datetime`: combined date-time matching was (§C.2.2.2.5.4, a Date and
+        a Time key matched as one date-time range). Each response holds exactly the
         attributes of the identifier (Query/Retrieve Level set, Instance Availability
         ``ONLINE``, Query/Retrieve View, Retrieve AE Title and Timezone Offset From UTC
         returned as sent), plus Specific Character Set when needed: the identifier's
@@ -1336,7 +1511,7 @@ class Index:
         The identifier is checked now (`QueryError`); the rows are read as the returned
         iterator is advanced, on a connection of its own that closing the iterator
         closes."""
-        plan = _plan_find(model, level, identifier)
+        plan = _plan_find(model, level, identifier, relational, combined_datetime)
         if self._conn is None:
             raise RuntimeError("the index is closed")
         return self._run_find(plan)
@@ -1383,6 +1558,8 @@ class Index:
                 if elem is None:
                     return None
                 out.add(elem)
+        if not _pairs_match(plan.pairs, out):
+            return None
         if _has_non_ascii(out):
             if plan.charset is not None and _encodable(out, plan.charset):
                 out.SpecificCharacterSet = plan.charset[0]
@@ -1414,26 +1591,30 @@ class Index:
     # -- C-MOVE / C-GET --
 
     def files(
-        self, model: Model, level: Level | None, identifier: Dataset
+        self, model: Model, level: Level | None, identifier: Dataset, *, relational: bool = False
     ) -> Iterator[tuple[Path, str, str, str]]:
         """The instances a C-MOVE or C-GET of `identifier` retrieves, as (file path,
         SOP Class UID, SOP Instance UID, transfer syntax UID), streamed. The path is
         `root` joined with the stored relative path (absolute for files added from
-        outside `root`). `model` and `level` as for `query`. The identifier is checked
-        now (`QueryError`)."""
+        outside `root`). `model` and `level` as for `query`; `relational`: relational
+        retrieve was negotiated (PS3.4 §C.4.2.3.2.1, §C.4.3.3.2.1: no unique keys
+        needed above the level). The identifier is checked now (`QueryError`)."""
         sql, params = _plan_retrieve(
             model,
             level,
             identifier,
             "i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax",
+            relational,
         )
         if self._conn is None:
             raise RuntimeError("the index is closed")
         return self._run_files(sql, params)
 
-    def count_files(self, model: Model, level: Level | None, identifier: Dataset) -> int:
+    def count_files(
+        self, model: Model, level: Level | None, identifier: Dataset, *, relational: bool = False
+    ) -> int:
         """How many instances `files` would yield (for the C-MOVE / C-GET counts)."""
-        sql, params = _plan_retrieve(model, level, identifier, "COUNT(*)")
+        sql, params = _plan_retrieve(model, level, identifier, "COUNT(*)", relational)
         conn = self._read_connection()
         try:
             return int(conn.execute(sql, params).fetchone()[0])

@@ -27,10 +27,18 @@ The matching kinds (PS3.4 §C.2.2.2):
   implementation).
 - List of UID Matching (§C.2.2.2.2): a UI value with several UIDs (backslash
   separated) matches any of them.
-- Universal Matching (§C.2.2.2.3): an empty value matches everything, including
-  entities without a value; the attribute is returned. A value made only of ``*``
-  is Wild Card Matching equivalent to Universal Matching (§C.2.2.2.4 note); it is
-  treated as universal for every VR, UI included, because SCUs send it.
+- Universal Matching (§C.2.2.2.3): a zero-length value (or one of spaces only)
+  matches everything, including entities without a value; the attribute is
+  returned. A value made only of ``*`` is Wild Card Matching equivalent to
+  Universal Matching (§C.2.2.2.4 note); it is treated as universal for every VR,
+  UI included, because SCUs send it, and so matches entities without a value too.
+- Empty Value Matching (§C.2.2.2.7): a value of ``""`` (two QUOTATION MARK
+  characters, which §C.2.2.2 lists among the special characters of matching)
+  matches the entities whose attribute is zero length or absent, and only those.
+  The standard makes it an extended negotiation option of the C-FIND SOP classes
+  (§C.5.1.1); it is done here whether negotiated or not, since ``""`` as a literal
+  value matches nothing real. Among several values (``CT\\""``) it is one more
+  alternative.
 - Wild Card Matching (§C.2.2.2.4): for AE, CS, LO, LT, PN, SH, ST, UC, UR and UT,
   ``*`` matches any sequence of characters (none included) and ``?`` exactly one.
   There is no escaping: a value with ``*`` or ``?`` is always a pattern. Other VRs
@@ -48,15 +56,13 @@ The matching kinds (PS3.4 §C.2.2.2):
   it in the local time zone / Timezone Offset From UTC, which this module does
   not know). A range crossing midnight, or whose start is after its end, matches
   nothing (§C.2.2.2.5). Combined date-time matching of a DA/TM pair (an extended
-  negotiation option) is not done: StudyDate and StudyTime are matched separately.
+  negotiation option, §C.2.2.2.5.4) is `dicomnet.pacs.combined`'s; here StudyDate
+  and StudyTime are matched separately.
 - Multiple values (§C.2.2.2.8): without the Multiple Value Matching extended
   negotiation their meaning is undefined by the standard; here a key with several
   values (``CT\\MR``) matches a candidate that matches any of them (an OR, as for
   UIDs), and a candidate with several values matches if any of its values does.
 - Sequence Matching (§C.2.2.2.6): `match_sequence`, for sequences read from files.
-
-Empty Value Matching (``""``, §C.2.2.2.1 with extended negotiation) is not
-supported: ``""`` is matched as the literal two-character value.
 
 Matching is on the decoded (Unicode) values: the Specific Character Set of the
 identifier and of the stored instances only decides how they are decoded.
@@ -79,6 +85,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 __all__ = [
+    "EMPTY_VALUE",
     "KEYED_VRS",
     "RANGE_VRS",
     "WILDCARD_VRS",
@@ -97,6 +104,7 @@ __all__ = [
     "parse_query",
     "query_values",
     "sql_condition",
+    "sql_condition_of",
 ]
 
 #: VRs where ``*`` and ``?`` are wild cards (PS3.4 §C.2.2.2.4).
@@ -113,6 +121,8 @@ _SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
 _STRIP_LEADING_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"}
 )
+#: A key value asking for Empty Value Matching (PS3.4 §C.2.2.2.7): two QUOTATION MARKs.
+EMPTY_VALUE = '""'
 #: Above this many exact values, an IN list is passed as one JSON parameter.
 _MAX_INLINE_VALUES = 32
 
@@ -125,6 +135,7 @@ class MatchKind(Enum):
     """Which matching of PS3.4 §C.2.2.2 a key value asks for."""
 
     UNIVERSAL = "universal"  # §C.2.2.2.3
+    EMPTY = "empty"  # §C.2.2.2.7
     SINGLE = "single"  # §C.2.2.2.1
     UID_LIST = "uid list"  # §C.2.2.2.2
     WILDCARD = "wildcard"  # §C.2.2.2.4
@@ -135,10 +146,10 @@ class MatchKind(Enum):
 @dataclass(frozen=True, slots=True)
 class Alternative:
     """One way a candidate key can match: ``eq`` (equal to `low`), ``glob``
-    (`low` is the ``*``/``?`` pattern) or ``range`` (`low` <= key <= `high`, an
-    end being open when None)."""
+    (`low` is the ``*``/``?`` pattern), ``range`` (`low` <= key <= `high`, an
+    end being open when None) or ``empty`` (the candidate has no value)."""
 
-    op: Literal["eq", "glob", "range"]
+    op: Literal["eq", "glob", "range", "empty"]
     low: str | None
     high: str | None = None
 
@@ -155,10 +166,24 @@ class ParsedQuery:
     def universal(self) -> bool:
         return self.kind is MatchKind.UNIVERSAL
 
+    @property
+    def has_empty(self) -> bool:
+        """Whether a candidate without a value matches (Empty Value Matching)."""
+        return any(alt.op == "empty" for alt in self.alternatives)
+
+    def without_empty(self) -> ParsedQuery | None:
+        """The alternatives that need a value, or None if there are none."""
+        kept = tuple(alt for alt in self.alternatives if alt.op != "empty")
+        return ParsedQuery(self.vr, self.kind, kept) if kept else None
+
     def match_keys(self, keys: Iterable[str]) -> bool:
-        """True if any candidate key matches any alternative."""
+        """True if any candidate key matches any alternative; a candidate without
+        keys matches only Empty Value Matching."""
         if self.universal:
             return True
+        keys = list(keys)
+        if not keys:
+            return self.has_empty
         return any(_alternative_matches(alt, key) for key in keys for alt in self.alternatives)
 
 
@@ -402,7 +427,7 @@ def json_keys(vr: str, value: object) -> str | None:
 def parse_query(vr: str, value: object, keyword: str = "") -> ParsedQuery:
     """Parse a key attribute value of VR `vr` (a str, a list/MultiValue, a number,
     a PersonName or None) for matching. Raises `MatchError` for a DA/TM/DT value
-    that is neither a value nor a range of that VR."""
+    that is neither a value nor a range of that VR (``""`` excepted)."""
     values = query_values(vr, value)
     if not values:
         return ParsedQuery(vr, MatchKind.UNIVERSAL, ())
@@ -411,6 +436,10 @@ def parse_query(vr: str, value: object, keyword: str = "") -> ParsedQuery:
     for text in values:
         if text.strip("*") == "":
             return ParsedQuery(vr, MatchKind.UNIVERSAL, ())
+        if text == EMPTY_VALUE:
+            kind = MatchKind.EMPTY
+            alternatives.append(Alternative("empty", None))
+            continue
         if vr in RANGE_VRS:
             try:
                 ends = _split_range(vr, text)
@@ -458,6 +487,8 @@ def _alternative_matches(alt: Alternative, key: str) -> bool:
     if alt.op == "glob":
         assert alt.low is not None
         return _glob_regex(alt.low).fullmatch(key) is not None
+    if alt.op == "empty":
+        return False  # the candidate has a value
     return (alt.low is None or key >= alt.low) and (alt.high is None or key <= alt.high)
 
 
@@ -519,19 +550,37 @@ def sql_condition(
     against `column` (any SQL expression), or None for Universal Matching (no
     condition: every row matches, the attribute is only returned).
 
-    `column` must hold the candidates' `match_key` (NULL for no value), or, with
-    `multi_valued`, a JSON array of their keys (`json_keys`), in which case a row
-    matches when any of its values does. `keyword` only names the attribute in a
-    `MatchError`."""
+    `column` must hold the candidates' `match_key` (NULL for no value; ``''`` is
+    taken as no value too), or, with `multi_valued`, a JSON array of their keys
+    (`json_keys`), in which case a row matches when any of its values does.
+    `keyword` only names the attribute in a `MatchError`."""
     parsed = parse_query(vr, query_value, keyword)
     if parsed.universal:
         return None
-    target = "_mv.value" if multi_valued else column
-    parts, params = _conditions(target, parsed)
-    sql = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
-    if multi_valued:
-        sql = f"EXISTS (SELECT 1 FROM json_each({column}) AS _mv WHERE {sql})"
-    return SqlCondition(sql, tuple(params))
+    return sql_condition_of(column, parsed, multi_valued=multi_valued)
+
+
+def _any(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+
+def sql_condition_of(
+    column: str, parsed: ParsedQuery, *, multi_valued: bool = False
+) -> SqlCondition:
+    """`sql_condition` of an already parsed, not universal key value."""
+    parts: list[str] = []
+    params: list[str] = []
+    valued = parsed.without_empty()
+    if valued is not None:
+        target = "_mv.value" if multi_valued else column
+        conditions, params = _conditions(target, valued)
+        sql = _any(conditions)
+        if multi_valued:
+            sql = f"EXISTS (SELECT 1 FROM json_each({column}) AS _mv WHERE {sql})"
+        parts.append(sql)
+    if parsed.has_empty:
+        parts.append(f"({column} IS NULL OR {column} = '')")
+    return SqlCondition(_any(parts), tuple(params))
 
 
 # -- sequences (PS3.4 §C.2.2.2.6) ----------------------------------------------------------
