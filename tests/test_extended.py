@@ -153,3 +153,15 @@ async def test_extended_negotiation_over_loopback() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_sop_class_extended_answers_each_byte_with_what_both_support() -> None:
+    find = "1.2.840.10008.5.1.4.1.2.2.1"
+    rq = SOPClassExtendedNegotiations((SOPClassExtendedNegotiation(find, b"\x00\x01\x01"),))
+    asked = rq.offer(BASE)
+    acceptor = SOPClassExtendedNegotiations(supported={find: b"\x01\x01"})
+    ac = acceptor.answer(asked, BASE)
+    assert [i.service_class_application_information for i in ac.sop_class_extended] == [
+        b"\x00\x01"  # not relational (not asked), combined date-time (asked and supported)
+    ]
+    assert acceptor.accepted == {find: b"\x00\x01"}

@@ -32,7 +32,13 @@ from dicomnet.pacs.worklist import WorklistFolder
 from dicomnet.server import AE, Server
 from dicomnet.services.commitment import CommitmentSCP, report_contexts
 from dicomnet.services.mpps import MPPSSCP
-from dicomnet.services.qr import FindRequest, RetrieveRequest
+from dicomnet.services.qr import (
+    FIND_MODELS,
+    GET_MODELS,
+    MOVE_MODELS,
+    FindRequest,
+    RetrieveRequest,
+)
 from dicomnet.services.storage import StoreRequest
 from dicomnet.storage import is_valid_uid
 
@@ -471,6 +477,12 @@ class StorageSCP:
             peers=peers,
             query_models=("patient", "study", "mwl") if worklist else ("patient", "study"),
         )
+        # SOP Class Extended Negotiation (PS3.4 §C.5.1.1.2, §C.5.2.1.2, §C.5.3.1.2): the
+        # index does relational queries and retrieves, and combined date-time matching.
+        for model in ("patient", "study"):
+            self.ae.sop_class_extended[FIND_MODELS[model]] = b"\x01\x01"
+            self.ae.sop_class_extended[MOVE_MODELS[model]] = b"\x01"
+            self.ae.sop_class_extended[GET_MODELS[model]] = b"\x01"
         # One process of several serving this storage (`serve --workers N`): the first
         # makes the file where each says how far it has indexed (see IndexProgress).
         self.progress: IndexProgress | None = None
@@ -547,7 +559,16 @@ class StorageSCP:
         level: Any = request.level
         identifier = request.identifier
         fill_retrieve_ae = "RetrieveAETitle" in identifier
-        async for match in _batches(lambda: self.index.query(model, level, identifier)):
+        relational, combined = request.relational, request.combined_datetime
+        matches = partial(
+            self.index.query,
+            model,
+            level,
+            identifier,
+            relational=relational,
+            combined_datetime=combined,
+        )
+        async for match in _batches(matches):
             if fill_retrieve_ae:
                 match.RetrieveAETitle = self.ae.ae_title
             yield match
@@ -557,5 +578,6 @@ class StorageSCP:
         model: Any = request.model
         level: Any = request.level
         identifier = request.identifier
-        async for path, *_ in _batches(lambda: self.index.files(model, level, identifier)):
+        files = partial(self.index.files, model, level, identifier, relational=request.relational)
+        async for path, *_ in _batches(files):
             yield path

@@ -125,14 +125,23 @@ class UserIdentityNegotiation:
         self.server_response = answer.server_response if answer is not None else None
 
 
+def _agreed(asked: bytes, supported: bytes) -> bytes:
+    """The answer to a service-class application information request: for the flag
+    bytes of the Query/Retrieve classes (PS3.4 §C.5.1.1.2, §C.5.2.1.2, ...), each byte
+    what both support, no longer than what was asked."""
+    return bytes(min(a, b) for a, b in zip(asked, supported, strict=False))
+
+
 @dataclass
 class SOPClassExtendedNegotiations:
     """SOP Class Extended and Common Extended Negotiation (PS3.7 §D.3.3.5, §D.3.3.6).
 
     Requestor: `offered` / `common` are sent; `accepted` then holds what the acceptor
     answered, by SOP class. Acceptor: `supported` maps a SOP class to the service-class
-    application information we answer with; items for other classes are left out of the
-    answer, which is how an acceptor declines them. `common` receives the requestor's
+    application information we support; each byte of the answer is the smaller of the
+    requested and the supported one (the option flags of PS3.4 Annex C: 0 or 1), and
+    items for other classes are left out of the answer, which is how an acceptor
+    declines them. `common` receives the requestor's
     common extended items.
     """
 
@@ -149,9 +158,12 @@ class SOPClassExtendedNegotiations:
     def answer(self, request: UserInformation, response: UserInformation) -> UserInformation:
         self.common = request.sop_class_common_extended
         answers = tuple(
-            SOPClassExtendedNegotiation(item.sop_class_uid, self.supported[item.sop_class_uid])
+            SOPClassExtendedNegotiation(
+                item.sop_class_uid,
+                _agreed(item.service_class_application_information, self.supported[uid]),
+            )
             for item in request.sop_class_extended
-            if item.sop_class_uid in self.supported
+            if (uid := item.sop_class_uid) in self.supported
         )
         self.accepted = {a.sop_class_uid: a.service_class_application_information for a in answers}
         return replace(response, sop_class_extended=answers) if answers else response

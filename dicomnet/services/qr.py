@@ -477,6 +477,14 @@ def retrieve(
 # --- SCP -------------------------------------------------------------------------------------
 
 
+def _option(association: BaseAssociation, sop_class: str, byte: int) -> bool:
+    """Whether byte `byte` of the SOP Class Extended Negotiation agreed for `sop_class`
+    is 1 (PS3.4 §C.5.1.1.2: 0 relational queries, 1 combined date-time matching; for
+    C-MOVE / C-GET, 0 relational retrieve)."""
+    info = association.extended.sop_class_extended.accepted.get(sop_class, b"")
+    return len(info) > byte and info[byte] == 1
+
+
 @dataclass(slots=True)
 class FindRequest:
     """A C-FIND-RQ for the `on_find` handler: `identifier` is the decoded query."""
@@ -491,6 +499,16 @@ class FindRequest:
     def level(self) -> str | None:
         value = self.identifier.get("QueryRetrieveLevel", None)
         return str(value) if value else None
+
+    @property
+    def relational(self) -> bool:
+        """Relational queries were negotiated (PS3.4 §C.4.1.3.2)."""
+        return _option(self.association, self.message.affected_sop_class_uid, 0)
+
+    @property
+    def combined_datetime(self) -> bool:
+        """Combined date-time matching was negotiated (PS3.4 §C.2.2.2.5.4)."""
+        return _option(self.association, self.message.affected_sop_class_uid, 1)
 
 
 @dataclass(slots=True)
@@ -508,6 +526,11 @@ class RetrieveRequest:
     def level(self) -> str | None:
         value = self.identifier.get("QueryRetrieveLevel", None)
         return str(value) if value else None
+
+    @property
+    def relational(self) -> bool:
+        """Relational retrieve was negotiated (PS3.4 §C.4.2.3.2.1, §C.4.3.3.2.1)."""
+        return _option(self.association, self.message.affected_sop_class_uid, 0)
 
 
 async def _next(generator: AsyncGenerator[Any, None], served: Served) -> tuple[bool, Any]:
