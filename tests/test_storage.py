@@ -6,10 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -311,3 +313,21 @@ def test_dataset_reader_notices_a_file_cut_short(tmp_path: Path) -> None:
     with DatasetReader(part10) as reader:
         with pytest.raises(OSError, match="changed while it was being sent"):
             reader.fill(_slots(1000, 100)[1])
+
+
+def test_a_folder_deleted_while_serving_is_made_again(tmp_path: Path) -> None:
+    """Nothing about folders is remembered between writes: one removed meanwhile is
+    created again, for a spooled data set too."""
+    folder = tmp_path / "a" / "b"
+    storage.write_atomic(folder / "1.dcm", [b"one"], fsync=True)
+    shutil.rmtree(tmp_path / "a")
+    storage.write_atomic(folder / "2.dcm", [b"two"], fsync=False)
+    assert (folder / "2.dcm").read_bytes() == b"two"
+    spool = storage.Spool(b"head", 4, tmp_path)  # past 4 bytes: a temp file
+    spool.write(b"a data set")
+    spool.finish()
+    assert spool.on_disk
+    shutil.rmtree(tmp_path / "a")
+    saved = anyio.run(lambda: spool.save(folder / "3.dcm", fsync=True))
+    assert saved.read_bytes() == b"heada data set"
+    spool.close()
