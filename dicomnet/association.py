@@ -10,6 +10,7 @@ request to the `Performer` (the service that answers it). Writes go through one
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -142,8 +143,8 @@ class BaseAssociation:
         self._writer = MessageWriter(
             stream, peer_max_pdu_length, self._write_unlocked, self._broken_message
         )
-        self._receiver = MessageReceiver(contexts, self._invoker, self._performer, self.__repr__)
-        self._closed = anyio.Event()
+        self._receiver = MessageReceiver(contexts, self._invoker, self._performer, self)
+        self._closed = asyncio.Event()
         self._error: DicomNetError | None = None
         self._stream_closed = False
 

@@ -6,7 +6,6 @@ other into memory, at most 64 MiB."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from dicomnet.errors import ProtocolError
 from dicomnet.invoking import Invoker
@@ -50,12 +49,12 @@ class MessageReceiver:
         contexts: dict[int, AcceptedContext],
         invoker: Invoker,
         performer: Performer,
-        describe: Callable[[], str],
+        owner: object,
     ) -> None:
         self._contexts = contexts
         self._invoker = invoker
         self._performer = performer
-        self._describe = describe
+        self._owner = owner  # the association, for the log
         self._assembler = MessageAssembler(contexts.__contains__)
         self._incoming: _Incoming | None = None
 
@@ -84,7 +83,7 @@ class MessageReceiver:
 
     async def _command(self, event: CommandReceived) -> None:
         message = event.message
-        log.debug("%s: received %s", self._describe(), message)
+        log.debug("%r: received %s", self._owner, message)
         if isinstance(message, CCancelRQ):
             self._performer.cancel_requested(message.message_id_being_responded_to)
             return

@@ -49,10 +49,6 @@ class Invoked:
     deadline: float | None = None
 
 
-def _fits(count: int, window: int) -> bool:
-    return window == 0 or count < window
-
-
 class Operations:
     """Requests invoked and performed on one association.
 
@@ -76,7 +72,8 @@ class Operations:
     @property
     def can_invoke(self) -> bool:
         """A request may be reserved now (the window has room)."""
-        return _fits(len(self.invoked), self.max_invoked) and len(self.invoked) < _MAX_ID
+        count, window = len(self.invoked), self.max_invoked
+        return (window == 0 or count < window) and count < _MAX_ID
 
     def invoke(self) -> int:
         """Reserve a Message ID (1..65535, unique among the outstanding) for a request."""
@@ -134,8 +131,12 @@ class Operations:
 
     def get_timer(self) -> float | None:
         """The earliest response deadline, if any."""
-        deadlines = [op.deadline for op in self.invoked.values() if op.deadline is not None]
-        return min(deadlines) if deadlines else None
+        earliest = None
+        for operation in self.invoked.values():
+            deadline = operation.deadline
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return earliest
 
     def expired(self, now: float) -> list[int]:
         """The operations whose response is overdue at `now`; they are over."""
@@ -164,7 +165,8 @@ class Operations:
     @property
     def can_perform(self) -> bool:
         """Another of the peer's requests may start now (the window has room)."""
-        return _fits(len(self.performing), self.max_performed)
+        window = self.max_performed
+        return window == 0 or len(self.performing) < window
 
     def perform(self, message_id: int) -> bool:
         """The peer's request `message_id` starts. False when a request of that Message
