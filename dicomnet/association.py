@@ -141,7 +141,7 @@ class BaseAssociation:
         self._invoker = Invoker(self, ops)
         self._performer = Performer(self, ops, services)
         self._writer = MessageWriter(
-            stream, peer_max_pdu_length, self._write_unlocked, self._broken_message
+            peer_max_pdu_length, self._write_unlocked, self._broken_message
         )
         self._receiver = MessageReceiver(contexts, self._invoker, self._performer, self)
         self._closed = asyncio.Event()

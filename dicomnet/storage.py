@@ -428,9 +428,9 @@ class Spool:
         spooled = self._path
         try:
             _with_folder(os.path.dirname(path), fsync, lambda: os.replace(spooled, path))
-        except FileNotFoundError:
-            raise
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
             # Another file system: copy through a temp file next to the target.
             with open(self._path, "rb") as src:
                 chunks: list[bytes | memoryview] = []

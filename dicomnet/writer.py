@@ -16,7 +16,6 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from dicomnet.errors import DicomNetError
 from dicomnet.proto.contexts import DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
 from dicomnet.proto.dimse import (
     DimseMessage,
@@ -28,7 +27,6 @@ from dicomnet.proto.dimse import (
     pdata_into,
 )
 from dicomnet.storage import DatasetReader, Part10File
-from dicomnet.stream import ByteStream
 
 __all__ = ["MessageWriter"]
 
@@ -46,12 +44,10 @@ class MessageWriter:
 
     def __init__(
         self,
-        stream: ByteStream,
         max_pdu_length: int,
         write: Callable[[bytes | bytearray], Any],
         broken: Callable[[BaseException], Any],
     ) -> None:
-        self._stream = stream
         self.max_pdu_length = max_pdu_length
         self._write = write
         self._broken = broken
@@ -158,10 +154,3 @@ class MessageWriter:
                     progress(min(sent, in_file), in_file)
                 if sent >= total:
                     break
-
-
-def is_connection_error(exc: BaseException) -> bool:
-    """A write failed because the connection is gone (not a bug of ours)."""
-    return isinstance(
-        exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, DicomNetError)
-    )

@@ -331,3 +331,27 @@ def test_a_folder_deleted_while_serving_is_made_again(tmp_path: Path) -> None:
     saved = anyio.run(lambda: spool.save(folder / "3.dcm", fsync=True))
     assert saved.read_bytes() == b"heada data set"
     spool.close()
+
+
+def test_a_spool_on_another_file_system_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename across file systems fails with EXDEV: the spooled file is copied."""
+    real_replace = os.replace
+    refused: list[str] = []
+    spool_dir = tmp_path / "spool"
+
+    def no_cross_device(src: str, dst: str) -> None:
+        if str(src).startswith(str(spool_dir)):
+            refused.append(str(src))
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    spool_dir.mkdir()
+    spool = storage.Spool(b"head", 4, spool_dir)
+    spool.write(b"a data set")
+    spool.finish()
+    monkeypatch.setattr(storage.os, "replace", no_cross_device)
+    saved = anyio.run(lambda: spool.save(tmp_path / "out" / "1.dcm", fsync=False))
+    assert saved.read_bytes() == b"heada data set" and len(refused) == 1
+    spool.close()

@@ -895,33 +895,33 @@ _RESPONSE_OF: dict[type[Any], type[Any]] = {
 }
 
 
-def response_type(request: DimseMessage) -> type[Any]:
-    """The response message type of `request`'s type."""
-    return _RESPONSE_OF[type(request)]
+def response_to(request: DimseMessage, status: int, **values: Any) -> DimseMessage:
+    """The response to `request` with `status`: its SOP Class/Instance UIDs those the
+    request named unless `values` say otherwise, and of `values` (Error Comment, at most
+    64 characters as LO, PS3.7 Annex C; Event Type ID ...) what the response type has."""
+    message_id: int = getattr(request, "message_id", 0)
+    sop_class = getattr(request, "affected_sop_class_uid", None) or getattr(
+        request, "requested_sop_class_uid", None
+    )
+    text = values.pop("error_comment", None)
+    values.setdefault("affected_sop_class_uid", sop_class)
+    values["error_comment"] = text[:64] if text else None
+    if isinstance(request, UnrecognizedRQ):
+        cf = request.command_field | 0x8000
+        return UnrecognizedRSP(cf, message_id, status, sop_class, values["error_comment"])
+    cls = _RESPONSE_OF[type(request)]
+    values.setdefault(
+        "affected_sop_instance_uid",
+        getattr(request, "affected_sop_instance_uid", None)
+        or getattr(request, "requested_sop_instance_uid", None),
+    )
+    values["message_id_being_responded_to"], values["status"] = message_id, status
+    kwargs = {name: values[name] for name, _, _ in _FIELDS[cls] if values.get(name) is not None}
+    return cast(DimseMessage, cls(**kwargs))
 
 
 def failure_response(
     request: DimseMessage, status: int, comment: str | None = None
 ) -> DimseMessage:
-    """A response to `request` with `status` and an Error Comment (LO: at most 64
-    characters, PS3.7 Annex C), its SOP Class/Instance UIDs those the request named."""
-    text = comment[:64] if comment else None
-    message_id: int = getattr(request, "message_id", 0)
-    sop_class = getattr(request, "affected_sop_class_uid", None) or getattr(
-        request, "requested_sop_class_uid", None
-    )
-    if isinstance(request, UnrecognizedRQ):
-        return UnrecognizedRSP(request.command_field | 0x8000, message_id, status, sop_class, text)
-    cls = _RESPONSE_OF[type(request)]
-    instance = getattr(request, "affected_sop_instance_uid", None) or getattr(
-        request, "requested_sop_instance_uid", None
-    )
-    names = {f.name for f in fields(cls)}
-    values: dict[str, Any] = {
-        "message_id_being_responded_to": message_id,
-        "status": status,
-        "affected_sop_class_uid": sop_class,
-        "affected_sop_instance_uid": instance,
-        "error_comment": text,
-    }
-    return cast(DimseMessage, cls(**{k: v for k, v in values.items() if k in names}))
+    """A response to `request` with `status` and an Error Comment."""
+    return response_to(request, status, error_comment=comment)

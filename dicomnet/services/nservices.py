@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydicom.dataset import Dataset
@@ -39,7 +39,7 @@ from dicomnet.proto.dimse import (
     NEventReportRQ,
     NGetRQ,
     NSetRQ,
-    response_type,
+    response_to,
 )
 from dicomnet.services.common import comment
 from dicomnet.status import Status
@@ -385,20 +385,17 @@ async def _respond(
     instance: str,
 ) -> None:
     message = received.message
-    cls = response_type(message)
-    names = {f.name for f in fields(cls)}
-    values: dict[str, Any] = {
-        "message_id_being_responded_to": getattr(message, "message_id", 0),
-        "status": outcome.status,
-        "affected_sop_class_uid": sop_class,
-        "affected_sop_instance_uid": instance,
-        "error_comment": outcome.text[:64] if outcome.text else None,
-        "error_id": outcome.error_id,
-        "attribute_identifier_list": outcome.attributes or None,
-        "event_type_id": getattr(message, "event_type_id", None),
-        "action_type_id": getattr(message, "action_type_id", None),
-    }
-    response = cls(**{k: v for k, v in values.items() if k in names and v is not None})
+    response = response_to(
+        message,
+        outcome.status,
+        affected_sop_class_uid=sop_class,
+        affected_sop_instance_uid=instance,
+        error_comment=outcome.text,
+        error_id=outcome.error_id,
+        attribute_identifier_list=outcome.attributes or None,
+        event_type_id=getattr(message, "event_type_id", None),
+        action_type_id=getattr(message, "action_type_id", None),
+    )
     data = None
     if outcome.reply is not None:
         data = encode_dataset(outcome.reply, received.context.transfer_syntax)
