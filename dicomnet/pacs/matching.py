@@ -77,7 +77,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from functools import lru_cache
 from typing import Literal
 
 from pydicom.dataelem import DataElement
@@ -96,6 +95,7 @@ __all__ = [
     "SqlCondition",
     "candidate_keys",
     "copy_dataset",
+    "glob_matches",
     "json_keys",
     "match_key",
     "match_sequence",
@@ -475,10 +475,34 @@ def parse_query(vr: str, value: object, keyword: str = "") -> ParsedQuery:
 # -- Python matching ----------------------------------------------------------------
 
 
-@lru_cache(maxsize=1024)
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
-    return re.compile("".join(parts), re.DOTALL)
+def glob_matches(pattern: str, text: str) -> bool:
+    """Whether `text` matches the wild card `pattern` as a whole (PS3.4 §C.2.2.2.4: ``*``
+    any run of characters, ``?`` exactly one), in O(len(pattern) * len(text)) at worst.
+
+    No regular expression: a backtracking engine takes exponential time on patterns such
+    as ``*a*a*a...*b``. This is the classic two-pointer matcher: on a mismatch it only
+    moves the text position of the last ``*`` on by one, since any earlier ``*`` can
+    absorb whatever a later one could."""
+    p = t = 0
+    star = -1  # pattern index just past the last `*` seen
+    resume = 0  # text index where that `*` match resumes
+    n, m = len(pattern), len(text)
+    while t < m:
+        if p < n and (pattern[p] == "?" or (pattern[p] == text[t] and pattern[p] != "*")):
+            p += 1
+            t += 1
+        elif p < n and pattern[p] == "*":
+            while p < n and pattern[p] == "*":
+                p += 1
+            star, resume = p, t
+        elif star >= 0:
+            resume += 1
+            p, t = star, resume
+        else:
+            return False
+    while p < n and pattern[p] == "*":
+        p += 1
+    return p == n
 
 
 def _alternative_matches(alt: Alternative, key: str) -> bool:
@@ -486,7 +510,7 @@ def _alternative_matches(alt: Alternative, key: str) -> bool:
         return key == alt.low
     if alt.op == "glob":
         assert alt.low is not None
-        return _glob_regex(alt.low).fullmatch(key) is not None
+        return glob_matches(alt.low, key)
     if alt.op == "empty":
         return False  # the candidate has a value
     return (alt.low is None or key >= alt.low) and (alt.high is None or key <= alt.high)

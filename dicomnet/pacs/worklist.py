@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -44,6 +43,7 @@ Stamp = tuple[int, int, int]  # st_mtime_ns, st_size, st_ino
 # a second change within the file system's time stamp granularity would not show in it
 # (git's "racy" entries).
 RACY_NS = 2_000_000_000
+MATCH_BATCH = 64  # worklist items matched per trip to a worker thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +95,10 @@ def _from_json(data: bytes) -> Dataset:
     return Dataset.from_json(value)
 
 
+def _match_all(query: WorklistQuery, items: list[Dataset]) -> list[Dataset]:
+    return [r for r in map(query.match, items) if r is not None]
+
+
 class WorklistFolder:
     """The items of a folder, cached and read again when their files change."""
 
@@ -114,12 +118,15 @@ class WorklistFolder:
 
     async def find(self, identifier: Dataset) -> AsyncIterator[Dataset]:
         """The response identifiers of the items that match (PS3.4 §K.4.1). It
-        checks for cancellation after each item, so a C-CANCEL stops it at once."""
+        matches `MATCH_BATCH` items at a time in a worker thread, so the event loop
+        is never held and a C-CANCEL stops it after the batch."""
         query = WorklistQuery.parse(identifier)
-        for item in await self.items():
-            await anyio.lowlevel.checkpoint()
-            response = query.match(item)
-            if response is not None:
+        items = await self.items()
+        for start in range(0, len(items), MATCH_BATCH):
+            batch = items[start : start + MATCH_BATCH]
+            # Matched in a worker thread: a big folder never holds the event loop.
+            responses = await anyio.to_thread.run_sync(_match_all, query, batch)
+            for response in responses:
                 yield response
 
     def _scan(self, known: Mapping[str, _Entry]) -> dict[str, _Entry]:
