@@ -44,6 +44,7 @@ from dicomnet.proto.contexts import (
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
+from dicomnet.proto.walk import MalformedDataset, Source, Walked, walk
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -54,12 +55,25 @@ __all__ = [
     "decode_dataset",
     "encode_dataset",
     "is_valid_uid",
+    "out_of_resources",
     "part10_header",
     "write_atomic",
 ]
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1452.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNET_{__version__}"[:16]
+
+
+# Errors that say the system is out of room (disk, quota, memory, descriptors), not that
+# the data is bad: a C-STORE failing with one is answered A700 (PS3.4 §B.2.3).
+OUT_OF_RESOURCES = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EFBIG}
+)
+
+
+def out_of_resources(exc: BaseException) -> bool:
+    """Whether `exc` says the system is out of room (see `OUT_OF_RESOURCES`)."""
+    return isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES
 
 
 def is_valid_uid(uid: str) -> bool:
@@ -241,25 +255,33 @@ def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
 _unnamed_files = hasattr(os, "O_TMPFILE") and os.link in os.supports_dir_fd
 _UNNAMED_REFUSED = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}  # O_TMPFILE not here
 _LINK_REFUSED = {errno.ENOENT, errno.EXDEV, errno.EOPNOTSUPP}  # no /proc, or no links here
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
 def write_atomic(
-    path: str | os.PathLike[str], chunks: list[bytes | memoryview], fsync: bool = True
+    path: str | os.PathLike[str],
+    chunks: list[bytes | memoryview],
+    fsync: bool = True,
+    *,
+    replace: bool = True,
 ) -> None:
     """Write `chunks` to `path` atomically: the complete file (fsynced first, if asked)
-    appears under its name at once, replacing any file of that name."""
+    appears under its name at once, replacing any file of that name; unless not
+    `replace`: then `FileExistsError` if there is one, and nothing is left behind."""
     # Plain strings here: this runs once per stored instance, and pathlib costs more
     # than the system calls around it.
     path = os.fspath(path)
     folder = os.path.dirname(path)
-    _with_folder(folder, fsync, lambda: _write_file(path, chunks, fsync))
+    _with_folder(folder, fsync, lambda: _write_file(path, chunks, fsync, replace))
     if fsync:
         _fsync_directory(Path(folder or "."))
 
 
-def _write_file(path: str, chunks: list[bytes | memoryview], fsync: bool) -> None:
+def _write_file(path: str, chunks: list[bytes | memoryview], fsync: bool, replace: bool) -> None:
     folder, name = os.path.split(path)
-    if not (_unnamed_files and _write_unnamed_then_link(path, folder or ".", chunks, fsync)):
+    if not (
+        _unnamed_files and _write_unnamed_then_link(path, folder or ".", chunks, fsync, replace)
+    ):
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.{next(_temp_names)}.part")
         # O_EXCL: never write into someone else's file; mode 0o666 less the umask.
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -271,14 +293,32 @@ def _write_file(path: str, chunks: list[bytes | memoryview], fsync: bool) -> Non
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            _place(tmp, path, replace)
         except BaseException:
             _unlink_quietly(tmp)
             raise
 
 
+def _place(tmp: str, path: str, replace: bool) -> None:
+    """Give the complete file `tmp` the name `path`: replacing one of that name, or
+    not (`FileExistsError`, `tmp` left for the caller to remove)."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if `path` exists: no window where both could win
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.exists(path):  # pragma: no cover - file systems without hard links
+            raise FileExistsError(errno.EEXIST, "already stored", path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def _write_unnamed_then_link(
-    path: str, folder: str, chunks: list[bytes | memoryview], fsync: bool
+    path: str, folder: str, chunks: list[bytes | memoryview], fsync: bool, replace: bool = True
 ) -> bool:
     """Write an unnamed file in `folder` (O_TMPFILE), then give it its name with one
     linkat(). The inode is allocated outside the folder's lock, and the folder is locked
@@ -302,6 +342,8 @@ def _write_unnamed_then_link(
         try:
             os.link(source, path, src_dir_fd=fd)
         except FileExistsError:
+            if not replace:
+                raise
             # Stored before: link under a temp name, then replace the old file with it.
             name = os.path.basename(path)
             tmp = os.path.join(folder, f".{name}.{os.getpid()}.{next(_temp_names)}.part")
@@ -347,12 +389,18 @@ class Spool:
         self._path: Path | None = None
         self._owned = True  # False once the temp file was renamed to a saved file
         self.complete = False
+        # Why the data set could not be kept (e.g. ENOSPC while spooling to disk): the rest
+        # of it is then only counted, and the C-STORE is answered with a failure.
+        self.error: OSError | None = None
 
     @property
     def on_disk(self) -> bool:
         return self._path is not None
 
     def write(self, data: bytes | memoryview) -> None:
+        if self.error is not None:
+            self.size += len(data)
+            return
         if self._memory is not None:
             if self.size + len(data) <= self.threshold:
                 if not isinstance(data, bytes) and not (
@@ -362,36 +410,61 @@ class Spool:
                 self._memory.append(data)
                 self.size += len(data)
                 return
-            self._spill()
+            try:
+                self._spill()
+            except OSError as exc:
+                self._failed(exc)
+                self.size += len(data)
+                return
         self.size += len(data)
         assert self._file is not None
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """Spooling failed (a full disk, ...): drop what was spooled, keep counting."""
+        self.error = exc
+        try:
+            self.discard()
+        except OSError:  # closing flushes, which fails the same way; the file goes anyway
+            if self._path is not None:
+                _unlink_quietly(str(self._path))
+                self._path = None
+            self._file = None
 
     def _spill(self) -> None:
         directory = self.directory or Path(tempfile.gettempdir())
         directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".dicomnet-", suffix=".part", dir=directory)
-        os.fchmod(fd, _FILE_MODE)
         self._path = Path(name)
         self._file = os.fdopen(fd, "wb")
+        os.fchmod(fd, _FILE_MODE)
+        memory, self._memory = self._memory, None
         self._file.write(self.header)
-        assert self._memory is not None
-        for chunk in self._memory:
+        assert memory is not None
+        for chunk in memory:
             self._file.write(chunk)
-        self._memory = None
 
     def finish(self) -> None:
         """The last fragment has arrived."""
         self.complete = True
-        if self._file is not None:
-            self._file.flush()
+        if self._file is not None and self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._failed(exc)
 
     def discard(self) -> None:
         """Drop everything; no file is left behind."""
         self._memory = None
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError:  # its last buffered bytes could not be written: no matter
+                pass
         if self._path is not None:
             try:
                 self._path.unlink()
@@ -417,17 +490,45 @@ class Spool:
             raise RuntimeError("the data set is only available while its handler runs")
         return open(self._path, "rb")
 
-    def _save_sync(self, path: str, fsync: bool) -> str:
+    def walk(self, transfer_syntax: str) -> Walked:
+        """Walk the data set's structure (`dicomnet.proto.walk`) without decoding it: over
+        the memory buffers, or over the spool file, seeking past long values (pixel data).
+        A deflated data set (PS3.5 §A.5) is inflated as it is walked, never held whole.
+        Blocking (file reads); raises `MalformedDataset`."""
+        implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+        little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+        deflated = transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
         if self._memory is not None:
-            write_atomic(path, [self.header, *self._memory], fsync)
+            return _walk(_ChunkSource(self._memory), implicit, little, deflated)
+        if self._path is None:
+            raise RuntimeError("the data set is only available while its handler runs")
+        if self._file is not None:
+            self._file.flush()
+        with open(self._path, "rb") as f:
+            f.seek(len(self.header))
+            return _walk(_FileSource(f, self.size), implicit, little, deflated)
+
+    def save_now(self, path: str, *, fsync: bool = True, replace: bool = True) -> str:
+        """`save_to()`, blocking (for a caller already in a worker thread). Not
+        `replace`: `FileExistsError` if `path` exists, which is left as it is."""
+        if self.error is not None:
+            raise self.error
+        return self._save_sync(path, fsync, replace)
+
+    def _save_sync(self, path: str, fsync: bool, replace: bool = True) -> str:
+        if self._memory is not None:
+            write_atomic(path, [self.header, *self._memory], fsync, replace=replace)
             return path
         assert self._path is not None and self._file is not None
         self._file.flush()
         if fsync:
             os.fsync(self._file.fileno())
-        spooled = self._path
+        spooled = str(self._path)
         try:
-            _with_folder(os.path.dirname(path), fsync, lambda: os.replace(spooled, path))
+            if replace:
+                _with_folder(os.path.dirname(path), fsync, lambda: os.replace(spooled, path))
+            else:
+                _with_folder(os.path.dirname(path), fsync, lambda: _link_spool(spooled, path))
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
@@ -436,7 +537,7 @@ class Spool:
                 chunks: list[bytes | memoryview] = []
                 while block := src.read(1 << 20):
                     chunks.append(block)
-            write_atomic(path, chunks, fsync)
+            write_atomic(path, chunks, fsync, replace=replace)
             return path
         saved = Path(path)
         if fsync:
@@ -456,6 +557,8 @@ class Spool:
     async def save_to(self, path: str, *, fsync: bool = True) -> str:
         """`save()` to a path given as a string, returned as given (no pathlib: a
         server calls this once per stored instance)."""
+        if self.error is not None:
+            raise self.error
         if self._memory is not None and not fsync and self.size < (1 << 20):
             # Small and not flushed to disk: quicker here than a trip to a worker thread.
             return self._save_sync(path, fsync)
@@ -477,6 +580,120 @@ class Spool:
             self._memory = None
             return
         self.discard()
+
+
+def _walk(source: Source, implicit: bool, little: bool, deflated: bool) -> Walked:
+    return walk(_InflatingSource(source) if deflated else source, implicit=implicit, little=little)
+
+
+class _ChunkSource:
+    """The spool's memory buffers, read in order."""
+
+    def __init__(self, chunks: list[bytes | memoryview]) -> None:
+        self._chunks = [memoryview(c).cast("B") for c in chunks if len(c)]
+        self._index = 0
+        self._offset = 0
+
+    def _take(self, size: int, out: list[memoryview] | None) -> int:
+        taken = 0
+        while taken < size and self._index < len(self._chunks):
+            chunk = self._chunks[self._index]
+            part = chunk[self._offset : self._offset + size - taken]
+            if out is not None:
+                out.append(part)
+            taken += len(part)
+            self._offset += len(part)
+            if self._offset == len(chunk):
+                self._index += 1
+                self._offset = 0
+        return taken
+
+    def read(self, size: int) -> bytes:
+        parts: list[memoryview] = []
+        self._take(size, parts)
+        return b"".join(parts)
+
+    def skip(self, size: int) -> int:
+        return self._take(size, None)
+
+
+class _FileSource:
+    """A spool file's data set: `size` bytes from where the file is now."""
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self._file = file
+        self._left = size
+
+    def read(self, size: int) -> bytes:
+        data = self._file.read(min(size, self._left))
+        self._left -= len(data)
+        return data
+
+    def skip(self, size: int) -> int:
+        size = max(0, min(size, self._left))
+        self._file.seek(size, os.SEEK_CUR)
+        self._left -= size
+        return size
+
+
+class _InflatingSource:
+    """A deflated data set (PS3.5 §A.5) inflated as it is read, a bounded piece at a time."""
+
+    _PIECE = 1 << 16
+
+    def __init__(self, raw: Source) -> None:
+        self._raw = raw
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._offset = 0  # what is read of `_buffer`
+        self._raw_done = False
+
+    def _fill(self, size: int) -> None:
+        while len(self._buffer) - self._offset < size and not self._inflater.eof:
+            data = self._inflater.unconsumed_tail
+            if not data:
+                if self._raw_done:
+                    return
+                data = self._raw.read(self._PIECE)
+                self._raw_done = not data
+            try:
+                self._buffer += self._inflater.decompress(data, max(size, self._PIECE))
+            except zlib.error as exc:
+                raise MalformedDataset(f"the deflated data set does not inflate: {exc}") from None
+            if self._raw_done and not self._inflater.unconsumed_tail:
+                return
+
+    def read(self, size: int) -> bytes:
+        self._fill(size)
+        data = bytes(self._buffer[self._offset : self._offset + size])
+        self._offset += len(data)
+        if self._offset >= self._PIECE:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        return data
+
+    def skip(self, size: int) -> int:
+        skipped = 0
+        while skipped < size:
+            piece = self.read(min(size - skipped, self._PIECE))
+            if not piece:
+                break
+            skipped += len(piece)
+        return skipped
+
+
+def _link_spool(spooled: str, path: str) -> None:
+    """Move a spool file to `path` unless a file is there (`FileExistsError`)."""
+    try:
+        os.link(spooled, path)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.exists(path):  # pragma: no cover - file systems without hard links
+            raise FileExistsError(errno.EEXIST, "already stored", path) from None
+        os.replace(spooled, path)
+        return
+    os.unlink(spooled)
 
 
 def _copy_atomic(src: Path, target: str, fsync: bool) -> None:

@@ -79,6 +79,13 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="serve with N processes on one port (SO_REUSEPORT), to use every core",
     )
+    serve.add_argument(
+        "--on-duplicate",
+        choices=("keep", "replace", "reject"),
+        default="keep",
+        help="an instance stored already: keep the stored copy (default; success is "
+        "answered), replace it, or reject the new one (status 0111); each case is logged",
+    )
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(run=run)
@@ -135,6 +142,7 @@ async def run(args: argparse.Namespace) -> int:
         processes=workers,
         process_slot=args.worker_slot if is_worker else 0,
         worklist=args.worklist,
+        on_duplicate=args.on_duplicate,
     )
     reuse_port = workers > 1 or is_worker
     children: list[subprocess.Popen[bytes]] = []

@@ -61,6 +61,11 @@ PROGRESS_FILE = "index-progress"  # in SPOOL_FOLDER, with `serve --workers N`
 # indexed: a process that hangs must not stop every query.
 PROGRESS_WAIT = 10.0
 BATCH = 64  # index rows fetched per trip to the worker thread
+# A C-STORE of a data set this small, held in memory and not fsynced, is checked and saved
+# on the event loop: quicker than a trip to a worker thread.
+INLINE_STORE = 64 * 1024
+#: What `serve --on-duplicate` may say for an instance stored already.
+DUPLICATE_POLICIES = ("keep", "replace", "reject")
 
 T = TypeVar("T")
 
@@ -434,6 +439,13 @@ class StorageSCP:
 
     `worklist`: a folder of worklist items (`WorklistFolder`); the AE then also accepts the
     Modality Worklist model, and its C-FINDs are answered from the folder.
+
+    Each data set is walked before it is answered (`StoreRequest.check`): one that does
+    not parse is refused (C000), one whose SOP Class / Instance UIDs are not the
+    request's too (A900). `on_duplicate` says what happens to an instance whose file
+    exists already: "keep" the stored copy (success; the one received is dropped, as
+    Orthanc does by default), "replace" it, or "reject" the new one with 0111 (Duplicate
+    SOP Instance, PS3.7 Annex C). A full disk is answered A700 (Out of Resources).
     """
 
     def __init__(
@@ -451,7 +463,11 @@ class StorageSCP:
         processes: int = 1,
         process_slot: int = 0,
         worklist: Path | None = None,
+        on_duplicate: str = "keep",
     ) -> None:
+        if on_duplicate not in DUPLICATE_POLICIES:
+            raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}")
+        self.on_duplicate = on_duplicate
         self.storage = storage
         self.worklist = WorklistFolder(worklist) if worklist is not None else None
         self._storage_folder = str(storage)
@@ -538,14 +554,51 @@ class StorageSCP:
             self.progress.close()
 
     async def store(self, request: StoreRequest) -> int | tuple[int, str]:
+        """Check the data set (`StoreRequest.check`), then keep it as `<uid>.dcm` as
+        `on_duplicate` says when that file exists already."""
         uid = request.sop_instance_uid
         if not is_valid_uid(uid):  # also checked before the data set is spooled
             return 0xC000, "invalid SOP Instance UID"
         path = os.path.join(self._storage_folder, f"{uid}.dcm")
-        await request.spool.save_to(path, fsync=request.fsync)
+        if request.spool.on_disk or request.fsync or request.size >= INLINE_STORE:
+            outcome = await anyio.to_thread.run_sync(self._keep, request, path)
+        else:  # small, in memory, no fsync: quicker here than a trip to a worker thread
+            outcome = self._keep(request, path)
+        if outcome is not None:
+            return outcome
         self.indexer.add(path)
         log.info("stored %s.dcm from %r (%d bytes)", uid, request.calling_ae_title, request.size)
         return 0x0000
+
+    def _keep(self, request: StoreRequest, path: str) -> int | tuple[int, str] | None:
+        """Check and save (blocking); None when saved, else the response to send."""
+        refusal = request.check()
+        if refusal is not None:
+            return refusal
+        policy = self.on_duplicate
+        existed = policy == "replace" and os.path.exists(path)
+        try:
+            request.spool.save_now(path, fsync=request.fsync, replace=policy == "replace")
+        except FileExistsError:
+            uid, calling = request.sop_instance_uid, request.calling_ae_title
+            if policy == "reject":
+                log.warning(
+                    "refused %s from %r: stored already (--on-duplicate reject)", uid, calling
+                )
+                return 0x0111, "Duplicate SOP Instance: stored already"
+            log.info(
+                "kept the stored %s.dcm; the copy from %r is dropped (--on-duplicate keep)",
+                uid,
+                calling,
+            )
+            return 0x0000
+        if existed:
+            log.info(
+                "replaced %s.dcm with the copy from %r (--on-duplicate replace)",
+                request.sop_instance_uid,
+                request.calling_ae_title,
+            )
+        return None
 
     async def find(self, request: FindRequest) -> AsyncIterator[Dataset | tuple[Dataset, int]]:
         if request.model == "mwl" and self.worklist is not None:

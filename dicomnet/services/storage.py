@@ -34,9 +34,17 @@ from dicomnet.proto.contexts import (
     all_transfer_syntaxes,
 )
 from dicomnet.proto.dimse import CStoreRQ, CStoreRSP, DimseMessage
+from dicomnet.proto.walk import MalformedDataset
 from dicomnet.services.common import check, comment, status_of
 from dicomnet.status import Status
-from dicomnet.storage import Part10File, Spool, encode_dataset, is_valid_uid, part10_header
+from dicomnet.storage import (
+    Part10File,
+    Spool,
+    encode_dataset,
+    is_valid_uid,
+    out_of_resources,
+    part10_header,
+)
 
 __all__ = ["ON_STORE", "Storage", "StorageUser", "StoreRequest"]
 
@@ -111,6 +119,36 @@ class StoreRequest:
             with self.spool.open_part10() as f:
                 self._dataset = dcmread(f, force=True)
         return self._dataset
+
+    def check(self) -> tuple[int, str] | None:
+        """Whether the data set is one to keep, without decoding it (blocking: it may
+        read the spool file). It must parse (`Spool.walk`: tags and lengths in the
+        context's transfer syntax), else C000 (Cannot understand); its SOP Class and
+        Instance UIDs must be the request's Affected ones, else A900 (Data Set does not
+        match SOP Class), as DCMTK's storescp answers (PS3.4 §B.2.3). Returns the
+        refusal (status, Error Comment), or None."""
+        try:
+            walked = self.spool.walk(self.transfer_syntax)
+        except MalformedDataset as exc:
+            log.warning("refused %s: the data set does not parse: %s", self.sop_instance_uid, exc)
+            return 0xC000, f"data set does not parse: {exc}"[:64]
+        if not walked.sop_class_uid or not walked.sop_instance_uid:
+            return 0xC000, "no SOP Class UID or SOP Instance UID in the data set"
+        for what, ours, theirs in (
+            ("Instance", self.sop_instance_uid, walked.sop_instance_uid),
+            ("Class", self.sop_class_uid, walked.sop_class_uid),
+        ):
+            if ours != theirs:
+                log.warning(
+                    "refused %s from %r: SOP %s UID %r in the data set, %r in the request",
+                    self.sop_instance_uid,
+                    self.calling_ae_title,
+                    what,
+                    theirs,
+                    ours,
+                )
+                return 0xA900, f"SOP {what} UID of the data set differs from the request's"
+        return None
 
     def dataset_bytes(self) -> bytes:
         """The data set bytes exactly as received (no file meta)."""
@@ -319,6 +357,8 @@ class Storage:
     ) -> tuple[int, str | None]:
         if isinstance(spool, _NullSpool):
             return 0xC000, "invalid SOP Class or Instance UID"
+        if spool.error is not None:
+            return _spool_failure(message, spool.error)
         if message.affected_sop_class_uid != context.abstract_syntax:
             return 0x0122, "SOP Class not accepted on this presentation context"
         instance = StoreRequest(
@@ -334,5 +374,16 @@ class Storage:
         try:
             return status_of(await handler(instance))
         except Exception as exc:
+            if out_of_resources(exc):
+                return _spool_failure(message, exc)
             log.exception("on_store handler failed for %s", message.affected_sop_instance_uid)
             return 0xC000, comment(exc)
+
+
+def _spool_failure(message: CStoreRQ, exc: BaseException) -> tuple[int, str]:
+    """A data set that could not be kept: A700 when the system is out of room (a full
+    disk: PS3.4 §B.2.3 Refused: Out of Resources), else C000."""
+    log.error("could not store %s: %s", message.affected_sop_instance_uid, exc)
+    if out_of_resources(exc):
+        return 0xA700, f"out of resources: {getattr(exc, 'strerror', None) or exc}"[:64]
+    return 0xC000, comment(exc)
