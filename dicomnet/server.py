@@ -39,7 +39,11 @@ from dicomnet.services.nservices import (
 from dicomnet.services.qr import ON_FIND, ON_GET, ON_MOVE, RetrieveListener
 from dicomnet.services.storage import ON_STORE
 from dicomnet.services.verification import ON_ECHO
-from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnet.storage import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    is_valid_ae_title,
+)
 from dicomnet.stream import TCP, ByteStream, Listener, NetworkBackend
 from dicomnet.transport import next_ul_event
 
@@ -329,6 +333,8 @@ class Server:
         ae = self.ae
         if rq.application_context_name != APPLICATION_CONTEXT_NAME:
             return AAssociateRJ(1, 1, 2)
+        if not is_valid_ae_title(rq.calling_ae_title):  # a backslash, a control character
+            return AAssociateRJ(1, 1, 3)  # permanent, user, calling AE title not recognized
         if ae.max_associations is not None and self._reserved >= ae.max_associations:
             return AAssociateRJ(2, 3, 2)  # transient, presentation, local limit exceeded
         if (

@@ -54,9 +54,11 @@ __all__ = [
     "Spool",
     "decode_dataset",
     "encode_dataset",
+    "is_valid_ae_title",
     "is_valid_uid",
     "out_of_resources",
     "part10_header",
+    "safe_ae_title",
     "write_atomic",
 ]
 
@@ -90,6 +92,19 @@ def is_valid_uid(uid: str) -> bool:
     )
 
 
+def is_valid_ae_title(title: str) -> bool:
+    """An AE title per PS3.5 Table 6.2-1 (leading and trailing spaces removed): 1 to 16
+    characters of the default repertoire, no backslash, no control character."""
+    return 0 < len(title) <= 16 and all(" " <= c <= "~" and c != "\\" for c in title)
+
+
+def safe_ae_title(title: str) -> str:
+    """`title` made a valid AE value for a file's meta: each character that may not be
+    in an AE (a control character, a backslash, non-ASCII) becomes ``_``."""
+    cleaned = "".join(c if " " <= c <= "~" and c != "\\" else "_" for c in title.strip())
+    return cleaned[:16].strip()
+
+
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
     """One explicit VR little endian element of group 0002 (PS3.10 §7.1)."""
     if vr == b"OB":
@@ -106,7 +121,9 @@ def part10_header(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae_title: str = ""
 ) -> bytes:
     """Preamble, 'DICM' and the File Meta Information group (PS3.10 §7.1)."""
-    before, after = _meta_around_instance(sop_class_uid, transfer_syntax, source_ae_title)
+    before, after = _meta_around_instance(
+        sop_class_uid, transfer_syntax, safe_ae_title(source_ae_title)
+    )
     instance = _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00"))
     group_length = _GROUP_LENGTH.pack(2, 0, b"UL", 4, len(before) + len(instance) + len(after))
     return b"".join((_PREAMBLE, group_length, before, instance, after))

@@ -393,3 +393,42 @@ async def test_a_really_full_disk(tmp_path: Path, spool_threshold: int) -> None:
     finally:
         with suppress(OSError):
             subprocess.run(["umount", str(disk)], check=False, capture_output=True)
+
+
+# -- calling AE titles --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("title", ["EVIL\\AE", "LINE\nBREAK", "CTRL\x01", "TAB\tAE", "\x7fDEL"])
+async def test_a_calling_ae_title_with_forbidden_characters_is_rejected(
+    tmp_path: Path, title: str
+) -> None:
+    async with serving(tmp_path / "storage") as (_scp, port):
+        with anyio.fail_after(20):
+            with pytest.raises(dicomnet.AssociationRejected) as caught:
+                async with dicomnet.connect("127.0.0.1", port, aet=title):
+                    pass
+            refusal = caught.value
+            assert (refusal.result, refusal.source, refusal.reason) == (1, 1, 3)
+            async with dicomnet.connect("127.0.0.1", port, aet="GOOD AE") as assoc:
+                assert await assoc.store(ct()) == 0
+    (stored,) = (tmp_path / "storage").glob("*.dcm")
+    assert dcmread(stored).file_meta.SourceApplicationEntityTitle == "GOOD AE"
+
+
+@pytest.mark.parametrize(
+    ("title", "written"),
+    [("EVIL\\AE", "EVIL_AE"), ("A\nB\r\x00", "A_B__"), ("  PACS  ", "PACS"), ("Ünï", "_n_")],
+)
+def test_the_file_meta_never_carries_a_forbidden_ae_title(title: str, written: str) -> None:
+    from io import BytesIO
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    from dicomnet.storage import is_valid_ae_title, part10_header
+
+    header = part10_header(CTImageStorage, "1.2.3", ExplicitVRLittleEndian, title)
+    stream = BytesIO(header)
+    read_preamble(stream, False)
+    meta = _read_file_meta_info(stream)
+    assert meta.SourceApplicationEntityTitle == written
+    assert is_valid_ae_title(written)
