@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import io
 import itertools
+import logging
 import os
 import struct
 import tempfile
@@ -59,8 +61,11 @@ __all__ = [
     "out_of_resources",
     "part10_header",
     "safe_ae_title",
+    "safe_file_name",
     "write_atomic",
 ]
+
+log = logging.getLogger("dicomnet")
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1452.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNET_{__version__}"[:16]
@@ -103,6 +108,18 @@ def safe_ae_title(title: str) -> str:
     in an AE (a control character, a backslash, non-ASCII) becomes ``_``."""
     cleaned = "".join(c if " " <= c <= "~" and c != "\\" else "_" for c in title.strip())
     return cleaned[:16].strip()
+
+
+def safe_file_name(uid: str, suffix: str = ".dcm") -> str:
+    """A file name for the instance `uid` that stays in its folder whatever a peer sent:
+    ``<uid><suffix>`` for a valid UID (PS3.5 §9.1: digits and dots), else a name derived
+    from a hash of it (``invalid-uid-<sha256>``), which is logged."""
+    if is_valid_uid(uid):
+        return f"{uid}{suffix}"
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+    name = f"invalid-uid-{digest}{suffix}"
+    log.warning("SOP Instance UID %r is not a valid UID: saved as %s", uid, name)
+    return name
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:

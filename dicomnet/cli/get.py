@@ -76,7 +76,6 @@ def get_contexts(model: str) -> list[PresentationContext]:
 async def run(args: argparse.Namespace) -> int:
     from dicomnet.server import retrieve_listener
     from dicomnet.services.qr import MOVE_MODELS
-    from dicomnet.storage import is_valid_uid
 
     query = build_query(args.key)
     out = Path(args.out)
@@ -90,10 +89,8 @@ async def run(args: argparse.Namespace) -> int:
         )
         try:
             async for instance in responses:
-                if not is_valid_uid(instance.sop_instance_uid):
-                    instance.status = 0xC000
-                    continue
-                await instance.save(out / f"{instance.sop_instance_uid}.dcm", fsync=False)
+                # Into `out` under a name that cannot lead out of it (`safe_file_name`).
+                await instance.save(out, fsync=False)
                 saved += 1
         except DimseError as exc:
             print(f"dicomnet get: {exc}", file=sys.stderr)

@@ -44,6 +44,7 @@ from dicomnet.storage import (
     is_valid_uid,
     out_of_resources,
     part10_header,
+    safe_file_name,
 )
 
 __all__ = ["ON_STORE", "Storage", "StorageUser", "StoreRequest"]
@@ -155,8 +156,14 @@ class StoreRequest:
         return self.spool.dataset_bytes()
 
     async def save(self, path: str | os.PathLike[str], *, fsync: bool | None = None) -> Path:
-        """Write a Part-10 file (file meta + data set bytes as received) atomically."""
-        return await self.spool.save(path, fsync=self.fsync if fsync is None else fsync)
+        """Write a Part-10 file (file meta + data set bytes as received) atomically, at
+        `path`; or, when `path` is a folder, in it as ``<SOP Instance UID>.dcm``: a
+        name that never leads out of the folder, whatever UID the peer sent (one that is
+        not a valid UID gets a name derived from it, `safe_file_name`)."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / safe_file_name(self.sop_instance_uid)
+        return await self.spool.save(target, fsync=self.fsync if fsync is None else fsync)
 
 
 @dataclass(frozen=True, slots=True)
