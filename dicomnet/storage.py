@@ -56,6 +56,7 @@ __all__ = [
     "Spool",
     "decode_dataset",
     "encode_dataset",
+    "fsync_directory",
     "is_valid_ae_title",
     "is_valid_uid",
     "out_of_resources",
@@ -221,6 +222,11 @@ _directory_syncs = _DirectorySyncs()
 
 def _fsync_directory(directory: Path) -> None:
     _directory_syncs.sync(directory)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make `directory`'s entries durable (fsync; shared with concurrent callers)."""
+    _fsync_directory(directory)
 
 
 def _fsync_directory_now(directory: Path) -> None:

@@ -1100,6 +1100,9 @@ def _encodable(dataset: Dataset, charset: list[str]) -> bool:
     return True
 
 
+RECONCILE_BATCH = 1024  # files indexed per transaction by `Index.reconcile`
+
+
 def _walk(folder: Path) -> Iterator[Path]:
     """``*.dcm`` files under `folder`, skipping hidden folders and files (``.tmp``)."""
     for current, dirs, files in os.walk(folder):
@@ -1320,6 +1323,31 @@ class Index:
             for table in reversed(_TABLES):
                 conn.execute(f"DELETE FROM {table.name}")
             return self._store_all(conn, _walk(folder))
+
+    def reconcile(self, storage_folder: str | os.PathLike[str] | None = None) -> int:
+        """Index the ``*.dcm`` files under `storage_folder` (default: `root`) that the
+        index lacks, or holds with another size (replaced since), in transactions of
+        `RECONCILE_BATCH`: what a crash left stored but not indexed. Returns how many
+        were indexed."""
+        folder = Path(storage_folder) if storage_folder is not None else self.root
+        conn = self._read_connection()
+        try:
+            known = dict(conn.execute("SELECT path, size FROM instance").fetchall())
+        finally:
+            conn.close()
+        missing: list[str] = []
+        for path in _walk(folder):
+            size = known.get(self._relative(str(path)))
+            try:
+                if size is not None and size == path.stat().st_size:
+                    continue
+            except OSError:  # removed meanwhile
+                continue
+            missing.append(str(path))
+        count = 0
+        for start in range(0, len(missing), RECONCILE_BATCH):
+            count += self.add_many(missing[start : start + RECONCILE_BATCH])
+        return count
 
     def _record(self, path: str, dataset: Dataset | None) -> _Record:
         if dataset is None:

@@ -40,7 +40,7 @@ from dicomnet.services.qr import (
     RetrieveRequest,
 )
 from dicomnet.services.storage import StoreRequest
-from dicomnet.storage import is_valid_uid
+from dicomnet.storage import fsync_directory, is_valid_uid
 
 __all__ = ["StorageSCP"]
 
@@ -56,6 +56,9 @@ INDEX_LINGER = 0.02
 INDEX_BATCH = 1024  # a batch this long goes at once
 
 SPOOL_FOLDER = ".tmp"
+# In SPOOL_FOLDER, one per serving process (`serving-<slot>.<pid>`), from start to a clean stop
+# with everything indexed: one left at start says what was stored may not all be indexed.
+SERVING_MARKER = "serving-"
 PROGRESS_FILE = "index-progress"  # in SPOOL_FOLDER, with `serve --workers N`
 # A query waits at most this long (seconds) for another serving process's stores to be
 # indexed: a process that hangs must not stop every query.
@@ -242,6 +245,9 @@ class Indexer:
         self._connection: Connection | None = None
         self._answer: asyncio.Future[None] | None = None  # the batch awaiting its answer
         self._watching: asyncio.AbstractEventLoop | None = None  # reading the pipe's answers
+        # False once a batch was not wholly indexed (a full disk, a damaged file): the
+        # files are kept, and the next start indexes what the index lacks.
+        self.complete = True
 
     def add(self, path: str | os.PathLike[str]) -> None:
         self._pending.append(os.fspath(path))
@@ -312,10 +318,11 @@ class Indexer:
             return
         self._process, self._connection = process, ours
 
-    async def _index_in_process(self, batch: list[str]) -> bool:
+    async def _index_in_process(self, batch: list[str]) -> int | None:
+        """How many of `batch` the indexer process indexed; None if there is none."""
         connection = self._connection
         if connection is None:
-            return False
+            return None
         try:
             # The pipe stays watched between batches: registering it for each one cost a
             # dozen system calls per batch (epoll_ctl, ioctl, getpid).
@@ -329,15 +336,15 @@ class Indexer:
             with anyio.CancelScope(shield=True):
                 try:
                     await answer
-                    connection.recv()
+                    count: int = connection.recv()
                 finally:
                     self._answer = None
-            return True
+            return count
         except (EOFError, OSError) as exc:
             log.warning("the indexer process stopped (%s): indexing in a thread", exc)
             self._unwatch()
             self._connection = None
-            return False
+            return None
 
     def _answered(self) -> None:
         """The pipe is readable: the answer to the batch in flight, or the end of the
@@ -360,10 +367,14 @@ class Indexer:
         """Index what is pending now."""
         batch, self._pending = self._pending, []
         try:
-            if not await self._index_in_process(batch):
-                await anyio.to_thread.run_sync(self.index.add_many, batch)
-        except Exception as exc:  # files are kept; `dicomnet index` can retry
+            count = await self._index_in_process(batch)
+            if count is None:
+                count = await anyio.to_thread.run_sync(self.index.add_many, batch)
+            if count < len(batch):
+                self.complete = False
+        except Exception as exc:  # files are kept; the next start indexes them
             log.error("could not index %d stored file(s): %s", len(batch), exc)
+            self.complete = False
         except BaseException:
             # Cancelled (serving stops): keep the batch for the last flush. Indexing
             # one twice is harmless (an upsert).
@@ -430,7 +441,11 @@ class StorageSCP:
     instances are kept in the index database (`mpps`).
 
     Data sets are spooled in `<storage>/.tmp` (same file system, so the final rename is
-    atomic); leftovers of an earlier crash there are removed at start. The index lives
+    atomic); leftovers of an earlier crash there are removed at start. A C-STORE is
+    answered once its file is in place, before it is indexed: after a crash (`kill -9`),
+    or a stop with indexing left undone, the next start first indexes the stored files
+    the index lacks (a marker per serving process in `.tmp` says whether it stopped
+    cleanly), so every acknowledged instance is found by queries again. The index lives
     in `<storage>/.dicomnet-index.sqlite`; a new or outdated one is rebuilt from the files.
 
     `processes` > 1: this is the first of that many processes serving `storage` (`serve
@@ -480,9 +495,25 @@ class StorageSCP:
             for leftover in storage.glob(".*.part"):
                 leftover.unlink(missing_ok=True)
         self.index = Index(storage / INDEX_FILE_NAME, root=storage)
+        stale = sorted(spool.glob(SERVING_MARKER + "*")) if clean_spool else []
         if reindex or self.index.created:
             count = self.index.rebuild(storage)
             log.info("indexed %d instance(s) in %s", count, storage)
+        elif stale:
+            # Killed (or out of disk) last time: stored files the index lacks, at most the
+            # last moments' worth, are indexed now, before anything is answered.
+            count = self.index.reconcile(storage)
+            log.warning(
+                "serving did not stop cleanly last time: indexed %d stored file(s) that "
+                "the index lacked",
+                count,
+            )
+        for marker in stale:
+            marker.unlink(missing_ok=True)
+        self._marker = spool / f"{SERVING_MARKER}{process_slot}.{os.getpid()}"
+        self._marker.touch()
+        if fsync:
+            fsync_directory(spool)
         self.ae = AE(
             ae_title,
             max_associations=max_associations,
@@ -548,6 +579,8 @@ class StorageSCP:
             tg.cancel_scope.cancel()
 
     def close(self) -> None:
+        if self.indexer.complete and not self.indexer._pending:
+            self._marker.unlink(missing_ok=True)  # a clean stop: everything is indexed
         self.index.close()
         self.mpps.close()
         if self.progress is not None:
