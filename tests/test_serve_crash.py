@@ -151,3 +151,39 @@ def test_a_start_after_an_unclean_stop_indexes_what_the_index_lacks(tmp_path: Pa
     finally:
         scp.close()
     assert list((storage / SPOOL_FOLDER).glob(SERVING_MARKER + "*")) == []
+
+
+async def test_a_batch_whose_indexing_failed_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index cannot be written for a while (a full disk): the batch is indexed once it
+    can be, without a new store to wake the indexer."""
+    from dicomnet.pacs import scp as pacs
+
+    monkeypatch.setattr(pacs, "RETRY_FIRST", 0.05)
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    path = tmp_path / "one.dcm"
+    source.save_as(path)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        add_many = index.add_many
+        failures = [sqlite3.OperationalError("database or disk is full")] * 3
+
+        def failing(batch: list[str]) -> int:
+            if failures:
+                raise failures.pop()
+            return add_many(batch)
+
+        monkeypatch.setattr(index, "add_many", failing)
+        indexer = pacs.Indexer(index, use_process=False)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(indexer.run)
+            await anyio.sleep(0)
+            indexer.add(path)
+            with anyio.fail_after(5):
+                await indexer.drain()  # a query does not wait for the retries
+            assert len(index) == 0 and not indexer.all_indexed
+            with anyio.fail_after(10):
+                while len(index) == 0:
+                    await anyio.sleep(0.05)
+            assert failures == [] and indexer.all_indexed
+            tg.cancel_scope.cancel()

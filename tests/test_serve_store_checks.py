@@ -29,6 +29,7 @@ from pydicom.uid import (
 )
 
 import dicomnet
+from dicomnet.pacs import scp as scp_module
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index
 from dicomnet.pacs.scp import StorageSCP
 from dicomnet.proto.contexts import PresentationContext
@@ -356,9 +357,14 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 @pytest.mark.parametrize("spool_threshold", [1 << 20, 4096], ids=["memory", "spooled"])
-async def test_a_really_full_disk(tmp_path: Path, spool_threshold: int) -> None:
-    """A 2 MiB tmpfs as the storage folder: stores of 200 KB until it is full get A700,
-    nothing partial is left, and once files are removed storing works again."""
+async def test_a_really_full_disk(
+    tmp_path: Path, spool_threshold: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2 MiB tmpfs holds the storage folder (and its index) and a ballast file: stores
+    of 200 KB until it is full get A700, nothing partial is left; once the ballast is
+    removed, storing works again, and every acknowledged instance is found by C-FIND
+    (the index batches that failed meanwhile are retried)."""
+    monkeypatch.setattr(scp_module, "RETRY_FIRST", 0.2)
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "2m"):
         pytest.skip("cannot mount a tmpfs here")
@@ -368,26 +374,43 @@ async def test_a_really_full_disk(tmp_path: Path, spool_threshold: int) -> None:
         source.PixelData = os.urandom(200_000)
         source.Rows, source.Columns = 100, 1000
         statuses: list[int] = []
-        async with serving(storage, spool_threshold=spool_threshold) as (_scp, port):
-            async with dicomnet.connect("127.0.0.1", port, contexts=CONTEXTS) as assoc:
+        acknowledged: set[str] = set()
+
+        async def store() -> int:
+            source.SOPInstanceUID = generate_uid()
+            try:
+                status = await assoc.store(source)
+            except dicomnet.DimseError as exc:
+                return exc.status
+            acknowledged.add(source.SOPInstanceUID)
+            return status
+
+        async with serving(storage, spool_threshold=spool_threshold) as (scp, port):
+            (disk / "ballast").write_bytes(bytes(1_000_000))
+            async with dicomnet.connect("127.0.0.1", port) as assoc:
                 with anyio.fail_after(40):
-                    for _ in range(14):
-                        source.SOPInstanceUID = generate_uid()
-                        try:
-                            statuses.append(await assoc.store(source))
-                        except dicomnet.DimseError as exc:
-                            statuses.append(exc.status)
+                    for _ in range(8):
+                        statuses.append(await store())
                     assert 0xA700 in statuses and statuses[0] == 0, statuses
                     assert set(statuses) <= {0, 0xA700}, statuses
-                    leftovers = [p for p in storage.rglob("*.part")]
-                    assert leftovers == []
-                    for path in list(storage.glob("*.dcm"))[:4]:
-                        path.unlink()  # space is back
-                    source.SOPInstanceUID = generate_uid()
-                    assert await assoc.store(source) == 0
+                    assert [p for p in storage.rglob("*.part")] == []
+                    (disk / "ballast").unlink()  # space is back
+                    assert await store() == 0
+                    assert await store() == 0
                     assert await assoc.echo() == 0
-        stored = {p.name for p in storage.glob("*.dcm")}
-        assert f"{source.SOPInstanceUID}.dcm" in stored
+                    query = Dataset()
+                    query.QueryRetrieveLevel = "IMAGE"
+                    query.StudyInstanceUID = source.StudyInstanceUID
+                    query.SeriesInstanceUID = source.SeriesInstanceUID
+                    query.SOPInstanceUID = ""
+                    found: set[str] = set()
+                    while found != acknowledged:  # failed index batches are retried
+                        await anyio.sleep(0.2)
+                        responses = await assoc.find(query, model="study").collect()
+                        found = {str(r.SOPInstanceUID) for r in responses}
+            assert scp.indexer.all_indexed
+        stored = {p.name[: -len(".dcm")] for p in storage.glob("*.dcm")}
+        assert stored == acknowledged
         for path in storage.glob("*.dcm"):  # every file there is complete
             assert len(dcmread(path).PixelData) == 200_000
     finally:

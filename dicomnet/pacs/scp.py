@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -54,6 +55,10 @@ INDEXER_NICENESS = 10
 # do not wait for it (they drain the queue first).
 INDEX_LINGER = 0.02
 INDEX_BATCH = 1024  # a batch this long goes at once
+# A batch whose indexing failed (a full disk) is tried again after this many seconds,
+# doubling up to RETRY_MAX.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
 
 SPOOL_FOLDER = ".tmp"
 # In SPOOL_FOLDER, one per serving process (`serving-<slot>.<pid>`), from start to a clean stop
@@ -121,9 +126,9 @@ def _index_worker(database: str, root: str, connection: Connection) -> None:
                 return
             try:
                 count = index.add_many(batch)
-            except Exception as exc:  # answer anyway: the files stay, a reindex retries
+            except Exception as exc:  # answer anyway: the files stay, the batch is retried
                 log.error("could not index %d stored file(s): %s", len(batch), exc)
-                count = 0
+                count = -1
             try:
                 connection.send(count)
             except OSError:  # the serving process is gone; the batch is indexed
@@ -245,9 +250,18 @@ class Indexer:
         self._connection: Connection | None = None
         self._answer: asyncio.Future[None] | None = None  # the batch awaiting its answer
         self._watching: asyncio.AbstractEventLoop | None = None  # reading the pipe's answers
-        # False once a batch was not wholly indexed (a full disk, a damaged file): the
-        # files are kept, and the next start indexes what the index lacks.
+        # False once a stored file could not be indexed (a damaged file): it is kept, and
+        # the next start tries again.
         self.complete = True
+        # Batches whose indexing failed (a full disk): tried again after `_retry_delay`.
+        self._retry: list[str] = []
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_FIRST
+
+    @property
+    def all_indexed(self) -> bool:
+        """Whether every file handed over was indexed (none pending, none failed)."""
+        return self.complete and not self._pending and not self._retry
 
     def add(self, path: str | os.PathLike[str]) -> None:
         self._pending.append(os.fspath(path))
@@ -370,11 +384,13 @@ class Indexer:
             count = await self._index_in_process(batch)
             if count is None:
                 count = await anyio.to_thread.run_sync(self.index.add_many, batch)
-            if count < len(batch):
+            if count < 0:  # the indexer process could not write (it logged why)
+                self._retry_later(batch)
+            elif count < len(batch):  # damaged files (logged): the next start tries again
                 self.complete = False
-        except Exception as exc:  # files are kept; the next start indexes them
+        except Exception as exc:  # files are kept; indexing them is tried again
             log.error("could not index %d stored file(s): %s", len(batch), exc)
-            self.complete = False
+            self._retry_later(batch)
         except BaseException:
             # Cancelled (serving stops): keep the batch for the last flush. Indexing
             # one twice is harmless (an upsert).
@@ -382,6 +398,28 @@ class Indexer:
             raise
         if self.progress is not None:
             self.progress.indexed(len(batch))
+
+    def _retry_later(self, batch: list[str]) -> None:
+        """Index `batch` again later (backing off): e.g. once disk space is back."""
+        self._retry.extend(batch)
+        delay = self._retry_delay
+        self._retry_at = time.monotonic() + delay
+        self._retry_delay = min(delay * 2, RETRY_MAX)
+        if self._running:
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    async def _retry_failed(self) -> None:
+        batch, self._retry = self._retry, []
+        try:
+            count = await anyio.to_thread.run_sync(self.index.add_many, batch)
+        except Exception as exc:
+            log.warning("indexing %d stored file(s) failed again: %s", len(batch), exc)
+            self._retry_later(batch)
+            return
+        log.info("indexed %d stored file(s) whose indexing had failed", count)
+        self._retry_delay = RETRY_FIRST
+        if count < len(batch):
+            self.complete = False
 
     async def _flush(self) -> None:
         while self._pending:
@@ -396,6 +434,10 @@ class Indexer:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._retry and time.monotonic() >= self._retry_at:
+                    await self._retry_failed()
+                if not self._pending:
+                    continue  # woken to retry only
                 if not self._hurry.is_set() and not self._drains:
                     # Group commit: let the stores of the next moments join this batch.
                     timer = loop.call_later(INDEX_LINGER, self._hurry.set)
@@ -416,6 +458,8 @@ class Indexer:
             with anyio.CancelScope(shield=True):
                 # Index what was stored before serving stopped, then stop the process.
                 await self._flush()
+                if self._retry:
+                    await self._retry_failed()  # a last try; else the next start does it
                 await self._stop_process()
 
     async def _stop_process(self) -> None:
@@ -579,7 +623,7 @@ class StorageSCP:
             tg.cancel_scope.cancel()
 
     def close(self) -> None:
-        if self.indexer.complete and not self.indexer._pending:
+        if self.indexer.all_indexed:
             self._marker.unlink(missing_ok=True)  # a clean stop: everything is indexed
         self.index.close()
         self.mpps.close()
