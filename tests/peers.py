@@ -1193,10 +1193,15 @@ INDEX_SUFFIXES = (".sqlite", ".sqlite3", ".db", "-wal", "-shm", "-journal")
 
 
 def stray_files(root: Path, keep: Iterable[Path] = ()) -> list[Path]:
-    """Files under ``root`` that are neither in ``keep`` nor an index database."""
+    """Files under ``root`` that are neither in ``keep`` nor an index database, nor the
+    marker a serving process keeps in ``.tmp`` while it runs."""
     keep = {Path(p) for p in keep}
     return sorted(
-        p for p in all_files(root) if p not in keep and not p.name.endswith(INDEX_SUFFIXES)
+        p
+        for p in all_files(root)
+        if p not in keep
+        and not p.name.endswith(INDEX_SUFFIXES)
+        and not (p.parent.name == ".tmp" and p.name.startswith("serving-"))
     )
 
 

@@ -43,6 +43,7 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
 _MAX_UID_LENGTH = 256  # longer is no UID: skipped, not read
+_CHUNK = 1 << 16  # bytes read from a source at a time
 # In implicit VR a sequence of defined length is known by its tag (PS3.6): these are.
 _SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
 
@@ -89,9 +90,15 @@ class _Frame:
 
 
 class _Walk:
-    def __init__(self, source: Source, implicit: bool, little: bool) -> None:
+    """The walk: headers are read from `buf` (refilled from the source a `_CHUNK` at a
+    time, or the whole data set when given in memory), long values skipped in the source."""
+
+    def __init__(self, source: Source, implicit: bool, little: bool, data: bytes = b"") -> None:
         self.source = source
-        self.pos = 0
+        self.buf = data
+        self.off = 0  # where the walk is in `buf`
+        self.drained = bool(data)  # nothing more in the source than `buf`
+        self.pos = 0  # where the walk is in the data set
         self.elements = 0
         self.uids: dict[int, str] = {}
         self.stack = [_Frame(_DATASET, None, implicit, little)]
@@ -99,16 +106,36 @@ class _Walk:
     def fail(self, why: str) -> MalformedDataset:
         return MalformedDataset(f"{why} at byte {self.pos}")
 
+    def fill(self, size: int) -> bool:
+        """At least `size` bytes in `buf` from `off`; False if the data ends first."""
+        if len(self.buf) - self.off >= size:
+            return True
+        if self.drained:
+            return False
+        rest = self.buf[self.off :]
+        want = max(size - len(rest), _CHUNK)
+        more = self.source.read(want)
+        self.drained = len(more) < want
+        self.buf, self.off = rest + more, 0
+        return len(self.buf) >= size
+
     def read(self, size: int) -> bytes:
-        data = self.source.read(size)
-        if len(data) < size:
+        if not self.fill(size):
             raise self.fail("the data set ends inside an element")
+        data = self.buf[self.off : self.off + size]
+        self.off += size
         self.pos += size
         return data
 
     def skip(self, size: int) -> None:
-        if self.source.skip(size) < size:
-            raise self.fail(f"a value of {size} bytes runs past the end of the data set")
+        available = len(self.buf) - self.off
+        if size <= available:
+            self.off += size
+        else:
+            beyond = size - available
+            if self.drained or self.source.skip(beyond) < beyond:
+                raise self.fail(f"a value of {size} bytes runs past the end of the data set")
+            self.buf, self.off = b"", 0
         self.pos += size
 
     def run(self) -> Walked:
@@ -119,16 +146,17 @@ class _Walk:
                     raise self.fail("an item runs past the end of its sequence")
                 self.stack.pop()  # a defined length ends here
                 continue
-            head = self.source.read(8)
-            if not head:
-                break  # the end of the data (an open sequence or item: see below)
-            if len(head) < 8:
+            if len(self.buf) - self.off < 8 and not self.fill(8):
+                if len(self.buf) == self.off:
+                    break  # the end of the data (an open sequence or item: see below)
                 raise self.fail("the data set ends inside an element header")
+            buf, off = self.buf, self.off
+            group, element, length = _HEADER[frame.little].unpack_from(buf, off)
+            self.off = off + 8
             self.pos += 8
-            group, element, length = _HEADER[frame.little].unpack(head)
             tag = group << 16 | element
             if frame.kind == _DATASET:
-                self.element(frame, tag, head, length)
+                self.element(frame, tag, buf[off + 4 : off + 8], length)
             else:
                 self.item(frame, tag, length)
         if len(self.stack) > 1:
@@ -170,7 +198,7 @@ class _Walk:
             self.push(_Frame(_DATASET, self.pos + length, frame.implicit, frame.little, True))
 
     def element(self, frame: _Frame, tag: int, head: bytes, length: int) -> None:
-        """In a data set: one data element."""
+        """In a data set: one data element (`head`: the 4 bytes after its tag)."""
         if tag >> 16 == 0xFFFE:
             if tag == _ITEM_END and frame.item and frame.end is None and not length:
                 self.stack.pop()
@@ -179,13 +207,13 @@ class _Walk:
         self.elements += 1
         vr = b""
         if not frame.implicit:
-            vr = head[4:6]
+            vr = head[:2]
             if vr not in _VRS:
                 raise self.fail(f"{vr!r} is not a VR")
             if vr in _LONG_VRS:
                 (length,) = _LONG[frame.little].unpack(self.read(4))
             else:
-                (length,) = _SHORT[frame.little].unpack(head[6:8])
+                (length,) = _SHORT[frame.little].unpack(head[2:])
         if length == UNDEFINED:
             if frame.implicit or vr in (b"SQ", b"UN"):
                 # UN of undefined length: a sequence in implicit VR little endian.
@@ -196,7 +224,8 @@ class _Walk:
             else:
                 raise self.fail(f"an undefined length for VR {vr.decode()}")
             return
-        self.within(frame, length)
+        if frame.end is not None:
+            self.within(frame, length)
         if vr == b"SQ" or (frame.implicit and tag in _SEQUENCE_TAGS):
             self.push(_Frame(_SEQUENCE, self.pos + length, frame.implicit, frame.little))
         elif (
@@ -205,6 +234,9 @@ class _Walk:
             and length <= _MAX_UID_LENGTH
         ):
             self.uids[tag] = self.read(length).decode("latin-1").rstrip("\x00 ")
+        elif length <= len(self.buf) - self.off:  # most values: within what was read
+            self.off += length
+            self.pos += length
         else:
             self.skip(length)
 
@@ -233,4 +265,4 @@ class _Bytes:
 
 def walk_bytes(data: bytes | memoryview, *, implicit: bool, little: bool = True) -> Walked:
     """`walk` over data set bytes in memory."""
-    return walk(_Bytes(data), implicit=implicit, little=little)
+    return _Walk(_Bytes(b""), implicit, little, bytes(data)).run()
