@@ -455,3 +455,22 @@ def test_the_file_meta_never_carries_a_forbidden_ae_title(title: str, written: s
     meta = _read_file_meta_info(stream)
     assert meta.SourceApplicationEntityTitle == written
     assert is_valid_ae_title(written)
+
+
+async def test_serve_on_duplicate_reject_from_the_command_line(tmp_path: Path) -> None:
+    from peers import start_dicomnet_server
+
+    server = start_dicomnet_server(tmp_path, extra_args=["--on-duplicate", "reject"])
+    try:
+        first = ct(PatientName="First")
+        again = ct(PatientName="Again", SOPInstanceUID=first.SOPInstanceUID)
+        with anyio.fail_after(30):
+            async with dicomnet.connect("127.0.0.1", server.port) as assoc:
+                assert await assoc.store(first) == 0
+                with pytest.raises(dicomnet.DimseError) as caught:
+                    await assoc.store(again)
+                assert caught.value.status == 0x0111
+    finally:
+        assert server.stop() == 0
+    assert dcmread(server.storage / f"{first.SOPInstanceUID}.dcm").PatientName == "First"
+    assert "stored already (--on-duplicate reject)" in server.log_text()
