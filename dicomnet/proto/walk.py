@@ -49,6 +49,7 @@ _SEQUENCE_TAGS = frozenset(tag for tag, entry in DicomDictionary.items() if entr
 
 _HEADER = {True: Struct("<HHL"), False: Struct(">HHL")}  # tag, 4-byte length / VR + 2
 _SHORT = {True: Struct("<H"), False: Struct(">H")}
+_EXPLICIT_SHORT = Struct("<HH2sH")  # tag, VR, 2-byte length (little endian)
 _LONG = {True: Struct("<L"), False: Struct(">L")}
 
 # What a frame of the walk holds.
@@ -146,6 +147,8 @@ class _Walk:
                     raise self.fail("an item runs past the end of its sequence")
                 self.stack.pop()  # a defined length ends here
                 continue
+            if frame.kind == _DATASET and frame.little and self.skim(frame):
+                continue
             if len(self.buf) - self.off < 8 and not self.fill(8):
                 if len(self.buf) == self.off:
                     break  # the end of the data (an open sequence or item: see below)
@@ -167,6 +170,51 @@ class _Walk:
             self.elements,
             self.pos,
         )
+
+    def skim(self, frame: _Frame) -> bool:
+        """Cross the plain elements ahead in the buffer (little endian, a defined length
+        that ends in the buffer and in `frame`, no sequence, delimiter or SOP UID) in a
+        tight loop; `run` takes any other element. Whether any was crossed."""
+        buf, start = self.buf, self.off
+        limit = len(buf)
+        if frame.end is not None:
+            limit = min(limit, start + frame.end - self.pos)
+        off = start
+        count = 0
+        if frame.implicit:
+            unpack = _HEADER[True].unpack_from
+            while off + 8 <= limit:
+                group, element, length = unpack(buf, off)
+                tag = group << 16 | element
+                end = off + 8 + length
+                if (
+                    end > limit  # also an undefined length
+                    or group == 0xFFFE
+                    or tag in _SEQUENCE_TAGS
+                    or tag in (_SOP_CLASS_UID, _SOP_INSTANCE_UID)
+                ):
+                    break
+                off = end
+                count += 1
+        else:
+            unpack_explicit = _EXPLICIT_SHORT.unpack_from
+            while off + 8 <= limit:
+                group, element, vr, length = unpack_explicit(buf, off)
+                end = off + 8 + length
+                if (
+                    end > limit
+                    or vr in _LONG_VRS
+                    or vr not in _VRS
+                    or group == 0xFFFE
+                    or (group == 8 and element in (0x16, 0x18))
+                ):
+                    break
+                off = end
+                count += 1
+        self.off = off
+        self.pos += off - start
+        self.elements += count
+        return count > 0
 
     def within(self, frame: _Frame, length: int) -> None:
         if frame.end is not None and self.pos + length > frame.end:
