@@ -182,4 +182,4 @@ async def test_a_slow_worklist_query_never_holds_the_event_loop(
             async with dicomnet.connect("127.0.0.1", port) as other:
                 assert await other.echo() == 0
         assert not done.is_set()
-    assert max(gaps) < 0.5
+    assert max(gaps) < 1.0  # the 2 s match, on the loop, would show as a 2 s gap
