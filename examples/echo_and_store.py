@@ -22,7 +22,9 @@ async def main(folder: Path) -> None:
 
     @ae.on_store
     async def store(request: dicomnet.StoreRequest) -> int:
-        path = await request.save(folder / f"{request.sop_instance_uid}.dcm")
+        # Given a folder, save() names the file after the SOP Instance UID, never a path
+        # outside the folder whatever the peer sent.
+        path = await request.save(folder)
         print(f"received {request.dataset.Modality} {path.name} from {request.calling_ae_title}")
         return 0x0000
 
