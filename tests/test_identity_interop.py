@@ -132,9 +132,7 @@ def test_dcmtk_user_identity_against_serve(
 
 
 @pytest.mark.dcmtk
-def test_dcmtk_store_allowed_query_refused(
-    dicomnet_server: ServerFactory, tmp_path: Path
-) -> None:
+def test_dcmtk_store_allowed_query_refused(dicomnet_server: ServerFactory, tmp_path: Path) -> None:
     access = tmp_path / "access.toml"
     access.write_text(
         '[[rule]]\ncalling = "MODALITY"\naddress = "127.0.0.0/8"\n'
