@@ -14,12 +14,12 @@ Secrets never appear in a `repr`, a `str` or a log line.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import os
 import secrets
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +59,9 @@ SCRYPT_P = 1
 _SCRYPT_MAXMEM = 256 << 20
 _SALT_BYTES = 16
 _HASH_BYTES = 32
-# At most this many scrypt computations at once (each takes 128*N*r bytes of memory).
-_HASHING = threading.BoundedSemaphore(4)
+# At most this many scrypt computations at once (each takes 128*N*r bytes of memory);
+# the others wait in the event loop, not in worker threads.
+HASHING_LIMIT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +178,7 @@ class _Hash:
         return hashed
 
     def matches(self, password: bytes) -> bool:
-        with _HASHING:
-            candidate = _scrypt(password, self.salt, self.n, self.r, self.p)
+        candidate = _scrypt(password, self.salt, self.n, self.r, self.p)
         return hmac.compare_digest(candidate, self.digest)
 
 
@@ -253,6 +253,14 @@ class PasswordFile:
         self._decoy = _Hash(
             SCRYPT_N, SCRYPT_R, SCRYPT_P, secrets.token_bytes(_SALT_BYTES), b"\0" * _HASH_BYTES
         )
+        self._limiter: tuple[asyncio.AbstractEventLoop, anyio.CapacityLimiter] | None = None
+
+    def _hashing_limiter(self) -> anyio.CapacityLimiter:
+        """The limiter of scrypt threads, one per event loop."""
+        loop = asyncio.get_running_loop()
+        if self._limiter is None or self._limiter[0] is not loop:
+            self._limiter = (loop, anyio.CapacityLimiter(HASHING_LIMIT))
+        return self._limiter[1]
 
     def __len__(self) -> int:
         return len(self._users)
@@ -263,7 +271,8 @@ class PasswordFile:
     async def verify(self, name: str, password: bytes) -> bool:
         known = self._users.get(name)
         hashed = known if known is not None else self._decoy
-        matches = await anyio.to_thread.run_sync(hashed.matches, password)
+        limiter = self._hashing_limiter()
+        matches = await anyio.to_thread.run_sync(hashed.matches, password, limiter=limiter)
         return matches and known is not None
 
     async def __call__(self, identity: UserIdentityRQ) -> Authenticated | None:

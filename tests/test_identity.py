@@ -225,3 +225,27 @@ async def test_an_application_authenticator_judges_tokens() -> None:
     assert len(requests) == 1  # the rejected one never reached on_association
     assert requests[0].user == "bob" and requests[0].peer_certificate is None
     assert requests[0].user_identity is not None
+
+
+@pytest.mark.anyio
+async def test_password_checks_never_block_the_event_loop(users: Path) -> None:
+    file = PasswordFile(users)
+    ticks = 0
+    done = anyio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await anyio.sleep(0.002)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            async with anyio.create_task_group() as checks:
+                for name in ("alice", "mallory") * 4:
+                    checks.start_soon(file.verify, name, b"wrong")
+            done.set()
+    # Eight scrypt computations (some 50 ms each, four at a time) ran in threads: the
+    # loop kept ticking meanwhile. On the loop they would leave it one tick per check.
+    assert ticks > 20
