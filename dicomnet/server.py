@@ -371,7 +371,9 @@ class Server:
         if rejection is not None or ae._on_association is None:
             return rejection
         rq, peer = admission.rq, admission.peer
-        request = AssociationRequest(rq, peer[0], peer[1], admission.user, admission.certificate)
+        request = AssociationRequest(
+            rq, peer[0], peer[1], user=admission.user, peer_certificate=admission.certificate
+        )
         try:
             with anyio.fail_after(ae.settings.artim_timeout):
                 verdict = await ae._on_association(request)

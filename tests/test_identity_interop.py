@@ -315,3 +315,17 @@ def test_our_scu_sends_identities_to_pynetdicom(
     token = UserIdentity.jwt("token", positive_response=True)
     assert anyio.run(echo, token) == (0, b"signed-response")
     assert seen == [(2, b"alice", b"pw"), (2, b"alice", b"wrong"), (5, b"token", b"")]
+
+
+def test_serve_security_options_errors(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    base = ["serve", "--port", "0", "--storage", storage]
+    usage = run_dicomnet([*base, "--require-user"], timeout=60)
+    assert usage.returncode == 2 and "--require-user needs --users" in usage.stderr
+    access = tmp_path / "access.toml"
+    access.write_text('[[rule]]\nservices = ["teleport"]\n')
+    bad = run_dicomnet([*base, "--access", access], timeout=60)
+    assert bad.returncode == 1 and "unknown service" in bad.stderr, describe_cli(bad)
+    assert len(bad.stderr.strip().splitlines()) == 1
+    missing = run_dicomnet([*base, "--users", tmp_path / "nope"], timeout=60)
+    assert missing.returncode == 1 and "nope" in missing.stderr, describe_cli(missing)
