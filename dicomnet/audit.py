@@ -110,7 +110,8 @@ class AssociationEvent(AuditEvent):
 class OperationEvent(AuditEvent):
     """One DIMSE operation performed: the service, SOP class, SOP instance (C-STORE and
     DIMSE-N), the query keys (C-FIND / C-MOVE / C-GET identifier: keyword -> value),
-    the move destination, and the final status."""
+    the move destination, the final status, and for C-MOVE / C-GET the sub-operations
+    completed, failed and with a warning."""
 
     service: str
     command: str
@@ -121,6 +122,9 @@ class OperationEvent(AuditEvent):
     move_destination: str | None = None
     status: int | None = None
     error_comment: str | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -241,7 +245,10 @@ def operation_event(
         query=query,
         move_destination=getattr(request, "move_destination", None),
         status=status,
-        error_comment=getattr(response, "error_comment", None) if response is not None else None,
+        error_comment=getattr(response, "error_comment", None),
+        completed=getattr(response, "completed", None),
+        failed=getattr(response, "failed", None),
+        warning=getattr(response, "warning", None),
         **participants,
     )
 

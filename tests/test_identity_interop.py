@@ -193,8 +193,11 @@ def test_cli_identity_flags_against_serve(dicomnet_server: ServerFactory, users:
     assert PASSWORD not in server.log_text(None) and WRONG not in server.log_text(None)
 
 
-def test_serve_refuses_a_move_to_an_unknown_destination(dicomnet_server: ServerFactory) -> None:
-    server = dicomnet_server(extra_args=["--peer", "KNOWN=127.0.0.1:1"])
+def test_serve_refuses_a_move_to_an_unknown_destination(
+    dicomnet_server: ServerFactory, tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    server = dicomnet_server(extra_args=["--peer", "KNOWN=127.0.0.1:1", "--audit", audit])
     assert run_dicomnet(["store", HOST, server.port, CT_FILE]).returncode == 0
 
     async def move(destination: str) -> int:
@@ -214,6 +217,13 @@ def test_serve_refuses_a_move_to_an_unknown_destination(dicomnet_server: ServerF
     # Only destinations of the peer table (--peer): anything else is 0xA801 (PS3.4 C.4.2.1.4).
     assert anyio.run(move, "ATTACKER") == 0xA801
     assert anyio.run(move, "KNOWN") != 0xA801  # known, yet unreachable: another failure
+    moves = [e for e in _audit(audit) if e.get("command") == "C-MOVE"]
+    assert len(moves) == 2
+    first = moves[0]
+    assert (first["move_destination"], first["status"], first["outcome"]) == ("ATTACKER", 0xA801, 8)
+    assert moves[1]["move_destination"] == "KNOWN" and moves[1]["failed"] == 1
+    assert moves[0]["query"]["StudyInstanceUID"].endswith(".12322")
+    assert moves[0]["event_id"] == "DICOM Instances Transferred" and moves[0]["action"] == "R"
 
 
 # --------------------------------------------------------------------------
