@@ -19,6 +19,7 @@ from dicomnet.errors import (
     ProtocolError,
     Reject,
 )
+from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.server import (
     AE,
@@ -83,6 +84,7 @@ __all__ = [
     "Status",
     "StatusCategory",
     "StoreRequest",
+    "UserIdentity",
     "__version__",
     "commitment_listener",
     "connect",

@@ -17,6 +17,7 @@ from dicomnet.errors import (
     ConnectTimeout,
     ProtocolError,
 )
+from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import (
     COMMON_STORAGE_SOP_CLASSES,
     MODALITY_PERFORMED_PROCEDURE_STEP,
@@ -81,7 +82,7 @@ async def open_association(
     contexts: Sequence[PresentationContext] | None = None,
     settings: AssociationSettings | None = None,
     connect_timeout: float = 30.0,
-    user_identity: UserIdentityRQ | None = None,
+    user_identity: UserIdentity | UserIdentityRQ | None = None,
     async_operations_window: tuple[int, int] = (1, 1),
     sop_class_extended: Sequence[SOPClassExtendedNegotiation] = (),
     sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
@@ -93,6 +94,8 @@ async def open_association(
     proposed, roles = build_requestor_contexts(
         list(contexts) if contexts is not None else default_contexts()
     )
+    if isinstance(user_identity, UserIdentity):
+        user_identity = user_identity.to_pdu()
     extended = ExtendedResults(
         AsyncOperationsWindowNegotiation(*async_operations_window),
         UserIdentityNegotiation(user_identity),
@@ -199,7 +202,7 @@ async def connect(
     artim_timeout: float = 30.0,
     dimse_timeout: float | None = 60.0,
     idle_timeout: float | None = None,
-    user_identity: UserIdentityRQ | None = None,
+    user_identity: UserIdentity | UserIdentityRQ | None = None,
     async_operations_window: tuple[int, int] = (1, 1),
     sop_class_extended: Sequence[SOPClassExtendedNegotiation] = (),
     sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
@@ -210,10 +213,12 @@ async def connect(
 
     `contexts`: what to propose (default: `default_contexts()`). Timeouts in seconds:
     TCP connect, ARTIM (association and release requests), DIMSE response, idle.
-    Extended negotiation (PS3.7 Annex D.3.3): `user_identity`, `async_operations_window`
-    (invoked, performed), `sop_class_extended`, `sop_class_common_extended`; the
-    outcome is on `Association.extended`. `handlers` (an AE's `ae.handlers`)
-    answer what the peer sends us on this association, e.g. N-EVENT-REPORTs.
+    Extended negotiation (PS3.7 Annex D.3.3): `user_identity` (a `UserIdentity`, e.g.
+    `UserIdentity.password(name, password)`), `async_operations_window` (invoked,
+    performed), `sop_class_extended`, `sop_class_common_extended`; the outcome is on
+    `Association.extended` (the identity's server response: `user_identity_response`).
+    `handlers` (an AE's `ae.handlers`) answer what the peer sends us on this
+    association, e.g. N-EVENT-REPORTs.
     `backend`: the network (default TCP; `dicomnet.testing.MemoryNetwork` in tests).
     """
     settings = AssociationSettings(

@@ -176,6 +176,8 @@ class Performer:
         message = request.message
         message_id: int = getattr(message, "message_id", 0)
         association = self._association
+        if association.audit is not None:
+            association.audit_request(message_id, request)
         try:
             if service is None:
                 await self._refuse(request, 0x0211, "unrecognized operation")
@@ -190,6 +192,8 @@ class Performer:
             if request.spool is not None:
                 request.spool.close()
             self._served.pop(message_id, None)
+            if association.audit is not None:
+                association.audit_unanswered(message_id)
             self.ops.performed(message_id)
             self._wake()
 

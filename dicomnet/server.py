@@ -13,9 +13,13 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.abc
 
+from dicomnet.access import AccessPolicy
+from dicomnet.admission import Admission
 from dicomnet.association import AssociationSettings, ExtendedResults, Handlers
+from dicomnet.audit import AuditHook
 from dicomnet.client import connect
 from dicomnet.errors import Reject
+from dicomnet.identity import Authenticator
 from dicomnet.proto.contexts import ContextAnswers, PresentationContext, negotiate_as_acceptor
 from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
@@ -61,6 +65,8 @@ class AssociationRequest:
     pdu: AAssociateRQ
     peer_host: str
     peer_port: int
+    user: str | None = None  # the user the AE's authenticator verified
+    peer_certificate: dict[str, Any] | None = None  # TLS: `ssl.SSLSocket.getpeercert()`
 
     @property
     def calling_ae_title(self) -> str:
@@ -96,6 +102,14 @@ class AE:
     `async_operations_window`: (invoked, performed), the most operations this AE
     invokes and performs at once on one association when the requestor proposes a
     window (PS3.7 §D.3.3.3; 0 is unlimited).
+
+    `authenticator` (e.g. `dicomnet.identity.PasswordFile`) verifies the User Identity
+    offered (PS3.7 §D.3.3.7); the verified name is `Association.user`. A username and
+    passcode it does not verify is rejected, as is any association without a verified
+    identity when `require_user_identity` (both rejected-permanent, service-user, no
+    reason: 1/1/1); other unverified identities (a username alone, or a token no
+    authenticator knows) are left to `on_association`. `access`: which services each
+    peer may use (`dicomnet.access`). `audit`: a hook receiving `dicomnet.audit` events.
     """
 
     def __init__(
@@ -116,6 +130,10 @@ class AE:
         peers: dict[str, tuple[str, int]] | None = None,
         query_models: Iterable[str] = ("patient", "study", "mwl"),
         async_operations_window: tuple[int, int] = (1, 1),
+        authenticator: Authenticator | None = None,
+        require_user_identity: bool = False,
+        access: AccessPolicy | None = None,
+        audit: AuditHook | None = None,
     ) -> None:
         if not 0 < len(ae_title.strip()) <= 16:
             raise ValueError("an AE title has 1 to 16 characters")
@@ -141,6 +159,11 @@ class AE:
         # The information models accepted for C-FIND/C-MOVE/C-GET when handlers are set.
         self.query_models = tuple(query_models)
         self.async_operations_window = async_operations_window
+        # Identity, access control and audit (see `dicomnet.identity`, `access`, `audit`).
+        self.authenticator = authenticator
+        self.require_user_identity = require_user_identity
+        self.access = access
+        self.audit = audit
         # SOP Class Extended Negotiation answers (PS3.7 §D.3.3.5): SOP class -> info bytes.
         self.sop_class_extended: dict[str, bytes] = {}
         self.handlers = Handlers()
@@ -346,28 +369,34 @@ class Server:
             return AAssociateRJ(1, 1, 7)  # permanent, user, called AE title not recognized
         return None
 
-    async def _admit(
-        self, rq: AAssociateRQ, peer: tuple[str, int]
-    ) -> tuple[AAssociateRJ | None, bytes | None]:
-        """The `on_association` handler's verdict on a request the AE's own rules let
-        through: (rejection or None, the User Identity server response to send)."""
+    async def _admit(self, admission: Admission) -> AAssociateRJ | None:
+        """The AE's identity and access checks, then the `on_association` handler's
+        verdict; the User Identity server response to send goes on `admission`."""
         ae = self.ae
-        if ae._on_association is None:
-            return None, None
+        rejection = await admission.authenticate() or admission.check_access()
+        if rejection is not None or ae._on_association is None:
+            return rejection
+        rq, peer = admission.rq, admission.peer
+        request = AssociationRequest(
+            rq, peer[0], peer[1], user=admission.user, peer_certificate=admission.certificate
+        )
         try:
             with anyio.fail_after(ae.settings.artim_timeout):
-                verdict = await ae._on_association(AssociationRequest(rq, peer[0], peer[1]))
+                verdict = await ae._on_association(request)
         except Reject as refusal:
-            return AAssociateRJ(refusal.result, refusal.source, refusal.reason), None
+            return AAssociateRJ(refusal.result, refusal.source, refusal.reason)
         except Exception:
             log.exception("on_association handler failed; rejecting")
-            return AAssociateRJ(2, 1, 1), None
-        return None, verdict if isinstance(verdict, bytes) else None
+            return AAssociateRJ(2, 1, 1)
+        if isinstance(verdict, bytes):
+            admission.server_response = verdict
+        return None
 
     async def _reject(
-        self, stream: ByteStream, ul: UpperLayer, rq: AAssociateRQ, rejection: AAssociateRJ
+        self, stream: ByteStream, ul: UpperLayer, admission: Admission, rejection: AAssociateRJ
     ) -> None:
-        peer = stream.remote_address
+        peer, rq = admission.peer, admission.rq
+        admission.rejected(rejection)
         log.info(
             "rejected association from %r (%s:%s): result %d source %d reason %d",
             rq.calling_ae_title,
@@ -384,15 +413,16 @@ class Server:
             pass
 
     def _accept(
-        self, stream: ByteStream, ul: UpperLayer, rq: AAssociateRQ, identity: bytes | None
-    ) -> tuple[Association, bytes]:
+        self, stream: ByteStream, ul: UpperLayer, admission: Admission
+    ) -> tuple[Association, bytes] | None:
         """Negotiate the association (PS3.8 §9.3.3, PS3.7 Annex D.3.3): the association
-        and the A-ASSOCIATE-AC to send."""
+        and the A-ASSOCIATE-AC to send; None when access control left no context."""
         ae = self.ae
+        rq = admission.rq
         settings = ae.settings
         extended = ExtendedResults(
             AsyncOperationsWindowNegotiation(*ae.async_operations_window),
-            UserIdentityNegotiation(server_response=identity),
+            UserIdentityNegotiation(server_response=admission.server_response),
             SOPClassExtendedNegotiations(supported=dict(ae.sop_class_extended)),
         )
         supported, answers = ae._negotiation()
@@ -405,6 +435,10 @@ class Server:
             implementation_version_name=IMPLEMENTATION_VERSION_NAME,
             extensions=tuple(extended),
         )
+        restricted = admission.restrict(negotiated)
+        if restricted is None:
+            return None
+        negotiated = restricted
         association = Association(
             stream,
             ul,
@@ -445,17 +479,22 @@ class Server:
                 rq.calling_ae_title,
                 rq.called_ae_title,
             )
-            rejection, identity = self._verdict(rq), None
+            admission = Admission(
+                self.ae, rq, (str(peer[0]), int(peer[1])), getattr(stream, "peer_certificate", None)
+            )
+            rejection = self._verdict(rq)
             if rejection is None:
                 self._reserved += 1
                 reserved = True
-                rejection, identity = await self._admit(rq, peer)
-            if rejection is not None:
-                await self._reject(stream, ul, rq, rejection)
+                rejection = await self._admit(admission)
+            accepted = self._accept(stream, ul, admission) if rejection is None else None
+            if accepted is None:
+                await self._reject(stream, ul, admission, rejection or AAssociateRJ(1, 1, 1))
                 return
-            association, accept = self._accept(stream, ul, rq, identity)
+            association, accept = accepted
+            admission.accepted(association)
             await stream.send(accept)
-            await self._run(association, len(rq.presentation_contexts))
+            await self._run(association, len(rq.presentation_contexts), admission)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             log.debug("connection from %s:%s lost: %s", peer[0], peer[1], exc)
         except Exception:
@@ -465,7 +504,7 @@ class Server:
                 self._reserved -= 1
             stream.close()
 
-    async def _run(self, association: Association, proposed: int) -> None:
+    async def _run(self, association: Association, proposed: int, admission: Admission) -> None:
         peer = association.peer_address
         self.associations.add(association)
         log.info(
@@ -480,6 +519,7 @@ class Server:
             await association.run()
         finally:
             self.associations.discard(association)
+            admission.ended(association)
             log.info(
                 "association from %r (%s:%s) ended: %s",
                 association.peer_ae_title,

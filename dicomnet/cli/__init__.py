@@ -12,13 +12,13 @@ from typing import Any
 import anyio
 
 from dicomnet._version import __version__
-from dicomnet.cli import bench, commit, echo, find, get, index, move, serve, store
+from dicomnet.cli import bench, commit, echo, find, get, index, move, passwd, serve, store
 from dicomnet.cli.common import configure_logging
 from dicomnet.errors import DicomNetError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (echo, store, find, move, get, serve, bench, index, commit)
+COMMANDS = (echo, store, find, move, get, serve, bench, index, commit, passwd)
 
 
 def build_parser() -> argparse.ArgumentParser:

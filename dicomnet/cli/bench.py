@@ -44,6 +44,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
+from dicomnet.cli.common import add_identity, identity_from_args
 from dicomnet.client import connect
 from dicomnet.errors import (
     ARTIMTimeout,
@@ -169,6 +170,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--op", required=True, choices=("echo", "store"), help="the operation: echo or store"
     )
+    add_identity(parser)
     parser.add_argument(
         "--concurrency",
         type=_positive_int,
@@ -617,6 +619,7 @@ class _Run:
                     connect_timeout=args.timeout,
                     artim_timeout=args.timeout,
                     dimse_timeout=args.dimse_timeout,
+                    user_identity=identity_from_args(args),
                 ) as association:
                     opened = True
                     results.associations += 1
@@ -720,6 +723,7 @@ async def run(args: argparse.Namespace) -> int:
 
     An interrupted run (Ctrl-C) prints what was measured and returns 130.
     """
+    identity_from_args(args)  # a bad combination of identity options stops here
     results = Results(args.op, args.concurrency)
     source: _Source | None = None
     contexts = [PresentationContext(VERIFICATION)]

@@ -5,20 +5,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from dicomnet.client import connect
+from dicomnet.errors import DicomNetError
+from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import PresentationContext
 
 __all__ = [
     "add_common",
+    "add_identity",
     "add_query",
     "add_remote",
     "build_query",
     "configure_logging",
     "describe",
+    "identity_from_args",
     "open_association",
     "qr_contexts",
     "query_level",
@@ -47,6 +53,46 @@ def add_remote(parser: argparse.ArgumentParser, timeout_flag: str = "--timeout")
     parser.add_argument(
         "--dimse-timeout", type=float, default=60.0, help="DIMSE response timeout (default 60)"
     )
+    add_identity(parser)
+
+
+def add_identity(parser: argparse.ArgumentParser) -> None:
+    """The User Identity options of an SCU command (PS3.7 §D.3.3.7)."""
+    group = parser.add_argument_group("user identity")
+    group.add_argument("--user", metavar="NAME", help="send this user name (identity type 1)")
+    group.add_argument(
+        "--password",
+        metavar="P",
+        help="with --user: send user name and password (type 2); without it the "
+        "DICOMNET_PASSWORD environment variable is used if set (not shown by ps)",
+    )
+    group.add_argument("--jwt", metavar="TOKEN", help="send a JSON Web Token (type 5)")
+    group.add_argument(
+        "--positive-response",
+        action="store_true",
+        help="ask the peer to confirm the identity, and fail if it does not",
+    )
+
+
+def identity_from_args(args: argparse.Namespace) -> UserIdentity | None:
+    """The `UserIdentity` the command line asks for, or None."""
+    user, jwt = getattr(args, "user", None), getattr(args, "jwt", None)
+    password = getattr(args, "password", None)
+    positive = bool(getattr(args, "positive_response", False))
+    if user is not None and jwt is not None:
+        raise SystemExit("dicomnet: --user and --jwt are exclusive")
+    if password is not None and user is None:
+        raise SystemExit("dicomnet: --password needs --user")
+    if jwt is not None:
+        return UserIdentity.jwt(jwt, positive_response=positive)
+    if user is None:
+        if positive:
+            raise SystemExit("dicomnet: --positive-response needs --user or --jwt")
+        return None
+    password = password if password is not None else os.environ.get("DICOMNET_PASSWORD")
+    if password is not None:
+        return UserIdentity.password(user, password, positive_response=positive)
+    return UserIdentity.username(user, positive_response=positive)
 
 
 def add_query(
@@ -83,9 +129,13 @@ def configure_logging(args: argparse.Namespace) -> None:
     )
 
 
-def open_association(args: argparse.Namespace, contexts: Sequence[PresentationContext]) -> Any:
-    """`connect()` with the command line's peer, titles and timeouts."""
-    return connect(
+@asynccontextmanager
+async def open_association(
+    args: argparse.Namespace, contexts: Sequence[PresentationContext]
+) -> AsyncIterator[Any]:
+    """`connect()` with the command line's peer, titles, timeouts and user identity."""
+    identity = identity_from_args(args)
+    async with connect(
         args.host,
         args.port,
         aet=args.aet,
@@ -94,7 +144,12 @@ def open_association(args: argparse.Namespace, contexts: Sequence[PresentationCo
         connect_timeout=args.timeout,
         artim_timeout=args.timeout,
         dimse_timeout=args.dimse_timeout,
-    )
+        user_identity=identity,
+    ) as association:
+        if identity is not None and identity.positive_response:
+            if association.user_identity_response is None:
+                raise DicomNetError("the peer did not confirm the user identity")
+        yield association
 
 
 def _tag(text: str) -> int:

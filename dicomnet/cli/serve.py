@@ -86,9 +86,57 @@ def add_parser(sub: Any) -> None:
         help="an instance stored already: keep the stored copy (default; success is "
         "answered), replace it, or reject the new one (status 0111); each case is logged",
     )
+    _add_security(serve)
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(run=run)
+
+
+def _add_security(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("identity, access control and audit")
+    group.add_argument(
+        "--users",
+        type=Path,
+        metavar="FILE",
+        help="check user name and password identities against FILE (see dicomnet passwd)",
+    )
+    group.add_argument(
+        "--require-user",
+        action="store_true",
+        help="reject associations without a verified user identity (1/1/1, PS3.7 D.3.3.7)",
+    )
+    group.add_argument(
+        "--access",
+        type=Path,
+        metavar="FILE",
+        help="services allowed per calling AE title, address and user (TOML [[rule]]s)",
+    )
+    group.add_argument(
+        "--audit",
+        type=Path,
+        metavar="FILE",
+        help="append audit events to FILE, one JSON object a line (PS3.15 A.5 events)",
+    )
+
+
+def _security(args: argparse.Namespace) -> dict[str, Any]:
+    """The AE's authenticator, access policy and audit log from the command line."""
+    from dicomnet.access import load_access
+    from dicomnet.audit import AuditLog
+    from dicomnet.identity import PasswordFile
+
+    if args.require_user and args.users is None:
+        print("dicomnet serve: --require-user needs --users", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return {
+            "authenticator": PasswordFile(args.users) if args.users else None,
+            "require_user_identity": args.require_user,
+            "access": load_access(args.access) if args.access else None,
+            "audit": AuditLog(args.audit) if args.audit else None,
+        }
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"dicomnet serve: {exc}") from None
 
 
 def _parse_peers(raw: Sequence[str]) -> dict[str, tuple[str, int]]:
@@ -126,6 +174,7 @@ async def run(args: argparse.Namespace) -> int:
 
     workers = max(1, args.workers)
     is_worker = args.worker_of is not None
+    security = _security(args)
     if workers > 1 and args.port == 0:
         print("dicomnet serve: --workers needs a fixed --port", file=sys.stderr)
         return 2
@@ -144,6 +193,8 @@ async def run(args: argparse.Namespace) -> int:
         worklist=args.worklist,
         on_duplicate=args.on_duplicate,
     )
+    for name, value in security.items():
+        setattr(scp.ae, name, value)
     reuse_port = workers > 1 or is_worker
     children: list[subprocess.Popen[bytes]] = []
     stop = anyio.Event()
@@ -189,4 +240,6 @@ async def run(args: argparse.Namespace) -> int:
                     child.kill()
             watch.cancel_scope.cancel()
     scp.close()
+    if security["audit"] is not None:
+        security["audit"].close()
     return 0

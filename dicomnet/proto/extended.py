@@ -102,8 +102,9 @@ class UserIdentityNegotiation:
 
     Requestor: `identity` is offered; after negotiation `server_response` holds the
     acceptor's answer (None when it sent none). Acceptor: `server_response` is what to
-    answer when a positive response was requested (the identity itself is judged by
-    the `on_association` handler).
+    answer when a positive response was requested (PS3.7 §D.3.3.7.2: empty for types 1
+    and 2, a Kerberos ticket, SAML or JWT response for 3 to 5), None to send no answer:
+    an identity nobody verified is not confirmed.
     """
 
     identity: UserIdentityRQ | None = None
@@ -118,7 +119,9 @@ class UserIdentityNegotiation:
         identity = request.user_identity_rq
         if identity is None or not identity.positive_response_requested:
             return response
-        return replace(response, user_identity_ac=UserIdentityAC(self.server_response or b""))
+        if self.server_response is None:
+            return response
+        return replace(response, user_identity_ac=UserIdentityAC(self.server_response))
 
     def finalise(self, request: UserInformation, response: UserInformation) -> None:
         answer = response.user_identity_ac

@@ -357,6 +357,14 @@ class UserIdentityRQ:
     primary_field: bytes
     secondary_field: bytes = b""
 
+    def __repr__(self) -> str:
+        # The passcode (type 2) and the tokens (3 to 5) are secrets: never shown.
+        user = f", user={self.primary_field!r}" if self.identity_type in (1, 2) else ""
+        return (
+            f"UserIdentityRQ(type={self.identity_type}, "
+            f"positive_response_requested={self.positive_response_requested}{user})"
+        )
+
     def encode(self) -> bytes:
         body = bytes((self.identity_type, int(self.positive_response_requested)))
         body += _U16.pack(len(self.primary_field)) + self.primary_field
