@@ -18,6 +18,7 @@ from dicomnet.errors import (
     NotNegotiatedError,
     ProtocolError,
     Reject,
+    TLSError,
 )
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.server import (
@@ -45,6 +46,7 @@ from dicomnet.services.qr import (
 from dicomnet.services.storage import StoreRequest
 from dicomnet.services.verification import EchoRequest
 from dicomnet.status import Status, StatusCategory
+from dicomnet.tls import Peer
 
 __all__ = [
     "AE",
@@ -72,6 +74,7 @@ __all__ = [
     "NRequest",
     "NResponse",
     "NotNegotiatedError",
+    "Peer",
     "PresentationContext",
     "ProtocolError",
     "Reject",
@@ -83,6 +86,7 @@ __all__ = [
     "Status",
     "StatusCategory",
     "StoreRequest",
+    "TLSError",
     "__version__",
     "commitment_listener",
     "connect",

@@ -44,6 +44,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
+from dicomnet.cli.common import add_tls
 from dicomnet.client import connect
 from dicomnet.errors import (
     ARTIMTimeout,
@@ -220,6 +221,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--no-progress", action="store_true", help="no live progress line even on a terminal"
     )
+    add_tls(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -617,6 +619,7 @@ class _Run:
                     connect_timeout=args.timeout,
                     artim_timeout=args.timeout,
                     dimse_timeout=args.dimse_timeout,
+                    tls=getattr(args, "tls_context", None),
                 ) as association:
                     opened = True
                     results.associations += 1
