@@ -63,6 +63,11 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
+def _reason(exc: ssl.SSLError) -> str:
+    """OpenSSL's reason code as words ("key values mismatch")."""
+    return str(exc.reason or exc).lower().replace("_", " ")
+
+
 def _load_chain(context: ssl.SSLContext, cert: StrPath, key: StrPath | None) -> None:
     try:
         context.load_cert_chain(cert, key)
@@ -70,7 +75,7 @@ def _load_chain(context: ssl.SSLContext, cert: StrPath, key: StrPath | None) -> 
         raise TLSConfigError(f"{exc.filename or cert}: no such file") from None
     except ssl.SSLError as exc:
         raise TLSConfigError(
-            f"cannot use certificate {cert} with key {key or cert}: {exc.reason or exc}"
+            f"cannot use certificate {cert} with key {key or cert}: {_reason(exc)}"
         ) from None
     except OSError as exc:
         raise TLSConfigError(f"{exc.filename or cert}: {exc.strerror or exc}") from None
@@ -82,9 +87,7 @@ def _load_ca(context: ssl.SSLContext, ca: StrPath) -> None:
     except FileNotFoundError:
         raise TLSConfigError(f"{ca}: no such file") from None
     except ssl.SSLError as exc:
-        raise TLSConfigError(
-            f"cannot read CA certificates from {ca}: {exc.reason or exc}"
-        ) from None
+        raise TLSConfigError(f"cannot read CA certificates from {ca}: {_reason(exc)}") from None
     except OSError as exc:
         raise TLSConfigError(f"{ca}: {exc.strerror or exc}") from None
 
