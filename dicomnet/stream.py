@@ -123,6 +123,8 @@ def peer_certificate(stream: ByteStream) -> dict[str, Any] | None:
 
 # Stop reading from the socket when this much received data is waiting to be parsed.
 HIGH_WATER = 4 << 20
+# How long a requestor's closing TLS connection waits for the peer's close_notify.
+TLS_SHUTDOWN_TIMEOUT = 10.0
 # Writes smaller than this are gathered until the end of the event loop's turn.
 COALESCE_LIMIT = 64 << 10
 
@@ -344,7 +346,9 @@ async def open_connection(host: str, port: int, tls: ssl.SSLContext | None = Non
     if tls is None:
         _, protocol = await loop.create_connection(DicomStream, host, port)
         return protocol
-    transport, protocol = await loop.create_connection(DicomStream, host, port, ssl=tls)
+    transport, protocol = await loop.create_connection(
+        DicomStream, host, port, ssl=tls, ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT
+    )
     protocol.peer_certificate = transport.get_extra_info("peercert") or None
     return protocol
 
@@ -353,9 +357,10 @@ class _TLSAcceptedStream(DicomStream):
     """An accepted connection that becomes a `DicomStream` once its TLS handshake is done.
 
     Reading is paused as soon as the TCP connection is made, and `loop.start_tls` runs the
-    handshake under `timeout`. uvloop starts reading right after `connection_made`
-    whatever the protocol asked, so bytes of the ClientHello may arrive first: they are
-    kept and handed to the TLS protocol before anything else it reads."""
+    handshake under `timeout` (the closing TLS shutdown waits no longer either). uvloop
+    starts reading right after `connection_made` whatever the protocol asked, so bytes of
+    the ClientHello may arrive first: they are kept and handed to the TLS protocol before
+    anything else it reads."""
 
     def __init__(self, context: ssl.SSLContext, timeout: float, pending: set[Any]) -> None:
         super().__init__()
@@ -414,6 +419,7 @@ class _TLSAcceptedStream(DicomStream):
                 self._tls,
                 server_side=True,
                 ssl_handshake_timeout=self._handshake_timeout,
+                ssl_shutdown_timeout=self._handshake_timeout,  # ARTIM, as Sta13 waits
             )
         except asyncio.CancelledError:
             raw.abort()

@@ -428,6 +428,32 @@ async def test_closing_the_server_ends_pending_handshakes(pki: PKI) -> None:
 # --- services that open associations of their own -----------------------------------------
 
 
+async def test_ae_connect_uses_the_peer_tables_tls(pki: PKI) -> None:
+    """`AE.connect` (storage commitment reports open theirs with it) goes over TLS to a
+    TLS peer of the table, plain to others, and as told by an explicit `tls=`."""
+    served = server_context(pki.server.cert, pki.server.key)
+    async with tls_ae().serve(HOST, 0, tls=served) as secure, tls_ae().serve(HOST, 0) as plain:
+        ae = dicomnet.AE(
+            "PACS",
+            peers={
+                "SECURE": Peer(HOST, secure.port, tls=client_context(pki.ca)),
+                "PLAIN": (HOST, plain.port),
+            },
+        )
+        async with ae.connect(HOST, secure.port, aec="SECURE", contexts=ECHO) as association:
+            assert await association.echo() == 0
+            assert association.peer_certificate is not None
+        async with ae.connect(HOST, plain.port, aec="PLAIN", contexts=ECHO) as association:
+            assert await association.echo() == 0
+            assert association.peer_certificate is None
+        with pytest.raises(dicomnet.AssociationAborted, match="expect TLS"):
+            async with ae.connect(HOST, secure.port, aec="OTHER", contexts=ECHO):
+                pass
+        explicit = client_context(pki.ca)
+        async with ae.connect(HOST, secure.port, aec="OTHER", contexts=ECHO, tls=explicit) as a:
+            assert await a.echo() == 0
+
+
 def instances(count: int, folder: Path) -> list[Path]:
     source = dcmread(get_testdata_file("CT_small.dcm"))
     paths = []
