@@ -329,3 +329,31 @@ def dicomnet_query(study_uid: str) -> object:
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
     return query
+
+
+def test_cli_get_via_move_over_tls(
+    pki: PKI, dicomnet_server: Callable[..., DicomnetServer], tmp_path: Path
+) -> None:
+    """`dicomnet get --via move` with TLS flags: its listener serves TLS (requiring
+    serve's certificate) and serve reaches it as `--peer DICOMNET=tls://...`."""
+    listen_port = free_port()
+    server = dicomnet_server(
+        extra_args=[
+            *serve_tls(pki, require_client=True),
+            "--peer", f"DICOMNET=tls://{HOST}:{listen_port}",
+        ]
+    )  # fmt: skip
+    source = dcmread(CT_FILE)
+    source.SOPInstanceUID = uid = generate_uid()
+    path = tmp_path / "ct.dcm"
+    source.save_as(path)
+    store = run_dicomnet(["store", HOST, server.port, path, *our_tls(pki)])
+    assert store.returncode == 0, describe_cli(store)
+    out = tmp_path / "out"
+    get = run_dicomnet(
+        ["get", HOST, server.port, "--out", out, "--via", "move", "--listen-port", listen_port,
+         "-k", f"StudyInstanceUID={source.StudyInstanceUID}", *our_tls(pki)]
+    )  # fmt: skip
+    assert get.returncode == 0, describe_cli(get)
+    assert (out / f"{uid}.dcm").is_file(), describe_cli(get)
+    assert handshake_lines(server) == []
