@@ -440,6 +440,16 @@ class _TLSAcceptedStream(DicomStream):
             raw.abort()
             return
         self.peer_certificate = transport.get_extra_info("peercert") or None
+        if log.isEnabledFor(logging.DEBUG):
+            ssl_object = transport.get_extra_info("ssl_object")
+            host, port = self.remote_address
+            log.debug(
+                "TLS with %s:%s: %s, %s",
+                host,
+                port,
+                ssl_object.version() if ssl_object else "?",
+                ssl_object.cipher()[0] if ssl_object else "?",
+            )
         super().connection_made(transport)
 
 

@@ -259,7 +259,7 @@ def describe_failure(exc: BaseException, *, server: bool = False, timeout: float
             return f"the peer refused the connection: {text}"
         return text
     if isinstance(exc, ConnectionResetError):
-        hint = "" if server else " (is the peer using TLS?)"
+        hint = " (did it refuse our certificate?)" if server else " (is the peer using TLS?)"
         return f"the peer reset the connection during the handshake{hint}"
     if isinstance(exc, OSError):
         return str(exc.strerror or exc)
