@@ -270,7 +270,8 @@ class AE:
 
     def connect(self, host: str, port: int, aec: str = "ANY-SCP", **kwargs: Any) -> Any:
         """`dicomnet.connect()` with this AE's title and handlers; over TLS when `aec` is a
-        TLS peer of the peer table at this host and port (unless `tls=` says otherwise)."""
+        TLS peer of the peer table at this host and port (or with the `tls=` context
+        given)."""
         kwargs.setdefault("max_pdu_length", self.settings.max_pdu_length)
         return self._connect_peer(
             host, port, aet=self.ae_title, aec=aec, handlers=self.handlers, **kwargs

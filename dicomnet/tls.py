@@ -68,9 +68,26 @@ def _reason(exc: ssl.SSLError) -> str:
     return str(exc.reason or exc).lower().replace("_", " ")
 
 
-def _load_chain(context: ssl.SSLContext, cert: StrPath, key: StrPath | None) -> None:
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    raise _EncryptedKey
+
+
+def _load_chain(
+    context: ssl.SSLContext, cert: StrPath, key: StrPath | None, password: str | None
+) -> None:
+    """Load our certificate and key; an encrypted key without `password` is an error
+    (never a prompt on the terminal, which would hang a service)."""
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password if password is not None else _no_password)
+    except _EncryptedKey:
+        raise TLSConfigError(
+            f"the private key {key or cert} is encrypted: give its password, or the key "
+            "unencrypted (readable by this user only)"
+        ) from None
     except FileNotFoundError as exc:
         raise TLSConfigError(f"{exc.filename or cert}: no such file") from None
     except ssl.SSLError as exc:
@@ -98,13 +115,15 @@ def client_context(
     key: StrPath | None = None,
     *,
     check_hostname: bool = False,
+    password: str | None = None,
 ) -> ssl.SSLContext:
     """A context to request associations over TLS (PS3.15 §B.9, BCP 195).
 
     The server's certificate is always verified: against the certificates in `ca` (a PEM
     file), or the system's trust store when `ca` is None. `cert` and `key` (PEM; `key`
     may be omitted when `cert` holds both) are presented when the server asks for a
-    client certificate.
+    client certificate; `password` decrypts an encrypted key (without it, an encrypted key
+    is a `TLSConfigError`, never a prompt).
 
     `check_hostname` is off by default: DICOM peers are configured by address and AE
     title and are often reached by IP address, and their certificates name the node or
@@ -121,24 +140,28 @@ def client_context(
     else:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if cert is not None:
-        _load_chain(context, cert, key)
+        _load_chain(context, cert, key, password)
     elif key is not None:
         raise TLSConfigError("a private key was given without its certificate")
     return _harden(context)
 
 
 def server_context(
-    cert: StrPath, key: StrPath | None = None, ca: StrPath | None = None
+    cert: StrPath,
+    key: StrPath | None = None,
+    ca: StrPath | None = None,
+    *,
+    password: str | None = None,
 ) -> ssl.SSLContext:
     """A context to accept associations over TLS (PS3.15 §B.9, BCP 195).
 
     `cert` and `key`: our certificate (chain) and private key, PEM. With `ca`, every
     requestor must present a certificate that chains to one in `ca` (CERT_REQUIRED: no
     certificate, or one from another CA, fails the handshake); without it, no client
-    certificate is asked for.
+    certificate is asked for. `password`: as for `client_context`.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _load_chain(context, cert, key)
+    _load_chain(context, cert, key, password)
     if ca is not None:
         _load_ca(context, ca)
         context.verify_mode = ssl.CERT_REQUIRED

@@ -137,6 +137,27 @@ def test_unusable_files_are_clear_errors(pki: PKI, tmp_path: Path) -> None:
         client_context(pki.ca, key=pki.client.key)
 
 
+def test_encrypted_key_needs_its_password(pki: PKI, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(TLSConfigError, match="is encrypted"):  # not a terminal prompt
+        server_context(pki.server.cert, encrypted)
+    with pytest.raises(TLSConfigError, match="cannot use certificate"):
+        server_context(pki.server.cert, encrypted, password="wrong")
+    assert (
+        server_context(pki.server.cert, encrypted, password="secret").verify_mode == ssl.CERT_NONE
+    )
+
+
 def test_subject_text() -> None:
     cert = {
         "subject": (
