@@ -543,3 +543,35 @@ async def test_move_to_a_tls_destination_without_tls_fails_cleanly(
         assert caught.value.status == 0xA702
         await wait_for(lambda: len(tls_log.tls) == 1)
     assert "plain DICOM connection to the TLS port" in tls_log.tls[0]
+
+
+async def test_commitment_report_to_a_tls_peer(pki: PKI, tmp_path: Path) -> None:
+    """`serve`'s storage commitment SCP sends its report on a new association to the
+    requestor's peer table entry, over TLS (the listener requires its certificate)."""
+    from dicomnet.pacs.scp import StorageSCP
+
+    (path,) = instances(1, tmp_path)
+    stored = dcmread(path)
+    listening = server_context(pki.client.cert, pki.client.key, ca=pki.ca)
+    async with dicomnet.commitment_listener("MODALITY", HOST, 0, tls=listening) as ear:
+        to_modality = client_context(pki.ca, pki.server.cert, pki.server.key)
+        scp = StorageSCP(
+            tmp_path / "storage",
+            fsync=False,
+            peers={"MODALITY": Peer(HOST, ear.port, tls=to_modality)},
+        )
+        try:
+            served = server_context(pki.server.cert, pki.server.key)
+            async with scp.serve(HOST, 0, tls=served) as server:
+                async with dicomnet.connect(
+                    HOST, server.port, aet="MODALITY", tls=client_context(pki.ca)
+                ) as association:
+                    assert await association.store(path) == 0
+                    pending = await association.send_commitment_request([path], listener=ear)
+                # Released: the report can only come on an association to the listener.
+                with anyio.fail_after(20):
+                    result = await pending.result(timeout=20)
+                pending.close()
+        finally:
+            scp.close()
+    assert result.committed == ((stored.SOPClassUID, stored.SOPInstanceUID),)
