@@ -110,6 +110,12 @@ def _parse_peers(
     return peers
 
 
+def _tls_note(tls: ssl.SSLContext | None, ca: str | None) -> str:
+    if tls is None:
+        return ""
+    return " with TLS (client certificates required)" if ca else " with TLS"
+
+
 def _worker_argv(argv: Sequence[str], slot: int) -> list[str]:
     """The command line of a worker process: the same `serve`, as worker `slot`."""
     out: list[str] = []
@@ -182,7 +188,7 @@ async def run(args: argparse.Namespace) -> int:
                     print(
                         f"dicomnet {__version__}: {args.aet} listening on "
                         f"{server.host}:{server.port}"
-                        f"{' with TLS' if tls is not None else ''}"
+                        f"{_tls_note(tls, args.tls_ca)}"
                         f"{f' with {workers} processes' if workers > 1 else ''}, "
                         f"storing to {scp.storage.resolve()}",
                         flush=True,
