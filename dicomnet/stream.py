@@ -36,6 +36,8 @@ from typing import Any, Protocol, cast
 
 import anyio
 
+from dicomnet.tls import describe_failure
+
 __all__ = [
     "TCP",
     "ByteStream",
@@ -425,8 +427,6 @@ class _TLSAcceptedStream(DicomStream):
             raw.abort()
             raise
         except Exception as exc:
-            from dicomnet.tls import describe_failure
-
             host, port = self.remote_address
             log.warning(
                 "TLS handshake with %s:%s failed: %s",
