@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from benchmarks.data import InstanceSet
 from benchmarks.procs import HOST, ServerProcess
+from benchmarks.tls import pki
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VERIFICATION = "1.2.840.10008.1.1"
@@ -116,8 +117,11 @@ def _loop_env(env: dict[str, str], loop: str) -> dict[str, str]:
     return env
 
 
-def dicomnet_scp(*, fsync: bool, workers: int = 1, loop: str = "uvloop") -> SCPSpec:
-    """`dicomnet serve`; `loop="asyncio"` runs it without uvloop."""
+def dicomnet_scp(
+    *, fsync: bool, workers: int = 1, loop: str = "uvloop", tls: bool = False
+) -> SCPSpec:
+    """`dicomnet serve`; `loop="asyncio"` runs it without uvloop; `tls`: with
+    `--tls-cert/--tls-key --tls-ca` (client certificates required, as storescp +tls)."""
 
     def build(port: int, storage: Path, _count: int) -> tuple[list[str], dict[str, str]]:
         argv = [
@@ -136,6 +140,10 @@ def dicomnet_scp(*, fsync: bool, workers: int = 1, loop: str = "uvloop") -> SCPS
             argv.append("--no-fsync")
         if workers > 1:
             argv += ["--workers", str(workers)]
+        if tls:
+            certs = pki()
+            argv += ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)]
+            argv += ["--tls-ca", str(certs.ca)]
         return argv, _loop_env(_base_env(nodelay=False), loop)
 
     # `dicomnet serve` also records every instance in its SQLite index (Q/R), after the
@@ -150,6 +158,9 @@ def dicomnet_scp(*, fsync: bool, workers: int = 1, loop: str = "uvloop") -> SCPS
     if loop == "asyncio":
         key += "-asyncio"
         label = f"DICOMNET_LOOP=asyncio {label}"
+    if tls:
+        key += "-tls"
+        label += " --tls-cert/--tls-key --tls-ca"
     if fsync:
         durability = "unnamed file (O_TMPFILE), fsync, linked in place, fsync of the folder" + index
     else:
@@ -197,16 +208,25 @@ def pynetdicom_scp() -> SCPSpec:
     )
 
 
-def storescp_scp(*, nodelay: bool = True, fork: bool = False) -> SCPSpec:
+def storescp_scp(*, nodelay: bool = True, fork: bool = False, tls: bool = False) -> SCPSpec:
+    """storescp; `tls`: `+tls KEY CERT +cf CA` (its default profile, non-downgrading BCP 195,
+    and its default -rc: client certificates required)."""
+
     def build(port: int, storage: Path, _count: int) -> tuple[list[str], dict[str, str]]:
         argv = [dcmtk("storescp"), "+B", "-od", str(storage), "-aet", "STORESCP"]
         if fork:
             argv.append("--fork")  # one child process per association
+        if tls:
+            certs = pki()
+            argv += ["+tls", str(certs.server_key), str(certs.server_cert), "+cf", str(certs.ca)]
         argv.append(str(port))
         return argv, _base_env(nodelay=nodelay)
 
     label = "storescp +B" + ("" if nodelay else " (Nagle on)") + (" --fork" if fork else "")
     key = ("storescp" if nodelay else "storescp-nagle") + ("-fork" if fork else "")
+    if tls:
+        label += " +tls"
+        key += "-tls"
     return SCPSpec(key, label, "bit-preserving write, no fsync (page cache)", build)
 
 
@@ -275,11 +295,21 @@ class DicomnetSCU:
     """dicomnet's Python API in this process, on uvloop when installed (as the `dicomnet`
     commands run) or, with `loop="asyncio"`, on asyncio's own loop."""
 
-    def __init__(self, aec: str = "ANY-SCP", loop: str = "uvloop") -> None:
+    def __init__(self, aec: str = "ANY-SCP", loop: str = "uvloop", *, tls: bool = False) -> None:
         self.aec = aec
         self.loop = loop
         self.key = "dicomnet" if loop == "uvloop" else f"dicomnet-{loop}"
         self.label = f"dicomnet (in-process API, {loop})"
+        # TLS (S2, S4, S5 only): BCP 195 client context with the run's client certificate.
+        self.connect_options: dict[str, Any] = {}
+        if tls:
+            from dicomnet.tls import client_context
+
+            certs = pki()
+            context = client_context(certs.ca, certs.client_cert, certs.client_key)
+            self.connect_options["tls"] = context
+            self.key += "-tls"
+            self.label = f"dicomnet (in-process API, {loop}, TLS)"
 
     def echo_associations(self, port: int, count: int, timeout: float) -> ClientResult:
         import dicomnet
@@ -289,7 +319,12 @@ class DicomnetSCU:
             for _ in range(count):
                 try:
                     async with dicomnet.connect(
-                        HOST, port, aet=SCU_AET, aec=self.aec, contexts=contexts
+                        HOST,
+                        port,
+                        aet=SCU_AET,
+                        aec=self.aec,
+                        contexts=contexts,
+                        **self.connect_options,
                     ) as assoc:
                         await assoc.echo()
                     result.ok += 1
@@ -306,7 +341,7 @@ class DicomnetSCU:
             contexts = [dicomnet.PresentationContext(VERIFICATION)]
             try:
                 async with dicomnet.connect(
-                    HOST, port, aet=SCU_AET, aec=self.aec, contexts=contexts
+                    HOST, port, aet=SCU_AET, aec=self.aec, contexts=contexts, **self.connect_options
                 ) as assoc:
                     for _ in range(count):
                         try:
@@ -331,7 +366,7 @@ class DicomnetSCU:
             contexts = [dicomnet.PresentationContext(s, (EXPLICIT_VR_LE,)) for s in sop_classes]
             try:
                 async with dicomnet.connect(
-                    HOST, port, aet=SCU_AET, aec=self.aec, contexts=contexts
+                    HOST, port, aet=SCU_AET, aec=self.aec, contexts=contexts, **self.connect_options
                 ) as assoc:
                     for path in instances.files:
                         try:
@@ -717,13 +752,21 @@ class DcmtkSCU:
 
     key = "dcmtk"
 
-    def __init__(self, *, nodelay: bool = True, aec: str = "ANY-SCP") -> None:
+    def __init__(self, *, nodelay: bool = True, aec: str = "ANY-SCP", tls: bool = False) -> None:
         self.nodelay = nodelay
         self.aec = aec
         self.label = "DCMTK echoscu/storescu" + ("" if nodelay else " (Nagle on)")
         if not nodelay:
             self.key = "dcmtk-nagle"
         self.env: Mapping[str, str] = _base_env(nodelay=nodelay)
+        # TLS (S2, S4, S5 only): `+tls KEY CERT +cf CA`, DCMTK's default BCP 195 profile.
+        self.tls_args: list[str] = []
+        if tls:
+            certs = pki()
+            self.tls_args = ["+tls", str(certs.client_key), str(certs.client_cert)]
+            self.tls_args += ["+cf", str(certs.ca)]
+            self.key = "dcmtk-tls"
+            self.label += " +tls"
 
     def _command(
         self, argv: list[str], timeout: float, result: ClientResult, ok: int, failed: int
@@ -767,7 +810,7 @@ class DcmtkSCU:
     def echo_one(self, port: int, count: int, timeout: float) -> ClientResult:
         result = ClientResult(0.0, 0, 0, 0.0)
         argv = [dcmtk("echoscu"), "--repeat", str(count), "-aet", SCU_AET, "-aec", self.aec]
-        argv += [HOST, str(port)]
+        argv += [*self.tls_args, HOST, str(port)]
         cpu0, t0 = _children_cpu(), time.perf_counter()
         self._command(argv, timeout, result, count, count)
         result.seconds = time.perf_counter() - t0
@@ -777,8 +820,8 @@ class DcmtkSCU:
     def store_one(self, port: int, instances: InstanceSet, timeout: float) -> ClientResult:
         result = ClientResult(0.0, 0, 0, 0.0)
         n = len(instances.files)
-        argv = [dcmtk("storescu"), "+sd", "-aet", SCU_AET, "-aec", self.aec, HOST, str(port)]
-        argv.append(str(instances.folder))
+        argv = [dcmtk("storescu"), "+sd", "-aet", SCU_AET, "-aec", self.aec, *self.tls_args]
+        argv += [HOST, str(port), str(instances.folder)]
         cpu0, t0 = _children_cpu(), time.perf_counter()
         self._command(argv, timeout, result, n, n)
         result.seconds = time.perf_counter() - t0

@@ -93,6 +93,12 @@ ALL = ("S1", "S2", "S3", "S4")
 STORES = ("S3", "S4")
 BIG = ("S5", "S5-2G")
 
+# TLS (PS3.15 B.9, BCP 195; client certificates required on every SCP): its cost per
+# round trip (S2), on a stream of medium instances (S4) and on one large one (S5).
+TLS = ("S2", "S4", "S5")
+TLS_DICOMNET = "dicomnet(tls)>dicomnet(tls, no-fsync)"
+TLS_DCMTK = "dcmtk(tls)>dcmtk(tls)"
+
 # Reduced counts where a peer is slow enough that the full count would blow the ~10 minute
 # budget of a full run without changing the rate: a loop of echoscu processes (S1) is bound
 # by process start-up (~45 ms each), and pynetdicom as shipped runs ~100 echo/s and
@@ -135,6 +141,11 @@ PAIRINGS: tuple[Pairing, ...] = (
             note="S8: idle associations opened by dicomnet against the pynetdicom SCP"),
     Pairing("dcmtk>dcmtk", peers.DcmtkSCU, peers.storescp_scp(), (*ALL, "S5"), DCMTK_S1),
     Pairing("dcmtk>dcmtk(fork)", peers.DcmtkSCU, peers.storescp_scp(fork=True), ("S6",)),
+    Pairing(TLS_DICOMNET, lambda: peers.DicomnetSCU(tls=True),
+            peers.dicomnet_scp(fsync=False, tls=True), TLS),
+    Pairing("dcmtk(tls)>dicomnet(tls, no-fsync)", lambda: peers.DcmtkSCU(tls=True),
+            peers.dicomnet_scp(fsync=False, tls=True), TLS),
+    Pairing(TLS_DCMTK, lambda: peers.DcmtkSCU(tls=True), peers.storescp_scp(tls=True), TLS),
     # DCMTK as shipped: Nagle's algorithm on (no TCP_NODELAY in the environment). ~45-90 ms
     # per round trip, so reduced counts and one repetition: shows the effect, nothing more.
     Pairing("dcmtk(nagle)>dicomnet(no-fsync)", lambda: peers.DcmtkSCU(nodelay=False),
@@ -195,6 +206,13 @@ RATIOS: tuple[Ratio, ...] = (
     Ratio("DCMTK as shipped (Nagle): dicomnet SCP / storescp", "dcmtk(nagle)>dicomnet(no-fsync)",
           "dcmtk(nagle)>dcmtk(nagle)"),
     Ratio("dicomnet pair: fsync / no fsync", "dicomnet>dicomnet", "dicomnet>dicomnet(no-fsync)"),
+    Ratio("TLS: dicomnet pair / DCMTK pair (neither fsyncs)", TLS_DICOMNET, TLS_DCMTK,
+          only=TLS),
+    Ratio("TLS, DCMTK SCU: dicomnet SCP / storescp (neither fsyncs)",
+          "dcmtk(tls)>dicomnet(tls, no-fsync)", TLS_DCMTK, only=TLS),
+    Ratio("dicomnet pair: TLS / plain (no fsync)", TLS_DICOMNET, "dicomnet>dicomnet(no-fsync)",
+          only=TLS, denominators={"S2": "dicomnet>dicomnet"}),
+    Ratio("DCMTK pair: TLS / plain", TLS_DCMTK, "dcmtk>dcmtk", only=TLS),
     Ratio("dicomnet pair: asyncio / uvloop (no fsync)", "dicomnet>dicomnet(asyncio, no-fsync)",
           "dicomnet>dicomnet(no-fsync)", denominators={"S2": "dicomnet>dicomnet"}),
 )  # fmt: skip

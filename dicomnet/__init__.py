@@ -18,6 +18,7 @@ from dicomnet.errors import (
     NotNegotiatedError,
     ProtocolError,
     Reject,
+    TLSError,
 )
 from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
@@ -46,6 +47,7 @@ from dicomnet.services.qr import (
 from dicomnet.services.storage import StoreRequest
 from dicomnet.services.verification import EchoRequest
 from dicomnet.status import Status, StatusCategory
+from dicomnet.tls import Peer
 
 __all__ = [
     "AE",
@@ -73,6 +75,7 @@ __all__ = [
     "NRequest",
     "NResponse",
     "NotNegotiatedError",
+    "Peer",
     "PresentationContext",
     "ProtocolError",
     "Reject",
@@ -84,6 +87,7 @@ __all__ = [
     "Status",
     "StatusCategory",
     "StoreRequest",
+    "TLSError",
     "UserIdentity",
     "__version__",
     "commitment_listener",

@@ -20,13 +20,13 @@ from dicomnet.audit import (
     USE_OF_RESTRICTED_FUNCTION,
     USER_AUTHENTICATION,
     AssociationEvent,
-    certificate_subject,
     emit,
     security_alert,
 )
 from dicomnet.identity import USERNAME_AND_PASSCODE, Authenticated, claimed_user
 from dicomnet.proto.contexts import Negotiated
 from dicomnet.proto.pdu import AAssociateRJ, AAssociateRQ
+from dicomnet.tls import subject_text
 
 if TYPE_CHECKING:
     from dicomnet.association import BaseAssociation
@@ -62,7 +62,7 @@ class Admission:
             "peer_host": self.peer[0],
             "peer_port": self.peer[1],
             "user": self.user,
-            "certificate_subject": certificate_subject(self.certificate),
+            "certificate_subject": subject_text(self.certificate),
         }
 
     def _alert(self, alert: str, detail: str, **more: Any) -> None:

@@ -49,7 +49,7 @@ from dicomnet.proto.ul import (
 )
 from dicomnet.receiving import MessageReceiver
 from dicomnet.storage import Part10File
-from dicomnet.stream import ByteStream
+from dicomnet.stream import ByteStream, peer_certificate
 from dicomnet.writer import MessageWriter
 
 __all__ = [
@@ -130,6 +130,8 @@ class BaseAssociation:
         self.settings = settings
         self.handlers = handlers or Handlers()
         self.peer_address = peer_address
+        # The peer's verified TLS certificate (`ssl.SSLSocket.getpeercert()`), or None.
+        self.peer_certificate: dict[str, Any] | None = peer_certificate(stream)
         self.is_requestor = ul.is_requestor
         self.clock = clock
         window = self.extended.async_operations_window

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnet.status import Status
+from dicomnet.tls import subject_text
 
 __all__ = [
     "NODE_AUTHENTICATION",
@@ -45,7 +46,6 @@ __all__ = [
     "AuditLog",
     "OperationEvent",
     "SecurityAlert",
-    "certificate_subject",
     "emit",
     "operation_event",
     "outcome_of",
@@ -253,18 +253,6 @@ def operation_event(
     )
 
 
-def certificate_subject(certificate: Mapping[str, Any] | None) -> str | None:
-    """The subject of an `ssl.SSLSocket.getpeercert()` dict as `CN=...,O=...`."""
-    if not certificate:
-        return None
-    parts = []
-    for rdn in certificate.get("subject", ()):
-        for name, value in rdn:
-            short = {"commonName": "CN", "organizationName": "O", "countryName": "C"}
-            parts.append(f"{short.get(name, name)}={value}")
-    return ",".join(parts) or None
-
-
 def security_alert(
     hook: AuditHook | None,
     alert: str,
@@ -292,7 +280,7 @@ def security_alert(
             calling_ae=calling_ae,
             called_ae=called_ae,
             user=user,
-            certificate_subject=certificate_subject(certificate),
+            certificate_subject=subject_text(dict(certificate) if certificate else None),
             **more,
         ),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,9 @@ from dicomnet.errors import (
     AssociationRejected,
     ConnectionFailed,
     ConnectTimeout,
+    DicomNetError,
     ProtocolError,
+    TLSError,
 )
 from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import (
@@ -44,7 +47,8 @@ from dicomnet.proto.pdu import (
 from dicomnet.proto.ul import Aborted, AssociateAccepted, AssociateRejected, UpperLayer
 from dicomnet.services import Association, service_table
 from dicomnet.storage import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from dicomnet.stream import TCP, NetworkBackend
+from dicomnet.stream import TCP, ByteStream, NetworkBackend
+from dicomnet.tls import describe_failure
 from dicomnet.transport import next_ul_event
 
 __all__ = ["connect", "default_contexts", "open_association"]
@@ -88,6 +92,7 @@ async def open_association(
     sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
     handlers: Handlers | None = None,
     backend: NetworkBackend = TCP,
+    tls: ssl.SSLContext | None = None,
 ) -> Association:
     """Connect and negotiate; the caller runs `Association.run()` in a task group."""
     settings = settings or AssociationSettings()
@@ -115,17 +120,7 @@ async def open_association(
         presentation_contexts=proposed,
         user_information=user_information,
     )
-    try:
-        with anyio.fail_after(connect_timeout):
-            stream = await backend.connect(host, port)
-    except TimeoutError:
-        raise ConnectTimeout(
-            f"could not connect to {host}:{port} within {connect_timeout:g} s"
-        ) from None
-    except OSError as exc:
-        raise ConnectionFailed(
-            f"could not connect to {host}:{port}: {exc.strerror or exc}"
-        ) from exc
+    stream = await _connect(backend, host, port, connect_timeout, tls)
     ul = UpperLayer(
         is_requestor=True,
         max_pdu_length=settings.max_pdu_length,
@@ -153,11 +148,12 @@ async def open_association(
                     raise ARTIMTimeout(event.error)
                 if event.local:
                     raise ProtocolError(event.error or "invalid answer to A-ASSOCIATE-RQ")
-                raise AssociationAborted(
-                    "association request aborted by the peer", event.source, event.reason
-                )
+                if not event.error:  # an A-ABORT PDU (AA-3), not a lost connection (AA-4)
+                    raise AssociationAborted(
+                        "association request aborted by the peer", event.source, event.reason
+                    )
             # Anything else before acceptance means the connection went away.
-            raise AssociationAborted("connection closed before the association was accepted")
+            raise _closed_early(stream, host, port, tls)
     except BaseException:
         stream.close()
         raise
@@ -189,6 +185,54 @@ async def open_association(
     )
 
 
+def _closed_early(
+    stream: ByteStream, host: str, port: int, tls: ssl.SSLContext | None
+) -> DicomNetError:
+    """The error for a connection lost before the A-ASSOCIATE-RQ was answered."""
+    if tls is None:
+        return AssociationAborted(
+            f"the connection to {host}:{port} closed before the association was answered "
+            "(does the peer expect TLS?)"
+        )
+    error = getattr(stream, "error", None)
+    if isinstance(error, ssl.SSLError):  # TLS 1.3: a client certificate refused after
+        return TLSError(f"TLS connection to {host}:{port} failed: {describe_failure(error)}")
+    return TLSError(
+        f"the TLS connection to {host}:{port} closed before the association was answered "
+        "(does the peer accept our certificate, or require one: --tls-cert/--tls-key?)"
+    )
+
+
+async def _connect(
+    backend: NetworkBackend,
+    host: str,
+    port: int,
+    timeout: float,
+    tls: ssl.SSLContext | None,
+) -> ByteStream:
+    """The connection (and, with `tls`, its TLS handshake) within `timeout` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            if tls is None:
+                return await backend.connect(host, port)
+            return await backend.connect(host, port, tls=tls)
+    except TimeoutError:
+        what = " (TCP connection and TLS handshake: is the peer using TLS?)" if tls else ""
+        raise ConnectTimeout(
+            f"could not connect to {host}:{port} within {timeout:g} s{what}"
+        ) from None
+    except OSError as exc:
+        if tls is not None and isinstance(
+            exc, (ssl.SSLError, ConnectionResetError, ConnectionAbortedError)
+        ):
+            raise TLSError(
+                f"TLS handshake with {host}:{port} failed: {describe_failure(exc)}"
+            ) from exc
+        raise ConnectionFailed(
+            f"could not connect to {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+
+
 @asynccontextmanager
 async def connect(
     host: str,
@@ -208,6 +252,7 @@ async def connect(
     sop_class_common_extended: Sequence[SOPClassCommonExtendedNegotiation] = (),
     handlers: Handlers | None = None,
     backend: NetworkBackend = TCP,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Association]:
     """Open an association; release it when the block ends, abort it if the block raises.
 
@@ -220,6 +265,9 @@ async def connect(
     `handlers` (an AE's `ae.handlers`) answer what the peer sends us on this
     association, e.g. N-EVENT-REPORTs.
     `backend`: the network (default TCP; `dicomnet.testing.MemoryNetwork` in tests).
+    `tls`: connect over TLS with this context (`dicomnet.tls.client_context()`, PS3.15
+    §B.9); the handshake is part of the connect timeout, and its failure raises
+    `TLSError` saying why.
     """
     settings = AssociationSettings(
         max_pdu_length=max_pdu_length,
@@ -241,6 +289,7 @@ async def connect(
         sop_class_common_extended=sop_class_common_extended,
         handlers=handlers,
         backend=backend,
+        tls=tls,
     )
     error: BaseException | None = None
     async with anyio.create_task_group() as tg:

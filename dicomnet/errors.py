@@ -20,6 +20,7 @@ __all__ = [
     "NotNegotiatedError",
     "ProtocolError",
     "Reject",
+    "TLSError",
 ]
 
 
@@ -86,6 +87,11 @@ class DimseError(DicomNetError):
 
 class ConnectionFailed(DicomNetError, ConnectionError):
     """The TCP connection to the peer could not be opened (refused, unreachable)."""
+
+
+class TLSError(ConnectionFailed):
+    """The TLS connection to the peer failed: its certificate is not trusted or expired, it
+    refused ours, no protocol version or suite in common, or it does not speak TLS."""
 
 
 class NotNegotiatedError(DicomNetError):

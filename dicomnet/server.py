@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import anyio.abc
 from dicomnet.access import AccessPolicy
 from dicomnet.admission import Admission
 from dicomnet.association import AssociationSettings, ExtendedResults, Handlers
-from dicomnet.audit import AuditHook
+from dicomnet.audit import NODE_AUTHENTICATION, AuditHook, security_alert
 from dicomnet.client import connect
 from dicomnet.errors import Reject
 from dicomnet.identity import Authenticator
@@ -48,7 +49,8 @@ from dicomnet.storage import (
     IMPLEMENTATION_VERSION_NAME,
     is_valid_ae_title,
 )
-from dicomnet.stream import TCP, ByteStream, Listener, NetworkBackend
+from dicomnet.stream import TCP, ByteStream, Listener, NetworkBackend, peer_certificate
+from dicomnet.tls import subject_text
 from dicomnet.transport import next_ul_event
 
 __all__ = ["AE", "AssociationRequest", "Server", "commitment_listener", "retrieve_listener"]
@@ -67,6 +69,11 @@ class AssociationRequest:
     peer_port: int
     user: str | None = None  # the user the AE's authenticator verified
     peer_certificate: dict[str, Any] | None = None  # TLS: `ssl.SSLSocket.getpeercert()`
+
+    @property
+    def peer_certificate_subject(self) -> str | None:
+        """The certificate's subject as an RFC 4514 string ("CN=node1,O=Hospital")."""
+        return subject_text(self.peer_certificate)
 
     @property
     def calling_ae_title(self) -> str:
@@ -110,6 +117,9 @@ class AE:
     reason: 1/1/1); other unverified identities (a username alone, or a token no
     authenticator knows) are left to `on_association`. `access`: which services each
     peer may use (`dicomnet.access`). `audit`: a hook receiving `dicomnet.audit` events.
+
+    `peers`: AE title -> (host, port), where C-MOVE sub-operations and storage commitment
+    reports go; a `dicomnet.tls.Peer(host, port, tls=context)` there is reached over TLS.
     """
 
     def __init__(
@@ -168,7 +178,7 @@ class AE:
         self.sop_class_extended: dict[str, bytes] = {}
         self.handlers = Handlers()
         self.handlers.peer_address = lambda aet: self.peers.get(aet.strip())
-        self.handlers.connect = connect
+        self.handlers.connect = self._connect_peer
         self._on_association: Callable[[AssociationRequest], Any] | None = None
         self._negotiation_cache: (
             tuple[object, dict[str, PresentationContext], ContextAnswers] | None
@@ -283,9 +293,31 @@ class AE:
     # --- SCU -------------------------------------------------------------------------------
 
     def connect(self, host: str, port: int, aec: str = "ANY-SCP", **kwargs: Any) -> Any:
-        """`dicomnet.connect()` with this AE's title and handlers."""
+        """`dicomnet.connect()` with this AE's title and handlers; over TLS when `aec` is a
+        TLS peer of the peer table at this host and port (or with the `tls=` context
+        given)."""
         kwargs.setdefault("max_pdu_length", self.settings.max_pdu_length)
-        return connect(host, port, aet=self.ae_title, aec=aec, handlers=self.handlers, **kwargs)
+        return self._connect_peer(
+            host, port, aet=self.ae_title, aec=aec, handlers=self.handlers, **kwargs
+        )
+
+    def peer_tls(self, aec: str, host: str, port: int) -> ssl.SSLContext | None:
+        """The TLS context the peer table gives `aec` at `host`:`port` (None: plain)."""
+        peer = self.peers.get(aec.strip())
+        if peer is None or (peer[0], peer[1]) != (host, port):
+            return None
+        context = getattr(peer, "tls", None)
+        return context if isinstance(context, ssl.SSLContext) else None
+
+    def _connect_peer(self, host: str, port: int, **kwargs: Any) -> Any:
+        """`dicomnet.connect()`, over TLS to a TLS peer of the table (C-MOVE
+        sub-operations and storage commitment reports open their associations here)."""
+        if kwargs.get("tls") is None:
+            kwargs.pop("tls", None)
+            context = self.peer_tls(str(kwargs.get("aec", "")), host, port)
+            if context is not None:
+                kwargs["tls"] = context
+        return connect(host, port, **kwargs)
 
     # --- SCP -------------------------------------------------------------------------------
 
@@ -297,18 +329,32 @@ class AE:
         *,
         reuse_port: bool = False,
         backend: NetworkBackend = TCP,
+        tls: ssl.SSLContext | None = None,
     ) -> AsyncIterator[Server]:
         """Listen and serve associations until the block ends (then stop and abort all).
 
         `reuse_port` sets SO_REUSEPORT, so several processes can serve one port.
         `backend`: the network (default TCP; `dicomnet.testing.MemoryNetwork` in tests).
+        `tls`: accept TLS connections only, with this context (`dicomnet.tls.
+        server_context()`, PS3.15 §B.9); each handshake must finish within the ARTIM
+        timeout, and one that fails is logged in one line and closed.
         """
         server = Server(self, backend)
         async with anyio.create_task_group() as tg:
             server._task_group = tg
-            server._listener = await backend.listen(
-                server._on_connection, host, port, reuse_port=reuse_port
-            )
+            if tls is None:
+                listening = backend.listen(server._on_connection, host, port, reuse_port=reuse_port)
+            else:
+                listening = backend.listen(
+                    server._on_connection,
+                    host,
+                    port,
+                    reuse_port=reuse_port,
+                    tls=tls,
+                    handshake_timeout=self.settings.artim_timeout,
+                    on_tls_failure=server._on_tls_failure,
+                )
+            server._listener = await listening
             server.host, server.port = server._listener.host, server._listener.port
             try:
                 yield server
@@ -345,6 +391,11 @@ class Server:
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    def _on_tls_failure(self, peer: tuple[str, int], reason: str) -> None:
+        security_alert(
+            self.ae.audit, NODE_AUTHENTICATION, f"TLS handshake failed: {reason}", peer=peer
+        )
 
     def _on_connection(self, stream: ByteStream) -> None:
         if self._closed.is_set() or self._task_group is None:
@@ -480,7 +531,7 @@ class Server:
                 rq.called_ae_title,
             )
             admission = Admission(
-                self.ae, rq, (str(peer[0]), int(peer[1])), getattr(stream, "peer_certificate", None)
+                self.ae, rq, (str(peer[0]), int(peer[1])), peer_certificate(stream)
             )
             rejection = self._verdict(rq)
             if rejection is None:
@@ -544,29 +595,42 @@ L = TypeVar("L", bound=_Listener)
 
 
 @asynccontextmanager
-async def _serving(listener: L, host: str, port: int, backend: NetworkBackend) -> AsyncIterator[L]:
+async def _serving(
+    listener: L, host: str, port: int, backend: NetworkBackend, tls: ssl.SSLContext | None
+) -> AsyncIterator[L]:
     """An AE of the listener's title, answering with it, served until the block ends."""
     ae = AE(listener.ae_title)
     listener.install(ae.handlers)
-    async with ae.serve(host, port, backend=backend) as server:
+    async with ae.serve(host, port, backend=backend, tls=tls) as server:
         listener.host, listener.port = server.host, server.port
         yield listener
 
 
 def retrieve_listener(
-    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
+    ae_title: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    backend: NetworkBackend = TCP,
+    tls: ssl.SSLContext | None = None,
 ) -> AbstractAsyncContextManager[RetrieveListener]:
     """Serve a storage SCP under `ae_title` for `Association.retrieve(..., listener=)`.
 
-    The peer must know `ae_title` as a move destination at this host and port.
+    The peer must know `ae_title` as a move destination at this host and port (as a TLS
+    peer when `tls`, a `dicomnet.tls.server_context()`, is given).
     """
-    return _serving(RetrieveListener(ae_title), host, port, backend)
+    return _serving(RetrieveListener(ae_title), host, port, backend, tls)
 
 
 def commitment_listener(
-    ae_title: str, host: str = "127.0.0.1", port: int = 0, *, backend: NetworkBackend = TCP
+    ae_title: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    backend: NetworkBackend = TCP,
+    tls: ssl.SSLContext | None = None,
 ) -> AbstractAsyncContextManager[CommitmentListener]:
     """Serve `ae_title` for the storage commitment reports an SCP sends on associations
     of its own (PS3.4 §J.3.3): pass it to `Association.request_commitment(listener=)`.
-    The SCP must know `ae_title` at this host and port."""
-    return _serving(CommitmentListener(ae_title), host, port, backend)
+    The SCP must know `ae_title` at this host and port (over TLS with `tls`)."""
+    return _serving(CommitmentListener(ae_title), host, port, backend, tls)

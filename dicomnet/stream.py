@@ -15,18 +15,28 @@ made in one turn of the event loop go to the transport together at the end of th
 `send()` waits only while the transport asks to pause.
 TCP_NODELAY is set on every connection (PS3.8 §9.1.1: a message written in two pieces
 must not wait for an ACK).
+
+With a `tls` context, connections are TLS (PS3.15 §B.9): the requestor's handshake runs in
+`connect()` (under the caller's connect timeout); an accepted connection is handed on only
+once its handshake succeeded within `handshake_timeout` (the acceptor's ARTIM), and a
+failed one is logged in one line and closed. The plain path is the same code as without
+TLS; a TLS connection is the same `DicomStream` over asyncio's TLS transport.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import anyio
+
+from dicomnet.tls import describe_failure
 
 __all__ = [
     "TCP",
@@ -36,8 +46,11 @@ __all__ = [
     "NetworkBackend",
     "TCPBackend",
     "open_connection",
+    "peer_certificate",
     "start_server",
 ]
+
+log = logging.getLogger("dicomnet")
 
 
 class ByteStream(Protocol):
@@ -82,7 +95,11 @@ class NetworkBackend(Protocol):
         """Monotonic seconds: the time every deadline of an association is on."""
         ...
 
-    async def connect(self, host: str, port: int) -> ByteStream: ...
+    async def connect(
+        self, host: str, port: int, *, tls: ssl.SSLContext | None = None
+    ) -> ByteStream:
+        """Connect; with `tls`, also complete the TLS handshake (the server verified)."""
+        ...
 
     async def listen(
         self,
@@ -91,13 +108,27 @@ class NetworkBackend(Protocol):
         port: int,
         *,
         reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 30.0,
+        on_tls_failure: Callable[[tuple[str, int], str], Any] | None = None,
     ) -> Listener:
-        """Listen; `on_connection(stream)` is called (synchronously) for each connection."""
+        """Listen; `on_connection(stream)` is called (synchronously) for each connection
+        (with `tls`: once its handshake succeeded within `handshake_timeout` seconds; a
+        failed handshake is told to `on_tls_failure(peer, reason)`)."""
         ...
+
+
+def peer_certificate(stream: ByteStream) -> dict[str, Any] | None:
+    """The peer's verified certificate (`ssl.SSLSocket.getpeercert()`), or None (no TLS,
+    or the peer presented none)."""
+    certificate = getattr(stream, "peer_certificate", None)
+    return certificate if isinstance(certificate, dict) and certificate else None
 
 
 # Stop reading from the socket when this much received data is waiting to be parsed.
 HIGH_WATER = 4 << 20
+# How long a requestor's closing TLS connection waits for the peer's close_notify.
+TLS_SHUTDOWN_TIMEOUT = 10.0
 # Writes smaller than this are gathered until the end of the event loop's turn.
 COALESCE_LIMIT = 64 << 10
 
@@ -124,6 +155,7 @@ class DicomStream(asyncio.Protocol):
         self.connected = self._loop.create_future()
         self.remote_address: tuple[str, int] = ("", 0)
         self.local_address: tuple[str, int] = ("", 0)
+        self.peer_certificate: dict[str, Any] | None = None
 
     # --- protocol callbacks ----------------------------------------------------------------
 
@@ -178,6 +210,11 @@ class DicomStream(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
         self._drain_waiters.clear()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the connection was lost, if it was lost to an error (e.g. a TLS alert)."""
+        return self._error
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -305,11 +342,122 @@ class DicomStream(asyncio.Protocol):
         self.close()
 
 
-async def open_connection(host: str, port: int) -> DicomStream:
-    """Connect over TCP (IPv4 or IPv6, as `host` resolves)."""
+async def open_connection(host: str, port: int, tls: ssl.SSLContext | None = None) -> DicomStream:
+    """Connect over TCP (IPv4 or IPv6, as `host` resolves); with `tls`, over TLS (the
+    server's certificate verified as `tls` says; `host` is sent as SNI and, if the context
+    checks host names, matched)."""
     loop = asyncio.get_running_loop()
-    _, protocol = await loop.create_connection(DicomStream, host, port)
+    if tls is None:
+        _, protocol = await loop.create_connection(DicomStream, host, port)
+        return protocol
+    transport, protocol = await loop.create_connection(
+        DicomStream, host, port, ssl=tls, ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT
+    )
+    protocol.peer_certificate = transport.get_extra_info("peercert") or None
     return protocol
+
+
+class _TLSAcceptedStream(DicomStream):
+    """An accepted connection that becomes a `DicomStream` once its TLS handshake is done.
+
+    Reading is paused as soon as the TCP connection is made, and `loop.start_tls` runs the
+    handshake under `timeout` (the closing TLS shutdown waits no longer either). uvloop
+    starts reading right after `connection_made` whatever the protocol asked, so bytes of
+    the ClientHello may arrive first: they are kept and handed to the TLS protocol before
+    anything else it reads."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        timeout: float,
+        pending: set[Any],
+        on_failure: Callable[[tuple[str, int], str], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._tls = context
+        self._on_failure = on_failure
+        self._handshake_timeout = timeout
+        self._handshakes = pending
+        self._raw: asyncio.Transport | None = None
+        self._early: list[bytes] | None = []  # None once the TLS protocol reads
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._raw is not None:  # pragma: no cover - start_tls does not call it again
+            return
+        raw = cast(asyncio.Transport, transport)
+        raw.pause_reading()
+        self._raw = raw
+        peer = raw.get_extra_info("peername") or ("", 0)
+        self.remote_address = (str(peer[0]), int(peer[1]))
+        task = self._loop.create_task(self._handshake(raw))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def data_received(self, data: bytes) -> None:
+        if self._early is None:
+            super().data_received(data)
+            return
+        self._early.append(data)  # before the handshake started (uvloop)
+        if self._raw is not None and self._raw.is_reading():
+            self._raw.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self._early is None:
+            return super().eof_received()
+        return False
+
+    @staticmethod
+    def _hand_over(raw: asyncio.Transport, early: bytes) -> None:
+        """Give what was read before the TLS protocol took over to it, first."""
+        protocol = raw.get_protocol()
+        view = memoryview(early)
+        while view:
+            buffer = protocol.get_buffer(len(view))  # type: ignore[attr-defined]
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            protocol.buffer_updated(size)  # type: ignore[attr-defined]
+            view = view[size:]
+
+    async def _handshake(self, raw: asyncio.Transport) -> None:
+        early = b"".join(self._early or ())
+        self._early = None
+        if early:  # runs after start_tls set its protocol, before it starts reading
+            self._loop.call_soon(self._hand_over, raw, early)
+        try:
+            transport = await self._loop.start_tls(
+                raw,
+                self,
+                self._tls,
+                server_side=True,
+                ssl_handshake_timeout=self._handshake_timeout,
+                ssl_shutdown_timeout=self._handshake_timeout,  # ARTIM, as Sta13 waits
+            )
+        except asyncio.CancelledError:
+            raw.abort()
+            raise
+        except Exception as exc:
+            host, port = self.remote_address
+            reason = describe_failure(exc, server=True, timeout=self._handshake_timeout)
+            log.warning("TLS handshake with %s:%s failed: %s", host, port, reason)
+            raw.abort()
+            if self._on_failure is not None:
+                self._on_failure(self.remote_address, reason)
+            return
+        if transport is None or transport.is_closing():
+            raw.abort()
+            return
+        self.peer_certificate = transport.get_extra_info("peercert") or None
+        if log.isEnabledFor(logging.DEBUG):
+            ssl_object = transport.get_extra_info("ssl_object")
+            host, port = self.remote_address
+            log.debug(
+                "TLS with %s:%s: %s, %s",
+                host,
+                port,
+                ssl_object.version() if ssl_object else "?",
+                ssl_object.cipher()[0] if ssl_object else "?",
+            )
+        super().connection_made(transport)
 
 
 async def start_server(
@@ -319,12 +467,23 @@ async def start_server(
     *,
     reuse_port: bool = False,
     backlog: int = 1024,
+    tls: ssl.SSLContext | None = None,
+    handshake_timeout: float = 30.0,
+    handshakes: set[Any] | None = None,
+    on_tls_failure: Callable[[tuple[str, int], str], Any] | None = None,
 ) -> asyncio.Server:
-    """Listen; `on_connection(stream)` is called (synchronously) for each new connection."""
+    """Listen; `on_connection(stream)` is called (synchronously) for each new connection
+    (with `tls`, once its handshake succeeded; the tasks of those under way are kept in
+    `handshakes`, to be cancelled when the server stops; a failed one is also told to
+    `on_tls_failure(peer, reason)`)."""
     loop = asyncio.get_running_loop()
+    pending: set[Any] = handshakes if handshakes is not None else set()
 
     def factory() -> DicomStream:
-        stream = DicomStream()
+        if tls is None:
+            stream = DicomStream()
+        else:
+            stream = _TLSAcceptedStream(tls, handshake_timeout, pending, on_tls_failure)
         stream.connected.add_done_callback(lambda _: on_connection(stream))
         return stream
 
@@ -334,24 +493,29 @@ async def start_server(
 
 
 class _TCPListener:
-    def __init__(self, server: asyncio.Server) -> None:
+    def __init__(self, server: asyncio.Server, handshakes: set[Any]) -> None:
         self._server = server
+        self._handshakes = handshakes
         sockname = server.sockets[0].getsockname()
         self.host, self.port = str(sockname[0]), int(sockname[1])
 
     def close(self) -> None:
         self._server.close()
+        for task in list(self._handshakes):  # TLS handshakes still under way
+            task.cancel()
 
 
 class TCPBackend:
-    """TCP over asyncio (or uvloop), on `time.monotonic`."""
+    """TCP over asyncio (or uvloop), on `time.monotonic`; TLS with a context."""
 
     @staticmethod
     def clock() -> float:
         return time.monotonic()
 
-    async def connect(self, host: str, port: int) -> ByteStream:
-        return await open_connection(host, port)
+    async def connect(
+        self, host: str, port: int, *, tls: ssl.SSLContext | None = None
+    ) -> ByteStream:
+        return await open_connection(host, port, tls)
 
     async def listen(
         self,
@@ -360,8 +524,22 @@ class TCPBackend:
         port: int,
         *,
         reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 30.0,
+        on_tls_failure: Callable[[tuple[str, int], str], Any] | None = None,
     ) -> Listener:
-        return _TCPListener(await start_server(on_connection, host, port, reuse_port=reuse_port))
+        handshakes: set[Any] = set()
+        server = await start_server(
+            on_connection,
+            host,
+            port,
+            reuse_port=reuse_port,
+            tls=tls,
+            handshake_timeout=handshake_timeout,
+            handshakes=handshakes,
+            on_tls_failure=on_tls_failure,
+        )
+        return _TCPListener(server, handshakes)
 
 
 TCP = TCPBackend()

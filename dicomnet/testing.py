@@ -501,6 +501,13 @@ class _MemoryListener:
         self._network._listeners.pop((self.host, self.port), None)
 
 
+def _no_tls(tls: Any) -> None:
+    if tls is not None:
+        raise NotImplementedError(
+            "MemoryNetwork has no TLS: test TLS over the TCP backend (loopback)"
+        )
+
+
 class MemoryNetwork:
     """A network backend in memory, on a `FakeClock`: pass it as `backend=` to
     `AE.serve()` and `dicomnet.connect()`. A connection to an address nobody listens on
@@ -515,7 +522,8 @@ class MemoryNetwork:
     def clock(self) -> float:
         return self.fake_clock.now
 
-    async def connect(self, host: str, port: int) -> MemoryStream:
+    async def connect(self, host: str, port: int, *, tls: Any = None) -> MemoryStream:
+        _no_tls(tls)
         on_connection = self._listeners.get((host, port))
         if on_connection is None:
             raise ConnectionRefusedError(111, f"nothing listens on {host}:{port}")
@@ -535,7 +543,11 @@ class MemoryNetwork:
         port: int,
         *,
         reuse_port: bool = False,
+        tls: Any = None,
+        handshake_timeout: float = 30.0,
+        on_tls_failure: Any = None,
     ) -> _MemoryListener:
+        _no_tls(tls)
         if port == 0:
             port = next(self._ports)
         if (host, port) in self._listeners:

@@ -13,7 +13,7 @@ import anyio
 
 from dicomnet._version import __version__
 from dicomnet.cli import bench, commit, echo, find, get, index, move, passwd, serve, store
-from dicomnet.cli.common import configure_logging
+from dicomnet.cli.common import configure_logging, prepare_tls
 from dicomnet.errors import DicomNetError
 
 __all__ = ["build_parser", "main"]
@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging(args)
+    prepare_tls(args)
     if args.command in ("serve", "bench", "store"):
         _raise_open_file_limit()
     try:

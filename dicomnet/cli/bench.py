@@ -44,7 +44,7 @@ import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
-from dicomnet.cli.common import add_identity, identity_from_args
+from dicomnet.cli.common import add_identity, add_tls, identity_from_args
 from dicomnet.client import connect
 from dicomnet.errors import (
     ARTIMTimeout,
@@ -222,6 +222,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--no-progress", action="store_true", help="no live progress line even on a terminal"
     )
+    add_tls(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -620,6 +621,7 @@ class _Run:
                     artim_timeout=args.timeout,
                     dimse_timeout=args.dimse_timeout,
                     user_identity=identity_from_args(args),
+                    tls=getattr(args, "tls_context", None),
                 ) as association:
                     opened = True
                     results.associations += 1

@@ -14,7 +14,12 @@ from typing import Any
 
 import anyio
 
-from dicomnet.cli.common import add_common, add_remote, open_association
+from dicomnet.cli.common import (
+    add_common,
+    add_remote,
+    open_association,
+    tls_listener_context,
+)
 from dicomnet.errors import DicomNetError
 from dicomnet.proto.contexts import STORAGE_COMMITMENT_PUSH, PresentationContext
 from dicomnet.services.commitment import CommitmentResult, instance_references
@@ -34,7 +39,9 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=None,
         metavar="P",
-        help="also receive the report on an association the peer opens to us on port P",
+        help="also receive the report on an association the peer opens to us on port P "
+        "(over TLS with --tls-cert/--tls-key, and only from peers with a --tls-ca "
+        "certificate when that is given)",
     )
     commit.add_argument(
         "--listen-host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)"
@@ -100,7 +107,9 @@ async def run(args: argparse.Namespace) -> int:
                     references, timeout=args.report_timeout
                 )
         else:
-            async with commitment_listener(args.aet, args.listen_host, args.listen_port) as ear:
+            async with commitment_listener(
+                args.aet, args.listen_host, args.listen_port, tls=tls_listener_context(args)
+            ) as ear:
                 async with open_association(args, contexts) as association:
                     result = await association.request_commitment(
                         references, listener=ear, timeout=args.report_timeout

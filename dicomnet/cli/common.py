@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,13 +22,16 @@ __all__ = [
     "add_identity",
     "add_query",
     "add_remote",
+    "add_tls",
     "build_query",
     "configure_logging",
     "describe",
     "identity_from_args",
     "open_association",
+    "prepare_tls",
     "qr_contexts",
     "query_level",
+    "tls_listener_context",
 ]
 
 
@@ -54,6 +58,7 @@ def add_remote(parser: argparse.ArgumentParser, timeout_flag: str = "--timeout")
         "--dimse-timeout", type=float, default=60.0, help="DIMSE response timeout (default 60)"
     )
     add_identity(parser)
+    add_tls(parser)
 
 
 def add_identity(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +98,88 @@ def identity_from_args(args: argparse.Namespace) -> UserIdentity | None:
     if password is not None:
         return UserIdentity.password(user, password, positive_response=positive)
     return UserIdentity.username(user, positive_response=positive)
+
+
+def add_tls(parser: argparse.ArgumentParser, *, server: bool = False) -> None:
+    """`--tls`, `--tls-ca`, `--tls-cert`, `--tls-key` (PS3.15 §B.9, BCP 195 profile)."""
+    group = parser.add_argument_group("TLS (PS3.15 B.9, BCP 195: TLS 1.2+, AEAD suites)")
+    if server:
+        group.add_argument(
+            "--tls",
+            action="store_true",
+            help="listen with TLS (needs --tls-cert and --tls-key; implied by them)",
+        )
+        group.add_argument("--tls-cert", metavar="F", help="our certificate (chain), PEM")
+        group.add_argument(
+            "--tls-key", metavar="F", help="our private key, PEM (default: in --tls-cert)"
+        )
+        group.add_argument(
+            "--tls-ca",
+            metavar="F",
+            help="CA certificates (PEM): require client certificates issued by them; "
+            "also what TLS peers' certificates are verified against",
+        )
+        return
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, verifying the peer's certificate (implied by the other "
+        "--tls-* options)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="F",
+        help="trust the CA certificates in F (PEM) for the peer's certificate "
+        "(default: the system's trust store)",
+    )
+    group.add_argument(
+        "--tls-cert", metavar="F", help="our client certificate (chain), PEM, if the peer asks"
+    )
+    group.add_argument(
+        "--tls-key", metavar="F", help="the private key of --tls-cert, PEM (default: in it)"
+    )
+
+
+TLS_PEER = "tls://"  # `--peer AET=tls://HOST:PORT`: a peer reached over TLS
+
+
+def _tls_failure(args: argparse.Namespace, message: str) -> SystemExit:
+    print(f"dicomnet {args.command}: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def prepare_tls(args: argparse.Namespace) -> None:
+    """Build the TLS contexts the command line asks for, once, before anything runs:
+    `args.tls_context` (a client context, or None) and, for `serve`, also
+    `args.tls_server_context`. A file that cannot be used ends the command (exit 2)."""
+    from dicomnet.tls import TLSConfigError, client_context, server_context
+
+    if not hasattr(args, "tls_ca"):
+        return
+    ca, cert, key = args.tls_ca, args.tls_cert, args.tls_key
+    args.tls_context = None
+    args.tls_server_context = None
+    try:
+        if args.command == "serve":
+            if (args.tls or ca or key) and not cert:
+                raise _tls_failure(args, "TLS needs --tls-cert (and --tls-key)")
+            if cert:
+                args.tls_server_context = server_context(cert, key, ca)
+            if any(peer.partition("=")[2].startswith(TLS_PEER) for peer in args.peer):
+                args.tls_context = client_context(ca, cert, key)
+            return
+        if args.tls or ca or cert or key:
+            args.tls_context = client_context(ca, cert, key)
+            if cert:  # a listener of ours (commit --listen-port) serves TLS too
+                args.tls_server_context = server_context(cert, key, ca)
+    except TLSConfigError as exc:
+        raise _tls_failure(args, f"TLS: {exc}") from None
+
+
+def tls_listener_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server context for a listener of an SCU command (None: plain)."""
+    context = getattr(args, "tls_server_context", None)
+    return context if isinstance(context, ssl.SSLContext) else None
 
 
 def add_query(
@@ -145,6 +232,7 @@ async def open_association(
         artim_timeout=args.timeout,
         dimse_timeout=args.dimse_timeout,
         user_identity=identity,
+        tls=getattr(args, "tls_context", None),
     ) as association:
         if identity is not None and identity.positive_response:
             if association.user_identity_response is None:

@@ -15,6 +15,7 @@ from dicomnet.cli.common import (
     build_query,
     open_association,
     query_level,
+    tls_listener_context,
 )
 from dicomnet.errors import DimseError
 from dicomnet.proto.contexts import (
@@ -42,7 +43,10 @@ def add_parser(sub: Any) -> None:
     )
     get.add_argument("--listen-host", default="127.0.0.1", help="listener address (--via move)")
     get.add_argument(
-        "--listen-port", type=int, default=11113, help="listener port (--via move, 11113)"
+        "--listen-port",
+        type=int,
+        default=11113,
+        help="listener port (--via move, 11113; over TLS with --tls-cert/--tls-key)",
     )
     get.set_defaults(run=run)
 
@@ -98,7 +102,9 @@ async def run(args: argparse.Namespace) -> int:
 
     if args.via == "move":
         contexts = [PresentationContext(MOVE_MODELS[args.model])]
-        async with retrieve_listener(args.aet, args.listen_host, args.listen_port) as listener:
+        async with retrieve_listener(
+            args.aet, args.listen_host, args.listen_port, tls=tls_listener_context(args)
+        ) as listener:
             async with open_association(args, contexts) as association:
                 responses = await receive(association, listener)
     else:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -17,7 +18,9 @@ import anyio.to_thread
 
 from dicomnet._version import __version__
 from dicomnet.cli.common import (
+    TLS_PEER,
     add_common,
+    add_tls,
 )
 
 __all__ = ["add_parser", "run"]
@@ -41,7 +44,9 @@ def add_parser(sub: Any) -> None:
         action="append",
         default=[],
         metavar="AET=HOST:PORT",
-        help="a known peer (move destination), repeatable",
+        help="a known peer (move destination, storage commitment requestor), repeatable; "
+        "AET=tls://HOST:PORT: reached over TLS (verified with --tls-ca, presenting "
+        "--tls-cert/--tls-key)",
     )
     serve.add_argument(
         "--allow",
@@ -87,6 +92,7 @@ def add_parser(sub: Any) -> None:
         "answered), replace it, or reject the new one (status 0111); each case is logged",
     )
     _add_security(serve)
+    add_tls(serve, server=True)
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(run=run)
@@ -139,16 +145,30 @@ def _security(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"dicomnet serve: {exc}") from None
 
 
-def _parse_peers(raw: Sequence[str]) -> dict[str, tuple[str, int]]:
+def _parse_peers(
+    raw: Sequence[str], tls: ssl.SSLContext | None = None
+) -> dict[str, tuple[str, int]]:
+    """`AET=HOST:PORT`, or `AET=tls://HOST:PORT` for a peer reached over `tls`."""
+    from dicomnet.tls import Peer
+
     peers: dict[str, tuple[str, int]] = {}
     for item in raw:
         try:
             aet, address = item.split("=", 1)
-            host, port = address.rsplit(":", 1)
-            peers[aet.strip()] = (host, int(port))
+            secure = address.startswith(TLS_PEER)
+            host, port = address.removeprefix(TLS_PEER).rsplit(":", 1)
+            peers[aet.strip()] = Peer(host, int(port), tls if secure else None)
         except ValueError:
-            raise SystemExit(f"dicomnet serve: --peer {item!r} is not AET=HOST:PORT") from None
+            raise SystemExit(
+                f"dicomnet serve: --peer {item!r} is not AET=HOST:PORT or AET=tls://HOST:PORT"
+            ) from None
     return peers
+
+
+def _tls_note(tls: ssl.SSLContext | None, ca: str | None) -> str:
+    if tls is None:
+        return ""
+    return " with TLS (client certificates required)" if ca else " with TLS"
 
 
 def _worker_argv(argv: Sequence[str], slot: int) -> list[str]:
@@ -181,7 +201,7 @@ async def run(args: argparse.Namespace) -> int:
     scp = StorageSCP(
         Path(args.storage),
         ae_title=args.aet,
-        peers=_parse_peers(args.peer),
+        peers=_parse_peers(args.peer, getattr(args, "tls_context", None)),
         allowed_calling_ae_titles=args.allow,
         max_associations=args.max_associations,
         fsync=args.fsync,
@@ -219,13 +239,15 @@ async def run(args: argparse.Namespace) -> int:
             watch.start_soon(on_signals, signals)
             if is_worker:
                 watch.start_soon(stop_with_parent, args.worker_of)
-            async with scp.serve(args.host, args.port, reuse_port=reuse_port) as server:
+            tls = getattr(args, "tls_server_context", None)
+            async with scp.serve(args.host, args.port, reuse_port=reuse_port, tls=tls) as server:
                 if not is_worker:
                     for slot in range(1, workers):
                         children.append(subprocess.Popen(_worker_argv(args.argv, slot)))
                     print(
                         f"dicomnet {__version__}: {args.aet} listening on "
                         f"{server.host}:{server.port}"
+                        f"{_tls_note(tls, args.tls_ca)}"
                         f"{f' with {workers} processes' if workers > 1 else ''}, "
                         f"storing to {scp.storage.resolve()}",
                         flush=True,

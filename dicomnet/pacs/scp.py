@@ -10,6 +10,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -609,14 +610,20 @@ class StorageSCP:
 
     @asynccontextmanager
     async def serve(
-        self, host: str = "127.0.0.1", port: int = 11112, *, reuse_port: bool = False
+        self,
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        *,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> AsyncIterator[Server]:
-        """Serve, with the background indexer running; stops both at the end."""
+        """Serve (over TLS with `tls`), with the background indexer running; stops both
+        at the end."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.indexer.run)
             # With `--workers`, the first process alone resends what was left undelivered.
             await tg.start(partial(self.commitment.run, resume=self._first_process))
-            async with self.ae.serve(host, port, reuse_port=reuse_port) as server:
+            async with self.ae.serve(host, port, reuse_port=reuse_port, tls=tls) as server:
                 yield server
             with anyio.CancelScope(shield=True):
                 await self.indexer.drain(others=False)
