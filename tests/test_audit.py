@@ -53,7 +53,8 @@ def test_outcome_indicators() -> None:
 def test_audit_log_writes_private_json_lines_in_utc(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path)
-    certificate = {"subject": ((("commonName", "modality.example"),), (("organizationName", "H"),))}
+    # As `getpeercert()` gives it: the most general name first.
+    certificate = {"subject": ((("organizationName", "H"),), (("commonName", "modality.example"),))}
     security_alert(
         log,
         NODE_AUTHENTICATION,

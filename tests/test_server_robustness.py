@@ -54,6 +54,8 @@ from peers import (
     wait_until,
 )
 
+from dicomnet.proto.ul import MAX_ASSOCIATION_PDU_LENGTH
+
 SERVER_AET = DICOMNET_AET
 END_TIMEOUT = 10.0  # seconds the server gets to end a connection after bad input
 
@@ -169,6 +171,31 @@ def test_oversize_associate_rq_length(dicomnet_server: ServerFactory) -> None:
         growth = rss_after - rss_before
         assert growth < 256 * 1024 * 1024, f"server RSS grew by {growth:,} bytes"
     assert_still_serving(server)
+
+
+def test_many_association_headers_hold_little_memory(dicomnet_server: ServerFactory) -> None:
+    """1,000 connections each send only an A-ASSOCIATE-RQ header announcing the largest
+    association PDU the server takes, and wait: the server holds what they sent (a few
+    bytes each), not what they announced (it used to allocate it: 1 GiB here)."""
+    server = dicomnet_server()
+    rss_before = process_rss_bytes(server.process.pid)
+    header = b"\x01\x00" + struct.pack(">I", MAX_ASSOCIATION_PDU_LENGTH)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            sock = _connect(server.port)
+            sock.sendall(header + b"\x00\x01")
+            socks.append(sock)
+        time.sleep(1.0)  # let the server read them all
+        rss_held = process_rss_bytes(server.process.pid)
+        assert_still_serving(server)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert rss_before is not None and rss_held is not None
+    growth = rss_held - rss_before
+    print(f"RSS {rss_before / 2**20:.1f} MiB -> {rss_held / 2**20:.1f} MiB with 1,000 headers")
+    assert growth < 64 << 20, f"server RSS grew by {growth:,} bytes for 1,000 headers"
 
 
 @pytest.mark.parametrize("length", [0xFFFFFFF0, 0x7FFFFFFF], ids=["0xFFFFFFF0", "0x7FFFFFFF"])

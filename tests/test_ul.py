@@ -645,6 +645,45 @@ def test_a_large_pdu_header_alone_allocates_little() -> None:
     assert d.ul.state == State.STA6
 
 
+@pytest.mark.parametrize("pdu_type", [1, 2, 3, 5, 6, 7])
+def test_an_association_pdu_header_allocates_only_what_arrives(pdu_type: int) -> None:
+    """A peer not associated yet (an A-ASSOCIATE-RQ header announcing the most we take,
+    then a trickle of bytes) holds about what it sent, not what it announced."""
+    state = State.STA2 if pdu_type == 1 else State.STA6
+    d = drive(state, ACCEPTOR)
+    header = bytes((pdu_type, 0)) + MAX_ASSOCIATION_PDU_LENGTH.to_bytes(4, "big")
+    tracemalloc.start()
+    try:
+        assert feed(d.ul, header) == []
+        for _ in range(10):
+            assert feed(d.ul, b"\x00" * 100) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 10, peak
+    assert d.ul.state == state
+
+
+def test_an_associate_rq_trickled_byte_by_byte_is_cut_at_artim() -> None:
+    """ARTIM runs from the connection to the whole A-ASSOCIATE-RQ: bytes arriving do not
+    restart it (PS3.8 §9.1.4)."""
+    d = drive(State.STA2, ACCEPTOR)
+    start = d.clock()
+    encoded = RQ.encode()
+    step = 2 * ARTIM / len(encoded)  # the whole request would take twice ARTIM
+    events: list[ULEvent] = []
+    for byte in encoded:
+        d.clock.advance(step)
+        d.ul.handle_timer()
+        events += drain(d.ul)
+        if d.ul.state != State.STA2:
+            break
+        events += feed(d.ul, bytes((byte,)))
+    assert events == [ConnectionClosed()]
+    assert d.ul.state == State.STA1
+    assert start + ARTIM <= d.clock() < start + ARTIM + 2 * step
+
+
 GARBAGE_SETTINGS = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

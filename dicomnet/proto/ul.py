@@ -50,15 +50,18 @@ __all__ = [
     "UpperLayer",
 ]
 
-# Association-phase PDUs are small; a length above this is refused before allocating.
-MAX_ASSOCIATION_PDU_LENGTH: Final = 1 << 20
+# Association-phase PDUs are small (128 presentation contexts of 30 transfer syntaxes each
+# take about 100 KiB); a length above this is refused before anything is allocated.
+MAX_ASSOCIATION_PDU_LENGTH: Final = 256 << 10
 # Consumed bytes at the front of the receive buffer are dropped past this many.
 _COMPACT_AFTER: Final = 1 << 20
 # With no maximum advertised (0 = unlimited) we still refuse P-DATA-TF PDUs above this.
 HARD_MAX_PDU_LENGTH: Final = 64 << 20
-# A PDU body at least this long that has not fully arrived is received straight into a
-# buffer of its own (each byte copied once); up to the upper bound, so that a header alone
-# never makes us allocate more than this.
+# A P-DATA-TF body at least this long that has not fully arrived, on an established
+# association, is received straight into a buffer of its own (each byte copied once); up
+# to the upper bound, so that a header alone never makes us allocate more than this. Any
+# other PDU grows the receive buffer only as its bytes arrive: a peer not associated yet
+# holds no more memory than it has sent.
 _OWN_BUFFER_MIN: Final = 64 << 10
 _OWN_BUFFER_MAX: Final = 16 << 20
 
@@ -509,7 +512,11 @@ class UpperLayer:
                         self._complete.append((_P_DATA_TF, view[PDU_HEADER_LENGTH:end]))
                         view = view[end:]
                         continue
-                    if _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX and end > len(view):
+                    if (
+                        _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX
+                        and end > len(view)
+                        and self.state is State.STA6
+                    ):
                         self._start_own_buffer(_P_DATA_TF, length, b"")
                         view = view[PDU_HEADER_LENGTH:]
                         continue
@@ -569,7 +576,11 @@ class UpperLayer:
             return True
         end = start + PDU_HEADER_LENGTH + length
         if len(buffer) < end:
-            if _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX:
+            if (
+                _OWN_BUFFER_MIN <= length <= _OWN_BUFFER_MAX
+                and pdu_type == _P_DATA_TF
+                and self.state is State.STA6
+            ):
                 # Receive the rest of this PDU straight into a buffer of its own.
                 with memoryview(buffer) as view:
                     received = view[start + PDU_HEADER_LENGTH :]
