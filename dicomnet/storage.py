@@ -344,17 +344,8 @@ def _place(tmp: str, path: str, replace: bool) -> None:
     not (`FileExistsError`, `tmp` left for the caller to remove)."""
     if replace:
         os.replace(tmp, path)
-        return
-    try:
-        os.link(tmp, path)  # fails if `path` exists: no window where both could win
-    except OSError as exc:
-        if isinstance(exc, FileExistsError) or exc.errno not in _NO_HARD_LINKS:
-            raise
-        if os.path.exists(path):  # pragma: no cover - file systems without hard links
-            raise FileExistsError(errno.EEXIST, "already stored", path) from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
+    else:
+        _link_spool(tmp, path)
 
 
 def _write_unnamed_then_link(
@@ -723,9 +714,10 @@ class _InflatingSource:
 
 
 def _link_spool(spooled: str, path: str) -> None:
-    """Move a spool file to `path` unless a file is there (`FileExistsError`)."""
+    """Move a spool file to `path` unless a file is there (`FileExistsError`, the spool
+    file left for the caller to remove)."""
     try:
-        os.link(spooled, path)
+        os.link(spooled, path)  # fails if `path` exists: no window where both could win
     except OSError as exc:
         if isinstance(exc, FileExistsError) or exc.errno not in _NO_HARD_LINKS:
             raise
