@@ -20,6 +20,7 @@ from dicomnet.audit import (
     USE_OF_RESTRICTED_FUNCTION,
     USER_AUTHENTICATION,
     AssociationEvent,
+    OperationAudit,
     emit,
     security_alert,
 )
@@ -180,8 +181,7 @@ class Admission:
         association.user = self.user
         if self.ae.audit is None:
             return
-        association.audit = self.ae.audit
-        association.audit_participants = self.participants
+        association.audit = OperationAudit(self.ae.audit, self.participants)
         event = self._event("association-accepted", 0, contexts_accepted=len(association.contexts))
         emit(self.ae.audit, event)
 

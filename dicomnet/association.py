@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from dicomnet.audit import AuditHook, emit, operation_event
+from dicomnet.audit import OperationAudit
 from dicomnet.errors import AssociationAborted, DicomNetError, InvalidStateError, ProtocolError
 from dicomnet.invoking import Invoker, Operation
 from dicomnet.performing import Handlers, Performer, Received, Served, Service
@@ -150,12 +150,10 @@ class BaseAssociation:
         self._closed = asyncio.Event()
         self._error: DicomNetError | None = None
         self._stream_closed = False
-        # Set by the acceptor: the verified user (PS3.7 §D.3.3.7), the audit hook and the
-        # participants its events name, the requests performed awaiting their answer.
+        # Set by the acceptor: the verified user (PS3.7 §D.3.3.7), and with an audit hook
+        # what records the operations performed.
         self.user: str | None = None
-        self.audit: AuditHook | None = None
-        self.audit_participants: dict[str, Any] = {}
-        self._audited: dict[int, Received] = {}
+        self.audit: OperationAudit | None = None
 
     # --- identity --------------------------------------------------------------------------
 
@@ -389,7 +387,7 @@ class BaseAssociation:
         log.debug("%r: sending %s", self, message)
         await self._writer.send(context_id, message, dataset, self._check_can_send)
         if self.audit is not None:
-            self._audit_response(message)
+            self.audit.responded(message)
 
     async def send_file_message(
         self,
@@ -471,39 +469,6 @@ class BaseAssociation:
     async def diverted(self, message: DimseMessage, item: Any) -> bool:
         """Offer a received request to the diversions of its type; True if one took it."""
         return await self._performer.diverted(message, item)
-
-    # --- audit (acceptor) ------------------------------------------------------------------
-
-    def audit_request(self, message_id: int, request: Received) -> None:
-        """A request is performed: its event is recorded when its final response is sent."""
-        self._audited[message_id] = request
-
-    def audit_unanswered(self, message_id: int) -> None:
-        """The request was performed without a final response sent: record that."""
-        request = self._audited.pop(message_id, None)
-        if request is not None:
-            self._audit_operation(request, None)
-
-    def _audit_response(self, message: DimseMessage) -> None:
-        message_id = getattr(message, "message_id_being_responded_to", None)
-        status = getattr(message, "status", None)
-        if message_id is None or status is None or status in (0xFF00, 0xFF01):
-            return
-        request = self._audited.pop(message_id, None)
-        if request is not None:
-            self._audit_operation(request, message)
-
-    def _audit_operation(self, request: Received, response: DimseMessage | None) -> None:
-        context = request.context
-        event = operation_event(
-            self.audit_participants,
-            request.message,
-            request.data,
-            context.abstract_syntax,
-            context.transfer_syntax,
-            response,
-        )
-        emit(self.audit, event)
 
     # --- release and abort -----------------------------------------------------------------
 

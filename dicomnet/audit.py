@@ -44,6 +44,7 @@ __all__ = [
     "AuditEvent",
     "AuditHook",
     "AuditLog",
+    "OperationAudit",
     "OperationEvent",
     "SecurityAlert",
     "emit",
@@ -284,6 +285,48 @@ def security_alert(
             **more,
         ),
     )
+
+
+class OperationAudit:
+    """The operations of one association, each recorded when its final response is sent
+    (or when it ends without one): what an acceptor with an audit hook holds."""
+
+    def __init__(self, hook: AuditHook, participants: Mapping[str, Any]) -> None:
+        self.hook = hook
+        self.participants = participants
+        self._performing: dict[int, Any] = {}  # Message ID -> the request (`Received`)
+
+    def performing(self, message_id: int, request: Any) -> None:
+        """A request is performed: its event waits for its final response."""
+        self._performing[message_id] = request
+
+    def responded(self, message: Any) -> None:
+        """A response was sent: a final one records its request's event."""
+        message_id = getattr(message, "message_id_being_responded_to", None)
+        status = getattr(message, "status", None)
+        if message_id is None or status is None or status in (0xFF00, 0xFF01):
+            return
+        request = self._performing.pop(message_id, None)
+        if request is not None:
+            self._record(request, message)
+
+    def performed(self, message_id: int) -> None:
+        """The request was performed: record it if no final response was sent."""
+        request = self._performing.pop(message_id, None)
+        if request is not None:
+            self._record(request, None)
+
+    def _record(self, request: Any, response: Any | None) -> None:
+        context = request.context
+        event = operation_event(
+            self.participants,
+            request.message,
+            request.data,
+            context.abstract_syntax,
+            context.transfer_syntax,
+            response,
+        )
+        emit(self.hook, event)
 
 
 class AuditLog:

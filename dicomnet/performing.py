@@ -177,7 +177,7 @@ class Performer:
         message_id: int = getattr(message, "message_id", 0)
         association = self._association
         if association.audit is not None:
-            association.audit_request(message_id, request)
+            association.audit.performing(message_id, request)
         try:
             if service is None:
                 await self._refuse(request, 0x0211, "unrecognized operation")
@@ -193,7 +193,7 @@ class Performer:
                 request.spool.close()
             self._served.pop(message_id, None)
             if association.audit is not None:
-                association.audit_unanswered(message_id)
+                association.audit.performed(message_id)
             self.ops.performed(message_id)
             self._wake()
 
