@@ -46,7 +46,7 @@ from dicomnet.proto.contexts import (
     EXPLICIT_VR_BIG_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
-from dicomnet.proto.walk import MalformedDataset, Source, Walked, walk
+from dicomnet.proto.walk import MalformedDataset, Source, Walked, walk, walk_bytes
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -896,17 +896,35 @@ def encode_dataset(dataset: Dataset, transfer_syntax: str) -> bytes:
     return data
 
 
+# A data set decoded in memory (an identifier, an N-service data set, a C-FIND response)
+# inflates to at most this many bytes.
+MAX_INFLATED = 64 << 20
+
+
+def _inflate(raw: bytes) -> bytes:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = inflater.decompress(raw, MAX_INFLATED + 1)
+    if len(out) > MAX_INFLATED:
+        raise MalformedDataset(f"deflated data set larger than {MAX_INFLATED >> 20} MiB")
+    return out
+
+
 def decode_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
-    """Decode data set bytes received in `transfer_syntax` (PS3.5 §10)."""
+    """Decode data set bytes received in `transfer_syntax` (PS3.5 §10); a `MalformedDataset`
+    (a `ValueError`) when its structure does not parse."""
     raw = bytes(data)
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
+        raw = _inflate(raw)
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     if little:
         flat = decode_flat(raw, implicit)
         if flat is not None:
             return flat
+    # Sequences, or something odd: its structure (and nesting depth) is checked before
+    # pydicom reads it, so a peer's data set nested a thousand deep is a MalformedDataset,
+    # not a RecursionError.
+    walk_bytes(raw, implicit=implicit, little=little)
     fp = io.BytesIO(raw)
     dataset = read_dataset(fp, implicit, little)
     dataset.set_original_encoding(implicit, little)
