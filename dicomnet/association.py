@@ -76,6 +76,10 @@ class AssociationSettings:
     artim_timeout: float = 30.0
     dimse_timeout: float | None = 60.0
     idle_timeout: float | None = None
+    write_timeout: float | None = 60.0
+    message_timeout: float | None = 60.0
+    min_receive_rate: int = 4096
+    max_dataset_size: int | None = None
     spool_threshold: int = 4 << 20
     spool_dir: Path | None = None
     fsync: bool = True
@@ -132,6 +136,7 @@ class BaseAssociation:
         self.peer_address = peer_address
         # The peer's verified TLS certificate (`ssl.SSLSocket.getpeercert()`), or None.
         self.peer_certificate: dict[str, Any] | None = peer_certificate(stream)
+        stream.write_timeout = settings.write_timeout
         self.is_requestor = ul.is_requestor
         self.clock = clock
         window = self.extended.async_operations_window
@@ -146,7 +151,16 @@ class BaseAssociation:
         self._writer = MessageWriter(
             peer_max_pdu_length, self._write_unlocked, self._broken_message
         )
-        self._receiver = MessageReceiver(contexts, self._invoker, self._performer, self)
+        self._receiver = MessageReceiver(
+            contexts,
+            self._invoker,
+            self._performer,
+            self,
+            clock=clock,
+            message_timeout=settings.message_timeout,
+            min_receive_rate=settings.min_receive_rate,
+            max_dataset_size=settings.max_dataset_size,
+        )
         self._closed = asyncio.Event()
         self._error: DicomNetError | None = None
         self._stream_closed = False
@@ -271,11 +285,14 @@ class BaseAssociation:
             ul.receive_data(data, self.clock())
 
     def _next_deadline(self) -> float | None:
-        ul_deadline = self._ul.get_timer()
-        dimse_deadline = self._ops.get_timer()
-        if ul_deadline is None or dimse_deadline is None:
-            return dimse_deadline if ul_deadline is None else ul_deadline
-        return min(ul_deadline, dimse_deadline)
+        deadline = self._ul.get_timer()
+        dimse = self._ops.get_timer()
+        if dimse is not None and (deadline is None or dimse < deadline):
+            deadline = dimse
+        message = self._receiver.deadline
+        if message is not None and (deadline is None or message < deadline):
+            deadline = message
+        return deadline
 
     def _rearm(self) -> None:
         """A timer was started outside the reader: shorten the reader's wait to match."""
@@ -285,7 +302,14 @@ class BaseAssociation:
 
     def _handle_timers(self) -> None:
         now = self.clock()
-        error = self._invoker.expire(now, self.settings.dimse_timeout)
+        error: DicomNetError | None = self._invoker.expire(now, self.settings.dimse_timeout)
+        message_due = self._receiver.deadline
+        if error is None and message_due is not None and now >= message_due:
+            error = AssociationAborted(
+                f"a message arriving slower than {self.settings.min_receive_rate} bytes/s "
+                f"(after {self.settings.message_timeout:g} s)"
+            )
+            self._receiver.discard()
         if error is not None:
             self._set_error(error)
             self._ul.request_abort(now, str(error))  # the A-ABORT is written by the read loop

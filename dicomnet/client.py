@@ -246,6 +246,7 @@ async def connect(
     artim_timeout: float = 30.0,
     dimse_timeout: float | None = 60.0,
     idle_timeout: float | None = None,
+    write_timeout: float | None = 60.0,
     user_identity: UserIdentity | UserIdentityRQ | None = None,
     async_operations_window: tuple[int, int] = (1, 1),
     sop_class_extended: Sequence[SOPClassExtendedNegotiation] = (),
@@ -257,7 +258,8 @@ async def connect(
     """Open an association; release it when the block ends, abort it if the block raises.
 
     `contexts`: what to propose (default: `default_contexts()`). Timeouts in seconds:
-    TCP connect, ARTIM (association and release requests), DIMSE response, idle.
+    TCP connect, ARTIM (association and release requests), DIMSE response, idle, and
+    how long a send may wait for the peer to read (then the association is aborted).
     Extended negotiation (PS3.7 Annex D.3.3): `user_identity` (a `UserIdentity`, e.g.
     `UserIdentity.password(name, password)`), `async_operations_window` (invoked,
     performed), `sop_class_extended`, `sop_class_common_extended`; the outcome is on
@@ -274,6 +276,7 @@ async def connect(
         artim_timeout=artim_timeout,
         dimse_timeout=dimse_timeout,
         idle_timeout=idle_timeout,
+        write_timeout=write_timeout,
     )
     association = await open_association(
         host,

@@ -6,6 +6,7 @@ other into memory, at most 64 MiB."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from dicomnet.errors import ProtocolError
 from dicomnet.invoking import Invoker
@@ -25,14 +26,20 @@ MAX_MEMORY_DATASET = 64 << 20  # a data set kept in memory larger than this is r
 class _Incoming:
     """The data set of a message being received."""
 
-    __slots__ = ("buffer", "event", "spool")
+    __slots__ = ("buffer", "event", "limit", "received", "spool")
 
-    def __init__(self, event: CommandReceived, spool: Spool | None) -> None:
+    def __init__(self, event: CommandReceived, spool: Spool | None, limit: int | None) -> None:
         self.event = event
         self.spool = spool
         self.buffer = bytearray() if spool is None else None
+        self.limit = limit
+        self.received = 0
 
     def write(self, data: memoryview) -> None:
+        if self.limit is not None:
+            self.received += len(data)
+            if self.received > self.limit:
+                raise ProtocolError(f"data set larger than the limit of {self.limit:,} bytes")
         if self.spool is not None:
             self.spool.write(data)
         elif self.buffer is not None:
@@ -42,7 +49,15 @@ class _Incoming:
 
 
 class MessageReceiver:
-    """Reassembles the PDVs of one association and hands on what they make."""
+    """Reassembles the PDVs of one association and hands on what they make.
+
+    A message must arrive at `min_receive_rate` bytes a second at least: it is due
+    `message_timeout` seconds after its first PDV, plus a second for each
+    `min_receive_rate` bytes received since (so a peer trickling a data set at a few
+    bytes a second is not held open for ever, and a large one at any usable speed is
+    never cut); `deadline` says when the one being received is due. `max_dataset_size`:
+    the most bytes a data set may have. Past either, the association is aborted (a
+    `ProtocolError` from `feed()`, or the reader's timer)."""
 
     def __init__(
         self,
@@ -50,6 +65,11 @@ class MessageReceiver:
         invoker: Invoker,
         performer: Performer,
         owner: object,
+        *,
+        clock: Callable[[], float],
+        message_timeout: float | None = None,
+        min_receive_rate: int = 4096,
+        max_dataset_size: int | None = None,
     ) -> None:
         self._contexts = contexts
         self._invoker = invoker
@@ -57,19 +77,40 @@ class MessageReceiver:
         self._owner = owner  # the association, for the log
         self._assembler = MessageAssembler(contexts.__contains__)
         self._incoming: _Incoming | None = None
+        self._clock = clock
+        self.message_timeout = message_timeout
+        self._rate = max(1, min_receive_rate)
+        self._max_dataset_size = max_dataset_size
+        self._started: float | None = None  # when the message being received began
+        self._received = 0  # its bytes so far
+
+    @property
+    def deadline(self) -> float | None:
+        """When the message being received is due (None: none is, or no limit)."""
+        if self._started is None or self.message_timeout is None:
+            return None
+        return self._started + self.message_timeout + self._received / self._rate
 
     def discard(self) -> None:
         """Drop a data set being received (the association ended or failed)."""
         if self._incoming is not None and self._incoming.spool is not None:
             self._incoming.spool.discard()
         self._incoming = None
+        self._started = None
 
     async def feed(self, pdv: PresentationDataValue) -> None:
         """One PDV received (a `ProtocolError` if the peer breaks PS3.8 Annex E)."""
+        if self.message_timeout is not None:
+            if self._started is None:
+                self._started = self._clock()
+                self._received = 0
+            self._received += len(pdv.data)
         event = self._assembler.feed(pdv)
         if event is None:
             return
         if isinstance(event, CommandReceived):
+            if not event.has_dataset:
+                self._started = None
             await self._command(event)
             return
         assert isinstance(event, DatasetFragment)
@@ -79,6 +120,7 @@ class MessageReceiver:
         incoming.write(event.data)
         if event.is_last:
             self._incoming = None
+            self._started = None
             await self._complete(incoming)
 
     async def _command(self, event: CommandReceived) -> None:
@@ -95,7 +137,7 @@ class MessageReceiver:
                 await self._invoker.deliver(message, None)
             return
         spool = self._performer.dataset_sink(context, message) if message.is_request else None
-        self._incoming = _Incoming(event, spool)
+        self._incoming = _Incoming(event, spool, self._max_dataset_size)
 
     async def _complete(self, incoming: _Incoming) -> None:
         """A message with its data set arrived in full."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ class AE:
     transfer syntax, once `on_store` is set; the query/retrieve models of
     `query_models` for `on_find` / `on_move` / `on_get`; the SOP classes of the DIMSE-N
     handlers. Exactly `contexts`, when given. `max_associations` refuses associations
-    past that many with rejected-transient / local-limit-exceeded (PS3.8 Table 9-21);
+    past that many with rejected-transient / local-limit-exceeded (PS3.8 Table 9-21), and
+    `max_associations_per_ae` those past that many from one calling AE title;
     `allowed_calling_ae_titles` refuses others with calling-AE-title-not-recognized.
     `async_operations_window`: (invoked, performed), the most operations this AE
     invokes and performs at once on one association when the requestor proposes a
@@ -117,6 +119,13 @@ class AE:
     reason: 1/1/1); other unverified identities (a username alone, or a token no
     authenticator knows) are left to `on_association`. `access`: which services each
     peer may use (`dicomnet.access`). `audit`: a hook receiving `dicomnet.audit` events.
+
+    Limits on each association (seconds; None: none): `idle_timeout`, nothing received or
+    sent for that long; `write_timeout`, the peer reads nothing of what we send for that
+    long; `message_timeout` and `min_receive_rate`, a message must arrive at that many
+    bytes a second at least, after a grace of that many seconds; `max_dataset_size`,
+    bytes in one data set. Past any of them the association is aborted; the server
+    goes on.
 
     `peers`: AE title -> (host, port), where C-MOVE sub-operations and storage commitment
     reports go; a `dicomnet.tls.Peer(host, port, tls=context)` there is reached over TLS.
@@ -133,7 +142,12 @@ class AE:
         max_pdu_length: int = 262_144,
         artim_timeout: float = 30.0,
         dimse_timeout: float | None = 60.0,
-        idle_timeout: float | None = 600.0,
+        idle_timeout: float | None = 60.0,
+        write_timeout: float | None = 60.0,
+        message_timeout: float | None = 60.0,
+        min_receive_rate: int = 4096,
+        max_dataset_size: int | None = None,
+        max_associations_per_ae: int | None = None,
         spool_threshold: int = 4 << 20,
         spool_dir: str | Path | None = None,
         fsync: bool = True,
@@ -150,6 +164,7 @@ class AE:
         self.ae_title = ae_title
         self.contexts = list(contexts) if contexts is not None else None
         self.max_associations = max_associations
+        self.max_associations_per_ae = max_associations_per_ae
         self.allowed_calling_ae_titles = (
             {t.strip() for t in allowed_calling_ae_titles}
             if allowed_calling_ae_titles is not None
@@ -161,6 +176,10 @@ class AE:
             artim_timeout=artim_timeout,
             dimse_timeout=dimse_timeout,
             idle_timeout=idle_timeout,
+            write_timeout=write_timeout,
+            message_timeout=message_timeout,
+            min_receive_rate=min_receive_rate,
+            max_dataset_size=max_dataset_size,
             spool_threshold=spool_threshold,
             spool_dir=Path(spool_dir) if spool_dir is not None else None,
             fsync=fsync,
@@ -372,6 +391,7 @@ class Server:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._closed = asyncio.Event()
         self._reserved = 0
+        self._reserved_by_ae: Counter[str] = Counter()  # calling AE title -> associations
         self.associations: set[Association] = set()
         self.host = ""
         self.port = 0
@@ -411,6 +431,9 @@ class Server:
             return AAssociateRJ(1, 1, 3)  # permanent, user, calling AE title not recognized
         if ae.max_associations is not None and self._reserved >= ae.max_associations:
             return AAssociateRJ(2, 3, 2)  # transient, presentation, local limit exceeded
+        per_ae = ae.max_associations_per_ae
+        if per_ae is not None and self._reserved_by_ae[rq.calling_ae_title] >= per_ae:
+            return AAssociateRJ(2, 3, 2)
         if (
             ae.allowed_calling_ae_titles is not None
             and rq.calling_ae_title not in ae.allowed_calling_ae_titles
@@ -536,6 +559,7 @@ class Server:
             rejection = self._verdict(rq)
             if rejection is None:
                 self._reserved += 1
+                self._reserved_by_ae[rq.calling_ae_title] += 1
                 reserved = True
                 rejection = await self._admit(admission)
             accepted = self._accept(stream, ul, admission) if rejection is None else None
@@ -553,7 +577,15 @@ class Server:
         finally:
             if reserved:
                 self._reserved -= 1
+                self._release_ae(rq.calling_ae_title)
             stream.close()
+
+    def _release_ae(self, calling_ae_title: str) -> None:
+        left = self._reserved_by_ae[calling_ae_title] - 1
+        if left > 0:
+            self._reserved_by_ae[calling_ae_title] = left
+        else:
+            del self._reserved_by_ae[calling_ae_title]
 
     async def _run(self, association: Association, proposed: int, admission: Admission) -> None:
         peer = association.peer_address

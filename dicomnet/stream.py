@@ -58,6 +58,8 @@ class ByteStream(Protocol):
 
     remote_address: tuple[str, int]
     local_address: tuple[str, int]
+    # Seconds a `send()` may wait for the peer to read before the connection is aborted.
+    write_timeout: float | None
 
     async def receive(self, max_bytes: int = ..., timeout: float | None = None) -> bytes | None:
         """Received bytes; b"" once the peer closed; None when `timeout` seconds passed
@@ -156,6 +158,9 @@ class DicomStream(asyncio.Protocol):
         self.remote_address: tuple[str, int] = ("", 0)
         self.local_address: tuple[str, int] = ("", 0)
         self.peer_certificate: dict[str, Any] | None = None
+        # Seconds a `send()` may wait for the peer to read before the connection is
+        # aborted (None: no limit); the association sets it.
+        self.write_timeout: float | None = None
 
     # --- protocol callbacks ----------------------------------------------------------------
 
@@ -301,9 +306,23 @@ class DicomStream(asyncio.Protocol):
         while self._write_paused and not self._closed:
             waiter = self._loop.create_future()
             self._drain_waiters.append(waiter)
-            await waiter
+            if self.write_timeout is None:
+                await waiter
+                continue
+            timer = self._loop.call_later(self.write_timeout, self._write_timed_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
         if self._closed and self._error is not None:
             raise anyio.BrokenResourceError(str(self._error))
+
+    def _write_timed_out(self, waiter: asyncio.Future[None]) -> None:
+        """The peer read nothing for `write_timeout` seconds: drop the connection."""
+        if waiter.done() or self._closed:
+            return
+        self._error = TimeoutError(f"the peer read nothing for {self.write_timeout:g} s")
+        self.abort()
 
     def flush(self) -> None:
         """Hand the gathered small writes to the transport now."""

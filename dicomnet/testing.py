@@ -424,6 +424,7 @@ class MemoryStream:
         self._waiter: asyncio.Future[None] | None = None
         self._timer: _Timer | None = None
         self.sent = 0  # bytes written, for tests
+        self.write_timeout: float | None = None  # writes never wait here
 
     def _feed(self, data: bytes) -> None:
         if not self._eof:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -66,9 +67,6 @@ def add_parser(sub: Any) -> None:
         "--no-fsync answers sooner and is less durable",
     )
     serve.add_argument(
-        "--idle-timeout", type=float, default=600.0, help="abort silent associations (600 s)"
-    )
-    serve.add_argument(
         "--reindex", action="store_true", help="rebuild the index from the stored files first"
     )
     serve.add_argument(
@@ -92,10 +90,72 @@ def add_parser(sub: Any) -> None:
         "answered), replace it, or reject the new one (status 0111); each case is logged",
     )
     _add_security(serve)
+    _add_limits(serve)
     add_tls(serve, server=True)
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--worker-slot", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(run=run)
+
+
+def _add_limits(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "limits (past any of them an association ends; the server goes on)"
+    )
+    group.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="abort an association with nothing received or sent for S seconds (60)",
+    )
+    group.add_argument(
+        "--write-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="abort an association whose peer reads nothing we send for S seconds (60)",
+    )
+    group.add_argument(
+        "--message-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="a message must arrive within S seconds plus one second per "
+        "--min-receive-rate bytes (60)",
+    )
+    group.add_argument(
+        "--min-receive-rate",
+        type=int,
+        default=4096,
+        metavar="B",
+        help="bytes a second a message must arrive at, after --message-timeout (4096)",
+    )
+    group.add_argument(
+        "--max-dataset-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="abort an association sending a data set larger than this (default: no limit)",
+    )
+    group.add_argument(
+        "--max-associations-per-ae",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse associations past N at once from one calling AE title (2/3/2)",
+    )
+
+
+def _apply_limits(ae: Any, args: argparse.Namespace) -> None:
+    """The command line's limits on the AE's associations."""
+    ae.settings = dataclasses.replace(
+        ae.settings,
+        write_timeout=args.write_timeout,
+        message_timeout=args.message_timeout,
+        min_receive_rate=args.min_receive_rate,
+        max_dataset_size=args.max_dataset_size,
+    )
+    ae.max_associations_per_ae = args.max_associations_per_ae
 
 
 def _add_security(serve: argparse.ArgumentParser) -> None:
@@ -215,6 +275,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     for name, value in security.items():
         setattr(scp.ae, name, value)
+    _apply_limits(scp.ae, args)
     reuse_port = workers > 1 or is_worker
     children: list[subprocess.Popen[bytes]] = []
     stop = anyio.Event()

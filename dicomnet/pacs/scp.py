@@ -517,7 +517,7 @@ class StorageSCP:
         allowed_calling_ae_titles: Iterable[str] | None = None,
         max_associations: int | None = None,
         fsync: bool = True,
-        idle_timeout: float | None = 600.0,
+        idle_timeout: float | None = 60.0,
         reindex: bool = False,
         clean_spool: bool = True,
         processes: int = 1,
