@@ -50,7 +50,15 @@ from dicomnet.storage import (
     IMPLEMENTATION_VERSION_NAME,
     is_valid_ae_title,
 )
-from dicomnet.stream import TCP, ByteStream, Listener, NetworkBackend, peer_certificate
+from dicomnet.stream import (
+    ACCEPT_FAILURE_LOG_INTERVAL,
+    TCP,
+    ByteStream,
+    Listener,
+    NetworkBackend,
+    descriptor_budget,
+    peer_certificate,
+)
 from dicomnet.tls import subject_text
 from dicomnet.transport import next_ul_event
 
@@ -106,7 +114,10 @@ class AE:
     `query_models` for `on_find` / `on_move` / `on_get`; the SOP classes of the DIMSE-N
     handlers. Exactly `contexts`, when given. `max_associations` refuses associations
     past that many with rejected-transient / local-limit-exceeded (PS3.8 Table 9-21), and
-    `max_associations_per_ae` those past that many from one calling AE title;
+    `max_associations_per_ae` those past that many from one calling AE title.
+    `max_connections` closes connections past that many at once (default: what the
+    file descriptor limit allows, less a quarter kept for files), so the server never
+    runs out of descriptors for the ones it serves;
     `allowed_calling_ae_titles` refuses others with calling-AE-title-not-recognized.
     `async_operations_window`: (invoked, performed), the most operations this AE
     invokes and performs at once on one association when the requestor proposes a
@@ -148,6 +159,7 @@ class AE:
         min_receive_rate: int = 4096,
         max_dataset_size: int | None = None,
         max_associations_per_ae: int | None = None,
+        max_connections: int | None = None,
         spool_threshold: int = 4 << 20,
         spool_dir: str | Path | None = None,
         fsync: bool = True,
@@ -165,6 +177,7 @@ class AE:
         self.contexts = list(contexts) if contexts is not None else None
         self.max_associations = max_associations
         self.max_associations_per_ae = max_associations_per_ae
+        self.max_connections = max_connections
         self.allowed_calling_ae_titles = (
             {t.strip() for t in allowed_calling_ae_titles}
             if allowed_calling_ae_titles is not None
@@ -392,6 +405,10 @@ class Server:
         self._closed = asyncio.Event()
         self._reserved = 0
         self._reserved_by_ae: Counter[str] = Counter()  # calling AE title -> associations
+        self._open = 0  # connections being served
+        self._max_open = ae.max_connections if ae.max_connections else descriptor_budget()
+        self._refusing = False  # since the last log line, connections are refused
+        self._refusal_logged = -ACCEPT_FAILURE_LOG_INTERVAL
         self.associations: set[Association] = set()
         self.host = ""
         self.port = 0
@@ -421,7 +438,27 @@ class Server:
         if self._closed.is_set() or self._task_group is None:
             stream.abort()
             return
+        if self._max_open is not None and self._open >= self._max_open:
+            # Out of descriptors soon: closed at once, so those held stay usable.
+            stream.abort()
+            now = self.backend.clock()
+            if not self._refusing and now >= self._refusal_logged + ACCEPT_FAILURE_LOG_INTERVAL:
+                self._refusing = True
+                self._refusal_logged = now
+                log.warning(
+                    "%d connections open, the most the file descriptor limit allows "
+                    "(ulimit -n): new ones are closed until some end",
+                    self._open,
+                )
+            return
+        self._open += 1
         self._task_group.start_soon(self._handle_connection, stream)
+
+    def _connection_ended(self) -> None:
+        self._open -= 1
+        if self._refusing and self._max_open is not None and self._open <= self._max_open * 0.9:
+            self._refusing = False
+            log.warning("%d connections open: accepting new ones again", self._open)
 
     def _verdict(self, rq: AAssociateRQ) -> AAssociateRJ | None:
         ae = self.ae
@@ -579,6 +616,7 @@ class Server:
                 self._reserved -= 1
                 self._release_ae(rq.calling_ae_title)
             stream.close()
+            self._connection_ended()
 
     def _release_ae(self, calling_ae_title: str) -> None:
         left = self._reserved_by_ae[calling_ae_title] - 1

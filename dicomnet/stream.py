@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -131,6 +133,8 @@ def peer_certificate(stream: ByteStream) -> dict[str, Any] | None:
 HIGH_WATER = 4 << 20
 # How long a requestor's closing TLS connection waits for the peer's close_notify.
 TLS_SHUTDOWN_TIMEOUT = 10.0
+# Seconds between two log lines saying that accept() fails for want of descriptors.
+ACCEPT_FAILURE_LOG_INTERVAL = 10.0
 # Writes smaller than this are gathered until the end of the event loop's turn.
 COALESCE_LIMIT = 64 << 10
 
@@ -479,6 +483,59 @@ class _TLSAcceptedStream(DicomStream):
         super().connection_made(transport)
 
 
+def descriptor_budget() -> int | None:
+    """How many connections a server starting now may hold open: the soft limit on open
+    file descriptors, less those open already, less an eighth of the limit (at least 16)
+    for what serving opens besides connections (spool files, C-MOVE sub-operation
+    associations); None where the platform has no such limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - no /proc
+        in_use = 32
+    return max(1, soft - in_use - max(16, soft // 8))
+
+
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+_quiet_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _quiet_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
+    """Log asyncio's accept() failures for want of descriptors once in a while, not once
+    per attempt (it retries every second, and logs each of up to `backlog` attempts a
+    time: hundreds of thousands of tracebacks in a minute)."""
+    if loop in _quiet_loops:
+        return
+    _quiet_loops.add(loop)
+    previous = loop.get_exception_handler()
+    last = [-ACCEPT_FAILURE_LOG_INTERVAL]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != _ACCEPT_FAILED:
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - last[0] >= ACCEPT_FAILURE_LOG_INTERVAL:
+            last[0] = now
+            log.warning(
+                "cannot accept connections: %s; retrying every second (logged again in "
+                "%g s if it lasts)",
+                context.get("exception"),
+                ACCEPT_FAILURE_LOG_INTERVAL,
+            )
+
+    loop.set_exception_handler(handler)
+
+
 async def start_server(
     on_connection: Callable[[DicomStream], Any],
     host: str,
@@ -496,6 +553,7 @@ async def start_server(
     `handshakes`, to be cancelled when the server stops; a failed one is also told to
     `on_tls_failure(peer, reason)`)."""
     loop = asyncio.get_running_loop()
+    _quiet_accept_failures(loop)
     pending: set[Any] = handshakes if handshakes is not None else set()
 
     def factory() -> DicomStream:

@@ -13,8 +13,10 @@ refused with a failure status and never become paths.
 from __future__ import annotations
 
 import random
+import shutil
 import socket
 import struct
+import sys
 import tempfile
 import time
 import uuid
@@ -380,3 +382,38 @@ def test_invalid_sop_instance_uid_refused(
     assert set(stored) == {str(good.SOPInstanceUID)}, sorted(server.files())
     assert not stray_files(server.storage, keep=stored.values())
     assert_still_serving(server)
+
+
+# --------------------------------------------------------------------------
+# out of file descriptors
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_out_of_file_descriptors(
+    dicomnet_server: ServerFactory, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """With 64 descriptors, 120 connections held open: the server closes those past what
+    its limit allows, says so in a line or two (asyncio's accept loop used to log a
+    traceback per attempt: hundreds of thousands), and serves again once they end."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    monkeypatch.setenv(
+        "DICOMNET_TEST_CLI", f"{prlimit} --nofile=64:64 {sys.executable} -m dicomnet"
+    )
+    monkeypatch.setenv("DICOMNET_LOOP", loop)
+    server = dicomnet_server(verbose=False)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(120):
+            socks.append(_connect(server.port))
+        wait_until(lambda: "connections open" in server.log_text(), 10)
+        assert server.alive()
+    finally:
+        for sock in socks:
+            sock.close()
+    assert wait_until(lambda: "accepting new ones again" in server.log_text(), 10)
+    assert_still_serving(server)
+    log = server.log_text()
+    assert "Traceback" not in log
+    assert 1 <= len(log.splitlines()) <= 6, log

@@ -249,9 +249,24 @@ def _worker_argv(argv: Sequence[str], slot: int) -> list[str]:
     return [sys.executable, "-m", "dicomnet", *out, *parent]
 
 
+def _raise_descriptor_limit() -> None:
+    """As servers do, use every file descriptor the hard limit allows (one a connection)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # pragma: no cover - e.g. hard is unlimited on macOS
+            pass
+
+
 async def run(args: argparse.Namespace) -> int:
     from dicomnet.pacs.scp import StorageSCP
 
+    _raise_descriptor_limit()
     workers = max(1, args.workers)
     is_worker = args.worker_of is not None
     security = _security(args)
