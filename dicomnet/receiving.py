@@ -96,21 +96,20 @@ class MessageReceiver:
         if self._incoming is not None and self._incoming.spool is not None:
             self._incoming.spool.discard()
         self._incoming = None
-        self._started = None
+        self._ended()
 
     async def feed(self, pdv: PresentationDataValue) -> None:
         """One PDV received (a `ProtocolError` if the peer breaks PS3.8 Annex E)."""
-        if self.message_timeout is not None:
-            if self._started is None:
-                self._started = self._clock()
-                self._received = 0
-            self._received += len(pdv.data)
+        self._received += len(pdv.data)
         event = self._assembler.feed(pdv)
         if event is None:
+            self._begun()
             return
         if isinstance(event, CommandReceived):
-            if not event.has_dataset:
-                self._started = None
+            if event.has_dataset:
+                self._begun()
+            else:
+                self._ended()
             await self._command(event)
             return
         assert isinstance(event, DatasetFragment)
@@ -120,8 +119,17 @@ class MessageReceiver:
         incoming.write(event.data)
         if event.is_last:
             self._incoming = None
-            self._started = None
+            self._ended()
             await self._complete(incoming)
+
+    def _begun(self) -> None:
+        """A message is under way: its clock runs (a message in one PDV never needs it)."""
+        if self._started is None and self.message_timeout is not None:
+            self._started = self._clock()
+
+    def _ended(self) -> None:
+        self._started = None
+        self._received = 0
 
     async def _command(self, event: CommandReceived) -> None:
         message = event.message
