@@ -275,15 +275,16 @@ def pynetdicom_scp(port: int) -> Iterator[None]:
 # --- cutting the streams into corpus files ---------------------------------------------------
 
 
-def split_pdus(stream: bytes) -> list[bytes]:
-    """The PDUs of `stream`, each P-DATA-TF's values cut to `MAX_PDV_DATA` bytes."""
+def split_pdus(stream: bytes, *, shrink_pdata: bool = True) -> list[bytes]:
+    """The whole PDUs of `stream`; with `shrink_pdata`, each P-DATA-TF's values cut to
+    `MAX_PDV_DATA` bytes."""
     pdus = []
     at = 0
     while at + 6 <= len(stream):
         end = at + 6 + int.from_bytes(stream[at + 2 : at + 6], "big")
         if end > len(stream):
             break
-        pdus.append(shrink(stream[at:end]))
+        pdus.append(shrink(stream[at:end]) if shrink_pdata else stream[at:end])
         at = end
     return pdus
 
