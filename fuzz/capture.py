@@ -212,14 +212,13 @@ def pynetdicom_scu(port: int, called: str) -> None:
         SOPClassExtendedNegotiation,
         UserIdentityNegotiation,
     )
-    from pynetdicom.sop_class import (
-        CTImageStorage,
-        StudyRootQueryRetrieveInformationModelFind,
-        StudyRootQueryRetrieveInformationModelGet,
-        Verification,
-    )
 
-    ae = AE(b"PYNETDICOM")
+    CTImageStorage = "1.2.840.10008.5.1.4.1.1.2"
+    StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
+    StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
+    Verification = "1.2.840.10008.1.1"
+
+    ae = AE("PYNETDICOM")
     ae.add_requested_context(Verification)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
@@ -258,14 +257,14 @@ def pynetdicom_scu(port: int, called: str) -> None:
 @contextlib.contextmanager
 def pynetdicom_scp(port: int) -> Iterator[None]:
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Verification
 
-    ae = AE(b"PYSCP")
+    ae = AE("PYSCP")
     ae.require_called_aet = True
-    ae.add_supported_context(Verification)
+    ae.add_supported_context("1.2.840.10008.1.1")
     server = ae.start_server(
         (HOST, port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0)]
     )
+    assert server is not None
     try:
         yield
     finally:
