@@ -14,7 +14,8 @@ association). Each side's bytes are cut into PDUs and written as small files:
 - ``pdu/``: each distinct PDU, header included;
 - ``ul/``: each side's byte stream, for the state the ``ul`` target starts it in;
 - ``dimse/``: each command set, and each stream's P-DATA-TF bodies;
-- ``identifier/``: each C-FIND / C-MOVE / C-GET identifier, with its transfer syntax.
+- ``identifier/``: each C-FIND / C-MOVE / C-GET identifier, with its transfer syntax;
+- ``dataset/``: the storage commitment, MPPS and worklist data sets dicomnet sends.
 
 Rerunning replaces the files it wrote (names are content hashes). Needs DCMTK on PATH.
 """
@@ -34,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -47,6 +49,7 @@ from dicomnet.proto.pdu import (  # noqa: E402
 )
 
 HOST = "127.0.0.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
 TS_INDEX = {  # as fuzz/targets.py TRANSFER_SYNTAXES
     "1.2.840.10008.1.2": 0,
     "1.2.840.10008.1.2.1": 1,
@@ -396,6 +399,72 @@ def identifier(
     corpus.add("identifier", bytes((TS_INDEX[ts] | model << 2,)) + data, f"{name}-{kind}")
 
 
+# --- N-service data sets ---------------------------------------------------------------------
+
+
+def _dataset(**values: object) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def dataset_seeds(corpus: Corpus) -> None:
+    """Seeds of the ``dataset`` target: the N-service data sets and the worklist query
+    dicomnet itself sends (no peer at hand sends storage commitment or MPPS here)."""
+    from dicomnet.services.commitment import (
+        CommitmentResult,
+        action_information,
+        report_information,
+    )
+    from dicomnet.storage import encode_dataset
+
+    refs = [(CT, "1.2.3.4.5"), ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.6")]
+    _, report = report_information(
+        CommitmentResult("1.2.3.99", (refs[0],), ((*refs[1], 0x0110),), "PACS")
+    )
+    step = _dataset(
+        StudyInstanceUID="1.2.3", AccessionNumber="A1", ReferencedStudySequence=[],
+        RequestedProcedureID="R1", RequestedProcedureDescription="",
+        ScheduledProcedureStepID="S1", ScheduledProcedureStepDescription="",
+        ScheduledProtocolCodeSequence=[],
+    )  # fmt: skip
+    create = _dataset(
+        ScheduledStepAttributesSequence=[step], PatientName="Doe^Jane", PatientID="P1",
+        PatientBirthDate="19700101", PatientSex="F", ReferencedPatientSequence=[],
+        PerformedProcedureStepID="PPS1", PerformedStationAETitle="CT1",
+        PerformedStationName="", PerformedLocation="",
+        PerformedProcedureStepStartDate="20240102", PerformedProcedureStepStartTime="101010",
+        PerformedProcedureStepStatus="IN PROGRESS", PerformedProcedureStepDescription="",
+        PerformedProcedureTypeDescription="", PerformedProcedureStepEndDate="",
+        PerformedProcedureStepEndTime="", Modality="CT", StudyID="1",
+        ProcedureCodeSequence=[], PerformedProtocolCodeSequence=[], PerformedSeriesSequence=[],
+    )  # fmt: skip
+    series = _dataset(SeriesInstanceUID="1.2.3.4", RetrieveAETitle="", ReferencedImageSequence=[])
+    completed = _dataset(
+        PerformedProcedureStepStatus="COMPLETED", PerformedProcedureStepEndDate="20240102",
+        PerformedProcedureStepEndTime="111111", PerformedSeriesSequence=[series],
+    )  # fmt: skip
+    sps = _dataset(
+        Modality="CT", ScheduledProcedureStepStartDate="20240101-20240131",
+        ScheduledStationAETitle="",
+    )  # fmt: skip
+    worklist = _dataset(PatientName="Doe*", PatientID="", ScheduledProcedureStepSequence=[sps])
+    readers = {  # fuzz/targets.py dataset(): bits 2-4 pick the reader
+        "action": action_information("1.2.3.99", refs),
+        "report": report,
+        "mpps-create": create,
+        "mpps-set": completed,
+        "worklist": worklist,
+    }
+    for reader, (name, ds) in enumerate(readers.items()):
+        for ts in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+            pick = TS_INDEX[ts] | reader << 2
+            corpus.add("dataset", bytes((pick,)) + encode_dataset(ds, ts), f"dicomnet-{name}")
+
+
 # --- the sessions ----------------------------------------------------------------------------
 
 
@@ -593,6 +662,7 @@ def main() -> None:
             stem.with_suffix(".c2s").write_bytes(bytes(conn.to_server))
             stem.with_suffix(".s2c").write_bytes(bytes(conn.to_client))
         cut(conn, corpus)
+    dataset_seeds(corpus)
     print(f"{len(connections)} connections: {corpus.written}", file=sys.stderr)
 
 

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SECONDS_EACH=${1:-840}
 OUT=${2:-/tmp/dicomnet-fuzz}
 shift 2 2>/dev/null
-TARGETS=${*:-"ul pdu dimse identifier"}
+TARGETS=${*:-"ul pdu dimse identifier dataset"}
 PYTHON=${PYTHON:-python}
 mkdir -p "$OUT/artifacts"
 for target in $TARGETS; do

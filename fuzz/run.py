@@ -17,6 +17,14 @@ import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 with atheris.instrument_imports(include=["dicomnet", "fuzz"]):
+    # What the targets import only when first called must be imported (and so
+    # instrumented) here too, or its coverage would not guide the fuzzer.
+    import dicomnet.pacs.index
+    import dicomnet.pacs.worklist_matching
+    import dicomnet.services.commitment
+    import dicomnet.services.mpps
+    import dicomnet.services.qr
+    import dicomnet.storage  # noqa: F401
     from fuzz.targets import TARGETS
 
 

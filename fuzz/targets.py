@@ -69,7 +69,7 @@ from dicomnet.proto.ul import (
 )
 from dicomnet.testing import build_associate_ac, build_associate_rq
 
-__all__ = ["TARGETS", "dimse", "identifier", "pdu", "ul"]
+__all__ = ["TARGETS", "dataset", "dimse", "identifier", "pdu", "ul"]
 
 TRANSFER_SYNTAXES = (
     IMPLICIT_VR_LITTLE_ENDIAN,
@@ -337,9 +337,77 @@ def identifier(data: bytes) -> None:
         pass
 
 
+# --- (d) N-service data sets and worklist queries ---------------------------------------------
+
+
+def _mpps_in_progress() -> Any:
+    from pydicom.dataset import Dataset
+
+    current = Dataset()
+    current.PerformedProcedureStepStatus = "IN PROGRESS"
+    current.PatientID = "P1"
+    return current
+
+
+def _worklist_item() -> Any:
+    from pydicom.dataset import Dataset
+
+    step = Dataset()
+    step.Modality = "CT"
+    step.ScheduledStationAETitle = "CT1"
+    step.ScheduledProcedureStepStartDate = "20240102"
+    step.ScheduledProcedureStepStartTime = "101010"
+    item = Dataset()
+    item.PatientName = "Doe^Jane"
+    item.PatientID = "P1"
+    item.AccessionNumber = "A1"
+    item.ScheduledProcedureStepSequence = [step]
+    return item
+
+
+def dataset(data: bytes) -> None:
+    """PS3.4 Annexes F, J, K: an N-service data set as the performing side decodes it
+    (`storage.decode_received`; what does not decode is answered 0x0110), then read by
+    the SCP handler the first byte picks: a storage commitment N-ACTION (SCP) or
+    N-EVENT-REPORT (SCU), an MPPS N-CREATE or N-SET, or a worklist C-FIND identifier
+    matched against an item. Bits 0-1: the transfer syntax; bits 2-4: the reader. The
+    handlers' contract: a bad data set raises `DimseError` (or the index's `QueryError`
+    for a query), which becomes its failure status."""
+    if not data:
+        return
+    from dicomnet.errors import DimseError
+    from dicomnet.pacs.index import QueryError
+    from dicomnet.pacs.worklist_matching import WorklistQuery
+    from dicomnet.services.commitment import parse_action, parse_report
+    from dicomnet.services.mpps import check_create, check_set
+    from dicomnet.storage import decode_received
+
+    pick = data[0]
+    try:
+        received = decode_received(data[1:], TRANSFER_SYNTAXES[pick % 4])
+    except Exception:  # services.nservices: answered 0x0110 (processing failure)
+        return
+    reader = pick // 4 % 5
+    try:
+        if reader == 0:
+            parse_action(received)
+        elif reader == 1:
+            parse_report(received)
+        elif reader == 2:
+            check_create(received)
+            check_create(received, strict=False)
+        elif reader == 3:
+            check_set(_mpps_in_progress(), received)
+        else:
+            WorklistQuery.parse(received).match(_worklist_item())
+    except (DimseError, QueryError):
+        pass
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "pdu": pdu,
     "ul": ul,
     "dimse": dimse,
     "identifier": identifier,
+    "dataset": dataset,
 }
