@@ -113,3 +113,9 @@ def test_dimse_target_property(data: bytes) -> None:
 @given(_inputs("identifier"))
 def test_identifier_target_property(data: bytes) -> None:
     _check("identifier", data)
+
+
+@_SETTINGS
+@given(_inputs("dataset"))
+def test_dataset_target_property(data: bytes) -> None:
+    _check("dataset", data)

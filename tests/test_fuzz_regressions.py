@@ -45,7 +45,7 @@ def test_regression_input_keeps_the_contract(target: str, path: Path) -> None:
 
 
 def test_there_are_regression_inputs() -> None:
-    assert {target for target, _ in REGRESSIONS} >= {"pdu", "identifier"}
+    assert {target for target, _ in REGRESSIONS} >= {"pdu", "identifier", "dataset"}
 
 
 @pytest.mark.timeout(60)
