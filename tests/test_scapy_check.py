@@ -8,11 +8,19 @@ abstract and transfer syntaxes, results, maximum PDU length, implementation UID 
 version, asynchronous operations window, role selection, user identity, SOP class
 (common) extended negotiation, PDV context IDs, flags and data, reject and abort fields.
 
-One disagreement, where scapy is wrong: scapy reads the User Identity sub-item's
-Secondary-field-length only when the identity type is 2 (username and passcode). PS3.7
-Table D.3-14 has the two-byte length in every User Identity (RQ) sub-item (zero unless
-the type is 2); only the Secondary-field itself is absent. For other types scapy leaves
-those two zero bytes unparsed; the test expects exactly that and nothing else.
+Two disagreements, where scapy is wrong:
+
+- scapy reads the User Identity sub-item's Secondary-field-length only when the identity
+  type is 2 (username and passcode). PS3.7 Table D.3-14 has the two-byte length in every
+  User Identity (RQ) sub-item (zero unless the type is 2); only the Secondary-field itself
+  is absent. For other types scapy leaves those two zero bytes unparsed; the test expects
+  exactly that and nothing else.
+- scapy reads at most 32 sub-items in a User Information item (a `max_count` of its
+  own). PS3.8 §9.3.2.3 and PS3.7 §D.3.3.4 set no such limit: one SCP/SCU Role Selection
+  sub-item per SOP class, and our default contexts (and ``dicomnet get``) ask for a role
+  for each storage class they propose, so our A-ASSOCIATE-RQ (and the A-ASSOCIATE-AC
+  granting them) carry over 32; stock scapy then loses the whole User Information item.
+  The comparisons run with that limit raised; a test shows the stock limit's effect.
 
 (b) Fuzzed PDUs from scapy (``fuzz()``: a seeded, bounded barrage of A-ASSOCIATE-RQ
 with fuzzed items and sub-items, P-DATA-TF after a valid association, unexpected
@@ -22,6 +30,7 @@ serving: an echo succeeds afterwards and its log has no traceback.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 from collections.abc import Iterator
@@ -250,6 +259,18 @@ def _u16_prefixed(uid: str) -> bytes:
     return len(uid).to_bytes(2, "big") + uid.encode()
 
 
+@contextlib.contextmanager
+def scapy_user_information_limit(limit: int) -> Iterator[None]:
+    """Set scapy's cap on User Information sub-items (stock: 32) for a while."""
+    field = next(f for f in scapy_dicom.DICOMUserInformation.fields_desc if f.name == "sub_items")
+    stock = field.max_count
+    field.max_count = limit
+    try:
+        yield
+    finally:
+        field.max_count = stock
+
+
 def _server_ae() -> dicomnet.AE:
     ae = dicomnet.AE(SERVER_AET, max_pdu_length=SERVER_MAX_PDU, async_operations_window=(4, 4))
     ae.sop_class_extended[STUDY_ROOT_FIND] = b"\x01"
@@ -324,6 +345,8 @@ async def _sessions(port: int) -> None:
     jwt = UserIdentityRQ(5, False, b"eyJhbGciOiJub25lIn0.e30.")
     async with dicomnet.connect(HOST, port, aet="JWTSCU", user_identity=jwt, **common) as assoc:  # type: ignore[arg-type]
         await assoc.echo()
+    async with dicomnet.connect(HOST, port, aet="DEFAULTSCU", aec=SERVER_AET) as assoc:
+        await assoc.echo()  # the default contexts: a role selection per storage class
     with pytest.raises(dicomnet.AssociationRejected):
         async with dicomnet.connect(HOST, port, aet="REJECTME", **common):  # type: ignore[arg-type]
             pass
@@ -364,6 +387,11 @@ def recorded() -> Iterator[list[tuple[str, Connection]]]:
 
 
 def test_scapy_reads_every_pdu_we_send_as_we_do(recorded: list[tuple[str, Connection]]) -> None:
+    with scapy_user_information_limit(256):
+        _compare_all(recorded)
+
+
+def _compare_all(recorded: list[tuple[str, Connection]]) -> None:
     sent_by: dict[str, set[int]] = {"requestor": set(), "acceptor": set()}
     checked = 0
     for label, conn in recorded:
@@ -381,6 +409,30 @@ def test_scapy_reads_every_pdu_we_send_as_we_do(recorded: list[tuple[str, Connec
     assert sent_by["requestor"] == {0x01, 0x04, 0x05, 0x07}, sent_by
     assert sent_by["acceptor"] == {0x02, 0x03, 0x04, 0x06, 0x07}, sent_by
     assert checked >= 20
+
+
+def test_stock_scapy_loses_user_information_past_32_sub_items(
+    recorded: list[tuple[str, Connection]],
+) -> None:
+    conn = next(c for label, c in recorded if label == "ours" and b"DEFAULTSCU" in c.to_server)
+    for stream in (conn.to_server, conn.to_client):  # our A-ASSOCIATE-RQ, then our -AC
+        raw = _whole_pdus(bytes(stream))[0]
+        ours = our_view(raw)
+        assert len(ours["user"]["roles"]) > 30  # with max length, implementation UID: > 32
+        assert "user" not in _scapy_view_unchecked(raw)  # stock scapy: the item is lost
+        with scapy_user_information_limit(256):
+            theirs = scapy_view(raw)
+        theirs.pop("leftovers")
+        assert theirs == ours
+
+
+def _scapy_view_unchecked(raw: bytes) -> dict[str, Any]:
+    packet = scapy_dicom.DICOM(raw)
+    leftovers: list[bytes] = []
+    try:
+        return _associate_view(packet.payload, leftovers)
+    except IndexError:  # scapy's packet has no DICOMUserInformation layer
+        return {}
 
 
 def _whole_pdus(stream: bytes) -> list[bytes]:
