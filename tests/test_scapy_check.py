@@ -584,3 +584,15 @@ def test_scapy_fuzzed_pdus_leave_serve_serving(dicomnet_server: ServerFactory) -
     # Whatever came back is a PDU an acceptor may send.
     kinds = {a[0] for a in answers if a}
     assert kinds <= {0x02, 0x03, 0x04, 0x06, 0x07}, kinds
+
+
+def test_peer_that_half_closes_still_gets_the_answer(dicomnet_server: ServerFactory) -> None:
+    """Found by the barrage above: a requestor that sends its last PDU and then shuts down
+    its side of the connection (FIN) got no answer from ``serve`` (under uvloop the
+    transport was closed at EOF before the answer was written)."""
+    server = dicomnet_server()
+    good = build_associate_rq(called="DICOMNET", calling="HALFCLOSE")
+    for _ in range(5):
+        assert _send(server.port, b"", good)[:1] == b"\x02"  # A-ASSOCIATE-AC
+        bad = good[:74] + b"\x99" + good[75:]  # an unknown item type (PS3.8 §9.3.2)
+        assert _send(server.port, b"", bad)[:1] == b"\x07"  # A-ABORT
