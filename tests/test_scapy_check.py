@@ -575,6 +575,9 @@ def test_scapy_fuzzed_pdus_leave_serve_serving(dicomnet_server: ServerFactory) -
     assert outcome.established and outcome.status == 0x0000, outcome
     log = server.log_text(tail=None)
     assert "Traceback" not in log, log[-5000:]
+    # ... and the associations the barrage broke ended with a line saying why.
+    refused = [line for line in log.splitlines() if "invalid" in line or "unexpected" in line]
+    assert len(refused) >= 30, log[-5000:]
     # A whole PDU in Sta2 (a fuzzed A-ASSOCIATE-RQ in a PDU of the right length, or an
     # A-ASSOCIATE-AC) is answered: A-ASSOCIATE-AC or -RJ, or A-ABORT (PS3.8 Table 9-10,
     # Evt6 / Evt19 in Sta2), even from a peer that half-closed after sending it.
