@@ -364,7 +364,7 @@ def _acceptor_abort(port: int) -> None:
             pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def recorded() -> Iterator[list[tuple[str, Connection]]]:
     """The associations of `_sessions` and `_acceptor_abort`, recorded through a proxy:
     (who sent the requestor side, connection)."""
