@@ -1,6 +1,6 @@
 """Run one fuzz target under atheris (libFuzzer): ``python fuzz/run.py TARGET [libFuzzer args]``.
 
-TARGET is one of ``pdu``, ``ul``, ``dimse``, ``identifier`` (fuzz/targets.py). Without a
+TARGET is one of ``pdu``, ``ul``, ``dimse``, ``identifier``, ``dataset`` (fuzz/targets.py). Without a
 corpus directory among the arguments, ``fuzz/corpus/TARGET`` is used (read and grown:
 give a scratch directory first to keep the checked-in seeds as they are). See
 fuzz/README.md.
