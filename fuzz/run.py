@@ -1,9 +1,9 @@
 """Run one fuzz target under atheris (libFuzzer): ``python fuzz/run.py TARGET [libFuzzer args]``.
 
-TARGET is one of ``pdu``, ``ul``, ``dimse``, ``identifier``, ``dataset`` (fuzz/targets.py). Without a
-corpus directory among the arguments, ``fuzz/corpus/TARGET`` is used (read and grown:
-give a scratch directory first to keep the checked-in seeds as they are). See
-fuzz/README.md.
+TARGET is one of ``pdu``, ``ul``, ``dimse``, ``identifier``, ``dataset``
+(fuzz/targets.py). Without a corpus directory among the arguments, ``fuzz/corpus/TARGET``
+is used (read and grown: give a scratch directory first to keep the checked-in seeds as
+they are). See fuzz/README.md.
 """
 
 from __future__ import annotations
