@@ -8,11 +8,16 @@ dicomnet; fuzz/capture.py): every captured PDU must also decode without error.
 
 from __future__ import annotations
 
+import re
+import time
 import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from dicomnet.pacs.matching import glob_match
 from dicomnet.proto.pdu import PDataTF, decode_pdu_bytes
 from fuzz.targets import TARGETS
 
@@ -68,3 +73,28 @@ def test_every_captured_pdu_decodes() -> None:
         if isinstance(pdu, PDataTF):
             assert all(pdv.context_id % 2 == 1 for pdv in pdu.values)
     assert seen == {1, 2, 3, 4, 5, 6, 7}, f"PDU types captured: {sorted(seen)}"
+
+
+# The dataset target's timeout (fuzz/regressions/dataset/worklist-wildcards-backtrack): the
+# wildcard matcher was a regular expression of ".*"s, exponential on "*a*a*a*...b".
+
+
+def _regex_glob(pattern: str, text: str) -> bool:
+    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
+    return re.fullmatch("".join(parts), text, re.DOTALL) is not None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text("ab*?", max_size=8), st.text("ab", max_size=8))
+def test_wildcard_matching_agrees_with_the_regular_expression(pattern: str, text: str) -> None:
+    assert glob_match(pattern, text) == _regex_glob(pattern, text)
+
+
+@pytest.mark.timeout(10)
+def test_wildcard_matching_does_not_backtrack() -> None:
+    value = "a" * 63 + "c"
+    started = time.perf_counter()
+    assert not glob_match("*a" * 200 + "*b", value)
+    assert not glob_match("*a*a*a*a*a*a*a*a*a*b*", value)
+    assert glob_match("*a*a*a*a*a*a*a*a*a*c", value)
+    assert time.perf_counter() - started < 1.0

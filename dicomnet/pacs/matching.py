@@ -77,7 +77,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from functools import lru_cache
 from typing import Literal
 
 from pydicom.dataelem import DataElement
@@ -477,10 +476,29 @@ def parse_query(vr: str, value: object, keyword: str = "") -> ParsedQuery:
 # -- Python matching ----------------------------------------------------------------
 
 
-@lru_cache(maxsize=1024)
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
-    return re.compile("".join(parts), re.DOTALL)
+def glob_match(pattern: str, text: str) -> bool:
+    """Wildcard matching (PS3.4 §C.2.2.2.4: ``*`` any run of characters, ``?`` any one)
+    without backtracking: the pieces between ``*``s are found leftmost, in order, which
+    takes at most len(pattern) x len(text) steps (a regular expression of ``.*``s can
+    take exponential time, e.g. ``*a*a*a*a*a*a*a*a*b`` against a 64-character value)."""
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        return len(text) == len(pattern) and _piece_at(pattern, text, 0)
+    first, last = pieces[0], pieces[-1]
+    end = len(text) - len(last)
+    if end < len(first) or not _piece_at(first, text, 0) or not _piece_at(last, text, end):
+        return False
+    at = len(first)
+    for piece in pieces[1:-1]:
+        found = next((p for p in range(at, end - len(piece) + 1) if _piece_at(piece, text, p)), -1)
+        if found < 0:
+            return False
+        at = found + len(piece)
+    return True
+
+
+def _piece_at(piece: str, text: str, at: int) -> bool:
+    return all(c == "?" or c == text[at + i] for i, c in enumerate(piece))
 
 
 def _alternative_matches(alt: Alternative, key: str) -> bool:
@@ -488,7 +506,7 @@ def _alternative_matches(alt: Alternative, key: str) -> bool:
         return key == alt.low
     if alt.op == "glob":
         assert alt.low is not None
-        return _glob_regex(alt.low).fullmatch(key) is not None
+        return glob_match(alt.low, key)
     if alt.op == "empty":
         return False  # the candidate has a value
     return (alt.low is None or key >= alt.low) and (alt.high is None or key <= alt.high)
