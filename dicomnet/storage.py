@@ -55,6 +55,7 @@ __all__ = [
     "Part10File",
     "Spool",
     "decode_dataset",
+    "decode_received",
     "encode_dataset",
     "fsync_directory",
     "is_valid_ae_title",
@@ -928,4 +929,14 @@ def decode_dataset(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
     fp = io.BytesIO(raw)
     dataset = read_dataset(fp, implicit, little)
     dataset.set_original_encoding(implicit, little)
+    return dataset
+
+
+def decode_received(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
+    """`decode_dataset`, every element's value converted now (nested ones too), so that an
+    element that cannot be read fails here, where the SCP answers it as an undecodable
+    identifier or data set, and not later inside a handler (PS3.7 §9.1.2.1.6, §10.1.1)."""
+    dataset = decode_dataset(data, transfer_syntax)
+    for _ in dataset.iterall():
+        pass
     return dataset

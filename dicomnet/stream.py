@@ -195,7 +195,10 @@ class DicomStream(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
-        return False  # close the transport
+        # Keep the transport open for writing: a peer that half-closed after its last PDU
+        # still gets the answer to it (an A-ASSOCIATE-AC/RJ, an A-ABORT, an A-RELEASE-RP).
+        # The reader sees b"" and the connection's owner closes it.
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending.clear()

@@ -29,7 +29,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 
-.venv/bin/ruff check dicomnet tests examples benchmarks
-.venv/bin/ruff format --check dicomnet tests examples benchmarks
+.venv/bin/ruff check dicomnet tests examples benchmarks fuzz
+.venv/bin/ruff format --check dicomnet tests examples benchmarks fuzz
 .venv/bin/mypy
 .venv/bin/pytest "$@"

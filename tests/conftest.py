@@ -28,6 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dcmtk: needs DCMTK's command-line tools")
     config.addinivalue_line("markers", "orthanc: needs Orthanc (apt-get install orthanc)")
     config.addinivalue_line("markers", "slow: large transfers")
+    config.addinivalue_line("markers", "fuzz: a bounded atheris pass over each fuzz target")
 
 
 def _missing(item: pytest.Item) -> tuple[str, str] | None:

@@ -208,7 +208,9 @@ def normalize(vr: str, value: str) -> str:
     if vr in _STRIP_LEADING_VRS:
         text = text.lstrip(" ")
     if vr == "PN" and ("^" in text or "=" in text):
-        text = "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("=")
+        # NULs too: normalising twice gives the same text (a group of NULs and carets
+        # would otherwise become empty only the second time).
+        text = "=".join(group.rstrip("^ \x00") for group in text.split("=")).rstrip("=")
     return text
 
 

@@ -438,7 +438,7 @@ class UserInformation:
         if self.implementation_version_name is not None:
             body += _item(
                 ItemType.IMPLEMENTATION_VERSION_NAME,
-                self.implementation_version_name.encode("ascii"),
+                self.implementation_version_name.encode("latin-1"),
             )
         if self.async_operations_window is not None:
             body += self.async_operations_window.encode()
@@ -476,7 +476,8 @@ class UserInformation:
             elif item_type == ItemType.IMPLEMENTATION_CLASS_UID:
                 impl_uid = _decode_uid(value, "implementation class UID")
             elif item_type == ItemType.IMPLEMENTATION_VERSION_NAME:
-                impl_version = bytes(value).decode("ascii", errors="replace").strip(" \x00")
+                # Latin-1, as for AE titles: any byte reads, and writes back unchanged.
+                impl_version = bytes(value).decode("latin-1").strip(" \x00")
             elif item_type == ItemType.ASYNCHRONOUS_OPERATIONS_WINDOW:
                 window = AsyncOperationsWindow.decode(value)
             elif item_type == ItemType.ROLE_SELECTION:

@@ -136,6 +136,8 @@ def parse_action(dataset: Dataset | None) -> tuple[str, list[Reference]]:
         raise DimseError(0x0120, "no Transaction UID")
     references = []
     for item in dataset.get("ReferencedSOPSequence", None) or ():
+        if not isinstance(item, Dataset):  # the element is not a sequence (its VR)
+            raise DimseError(0x0106, "Referenced SOP Sequence is not a sequence")
         sop_class = str(item.get("ReferencedSOPClassUID", "") or "")
         sop_instance = str(item.get("ReferencedSOPInstanceUID", "") or "")
         if not sop_class or not sop_instance:
@@ -161,21 +163,26 @@ def report_information(result: CommitmentResult) -> tuple[int, Dataset]:
 
 
 def parse_report(dataset: Dataset | None) -> CommitmentResult:
-    """A report's data set as a `CommitmentResult`."""
+    """A report's data set as a `CommitmentResult`; a bad one raises `DimseError` (0x0120
+    missing attribute, 0x0106 invalid attribute value: an item without both UIDs or
+    with a Failure Reason that is not a number, PS3.4 Table J.3-2)."""
     if dataset is None or not dataset.get("TransactionUID"):
         raise DimseError(0x0120, "no Transaction UID in the report")
-    committed = tuple(
-        (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
-        for item in dataset.get("ReferencedSOPSequence", None) or ()
-    )
-    failed = tuple(
-        (
-            str(item.get("ReferencedSOPClassUID", "")),
-            str(item.get("ReferencedSOPInstanceUID", "")),
-            int(item.get("FailureReason", PROCESSING_FAILURE)),
+    try:
+        committed = tuple(
+            (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
+            for item in dataset.get("ReferencedSOPSequence", None) or ()
         )
-        for item in dataset.get("FailedSOPSequence", None) or ()
-    )
+        failed = tuple(
+            (
+                str(item.get("ReferencedSOPClassUID", "")),
+                str(item.get("ReferencedSOPInstanceUID", "")),
+                int(item.get("FailureReason", PROCESSING_FAILURE)),
+            )
+            for item in dataset.get("FailedSOPSequence", None) or ()
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DimseError(0x0106, f"invalid report: {exc}"[:64]) from None
     aet = dataset.get("RetrieveAETitle", None)
     return CommitmentResult(str(dataset.TransactionUID), committed, failed, aet and str(aet))
 

@@ -43,7 +43,7 @@ from dicomnet.proto.dimse import (
 )
 from dicomnet.services.common import comment
 from dicomnet.status import Status
-from dicomnet.storage import decode_dataset, encode_dataset
+from dicomnet.storage import decode_dataset, decode_received, encode_dataset
 
 __all__ = [
     "N_ACTION",
@@ -332,7 +332,7 @@ class NServices(ServiceBase):
             return _Outcome(0x0122, text="SOP class not accepted on this presentation context")
         if received.data is not None:
             try:
-                request.dataset = decode_dataset(received.data, received.context.transfer_syntax)
+                request.dataset = decode_received(received.data, received.context.transfer_syntax)
             except Exception as exc:
                 return _Outcome(0x0110, text=f"data set cannot be decoded: {exc}")
         if await association.diverted(message, request):

@@ -56,7 +56,7 @@ from dicomnet.proto.dimse import CFindRQ, CFindRSP, CGetRQ, CGetRSP, CMoveRQ, CM
 from dicomnet.services.common import failure
 from dicomnet.services.storage import ON_STORE, StorageUser, StoreRequest
 from dicomnet.status import Status
-from dicomnet.storage import Part10File, decode_dataset, encode_dataset
+from dicomnet.storage import Part10File, decode_dataset, decode_received, encode_dataset
 
 __all__ = [
     "FIND_MODELS",
@@ -554,7 +554,7 @@ def _decode_identifier(
     if data is None:
         return None, "the request has no identifier"
     try:
-        return decode_dataset(data, context.transfer_syntax), None
+        return decode_received(data, context.transfer_syntax), None
     except Exception as exc:
         return None, f"identifier cannot be decoded: {exc}"[:64]
 

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of the protocol core (see fuzz/README.md)."""
