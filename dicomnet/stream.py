@@ -197,8 +197,10 @@ class DicomStream(asyncio.Protocol):
         self._wake()
         # Keep the transport open for writing: a peer that half-closed after its last PDU
         # still gets the answer to it (an A-ASSOCIATE-AC/RJ, an A-ABORT, an A-RELEASE-RP).
-        # The reader sees b"" and the connection's owner closes it.
-        return True
+        # The reader sees b"" and the connection's owner closes it. (Over TLS the transport
+        # closes anyway: TLS has no half-close, and asyncio warns when asked to keep it.)
+        transport = self._transport
+        return transport is not None and transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending.clear()

@@ -274,16 +274,22 @@ def test_pynetdicom_gets_the_report_on_a_new_association(
         server = dicomnet_server(aet="PACS", extra_args=["--peer", peer])
         stored = run_dicomnet(["store", "127.0.0.1", server.port, "--aec", "PACS", CT_FILE])
         assert stored.returncode == 0, describe_cli(stored)
-        out = storage_commitment_scu(
-            server.port,
-            [CT],
-            aet="MODALITY",
-            aec="PACS",
-            listener=listener,
-            release_after_rsp=True,
-            wait=30,
-        )
-    assert out.action.status == 0 and out.report is not None, out
+        # pynetdicom releases right after the N-ACTION-RSP; a PACS faster than that finds
+        # the association still open and reports on it (PS3.4 §J.3.3 allows both). The
+        # path under test is the other one: asked again until the release came first.
+        for _ in range(3):
+            out = storage_commitment_scu(
+                server.port,
+                [CT],
+                aet="MODALITY",
+                aec="PACS",
+                listener=listener,
+                release_after_rsp=True,
+                wait=30,
+            )
+            assert out.action.status == 0 and out.report is not None, out
+            if out.report.on == "new":
+                break
     report = out.report
     assert report.on == "new" and report.event_type == 1 and report.referenced == [CT]
     assert report.association is not None
