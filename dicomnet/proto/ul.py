@@ -50,9 +50,9 @@ __all__ = [
     "UpperLayer",
 ]
 
-# Association-phase PDUs are small (128 presentation contexts of 30 transfer syntaxes each
-# take about 100 KiB); a length above this is refused before anything is allocated.
-MAX_ASSOCIATION_PDU_LENGTH: Final = 256 << 10
+# Association-phase PDUs are small (128 presentation contexts of 20 transfer syntaxes each
+# take about 180 KiB, a User Identity up to 128 KiB); longer is refused on the header.
+MAX_ASSOCIATION_PDU_LENGTH: Final = 512 << 10
 # Consumed bytes at the front of the receive buffer are dropped past this many.
 _COMPACT_AFTER: Final = 1 << 20
 # With no maximum advertised (0 = unlimited) we still refuse P-DATA-TF PDUs above this.
