@@ -202,16 +202,23 @@ async def trickled_store(port: int, dataset: bytes, pause: float, chunk: int) ->
     return await anyio.to_thread.run_sync(send)
 
 
-async def test_a_trickled_data_set_is_cut_at_the_minimum_rate() -> None:
-    """500 bytes a second against a minimum of 1,000 after a 0.5 s grace: aborted within
-    about a second, not after the 40 s the data set would take; the server goes on."""
-    ae = dicomnet.AE("SCP", message_timeout=0.5, min_receive_rate=1000)
+def storing_ae(**limits: Any) -> tuple[dicomnet.AE, list[object]]:
+    """An AE "SCP" with these limits, and the C-STORE requests its handler answered."""
+    ae = dicomnet.AE("SCP", **limits)
     stored: list[object] = []
 
     @ae.on_store
     async def store(request: Any) -> int:
         stored.append(request)
         return 0
+
+    return ae, stored
+
+
+async def test_a_trickled_data_set_is_cut_at_the_minimum_rate() -> None:
+    """500 bytes a second against a minimum of 1,000 after a 0.5 s grace: aborted within
+    about a second, not after the 40 s the data set would take; the server goes on."""
+    ae, stored = storing_ae(message_timeout=0.5, min_receive_rate=1000)
 
     async with ae.serve(HOST, 0) as server:
         with anyio.fail_after(20):
@@ -223,13 +230,7 @@ async def test_a_trickled_data_set_is_cut_at_the_minimum_rate() -> None:
 
 
 async def test_a_data_set_past_the_size_limit_ends_the_association() -> None:
-    ae = dicomnet.AE("SCP", max_dataset_size=10_000)
-    stored: list[object] = []
-
-    @ae.on_store
-    async def store(request: Any) -> int:
-        stored.append(request)
-        return 0
+    ae, stored = storing_ae(max_dataset_size=10_000)
 
     async with ae.serve(HOST, 0) as server:
         with anyio.fail_after(20):

@@ -29,6 +29,7 @@ from peers import (
 )
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from tls_certs import PKI, KeyPair, make_pki
 
@@ -298,12 +299,8 @@ def test_serve_moves_to_tls_destination(
             "--peer", f"ME=tls://{HOST}:{listen_port}",
         ]
     )  # fmt: skip
-    source = dcmread(CT_FILE)
-    source.SOPInstanceUID = uid = generate_uid()
-    path = tmp_path / "ct.dcm"
-    source.save_as(path)
-    store = run_dicomnet(["store", HOST, server.port, path, *our_tls(pki)])
-    assert store.returncode == 0, describe_cli(store)
+    source = store_new_ct(server, pki, tmp_path)
+    uid = source.SOPInstanceUID
 
     async def move() -> list[str]:
         listening = server_context(pki.client.cert, pki.client.key, ca=pki.ca)
@@ -322,9 +319,18 @@ def test_serve_moves_to_tls_destination(
     assert_clean_log(server)
 
 
-def dicomnet_query(study_uid: str) -> object:
-    from pydicom.dataset import Dataset
+def store_new_ct(server: DicomnetServer, pki: PKI, tmp_path: Path) -> Dataset:
+    """A CT instance of a new SOP Instance UID, stored into `server` over TLS."""
+    source = dcmread(CT_FILE)
+    source.SOPInstanceUID = generate_uid()
+    path = tmp_path / "ct.dcm"
+    source.save_as(path)
+    store = run_dicomnet(["store", HOST, server.port, path, *our_tls(pki)])
+    assert store.returncode == 0, describe_cli(store)
+    return source
 
+
+def dicomnet_query(study_uid: str) -> Dataset:
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
@@ -343,12 +349,8 @@ def test_cli_get_via_move_over_tls(
             "--peer", f"DICOMNET=tls://{HOST}:{listen_port}",
         ]
     )  # fmt: skip
-    source = dcmread(CT_FILE)
-    source.SOPInstanceUID = uid = generate_uid()
-    path = tmp_path / "ct.dcm"
-    source.save_as(path)
-    store = run_dicomnet(["store", HOST, server.port, path, *our_tls(pki)])
-    assert store.returncode == 0, describe_cli(store)
+    source = store_new_ct(server, pki, tmp_path)
+    uid = source.SOPInstanceUID
     out = tmp_path / "out"
     get = run_dicomnet(
         ["get", HOST, server.port, "--out", out, "--via", "move", "--listen-port", listen_port,
