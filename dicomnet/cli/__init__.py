@@ -13,7 +13,7 @@ import anyio
 
 from dicomnet._version import __version__
 from dicomnet.cli import bench, commit, echo, find, get, index, move, passwd, serve, store
-from dicomnet.cli.common import configure_logging, prepare_tls
+from dicomnet.cli.common import Parser, UsageError, configure_logging, prepare_tls
 from dicomnet.errors import DicomNetError
 
 __all__ = ["build_parser", "main"]
@@ -22,7 +22,7 @@ COMMANDS = (echo, store, find, move, get, serve, bench, index, commit, passwd)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dicomnet", description="DICOM networking: verification, storage and serving."
     )
     parser.add_argument("--version", action="version", version=f"dicomnet {__version__}")
@@ -78,9 +78,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except DicomNetError as exc:
+    except UsageError as exc:
         print(f"dicomnet {args.command}: {exc}", file=sys.stderr)
         return 2
+    except DicomNetError as exc:
+        print(f"dicomnet {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"dicomnet {args.command}: {type(exc).__name__}: {exc} (--debug shows where)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

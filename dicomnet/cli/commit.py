@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from dicomnet.cli.common import (
+    UsageError,
     add_common,
     add_remote,
     open_association,
@@ -66,7 +67,7 @@ def _files(paths: list[str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"dicomnet commit: {raw}: no such file or folder")
+            raise UsageError(f"{raw}: no such file or folder")
     return files
 
 

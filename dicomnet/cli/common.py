@@ -8,9 +8,10 @@ import logging
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+import warnings
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, NoReturn
 
 from dicomnet.client import connect
 from dicomnet.errors import DicomNetError
@@ -18,11 +19,14 @@ from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import PresentationContext
 
 __all__ = [
+    "Parser",
+    "UsageError",
     "add_common",
     "add_identity",
     "add_query",
     "add_remote",
     "add_tls",
+    "ae_title",
     "build_query",
     "configure_logging",
     "describe",
@@ -35,8 +39,33 @@ __all__ = [
 ]
 
 
+class UsageError(Exception):
+    """A command line that cannot be carried out as written (exit status 2)."""
+
+
+def ae_title(text: str) -> str:
+    """An AE title option's value: 1 to 16 characters, no backslash or control
+    character (PS3.5 Table 6.2-1, AE)."""
+    from dicomnet.storage import is_valid_ae_title
+
+    if not 0 < len(text.strip()) <= 16 or not is_valid_ae_title(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an AE title (1 to 16 characters, no backslash or control character)"
+        )
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, with where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--aet", default="DICOMNET", help="our AE title (default: DICOMNET)")
+    parser.add_argument(
+        "--aet", type=ae_title, default="DICOMNET", help="our AE title (default: DICOMNET)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log associations")
     parser.add_argument(
         "--debug", action="store_true", help="log association and DIMSE traffic in detail"
@@ -46,7 +75,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def add_remote(parser: argparse.ArgumentParser, timeout_flag: str = "--timeout") -> None:
     parser.add_argument("host", help="the peer's host name or address")
     parser.add_argument("port", type=int, help="the peer's TCP port")
-    parser.add_argument("--aec", default="ANY-SCP", help="the peer's AE title (default: ANY-SCP)")
+    parser.add_argument(
+        "--aec", type=ae_title, default="ANY-SCP", help="the peer's AE title (default: ANY-SCP)"
+    )
     parser.add_argument(
         timeout_flag,
         dest="timeout",
@@ -85,14 +116,14 @@ def identity_from_args(args: argparse.Namespace) -> UserIdentity | None:
     password = getattr(args, "password", None)
     positive = bool(getattr(args, "positive_response", False))
     if user is not None and jwt is not None:
-        raise SystemExit("dicomnet: --user and --jwt are exclusive")
+        raise UsageError("--user and --jwt are exclusive")
     if password is not None and user is None:
-        raise SystemExit("dicomnet: --password needs --user")
+        raise UsageError("--password needs --user")
     if jwt is not None:
         return UserIdentity.jwt(jwt, positive_response=positive)
     if user is None:
         if positive:
-            raise SystemExit("dicomnet: --positive-response needs --user or --jwt")
+            raise UsageError("--positive-response needs --user or --jwt")
         return None
     password = password if password is not None else os.environ.get("DICOMNET_PASSWORD")
     if password is not None:
@@ -250,10 +281,10 @@ def _tag(text: str) -> int:
         try:
             return (int(group, 16) << 16) | int(element, 16)
         except ValueError:
-            raise SystemExit(f"dicomnet: {text!r} is not a tag (gggg,eeee)") from None
+            raise UsageError(f"{text!r} is not a tag (gggg,eeee)") from None
     tag = tag_for_keyword(raw)
     if tag is None:
-        raise SystemExit(f"dicomnet: {text!r} is not a DICOM keyword")
+        raise UsageError(f"{text!r} is not a DICOM keyword")
     return int(tag)
 
 
@@ -287,13 +318,37 @@ def _set_key(dataset: Any, path: str, value: str | None) -> None:
         dataset.add_new(tag, vr, value or None)
 
 
+@contextmanager
+def _quiet_values() -> Iterator[None]:
+    """pydicom's warnings about query values its VR would not allow in a stored data set
+    (a range, a wildcard) silenced: a value it cannot take at all still raises."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_query(keys: Sequence[str]) -> Any:
     from pydicom.dataset import Dataset
 
     query = Dataset()
     for key in keys:
         name, has_value, value = key.partition("=")
-        _set_key(query, name, value if has_value else None)
+        try:
+            with _quiet_values():
+                _set_key(query, name, value if has_value else None)
+        except UsageError:
+            raise
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            hint = ""
+            if any(c in value for c in "*?"):
+                hint = " (* and ? match text values only, PS3.4 C.2.2.2.4)"
+            raise UsageError(f"-k {key}: {exc}{hint}") from None
     return query
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -14,12 +15,16 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
 import anyio
 import anyio.to_thread
 
 from dicomnet._version import __version__
 from dicomnet.cli.common import (
     TLS_PEER,
+    UsageError,
     add_common,
     add_tls,
 )
@@ -219,8 +224,8 @@ def _parse_peers(
             host, port = address.removeprefix(TLS_PEER).rsplit(":", 1)
             peers[aet.strip()] = Peer(host, int(port), tls if secure else None)
         except ValueError:
-            raise SystemExit(
-                f"dicomnet serve: --peer {item!r} is not AET=HOST:PORT or AET=tls://HOST:PORT"
+            raise UsageError(
+                f"--peer {item!r} is not AET=HOST:PORT or AET=tls://HOST:PORT"
             ) from None
     return peers
 
@@ -249,29 +254,44 @@ def _worker_argv(argv: Sequence[str], slot: int) -> list[str]:
     return [sys.executable, "-m", "dicomnet", *out, *parent]
 
 
-def _raise_descriptor_limit() -> None:
-    """As servers do, use every file descriptor the hard limit allows (one a connection)."""
+def _storage_problem(storage: Path) -> str | None:
+    """Why `storage` cannot hold received instances, or None."""
+    if storage.exists() and not storage.is_dir():
+        return "not a folder"
     try:
-        import resource
-    except ImportError:  # pragma: no cover - not Unix
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):  # pragma: no cover - e.g. hard is unlimited on macOS
-            pass
+        storage.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot be created: {exc.strerror or exc}"
+    if not os.access(storage, os.W_OK | os.X_OK):
+        return "not writable by this user"
+    return None
+
+
+def _listen_error(exc: BaseException) -> OSError | None:
+    """The OSError of a listener that could not be opened (a port in use, a host not
+    ours, a port below 1024 without the right), out of the task groups around it."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, OSError) and exc.errno in _LISTEN_ERRORS:
+        return exc
+    return None
+
+
+_LISTEN_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
 
 
 async def run(args: argparse.Namespace) -> int:
     from dicomnet.pacs.scp import StorageSCP
 
-    _raise_descriptor_limit()
     workers = max(1, args.workers)
     is_worker = args.worker_of is not None
     security = _security(args)
     if workers > 1 and args.port == 0:
         print("dicomnet serve: --workers needs a fixed --port", file=sys.stderr)
+        return 2
+    problem = _storage_problem(Path(args.storage))
+    if problem is not None:
+        print(f"dicomnet serve: --storage {args.storage}: {problem}", file=sys.stderr)
         return 2
     scp = StorageSCP(
         Path(args.storage),
@@ -310,33 +330,48 @@ async def run(args: argparse.Namespace) -> int:
             await anyio.sleep(1.0)
         stop.set()
 
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with anyio.create_task_group() as watch:
-            watch.start_soon(on_signals, signals)
-            if is_worker:
-                watch.start_soon(stop_with_parent, args.worker_of)
-            tls = getattr(args, "tls_server_context", None)
-            async with scp.serve(args.host, args.port, reuse_port=reuse_port, tls=tls) as server:
-                if not is_worker:
-                    for slot in range(1, workers):
-                        children.append(subprocess.Popen(_worker_argv(args.argv, slot)))
-                    print(
-                        f"dicomnet {__version__}: {args.aet} listening on "
-                        f"{server.host}:{server.port}"
-                        f"{_tls_note(tls, args.tls_ca)}"
-                        f"{f' with {workers} processes' if workers > 1 else ''}, "
-                        f"storing to {scp.storage.resolve()}",
-                        flush=True,
-                    )
-                await stop.wait()  # leaving the block closes the server, then the indexer
-            for child in children:
-                child.terminate()
-            for child in children:
-                try:
-                    await anyio.to_thread.run_sync(child.wait, 10)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-            watch.cancel_scope.cancel()
+    try:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as watch:
+                watch.start_soon(on_signals, signals)
+                if is_worker:
+                    watch.start_soon(stop_with_parent, args.worker_of)
+                tls = getattr(args, "tls_server_context", None)
+                async with scp.serve(
+                    args.host, args.port, reuse_port=reuse_port, tls=tls
+                ) as server:
+                    if not is_worker:
+                        for slot in range(1, workers):
+                            children.append(subprocess.Popen(_worker_argv(args.argv, slot)))
+                        print(
+                            f"dicomnet {__version__}: {args.aet} listening on "
+                            f"{server.host}:{server.port}"
+                            f"{_tls_note(tls, args.tls_ca)}"
+                            f"{f' with {workers} processes' if workers > 1 else ''}, "
+                            f"storing to {scp.storage.resolve()}",
+                            flush=True,
+                        )
+                    await stop.wait()  # leaving the block closes the server, then the indexer
+                for child in children:
+                    child.terminate()
+                for child in children:
+                    try:
+                        await anyio.to_thread.run_sync(child.wait, 10)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                watch.cancel_scope.cancel()
+    except BaseException as exc:
+        error = _listen_error(exc)
+        if error is None:
+            raise
+        scp.close()
+        reason = error.strerror or str(error)
+        print(
+            f"dicomnet serve: cannot listen on {args.host}:{args.port}: {reason} "
+            "(another server on that port? choose one with --port)",
+            file=sys.stderr,
+        )
+        return 1
     scp.close()
     if security["audit"] is not None:
         security["audit"].close()

@@ -1,0 +1,62 @@
+"""Command-line errors are one line on stderr, never a traceback: exit status 2 when
+the command line cannot be carried out as written, 1 when what it asked for failed."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from peers import HOST, DicomnetServer, describe_cli, free_port, run_dicomnet
+
+
+def one_line(result: object, status: int, *words: str) -> None:
+    assert result.returncode == status, describe_cli(result)  # type: ignore[attr-defined]
+    lines = result.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1, describe_cli(result)
+    assert "Traceback" not in lines[0]
+    for word in words:
+        assert word in lines[0], describe_cli(result)
+
+
+@pytest.mark.parametrize("flag", ["--aet", "--aec"])
+def test_an_ae_title_longer_than_16_characters(flag: str) -> None:
+    result = run_dicomnet(["echo", HOST, free_port(), flag, "A-TITLE-OF-20-CHARS!"])
+    one_line(result, 2, flag, "not an AE title", "--help")
+
+
+def test_a_wildcard_on_a_number() -> None:
+    result = run_dicomnet(["find", HOST, free_port(), "-k", "InstanceNumber=1?"])
+    one_line(result, 2, "-k InstanceNumber=1?", "text values only")
+
+
+def test_an_unknown_keyword() -> None:
+    result = run_dicomnet(["find", HOST, free_port(), "-k", "PatientNam=X"])
+    one_line(result, 2, "'PatientNam' is not a DICOM keyword")
+
+
+def test_a_peer_that_is_not_there() -> None:
+    with socket.socket() as closed:
+        closed.bind((HOST, 0))
+        port = closed.getsockname()[1]
+    result = run_dicomnet(["echo", HOST, port])
+    one_line(result, 1, "could not connect")
+
+
+def test_serve_on_a_port_in_use(
+    dicomnet_server: Callable[..., DicomnetServer], tmp_path: Path
+) -> None:
+    server = dicomnet_server()
+    result = run_dicomnet(["serve", "--port", server.port, "--storage", tmp_path / "other"])
+    one_line(result, 1, f"cannot listen on 127.0.0.1:{server.port}", "--port")
+    assert server.alive()
+
+
+@pytest.mark.parametrize("what", ["a file", "under a file"])
+def test_serve_storage_that_cannot_be_a_folder(tmp_path: Path, what: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    storage = blocker if what == "a file" else blocker / "storage"
+    result = run_dicomnet(["serve", "--port", "0", "--storage", storage])
+    one_line(result, 2, "--storage", "not a folder" if what == "a file" else "cannot be created")
