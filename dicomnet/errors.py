@@ -94,6 +94,11 @@ class TLSError(ConnectionFailed):
     refused ours, no protocol version or suite in common, or it does not speak TLS."""
 
 
+class InvalidDatasetError(DicomNetError, ValueError):
+    """A file or data set that is not DICOM, or lacks what the operation needs (a SOP
+    Class and Instance UID to store it under, a Transfer Syntax UID in its file meta)."""
+
+
 class NotNegotiatedError(DicomNetError):
     """No accepted presentation context fits what is about to be sent."""
 

@@ -40,6 +40,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.filewriter import write_dataset
 
 from dicomnet._version import __version__
+from dicomnet.errors import InvalidDatasetError
 from dicomnet.proto.codec import decode_flat, encode_flat, scan_part10_head
 from dicomnet.proto.contexts import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
@@ -763,13 +764,13 @@ class Part10File:
     def open(cls, path: str | os.PathLike[str]) -> Part10File:
         """Read only the file meta and the SOP Class/Instance UIDs of the data set.
 
-        Raises `ValueError` for a file that is not Part-10 (no preamble/meta).
+        Raises `InvalidDatasetError` (a `ValueError`) for a file that is not Part-10.
         """
         p = Path(path)
         with open(p, "rb") as f:
             head = f.read(_HEAD_LENGTH)
             if len(head) < 132 or head[128:132] != b"DICM":
-                raise ValueError(f"{p} is not a DICOM Part-10 file (no 'DICM' prefix)")
+                raise InvalidDatasetError(f"{p} is not a DICOM Part-10 file (no 'DICM' prefix)")
             size = os.fstat(f.fileno()).st_size
             scanned = scan_part10_head(head)
             if scanned is not None and scanned[1] and scanned[2]:
@@ -784,7 +785,7 @@ class Part10File:
         offset = f.tell()
         transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
         if not transfer_syntax:
-            raise ValueError(f"{p} has no Transfer Syntax UID in its file meta")
+            raise InvalidDatasetError(f"{p} has no Transfer Syntax UID in its file meta")
         ds: Dataset
         if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
             ds = dcmread(p, stop_before_pixels=True, specific_tags=_SOP_TAGS, force=True)
@@ -802,7 +803,7 @@ class Part10File:
             ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")
         )
         if not sop_class or not sop_instance:
-            raise ValueError(f"{p} has no SOP Class UID or SOP Instance UID")
+            raise InvalidDatasetError(f"{p} has no SOP Class UID or SOP Instance UID")
         return cls(p, transfer_syntax, sop_class, sop_instance, offset, size)
 
 

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicomnet.association import BaseAssociation, Handlers, Received
-from dicomnet.errors import NotNegotiatedError
+from dicomnet.errors import InvalidDatasetError, NotNegotiatedError
 from dicomnet.proto.contexts import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     UNCOMPRESSED_TRANSFER_SYNTAXES,
@@ -279,7 +279,7 @@ class StorageUser(BaseAssociation):
         sop_class = str(dataset.get("SOPClassUID", "") or "")
         sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
         if not sop_class or not sop_instance:
-            raise ValueError("the data set has no SOP Class UID or SOP Instance UID")
+            raise InvalidDatasetError("the data set has no SOP Class UID or SOP Instance UID")
         meta = getattr(dataset, "file_meta", None)
         own_ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
         context = self.context_for(sop_class, own_ts) if own_ts else None
