@@ -60,3 +60,28 @@ def test_serve_storage_that_cannot_be_a_folder(tmp_path: Path, what: str) -> Non
     storage = blocker if what == "a file" else blocker / "storage"
     result = run_dicomnet(["serve", "--port", "0", "--storage", storage])
     one_line(result, 2, "--storage", "not a folder" if what == "a file" else "cannot be created")
+
+
+def test_store_with_more_associations_than_the_peer_allows(
+    dicomnet_server: Callable[..., DicomnetServer], tmp_path: Path
+) -> None:
+    """`store --concurrency 3` against a server that takes one association at a time:
+    the refused associations back off and try again or leave the queue to the one that
+    works, and every file is stored (it used to be `sent 1, failed 29`)."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    folder = tmp_path / "files"
+    folder.mkdir()
+    uids = []
+    for index in range(30):
+        source.SOPInstanceUID = generate_uid()
+        uids.append(source.SOPInstanceUID)
+        source.save_as(folder / f"{index:02}.dcm")
+    server = dicomnet_server(max_associations=1)
+    result = run_dicomnet(["store", HOST, server.port, folder, "--concurrency", "3"])
+    assert result.returncode == 0, describe_cli(result)
+    assert "sent 30, warning 0, failed 0" in result.stdout, describe_cli(result)
+    assert set(server.wait_stored(uids)) >= set(uids)

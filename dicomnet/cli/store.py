@@ -116,6 +116,30 @@ def _batches(files: list[Part10File]) -> list[tuple[list[PresentationContext], l
     return batches
 
 
+# An association refused or lost is tried again this many times in a row, after a pause
+# of BACKOFF seconds doubling each time.
+ATTEMPTS = 5
+BACKOFF = 0.25
+
+
+async def _send_queue(association: Any, queue: list[Part10File], tally: _StoreTally) -> None:
+    """Send files from the shared queue on one association while it lasts."""
+    while queue and not association.is_closed:
+        item = queue.pop()
+        try:
+            status = await association.store(item.path)
+        except DicomNetError as exc:
+            tally.failed += 1
+            tally.failures.append(f"{item.path}: {exc}")
+        else:
+            if status.is_warning:
+                tally.warning += 1
+            else:
+                tally.sent += 1
+        tally.bytes_done += item.dataset_length
+        tally.draw()
+
+
 async def run(args: argparse.Namespace) -> int:
     paths, errors = _collect(args.paths)
     explicit = {Path(p) for p in args.paths if Path(p).is_file()}
@@ -145,36 +169,35 @@ async def run(args: argparse.Namespace) -> int:
     tally.failed += len(errors)
     tally.total += len(errors)
 
+    workers = [0]  # how many are still sending
+
     async def worker(contexts: list[PresentationContext], queue: list[Part10File]) -> None:
-        attempts = 0
-        while queue:
-            try:
-                async with open_association(args, contexts) as association:
-                    while queue and not association.is_closed:
-                        item = queue.pop()
-                        try:
-                            status = await association.store(item.path)
-                        except DicomNetError as exc:
-                            tally.failed += 1
-                            tally.failures.append(f"{item.path}: {exc}")
-                        else:
-                            attempts = 0
-                            if status.is_warning:
-                                tally.warning += 1
-                            else:
-                                tally.sent += 1
-                        tally.bytes_done += item.dataset_length
-                        tally.draw()
-            except DicomNetError as exc:
-                tally.failures.append(f"association: {exc}")
-            attempts += 1
-            if attempts >= 3 and queue:
-                # The peer keeps refusing or dropping us: the rest of this queue fails.
+        """Send from the shared queue; an association refused or lost is tried again after
+        a pause, and after `ATTEMPTS` in a row this worker leaves the queue to the others
+        (e.g. a peer that allows fewer associations than --concurrency). The last worker
+        to stop fails what is left, with the last reason."""
+        workers[0] += 1
+        refused = 0
+        reason = "not sent"
+        try:
+            while queue and refused < ATTEMPTS:
+                try:
+                    async with open_association(args, contexts) as association:
+                        refused = 0
+                        await _send_queue(association, queue, tally)
+                except DicomNetError as exc:
+                    refused += 1
+                    reason = f"not sent: {exc}"
+                    log.info("association: %s (attempt %d of %d)", exc, refused, ATTEMPTS)
+                    if refused < ATTEMPTS and queue:
+                        await anyio.sleep(BACKOFF * 2 ** (refused - 1))
+        finally:
+            workers[0] -= 1
+            if workers[0] == 0:
                 while queue:
                     item = queue.pop()
                     tally.failed += 1
-                    tally.failures.append(f"{item.path}: not sent")
-                return
+                    tally.failures.append(f"{item.path}: {reason}")
 
     for contexts, batch in _batches(infos):
         queue = list(reversed(batch))
