@@ -85,3 +85,10 @@ def test_store_with_more_associations_than_the_peer_allows(
     assert result.returncode == 0, describe_cli(result)
     assert "sent 30, warning 0, failed 0" in result.stdout, describe_cli(result)
     assert set(server.wait_stored(uids)) >= set(uids)
+
+
+@pytest.mark.parametrize("command", ["find", "move", "get"])
+def test_the_patient_level_of_the_study_model(command: str, tmp_path: Path) -> None:
+    extra = {"move": ["--dest", "ME"], "get": ["--out", str(tmp_path)]}.get(command, [])
+    result = run_dicomnet([command, HOST, free_port(), "--level", "PATIENT", *extra])
+    one_line(result, 2, "use --model patient")

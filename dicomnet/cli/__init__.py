@@ -13,7 +13,13 @@ import anyio
 
 from dicomnet._version import __version__
 from dicomnet.cli import bench, commit, echo, find, get, index, move, passwd, serve, store
-from dicomnet.cli.common import Parser, UsageError, configure_logging, prepare_tls
+from dicomnet.cli.common import (
+    Parser,
+    UsageError,
+    configure_logging,
+    prepare_tls,
+    query_level,
+)
 from dicomnet.errors import DicomNetError
 
 __all__ = ["build_parser", "main"]
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("serve", "bench", "store"):
         _raise_open_file_limit()
     try:
+        if hasattr(args, "level") and hasattr(args, "model"):
+            query_level(args)  # a level the model lacks: said before connecting
         status: int = anyio.run(args.run, args, backend_options=_backend_options())
         return status
     except KeyboardInterrupt:

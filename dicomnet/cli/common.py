@@ -356,6 +356,10 @@ _TOP_LEVEL = {"patient": "PATIENT", "study": "STUDY"}
 
 
 def query_level(args: argparse.Namespace) -> str | None:
+    if args.level == "PATIENT" and args.model == "study":
+        raise UsageError(
+            "--level PATIENT is not a level of the study model (PS3.4 C.6.2): use --model patient"
+        )
     if args.level:
         return str(args.level)
     return _TOP_LEVEL.get(args.model)
