@@ -45,6 +45,7 @@ from dicomnet.proto.codec import decode_flat, encode_flat, scan_part10_head
 from dicomnet.proto.contexts import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
 from dicomnet.proto.walk import MalformedDataset, Source, Walked, walk, walk_bytes
@@ -769,14 +770,39 @@ class Part10File:
         p = Path(path)
         with open(p, "rb") as f:
             head = f.read(_HEAD_LENGTH)
-            if len(head) < 132 or head[128:132] != b"DICM":
-                raise InvalidDatasetError(f"{p} is not a DICOM Part-10 file (no 'DICM' prefix)")
             size = os.fstat(f.fileno()).st_size
+            if len(head) < 132 or head[128:132] != b"DICM":
+                f.seek(0)
+                return cls._open_without_meta(p, f, head, size)
             scanned = scan_part10_head(head)
             if scanned is not None and scanned[1] and scanned[2]:
                 return cls(p, scanned[0], scanned[1], scanned[2], scanned[3], size)
             f.seek(132)
             return cls._open_with_pydicom(p, f, size)
+
+    @classmethod
+    def _open_without_meta(cls, p: Path, f: BinaryIO, head: bytes, size: int) -> Part10File:
+        """A data set written without preamble and file meta (as some systems keep
+        them): its transfer syntax is told by its first element, of group 0008 (implicit
+        or explicit VR little endian, explicit VR big endian), as DCMTK's storescu does."""
+        syntax = _syntax_of_bare_dataset(head)
+        if syntax is None:
+            raise InvalidDatasetError(f"{p} is not DICOM (no 'DICM' prefix, no data set)")
+        try:
+            ds = read_dataset(
+                f,
+                syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                syntax != EXPLICIT_VR_BIG_ENDIAN,
+                stop_when=_past_sop_instance_uid,
+                defer_size=256,
+            )
+        except Exception as exc:
+            raise InvalidDatasetError(f"{p} is not DICOM: {exc}") from None
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+        if not sop_class or not sop_instance:
+            raise InvalidDatasetError(f"{p} has no SOP Class UID or SOP Instance UID")
+        return cls(p, syntax, sop_class, sop_instance, 0, size)
 
     @classmethod
     def _open_with_pydicom(cls, p: Path, f: BinaryIO, size: int) -> Part10File:
@@ -805,6 +831,24 @@ class Part10File:
         if not sop_class or not sop_instance:
             raise InvalidDatasetError(f"{p} has no SOP Class UID or SOP Instance UID")
         return cls(p, transfer_syntax, sop_class, sop_instance, offset, size)
+
+
+_VR_BYTES = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC "
+    b"UI UL UN UR US UT UV".split()
+)
+
+
+def _syntax_of_bare_dataset(head: bytes) -> str | None:
+    """The transfer syntax of a data set without file meta, from its first element (a
+    group 0008 one, as every composite instance starts); None if it does not start so."""
+    if len(head) < 8:
+        return None
+    if head[0:2] == b"\x08\x00":
+        return EXPLICIT_VR_LITTLE_ENDIAN if head[4:6] in _VR_BYTES else IMPLICIT_VR_LITTLE_ENDIAN
+    if head[0:2] == b"\x00\x08" and head[4:6] in _VR_BYTES:
+        return EXPLICIT_VR_BIG_ENDIAN
+    return None
 
 
 # Linux: preadv2() with RWF_NOWAIT reads only what the page cache holds, never waiting for

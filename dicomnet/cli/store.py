@@ -116,6 +116,9 @@ def _batches(files: list[Part10File]) -> list[tuple[list[PresentationContext], l
     return batches
 
 
+# Media Storage Directory Storage: a DICOMDIR (the Basic Directory IOD, PS3.3 Annex F).
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
 # An association refused or lost is tried again this many times in a row, after a pause
 # of BACKOFF seconds doubling each time.
 ATTEMPTS = 5
@@ -146,11 +149,18 @@ async def run(args: argparse.Namespace) -> int:
     infos: list[Part10File] = []
     skipped = 0
 
+    directories = 0
+
     def inspect() -> None:
-        nonlocal skipped
+        nonlocal skipped, directories
         for path in paths:
             try:
-                infos.append(Part10File.open(path))
+                info = Part10File.open(path)
+                if info.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
+                    directories += 1  # an index of files, not an instance to store
+                    log.info("skipping %s: a DICOMDIR", path)
+                else:
+                    infos.append(info)
             except Exception as exc:
                 if path in explicit:
                     errors.append(f"{path}: {exc}")
@@ -212,6 +222,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"failed: {failure}", file=sys.stderr)
     mb = tally.bytes_done / 1e6
     extra = f", skipped {skipped} non-DICOM" if skipped else ""
+    extra += f", skipped {directories} DICOMDIR" if directories else ""
     print(
         f"sent {tally.sent}, warning {tally.warning}, failed {tally.failed}{extra}; "
         f"{mb:.1f} MB in {elapsed:.2f} s, {mb / elapsed:.1f} MB/s"
