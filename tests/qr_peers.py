@@ -424,7 +424,7 @@ def dicomnet_move(
 ) -> RetrieveOutcome:
     result = run_dicomnet(
         ["move", HOST, port, "--aet", aet, "--aec", aec, "--model", model, "--level", level,
-         "--dest", dest, *qr_data.key_args(keys)],
+         "--dest", dest, "-v", *qr_data.key_args(keys)],  # -v: a line per pending response
         timeout=timeout,
     )  # fmt: skip
     return RetrieveOutcome(result, parse_dicomnet_progress(result.stdout))

@@ -92,3 +92,31 @@ def test_the_patient_level_of_the_study_model(command: str, tmp_path: Path) -> N
     extra = {"move": ["--dest", "ME"], "get": ["--out", str(tmp_path)]}.get(command, [])
     result = run_dicomnet([command, HOST, free_port(), "--level", "PATIENT", *extra])
     one_line(result, 2, "use --model patient")
+
+
+def test_move_prints_its_final_counts_and_pending_ones_only_when_asked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A series moved is hundreds of pending responses: one line for the final status
+    (and one per failed instance); each pending one with -v, or on a terminal one line
+    rewritten in place (not under capture here)."""
+    from types import SimpleNamespace
+
+    from dicomnet.cli.move import _print_progress
+
+    def progress(final: bool, **counts: object) -> object:
+        return SimpleNamespace(
+            is_final=final, remaining=counts.get("remaining"), completed=counts["completed"],
+            failed=0, warning=0, status=0xFF00 if not final else 0,
+            failed_sop_instance_uids=counts.get("failed_uids", ()),
+        )  # fmt: skip
+
+    for done in range(1, 100):
+        _print_progress(progress(False, remaining=100 - done, completed=done))
+    _print_progress(progress(True, completed=100, failed_uids=("1.2.3",)))
+    assert capsys.readouterr().out.splitlines() == [
+        "final: remaining None, completed 100, failed 0, warning 0 (0)",
+        "failed: 1.2.3",
+    ]
+    _print_progress(progress(False, remaining=1, completed=99), every=True)
+    assert capsys.readouterr().out.startswith("pending: remaining 1, completed 99")

@@ -200,12 +200,36 @@ def _pydicom_open(path: str) -> Part10File | str:
     with open(path, "rb") as f:
         head = f.read(132)
         if len(head) < 132 or head[128:132] != b"DICM":
-            return "not part 10"
+            return _pydicom_open_bare(path)
         size = os.fstat(f.fileno()).st_size
         try:
             return Part10File._open_with_pydicom(Path(path), f, size)
         except Exception as exc:
-            return type(exc).__name__
+            return "ValueError" if isinstance(exc, ValueError) else type(exc).__name__
+
+
+_SYNTAXES = {
+    (True, True): "1.2.840.10008.1.2",
+    (False, True): "1.2.840.10008.1.2.1",
+    (False, False): "1.2.840.10008.1.2.2",
+}
+
+
+def _pydicom_open_bare(path: str) -> Part10File | str:
+    """A data set without preamble and file meta, as pydicom reads it."""
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    except Exception:
+        return "not part 10"
+    first = next(iter(ds.keys()), None)
+    if first is None or first.group != 0x0008:
+        return "not part 10"
+    sop_class, sop_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
+    if not sop_class or not sop_instance:
+        return "ValueError"
+    syntax = _SYNTAXES[ds.original_encoding]  # type: ignore[index]
+    size = os.path.getsize(path)
+    return Part10File(Path(path), syntax, str(sop_class), str(sop_instance), 0, size)
 
 
 def _open(path: str) -> Part10File | str:

@@ -32,12 +32,24 @@ def add_parser(sub: Any) -> None:
     move.set_defaults(run=run)
 
 
-def _print_progress(progress: Any) -> None:
-    label = "final" if progress.is_final else "pending"
-    print(
-        f"{label}: remaining {progress.remaining}, completed {progress.completed}, "
-        f"failed {progress.failed}, warning {progress.warning} ({progress.status!r})"
+def _print_progress(progress: Any, every: bool = False) -> None:
+    """A pending response: one line rewritten in place on a terminal, nothing otherwise
+    (`every`: a line each, with -v); the final one: its counts, and each failed instance,
+    on standard output."""
+    counts = (
+        f"remaining {progress.remaining}, completed {progress.completed}, "
+        f"failed {progress.failed}, warning {progress.warning}"
     )
+    if not progress.is_final:
+        if every:
+            print(f"pending: {counts} ({progress.status!r})")
+        elif sys.stderr.isatty():
+            sys.stderr.write(f"\rmoving: {counts} ")
+            sys.stderr.flush()
+        return
+    if sys.stderr.isatty() and not every:
+        sys.stderr.write("\n")
+    print(f"final: {counts} ({progress.status!r})")
     for uid in progress.failed_sop_instance_uids:
         print(f"failed: {uid}")
 
@@ -49,8 +61,9 @@ async def run(args: argparse.Namespace) -> int:
             query, destination=args.dest, model=args.model, level=query_level(args)
         )
         try:
+            every = bool(args.verbose or args.debug)
             async for progress in responses:
-                _print_progress(progress)
+                _print_progress(progress, every)
         except DimseError as exc:
             # A failure final status: show its counts, then release normally.
             progress = getattr(exc, "progress", None)
