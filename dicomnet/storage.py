@@ -789,13 +789,7 @@ class Part10File:
         if syntax is None:
             raise InvalidDatasetError(f"{p} is not DICOM (no 'DICM' prefix, no data set)")
         try:
-            ds = read_dataset(
-                f,
-                syntax == IMPLICIT_VR_LITTLE_ENDIAN,
-                syntax != EXPLICIT_VR_BIG_ENDIAN,
-                stop_when=_past_sop_instance_uid,
-                defer_size=256,
-            )
+            ds = _read_to_sop_instance_uid(f, syntax)
         except Exception as exc:
             raise InvalidDatasetError(f"{p} is not DICOM: {exc}") from None
         sop_class = str(ds.get("SOPClassUID", "") or "")
@@ -816,14 +810,7 @@ class Part10File:
         if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
             ds = dcmread(p, stop_before_pixels=True, specific_tags=_SOP_TAGS, force=True)
         else:
-            # Read the data set itself only up to SOP Instance UID (0008,0018).
-            ds = read_dataset(
-                f,
-                transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
-                transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
-                stop_when=_past_sop_instance_uid,
-                defer_size=256,
-            )
+            ds = _read_to_sop_instance_uid(f, transfer_syntax)
         sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
         sop_instance = str(
             ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")
@@ -831,6 +818,17 @@ class Part10File:
         if not sop_class or not sop_instance:
             raise InvalidDatasetError(f"{p} has no SOP Class UID or SOP Instance UID")
         return cls(p, transfer_syntax, sop_class, sop_instance, offset, size)
+
+
+def _read_to_sop_instance_uid(f: BinaryIO, transfer_syntax: str) -> Dataset:
+    """The data set at `f`, read only up to its SOP Instance UID (0008,0018)."""
+    return read_dataset(
+        f,
+        transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+        transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
+        stop_when=_past_sop_instance_uid,
+        defer_size=256,
+    )
 
 
 _VR_BYTES = frozenset(
