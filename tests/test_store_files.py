@@ -48,3 +48,18 @@ def test_files_without_meta_are_sent_and_a_dicomdir_is_skipped(
         assert kept.SOPInstanceUID == uid
         assert kept.file_meta.TransferSyntaxUID in WITHOUT_META.values()
     assert dcmread(stored[uids["rtstruct.dcm"]]).StructureSetLabel
+
+
+def test_pydicom_remarks_stay_out_of_the_output(
+    dicomnet_server: Callable[..., DicomnetServer], tmp_path: Path
+) -> None:
+    """A file pydicom reads with a remark (implicit VR under an explicit syntax): the
+    command says what became of it, without pydicom's log line and warning (--debug
+    shows them)."""
+    odd = get_testdata_file("SC_rgb_jpeg.dcm")
+    assert odd is not None
+    server = dicomnet_server()
+    result = run_dicomnet(["store", HOST, server.port, odd])
+    remarks = ("WARNING pydicom", "UserWarning", "Expected explicit VR")
+    assert not any(remark in result.stderr for remark in remarks), describe_cli(result)
+    assert "failed 1" in result.stdout or "sent 1" in result.stdout, describe_cli(result)

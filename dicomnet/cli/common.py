@@ -245,6 +245,12 @@ def configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if level > logging.DEBUG:
+        # pydicom's remarks on the files it reads ("Expected explicit VR, but found
+        # implicit VR", each as a log line and a warning) are for --debug; what a
+        # command cannot do with a file, it says itself.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="pydicom")
 
 
 @asynccontextmanager
