@@ -116,8 +116,8 @@ class AE:
     past that many with rejected-transient / local-limit-exceeded (PS3.8 Table 9-21), and
     `max_associations_per_ae` those past that many from one calling AE title.
     `max_connections` closes connections past that many at once (default: what the
-    file descriptor limit allows, less a quarter kept for files), so the server never
-    runs out of descriptors for the ones it serves;
+    file descriptor limit allows, less those open at start and an eighth kept for
+    files), so the server never runs out of descriptors for the ones it serves;
     `allowed_calling_ae_titles` refuses others with calling-AE-title-not-recognized.
     `async_operations_window`: (invoked, performed), the most operations this AE
     invokes and performs at once on one association when the requestor proposes a
@@ -374,19 +374,15 @@ class AE:
         server = Server(self, backend)
         async with anyio.create_task_group() as tg:
             server._task_group = tg
-            if tls is None:
-                listening = backend.listen(server._on_connection, host, port, reuse_port=reuse_port)
-            else:
-                listening = backend.listen(
-                    server._on_connection,
-                    host,
-                    port,
-                    reuse_port=reuse_port,
-                    tls=tls,
-                    handshake_timeout=self.settings.artim_timeout,
-                    on_tls_failure=server._on_tls_failure,
-                )
-            server._listener = await listening
+            server._listener = await backend.listen(
+                server._on_connection,
+                host,
+                port,
+                reuse_port=reuse_port,
+                tls=tls,
+                handshake_timeout=self.settings.artim_timeout,
+                on_tls_failure=server._on_tls_failure,
+            )
             server.host, server.port = server._listener.host, server._listener.port
             try:
                 yield server

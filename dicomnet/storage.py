@@ -48,7 +48,14 @@ from dicomnet.proto.contexts import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
 )
-from dicomnet.proto.walk import MalformedDataset, Source, Walked, walk, walk_bytes
+from dicomnet.proto.walk import (
+    VR_NAMES,
+    ChunkSource,
+    MalformedDataset,
+    Walked,
+    walk_bytes,
+    walk_encoded,
+)
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -529,18 +536,15 @@ class Spool:
         the memory buffers, or over the spool file, seeking past long values (pixel data).
         A deflated data set (PS3.5 §A.5) is inflated as it is walked, never held whole.
         Blocking (file reads); raises `MalformedDataset`."""
-        implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-        little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
-        deflated = transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
         if self._memory is not None:
-            return _walk(_ChunkSource(self._memory), implicit, little, deflated)
+            return walk_encoded(ChunkSource(self._memory), transfer_syntax)
         if self._path is None:
             raise RuntimeError("the data set is only available while its handler runs")
         if self._file is not None:
             self._file.flush()
         with open(self._path, "rb") as f:
             f.seek(len(self.header))
-            return _walk(_FileSource(f, self.size), implicit, little, deflated)
+            return walk_encoded(_FileSource(f, self.size), transfer_syntax)
 
     def save_now(self, path: str, *, fsync: bool = True, replace: bool = True) -> str:
         """`save_to()`, blocking (for a caller already in a worker thread). Not
@@ -559,10 +563,7 @@ class Spool:
             os.fsync(self._file.fileno())
         spooled = str(self._path)
         try:
-            if replace:
-                _with_folder(os.path.dirname(path), fsync, lambda: os.replace(spooled, path))
-            else:
-                _with_folder(os.path.dirname(path), fsync, lambda: _link_spool(spooled, path))
+            _with_folder(os.path.dirname(path), fsync, lambda: _place(spooled, path, replace))
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
@@ -616,41 +617,6 @@ class Spool:
         self.discard()
 
 
-def _walk(source: Source, implicit: bool, little: bool, deflated: bool) -> Walked:
-    return walk(_InflatingSource(source) if deflated else source, implicit=implicit, little=little)
-
-
-class _ChunkSource:
-    """The spool's memory buffers, read in order."""
-
-    def __init__(self, chunks: list[bytes | memoryview]) -> None:
-        self._chunks = [memoryview(c).cast("B") for c in chunks if len(c)]
-        self._index = 0
-        self._offset = 0
-
-    def _take(self, size: int, out: list[memoryview] | None) -> int:
-        taken = 0
-        while taken < size and self._index < len(self._chunks):
-            chunk = self._chunks[self._index]
-            part = chunk[self._offset : self._offset + size - taken]
-            if out is not None:
-                out.append(part)
-            taken += len(part)
-            self._offset += len(part)
-            if self._offset == len(chunk):
-                self._index += 1
-                self._offset = 0
-        return taken
-
-    def read(self, size: int) -> bytes:
-        parts: list[memoryview] = []
-        self._take(size, parts)
-        return b"".join(parts)
-
-    def skip(self, size: int) -> int:
-        return self._take(size, None)
-
-
 class _FileSource:
     """A spool file's data set: `size` bytes from where the file is now."""
 
@@ -668,52 +634,6 @@ class _FileSource:
         self._file.seek(size, os.SEEK_CUR)
         self._left -= size
         return size
-
-
-class _InflatingSource:
-    """A deflated data set (PS3.5 §A.5) inflated as it is read, a bounded piece at a time."""
-
-    _PIECE = 1 << 16
-
-    def __init__(self, raw: Source) -> None:
-        self._raw = raw
-        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._buffer = bytearray()
-        self._offset = 0  # what is read of `_buffer`
-        self._raw_done = False
-
-    def _fill(self, size: int) -> None:
-        while len(self._buffer) - self._offset < size and not self._inflater.eof:
-            data = self._inflater.unconsumed_tail
-            if not data:
-                if self._raw_done:
-                    return
-                data = self._raw.read(self._PIECE)
-                self._raw_done = not data
-            try:
-                self._buffer += self._inflater.decompress(data, max(size, self._PIECE))
-            except zlib.error as exc:
-                raise MalformedDataset(f"the deflated data set does not inflate: {exc}") from None
-            if self._raw_done and not self._inflater.unconsumed_tail:
-                return
-
-    def read(self, size: int) -> bytes:
-        self._fill(size)
-        data = bytes(self._buffer[self._offset : self._offset + size])
-        self._offset += len(data)
-        if self._offset >= self._PIECE:
-            del self._buffer[: self._offset]
-            self._offset = 0
-        return data
-
-    def skip(self, size: int) -> int:
-        skipped = 0
-        while skipped < size:
-            piece = self.read(min(size - skipped, self._PIECE))
-            if not piece:
-                break
-            skipped += len(piece)
-        return skipped
 
 
 def _link_spool(spooled: str, path: str) -> None:
@@ -831,20 +751,14 @@ def _read_to_sop_instance_uid(f: BinaryIO, transfer_syntax: str) -> Dataset:
     )
 
 
-_VR_BYTES = frozenset(
-    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC "
-    b"UI UL UN UR US UT UV".split()
-)
-
-
 def _syntax_of_bare_dataset(head: bytes) -> str | None:
     """The transfer syntax of a data set without file meta, from its first element (a
     group 0008 one, as every composite instance starts); None if it does not start so."""
     if len(head) < 8:
         return None
     if head[0:2] == b"\x08\x00":
-        return EXPLICIT_VR_LITTLE_ENDIAN if head[4:6] in _VR_BYTES else IMPLICIT_VR_LITTLE_ENDIAN
-    if head[0:2] == b"\x00\x08" and head[4:6] in _VR_BYTES:
+        return EXPLICIT_VR_LITTLE_ENDIAN if head[4:6] in VR_NAMES else IMPLICIT_VR_LITTLE_ENDIAN
+    if head[0:2] == b"\x00\x08" and head[4:6] in VR_NAMES:
         return EXPLICIT_VR_BIG_ENDIAN
     return None
 

@@ -24,17 +24,35 @@ modalities write elements out of order, and readers take them.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from struct import Struct
 from typing import Protocol
 
 from pydicom._dicom_dict import DicomDictionary
 
-__all__ = ["MAX_DEPTH", "MalformedDataset", "Source", "Walked", "walk", "walk_bytes"]
+from dicomnet.proto.contexts import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+
+__all__ = [
+    "MAX_DEPTH",
+    "VR_NAMES",
+    "ChunkSource",
+    "InflatingSource",
+    "MalformedDataset",
+    "Source",
+    "Walked",
+    "walk",
+    "walk_bytes",
+    "walk_encoded",
+]
 
 MAX_DEPTH = 64  # sequences within sequences
 UNDEFINED = 0xFFFFFFFF
-_VRS = frozenset(
+VR_NAMES = frozenset(
     b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC "
     b"UI UL UN UR US UT UV".split()
 )
@@ -204,7 +222,7 @@ class _Walk:
                 if (
                     end > limit
                     or vr in _LONG_VRS
-                    or vr not in _VRS
+                    or vr not in VR_NAMES
                     or group == 0xFFFE
                     or (group == 8 and element in (0x16, 0x18))
                 ):
@@ -256,7 +274,7 @@ class _Walk:
         vr = b""
         if not frame.implicit:
             vr = head[:2]
-            if vr not in _VRS:
+            if vr not in VR_NAMES:
                 raise self.fail(f"{vr!r} is not a VR")
             if vr in _LONG_VRS:
                 (length,) = _LONG[frame.little].unpack(self.read(4))
@@ -293,6 +311,94 @@ def walk(source: Source, *, implicit: bool, little: bool = True) -> Walked:
     """Walk the data set `source` holds, in the given encoding; raises
     `MalformedDataset` when its structure does not parse (see the module docstring)."""
     return _Walk(source, implicit, little).run()
+
+
+def walk_encoded(source: Source, transfer_syntax: str) -> Walked:
+    """`walk` over a data set in `transfer_syntax` (implicit VR little endian, deflated,
+    explicit VR big endian, else explicit VR little endian), inflating a deflated one."""
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        source = InflatingSource(source)
+    return walk(source, implicit=implicit, little=little)
+
+
+class ChunkSource:
+    """A data set held in pieces (e.g. a spool's memory buffers), read in order."""
+
+    def __init__(self, chunks: list[bytes | memoryview]) -> None:
+        self._chunks = [memoryview(c).cast("B") for c in chunks if len(c)]
+        self._index = 0
+        self._offset = 0
+
+    def _take(self, size: int, out: list[memoryview] | None) -> int:
+        taken = 0
+        while taken < size and self._index < len(self._chunks):
+            chunk = self._chunks[self._index]
+            part = chunk[self._offset : self._offset + size - taken]
+            if out is not None:
+                out.append(part)
+            taken += len(part)
+            self._offset += len(part)
+            if self._offset == len(chunk):
+                self._index += 1
+                self._offset = 0
+        return taken
+
+    def read(self, size: int) -> bytes:
+        parts: list[memoryview] = []
+        self._take(size, parts)
+        return b"".join(parts)
+
+    def skip(self, size: int) -> int:
+        return self._take(size, None)
+
+
+class InflatingSource:
+    """A deflated data set (PS3.5 §A.5) from `raw`, inflated as it is read, a bounded
+    piece at a time (never held whole)."""
+
+    _PIECE = 1 << 16
+
+    def __init__(self, raw: Source) -> None:
+        self._raw = raw
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._offset = 0  # what is read of `_buffer`
+        self._raw_done = False
+
+    def _fill(self, size: int) -> None:
+        while len(self._buffer) - self._offset < size and not self._inflater.eof:
+            data = self._inflater.unconsumed_tail
+            if not data:
+                if self._raw_done:
+                    return
+                data = self._raw.read(self._PIECE)
+                self._raw_done = not data
+            try:
+                self._buffer += self._inflater.decompress(data, max(size, self._PIECE))
+            except zlib.error as exc:
+                raise MalformedDataset(f"the deflated data set does not inflate: {exc}") from None
+            if self._raw_done and not self._inflater.unconsumed_tail:
+                return
+
+    def read(self, size: int) -> bytes:
+        self._fill(size)
+        data = bytes(self._buffer[self._offset : self._offset + size])
+        self._offset += len(data)
+        if self._offset >= self._PIECE:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        return data
+
+    def skip(self, size: int) -> int:
+        skipped = 0
+        while skipped < size:
+            piece = self.read(min(size - skipped, self._PIECE))
+            if not piece:
+                break
+            skipped += len(piece)
+        return skipped
 
 
 class _Bytes:
