@@ -2,7 +2,7 @@
 
 from dicomnet._version import __version__
 from dicomnet.association import Handlers
-from dicomnet.client import connect, default_contexts
+from dicomnet.client import connect, default_contexts, retrieve_contexts
 from dicomnet.errors import (
     ARTIMTimeout,
     AssociationAborted,
@@ -49,6 +49,7 @@ from dicomnet.services.storage import StoreRequest
 from dicomnet.services.verification import EchoRequest
 from dicomnet.status import Status, StatusCategory
 from dicomnet.tls import Peer
+from dicomnet.transcode import ConversionError
 
 __all__ = [
     "AE",
@@ -64,6 +65,7 @@ __all__ = [
     "CommitmentSCP",
     "ConnectTimeout",
     "ConnectionFailed",
+    "ConversionError",
     "DicomNetError",
     "DicomTimeoutError",
     "DimseError",
@@ -95,5 +97,6 @@ __all__ = [
     "commitment_listener",
     "connect",
     "default_contexts",
+    "retrieve_contexts",
     "retrieve_listener",
 ]

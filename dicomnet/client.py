@@ -31,6 +31,7 @@ from dicomnet.proto.contexts import (
     PresentationContext,
     accepted_as_requestor,
     build_requestor_contexts,
+    receiving_contexts,
 )
 from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
@@ -75,6 +76,15 @@ def default_contexts() -> list[PresentationContext]:
         PresentationContext(uid, scu_role=True, scp_role=True) for uid in COMMON_STORAGE_SOP_CLASSES
     ]
     return contexts[:128]
+
+
+def retrieve_contexts(model: str = "study") -> list[PresentationContext]:
+    """What to propose for `Association.get` / `retrieve(via="get")` with the Patient or
+    Study Root model: the C-GET context, and storage contexts with the SCP role in which
+    the instances arrive as stored, compressed or not (`receiving_contexts`)."""
+    from dicomnet.services.qr import GET_MODELS
+
+    return [PresentationContext(GET_MODELS[model]), *receiving_contexts(127)]
 
 
 async def open_association(

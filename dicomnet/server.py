@@ -473,6 +473,13 @@ class Server:
         ):
             return AAssociateRJ(1, 1, 3)  # permanent, user, calling AE title not recognized
         if ae.require_called_ae_title and rq.called_ae_title != ae.ae_title.strip():
+            log.warning(
+                "association from %r: called AE title %r is not ours, %r (is the peer "
+                "configured to call another AE?)",
+                rq.calling_ae_title,
+                rq.called_ae_title,
+                ae.ae_title.strip(),
+            )
             return AAssociateRJ(1, 1, 7)  # permanent, user, called AE title not recognized
         return None
 

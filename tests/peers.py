@@ -459,16 +459,19 @@ def start_storescp(
     *,
     aet: str = "STORESCP",
     extra_args: Sequence[str] = (),
+    accept_all: bool = True,
     timeout: float = 20.0,
 ) -> StoreSCP:
+    """storescp bit-preserving; with `accept_all` (+xa) every transfer syntax, else its
+    default: the uncompressed ones only."""
     workdir.mkdir(parents=True, exist_ok=True)
     out_dir = workdir / "received"
     out_dir.mkdir(exist_ok=True)
 
     def argv(port: int) -> list[str]:
         return [
-            _dcmtk("storescp"), "-v", "-dhl", "+B", "+xa", "-pm", "-ta", "30", "-od", str(out_dir),
-            "-aet", aet, *extra_args, str(port),
+            _dcmtk("storescp"), "-v", "-dhl", "+B", *(["+xa"] if accept_all else []), "-pm",
+            "-ta", "30", "-od", str(out_dir), "-aet", aet, *extra_args, str(port),
         ]  # fmt: skip
 
     proc, port = start_listening_process(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -15,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 import dicomnet
 from dicomnet.proto.contexts import VERIFICATION, PresentationContext
@@ -125,11 +124,29 @@ async def test_store_not_negotiated_names_the_syntax(tmp_path: Path) -> None:
         async with dicomnet.connect("127.0.0.1", server.port, contexts=contexts) as assoc:
             with pytest.raises(dicomnet.NotNegotiatedError, match="Secondary Capture"):
                 await assoc.store(jpeg)
-        sc = "1.2.840.10008.5.1.4.1.1.7"
+        # Pixel data no decoder exists for: the reason names the syntax.
+        mpeg2 = dcmread(get_testdata_file("CT_small.dcm"))
+        mpeg2.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        contexts = [PresentationContext(CT_STORAGE, (ExplicitVRLittleEndian,))]
+        async with dicomnet.connect("127.0.0.1", server.port, contexts=contexts) as assoc:
+            with pytest.raises(dicomnet.ConversionError, match="MPEG2 Main Profile / Main Level"):
+                await assoc.store(mpeg2)
+
+
+async def test_store_converts_to_an_accepted_syntax(tmp_path: Path) -> None:
+    ae, _ = storing_ae(tmp_path)
+    jpeg = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    sc = "1.2.840.10008.5.1.4.1.1.7"
+    async with ae.serve("127.0.0.1", 0) as server:
         contexts = [PresentationContext(sc, (ExplicitVRLittleEndian,))]
         async with dicomnet.connect("127.0.0.1", server.port, contexts=contexts) as assoc:
-            with pytest.raises(dicomnet.NotNegotiatedError, match=re.escape(JPEGBaseline8Bit.name)):
-                await assoc.store(jpeg)
+            assert await assoc.store(jpeg) == 0
+    original = dcmread(jpeg)
+    stored = dcmread(tmp_path / f"{original.SOPInstanceUID}.dcm")
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert stored.SOPInstanceUID == original.SOPInstanceUID
+    assert stored.PhotometricInterpretation == "RGB"  # decoded from YBR_FULL_422
+    assert stored.pixel_array.shape == original.pixel_array.shape
 
 
 async def test_handler_error_gives_failure_status_and_server_goes_on(tmp_path: Path) -> None:

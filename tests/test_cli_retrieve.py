@@ -36,6 +36,8 @@ def test_get_via_move_to_own_listener(tmp_path: Path, dicomnet_server: ServerFac
 @pytest.mark.timeout(60)
 def test_serve_refuses_worklist_it_does_not_hold(dicomnet_server: ServerFactory) -> None:
     server = dicomnet_server(aet="PACS")
-    result = run_dicomnet(["find", HOST, server.port, "--model", "mwl", "-k", "PatientID"])
+    result = run_dicomnet(
+        ["find", HOST, server.port, "--aec", "PACS", "--model", "mwl", "-k", "PatientID"]
+    )
     assert result.returncode != 0
     assert "not accepted" in result.stderr, describe_cli(result)

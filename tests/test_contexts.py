@@ -46,19 +46,45 @@ def test_one_context_per_pair_plus_a_conversion_fallback() -> None:
     ]
 
 
+def test_a_compressed_instance_gets_an_uncompressed_context_to_convert_to() -> None:
+    contexts = contexts_for_instances([(MR, JPEG)])
+    assert [(c.abstract_syntax, c.transfer_syntaxes) for c in contexts] == [
+        (MR, (JPEG,)),
+        (MR, UNCOMPRESSED_TRANSFER_SYNTAXES),
+    ]
+
+
+def test_a_preferred_syntax_is_proposed_first_for_each_class() -> None:
+    rle = "1.2.840.10008.1.2.5"
+    contexts = contexts_for_instances([(CT, JPEG), (MR, rle)], preferred=rle)
+    assert [(c.abstract_syntax, c.transfer_syntaxes) for c in contexts] == [
+        (CT, (rle,)),
+        (MR, (rle,)),
+        (CT, (JPEG,)),
+        (CT, UNCOMPRESSED_TRANSFER_SYNTAXES),
+        (MR, UNCOMPRESSED_TRANSFER_SYNTAXES),
+    ]
+
+
 pair = st.tuples(
     st.sampled_from([f"1.2.{i}" for i in range(8)]),
     st.sampled_from([*UNCOMPRESSED_TRANSFER_SYNTAXES, JPEG, None]),
 )
 
 
-@given(st.lists(pair, min_size=1, max_size=40))
-def test_running_count_agrees_with_the_contexts(pairs: list[tuple[str, str | None]]) -> None:
-    count = ContextCount()
+@given(
+    st.lists(pair, min_size=1, max_size=40),
+    st.sampled_from([None, JPEG, UNCOMPRESSED_TRANSFER_SYNTAXES[0]]),
+)
+def test_running_count_agrees_with_the_contexts(
+    pairs: list[tuple[str, str | None]], preferred: str | None
+) -> None:
+    count = ContextCount(preferred)
     for i, (sop, ts) in enumerate(pairs):
-        assert count.with_(sop, ts) == len(contexts_for_instances(pairs[: i + 1]))
+        expected = len(contexts_for_instances(pairs[: i + 1], preferred))
+        assert count.with_(sop, ts) == expected
         count.add(sop, ts)
-    assert len(count) == len(contexts_for_instances(pairs))
+    assert len(count) == len(contexts_for_instances(pairs, preferred))
 
 
 def _request(calling: str = "MODALITY") -> bytes:

@@ -36,13 +36,17 @@ def test_workers_serve_one_port_and_share_the_index(
         source.save_as(folder / f"{i}.dcm")
     server = dicomnet_server(aet="PACS", extra_args=["--workers", "2"])
     assert wait_until(lambda: len(worker_pids(server.process.pid)) == 1, timeout=20)
-    stored = run_dicomnet(["store", HOST, server.port, folder, "--concurrency", "4"])
+    stored = run_dicomnet(
+        ["store", HOST, server.port, "--aec", "PACS", folder, "--concurrency", "4"]
+    )
     assert stored.returncode == 0, describe_cli(stored)
     assert len(server.stored()) == 40
     keys = ["-k", f"PatientID={source.PatientID}", "-k", "NumberOfPatientRelatedInstances"]
 
     def all_indexed() -> bool:
-        found = run_dicomnet(["find", HOST, server.port, "--model", "patient", *keys, "--json"])
+        found = run_dicomnet(
+            ["find", HOST, server.port, "--aec", "PACS", "--model", "patient", *keys, "--json"]
+        )
         if found.returncode != 0 or not found.stdout.strip():
             return False
         match = json.loads(found.stdout.splitlines()[0])

@@ -55,6 +55,16 @@ def ae_title(text: str) -> str:
     return text
 
 
+def transfer_syntax_arg(text: str) -> str:
+    """A transfer syntax option's value: a UID or a name (`dicomnet.transcode`)."""
+    from dicomnet.transcode import named_transfer_syntax
+
+    try:
+        return named_transfer_syntax(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, with where to look."""
 

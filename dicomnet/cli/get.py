@@ -18,10 +18,7 @@ from dicomnet.cli.common import (
     tls_listener_context,
 )
 from dicomnet.errors import DimseError
-from dicomnet.proto.contexts import (
-    UNCOMPRESSED_TRANSFER_SYNTAXES,
-    PresentationContext,
-)
+from dicomnet.proto.contexts import PresentationContext
 
 __all__ = ["add_parser", "run"]
 
@@ -53,28 +50,9 @@ def add_parser(sub: Any) -> None:
 
 def get_contexts(model: str) -> list[PresentationContext]:
     """The C-GET model plus storage contexts asking for the SCP role (PS3.7 §D.3.3.4)."""
-    from dicomnet.proto.contexts import COMMON_STORAGE_SOP_CLASSES, all_storage_sop_classes
-    from dicomnet.services.qr import GET_MODELS
+    from dicomnet.client import retrieve_contexts
 
-    receivable = (
-        *UNCOMPRESSED_TRANSFER_SYNTAXES,
-        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended
-        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
-        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000
-        "1.2.840.10008.1.2.5",  # RLE Lossless
-    )
-    classes = list(dict.fromkeys((*COMMON_STORAGE_SOP_CLASSES, *all_storage_sop_classes())))
-    contexts = [PresentationContext(GET_MODELS[model])]
-    contexts += [
-        PresentationContext(uid, receivable, scu_role=False, scp_role=True) for uid in classes[:127]
-    ]
-    return contexts
+    return retrieve_contexts(model)
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -39,7 +39,15 @@ def add_parser(sub: Any) -> None:
         "serve", help="run a storage and query/retrieve SCP over what it receives"
     )
     add_common(serve)
-    serve.set_defaults(aet="DICOMNET")
+    # None: not given; the title is then DICOMNET and any called AE title is answered.
+    serve.set_defaults(aet=None)
+    serve.add_argument(
+        "--any-called-ae",
+        action="store_true",
+        help="answer associations whatever AE title they call (the default when --aet is "
+        "not given); with --aet, a peer calling another title is rejected (PS3.8 "
+        "Table 9-21: called AE title not recognized)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=11112, help="TCP port (default 11112)")
     serve.add_argument(
@@ -283,6 +291,8 @@ _LISTEN_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
 async def run(args: argparse.Namespace) -> int:
     from dicomnet.pacs.scp import StorageSCP
 
+    check_called = args.aet is not None and not args.any_called_ae
+    args.aet = args.aet or "DICOMNET"
     workers = max(1, args.workers)
     is_worker = args.worker_of is not None
     security = _security(args)
@@ -310,6 +320,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     for name, value in security.items():
         setattr(scp.ae, name, value)
+    scp.ae.require_called_ae_title = check_called
     _apply_limits(scp.ae, args)
     reuse_port = workers > 1 or is_worker
     children: list[subprocess.Popen[bytes]] = []

@@ -19,8 +19,9 @@ from dicomnet.cli.common import (
     add_common,
     add_remote,
     open_association,
+    transfer_syntax_arg,
 )
-from dicomnet.errors import DicomNetError
+from dicomnet.errors import AssociationRejected, DicomNetError
 from dicomnet.proto.contexts import (
     ContextCount,
     PresentationContext,
@@ -43,6 +44,17 @@ def add_parser(sub: Any) -> None:
     )
     store.add_argument(
         "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
+    store.add_argument(
+        "-x",
+        "--transfer-syntax",
+        type=transfer_syntax_arg,
+        metavar="TS",
+        help="send in this transfer syntax where the peer accepts it (a UID, or explicit, "
+        "implicit, deflated, rle, jpeg-ls, j2k-lossless, ...; DCMTK's -xe, -xi, -xr, ... "
+        "read the same); files are converted to it when need be (compressing only "
+        "losslessly). Without it, each file goes as stored, else converted to an "
+        "uncompressed syntax the peer accepts",
     )
     store.set_defaults(run=run)
 
@@ -96,23 +108,27 @@ def _collect(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
     return files, errors
 
 
-def _contexts_for(files: Sequence[Part10File]) -> list[PresentationContext]:
-    return contexts_for_instances((f.sop_class_uid, f.transfer_syntax) for f in files)
+def _contexts_for(
+    files: Sequence[Part10File], preferred: str | None = None
+) -> list[PresentationContext]:
+    return contexts_for_instances(((f.sop_class_uid, f.transfer_syntax) for f in files), preferred)
 
 
-def _batches(files: list[Part10File]) -> list[tuple[list[PresentationContext], list[Part10File]]]:
+def _batches(
+    files: list[Part10File], preferred: str | None = None
+) -> list[tuple[list[PresentationContext], list[Part10File]]]:
     """Split the files so that each batch needs at most 128 presentation contexts."""
     batches: list[tuple[list[PresentationContext], list[Part10File]]] = []
     current: list[Part10File] = []
-    count = ContextCount()
+    count = ContextCount(preferred)
     for f in files:
         if current and count.with_(f.sop_class_uid, f.transfer_syntax) > 128:
-            batches.append((_contexts_for(current), current))
-            current, count = [], ContextCount()
+            batches.append((_contexts_for(current, preferred), current))
+            current, count = [], ContextCount(preferred)
         current.append(f)
         count.add(f.sop_class_uid, f.transfer_syntax)
     if current:
-        batches.append((_contexts_for(current), current))
+        batches.append((_contexts_for(current, preferred), current))
     return batches
 
 
@@ -125,12 +141,14 @@ ATTEMPTS = 5
 BACKOFF = 0.25
 
 
-async def _send_queue(association: Any, queue: list[Part10File], tally: _StoreTally) -> None:
+async def _send_queue(
+    association: Any, queue: list[Part10File], tally: _StoreTally, preferred: str | None
+) -> None:
     """Send files from the shared queue on one association while it lasts."""
     while queue and not association.is_closed:
         item = queue.pop()
         try:
-            status = await association.store(item.path)
+            status = await association.store(item.path, transfer_syntax=preferred)
         except DicomNetError as exc:
             tally.failed += 1
             tally.failures.append(f"{item.path}: {exc}")
@@ -194,9 +212,11 @@ async def run(args: argparse.Namespace) -> int:
                 try:
                     async with open_association(args, contexts) as association:
                         refused = 0
-                        await _send_queue(association, queue, tally)
+                        await _send_queue(association, queue, tally, args.transfer_syntax)
                 except DicomNetError as exc:
-                    refused += 1
+                    # A permanent rejection (a wrong AE title, PS3.8 Table 9-21) is final.
+                    permanent = isinstance(exc, AssociationRejected) and exc.result == 1
+                    refused = ATTEMPTS if permanent else refused + 1
                     reason = f"not sent: {exc}"
                     log.info("association: %s (attempt %d of %d)", exc, refused, ATTEMPTS)
                     if refused < ATTEMPTS and queue:
@@ -209,7 +229,7 @@ async def run(args: argparse.Namespace) -> int:
                     tally.failed += 1
                     tally.failures.append(f"{item.path}: {reason}")
 
-    for contexts, batch in _batches(infos):
+    for contexts, batch in _batches(infos, args.transfer_syntax):
         queue = list(reversed(batch))
         async with anyio.create_task_group() as tg:
             for _ in range(max(1, min(args.concurrency, len(batch)))):

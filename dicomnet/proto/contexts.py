@@ -107,6 +107,57 @@ COMMON_STORAGE_SOP_CLASSES = (
 )
 
 
+# The compressed syntaxes, and deflate, that a C-GET SCU asks for one by one, so that
+# instances stored in them arrive as stored (PS3.5 §8, §10).
+RECEIVABLE_TRANSFER_SYNTAXES = (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+# The image classes most often stored compressed: a C-GET SCU proposes each of them in
+# every one of RECEIVABLE_TRANSFER_SYNTAXES (8 x 11 of the 127 contexts it has).
+COMPRESSED_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image - For Presentation
+)
+
+
+def receiving_contexts(limit: int = 127) -> list[PresentationContext]:
+    """Storage contexts for a C-GET SCU, asking for the SCP role (PS3.7 §D.3.3.4), at
+    most `limit` of them. Presentation contexts carry one transfer syntax each once
+    accepted, so the common image classes are proposed once per compressed syntax
+    (instances stored so arrive as stored) beside an uncompressed context; the other
+    storage classes once, uncompressed (the sender converts what it holds compressed)."""
+
+    def receive(uid: str, syntaxes: tuple[str, ...]) -> PresentationContext:
+        return PresentationContext(uid, syntaxes, scu_role=False, scp_role=True)
+
+    contexts = []
+    for uid in COMPRESSED_IMAGE_SOP_CLASSES:
+        contexts.append(receive(uid, UNCOMPRESSED_TRANSFER_SYNTAXES))
+        contexts += [receive(uid, (ts,)) for ts in RECEIVABLE_TRANSFER_SYNTAXES]
+    others = dict.fromkeys((*COMMON_STORAGE_SOP_CLASSES, *all_storage_sop_classes()))
+    for uid in others:
+        if len(contexts) >= limit:
+            break
+        if uid not in COMPRESSED_IMAGE_SOP_CLASSES:
+            contexts.append(receive(uid, UNCOMPRESSED_TRANSFER_SYNTAXES))
+    return contexts[:limit]
+
+
 @cache
 def all_storage_sop_classes() -> tuple[str, ...]:
     """Every storage SOP class in pydicom's UID dictionary (Storage Commitment excluded)."""
@@ -170,19 +221,27 @@ class Negotiated:
 
 
 def contexts_for_instances(
-    pairs: Iterable[tuple[str, str | None]],
+    pairs: Iterable[tuple[str, str | None]], preferred: str | None = None
 ) -> list[PresentationContext]:
     """What to propose to send instances given as (SOP Class UID, transfer syntax) pairs.
 
     One context per pair, so each instance can go as it is (a None syntax: a data set in
-    memory, Explicit or Implicit VR Little Endian); plus, per SOP class with an
-    uncompressed instance, one context of the uncompressed syntaxes to convert to.
+    memory, Explicit or Implicit VR Little Endian); plus, per SOP class of a stored
+    instance, one context of the uncompressed syntaxes to convert to when the peer does
+    not accept the stored one (as DCMTK, dcm4che and Orthanc propose). `preferred`: a
+    syntax to send in when accepted, proposed first for each SOP class.
     """
     unique = dict.fromkeys(pairs)
-    contexts = [
-        PresentationContext(sop, (ts,) if ts else DEFAULT_TRANSFER_SYNTAXES) for sop, ts in unique
+    contexts = []
+    if preferred is not None:
+        for sop in dict.fromkeys(sop for sop, _ in unique):
+            contexts.append(PresentationContext(sop, (preferred,)))
+    contexts += [
+        PresentationContext(sop, (ts,) if ts else DEFAULT_TRANSFER_SYNTAXES)
+        for sop, ts in unique
+        if preferred is None or ts != preferred
     ]
-    for sop in dict.fromkeys(sop for sop, ts in unique if ts in UNCOMPRESSED_TRANSFER_SYNTAXES):
+    for sop in dict.fromkeys(sop for sop, ts in unique if ts is not None):
         contexts.append(PresentationContext(sop, UNCOMPRESSED_TRANSFER_SYNTAXES))
     return contexts
 
@@ -191,26 +250,37 @@ class ContextCount:
     """How many contexts `contexts_for_instances` makes, kept up as instances are added
     (so that splitting many files into associations of <= 128 contexts stays linear)."""
 
-    def __init__(self) -> None:
+    def __init__(self, preferred: str | None = None) -> None:
+        self._preferred = preferred
         self._pairs: set[tuple[str, str | None]] = set()
-        self._convertible: set[str] = set()
+        self._classes: set[str] = set()
+        self._fallbacks: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self._pairs) + len(self._convertible)
+        return len(self._pairs) + len(self._fallbacks) + len(self._classes)
+
+    def _new(self, sop_class_uid: str, transfer_syntax: str | None) -> tuple[int, int, int]:
+        preferred = self._preferred is not None
+        return (
+            int(
+                (sop_class_uid, transfer_syntax) not in self._pairs
+                and not (preferred and transfer_syntax == self._preferred)
+            ),
+            int(transfer_syntax is not None and sop_class_uid not in self._fallbacks),
+            int(preferred and sop_class_uid not in self._classes),
+        )
 
     def with_(self, sop_class_uid: str, transfer_syntax: str | None) -> int:
         """The count if this instance were added."""
-        new_pair = (sop_class_uid, transfer_syntax) not in self._pairs
-        new_fallback = (
-            transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES
-            and sop_class_uid not in self._convertible
-        )
-        return len(self) + int(new_pair) + int(new_fallback)
+        return len(self) + sum(self._new(sop_class_uid, transfer_syntax))
 
     def add(self, sop_class_uid: str, transfer_syntax: str | None) -> None:
-        self._pairs.add((sop_class_uid, transfer_syntax))
-        if transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES:
-            self._convertible.add(sop_class_uid)
+        if transfer_syntax != self._preferred or self._preferred is None:
+            self._pairs.add((sop_class_uid, transfer_syntax))
+        if transfer_syntax is not None:
+            self._fallbacks.add(sop_class_uid)
+        if self._preferred is not None:
+            self._classes.add(sop_class_uid)
 
 
 def build_requestor_contexts(

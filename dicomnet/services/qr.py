@@ -57,6 +57,7 @@ from dicomnet.services.common import failure
 from dicomnet.services.storage import ON_STORE, StorageUser, StoreRequest
 from dicomnet.status import Status
 from dicomnet.storage import Part10File, decode_dataset, decode_received, encode_dataset
+from dicomnet.transcode import ConversionError
 
 __all__ = [
     "FIND_MODELS",
@@ -723,6 +724,20 @@ class _Counts:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)  # why sub-operations failed
+
+    def fail(self, sop_instance_uid: str, reason: str) -> None:
+        self.failed += 1
+        self.failed_uids.append(sop_instance_uid)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def comment(self) -> str | None:
+        """The Error Comment of the final response: why the sub-operations failed, the
+        most frequent reason first (the full reasons are in the log)."""
+        if not self.reasons:
+            return None
+        reason, _ = max(self.reasons.items(), key=lambda item: item[1])
+        return f"{self.failed} failed: {reason}"[:64]
 
 
 _Reply = Callable[..., Any]
@@ -835,7 +850,17 @@ async def serve_retrieve(
             return
         log.warning("retrieve failed: %s", exc)
         status = 0xA702
-    await _last_reply(reply, status, counts)
+    await _last_reply(reply, status, counts, counts.comment() if status != 0xFE00 else None)
+
+
+def _reason(exc: DicomNetError) -> str:
+    """A sub-operation's failure in few words, for the Error Comment."""
+    if isinstance(exc, ConversionError):
+        return exc.reason
+    if isinstance(exc, DimseError):
+        text = f"C-STORE {exc.status} {exc.status.description}"
+        return text + (f": {exc.error_comment}" if exc.error_comment else "")
+    return str(exc)
 
 
 def _final_status(counts: _Counts, cancelled: bool) -> int:
@@ -861,9 +886,8 @@ async def _run_sub_operations(
         try:
             status: Status = await store(item)
         except (DimseError, NotNegotiatedError) as exc:
-            log.info("sub-operation for %s failed: %s", item.sop_instance_uid, exc)
-            counts.failed += 1
-            counts.failed_uids.append(item.sop_instance_uid)
+            log.warning("sub-operation for %s failed: %s", item.sop_instance_uid, exc)
+            counts.fail(item.sop_instance_uid, _reason(exc))
         else:
             if status.is_warning:
                 counts.warning += 1
@@ -937,8 +961,7 @@ async def _move_items(
         # The destination could not be reached or went away: what is left fails.
         done = counts.completed + counts.warning + counts.failed
         for item in items[done:]:
-            counts.failed += 1
-            counts.failed_uids.append(item.sop_instance_uid)
+            counts.fail(item.sop_instance_uid, f"move destination: {exc}")
         counts.remaining = 0
         return _final_status(counts, served.cancelled)
 

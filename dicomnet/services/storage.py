@@ -1,8 +1,8 @@
 """The Storage service (PS3.4 Annex B, PS3.7 §9.1.1): C-STORE, both roles.
 
 SCU: a Part-10 file is streamed from disk after its file meta, without decoding it;
-a Dataset (or a file whose syntax was not accepted but can be converted) is encoded
-in an accepted uncompressed syntax. SCP: the data set is spooled as it arrives
+a Dataset (or a file whose syntax was not accepted) is encoded in an accepted syntax,
+converted by `dicomnet.transcode` where need be. SCP: the data set is spooled as it arrives
 (memory up to a threshold, then a temp file) and handed to `on_store` as a
 `StoreRequest`; the instances of our own C-GET are diverted to its loop.
 """
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,8 +27,7 @@ from pydicom.uid import UID
 from dicomnet.association import BaseAssociation, Handlers, Received
 from dicomnet.errors import InvalidDatasetError, NotNegotiatedError
 from dicomnet.proto.contexts import (
-    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    EXPLICIT_VR_LITTLE_ENDIAN,
     AcceptedContext,
     PresentationContext,
     all_storage_sop_classes,
@@ -45,6 +45,14 @@ from dicomnet.storage import (
     out_of_resources,
     part10_header,
     safe_file_name,
+)
+from dicomnet.transcode import (
+    ConversionError,
+    can_convert,
+    conversion_target,
+    convert,
+    transcodes,
+    why_not_convertible,
 )
 
 __all__ = ["ON_STORE", "Storage", "StorageUser", "StoreRequest"]
@@ -185,14 +193,6 @@ class _Options:
         )
 
 
-def convertible(transfer_syntax: str) -> bool:
-    """A data set in this syntax can be re-encoded in an uncompressed one by pydicom."""
-    return (
-        transfer_syntax in UNCOMPRESSED_TRANSFER_SYNTAXES
-        or transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
-    )
-
-
 class StorageUser(BaseAssociation):
     """What the Storage service offers the SCU."""
 
@@ -204,34 +204,43 @@ class StorageUser(BaseAssociation):
         priority: int = 0,
         move_originator_ae_title: str | None = None,
         move_originator_message_id: int | None = None,
+        transfer_syntax: str | None = None,
     ) -> Status:
         """C-STORE (PS3.7 §9.1.1) of a pydicom Dataset or a Part-10 file.
 
         A file is streamed from disk after its file meta, without decoding it, when a
-        context with its own transfer syntax was accepted; otherwise an uncompressed
-        file is converted. `progress(bytes_sent, total)` is called as data goes out.
-        Returns the status (success or warning); a failure raises `DimseError`.
+        context in its own transfer syntax was accepted; otherwise it is converted to an
+        accepted one (`dicomnet.transcode`: uncompressed first; decompression needs
+        `dicomnet[codecs]`), and a `ConversionError` says why when none can be had.
+        `transfer_syntax`: send in this one when it was accepted (converting if need be).
+        `progress(bytes_sent, total)` is called as data goes out. Returns the status
+        (success or warning); a failure raises `DimseError`.
         """
         options = _Options(priority, move_originator_ae_title, move_originator_message_id)
         if isinstance(dataset_or_path, Dataset):
-            return await self._store_dataset(dataset_or_path, progress, options)
+            return await self._store_dataset(dataset_or_path, progress, options, transfer_syntax)
         path = Path(dataset_or_path)
         try:
             part10 = Part10File.open(path)
         except ValueError:
             part10 = None
-        context = None
         if part10 is not None:
-            context = self.context_for(part10.sop_class_uid, part10.transfer_syntax)
-            if context is None and not (
-                convertible(part10.transfer_syntax)
-                and self._convertible_context(part10.sop_class_uid)
-            ):
-                raise self._not_negotiated(part10.sop_class_uid, part10.transfer_syntax)
-        if part10 is None or context is None:
-            dataset = await anyio.to_thread.run_sync(lambda: dcmread(path, force=True))
-            return await self._store_dataset(dataset, progress, options)
-        file, cid = part10, context.context_id
+            context = self.sending_context(
+                part10.sop_class_uid, part10.transfer_syntax, transfer_syntax
+            )
+            if context.transfer_syntax == part10.transfer_syntax:
+                return await self._store_file(part10, context, progress, options)
+        dataset = await anyio.to_thread.run_sync(lambda: dcmread(path, force=True))
+        return await self._store_dataset(dataset, progress, options, transfer_syntax, copy=False)
+
+    async def _store_file(
+        self,
+        file: Part10File,
+        context: AcceptedContext,
+        progress: Callable[[int, int], Any] | None,
+        options: _Options,
+    ) -> Status:
+        cid = context.context_id
 
         async def send(message: DimseMessage) -> None:
             await self.send_file_message(cid, message, file, progress)
@@ -243,38 +252,41 @@ class StorageUser(BaseAssociation):
         )
         return check(response)
 
-    def _convertible_context(self, sop_class_uid: str) -> AcceptedContext | None:
-        for context in self.contexts.values():
-            if (
-                context.abstract_syntax == sop_class_uid
-                and context.we_are_scu
-                and convertible(context.transfer_syntax)
-            ):
-                return context
-        return None
-
-    def _not_negotiated(self, sop_class_uid: str, transfer_syntax: str) -> NotNegotiatedError:
-        offered = sorted(
-            UID(c.transfer_syntax).name
+    def sending_context(
+        self, sop_class_uid: str, transfer_syntax: str, preferred: str | None = None
+    ) -> AcceptedContext:
+        """The accepted context to send an instance of `sop_class_uid` stored in
+        `transfer_syntax` on: `preferred` if accepted and reachable, else its own syntax,
+        else one it converts to (`dicomnet.transcode.conversion_target`). Raises
+        `NotNegotiatedError` (`ConversionError` when the class was accepted) saying why."""
+        accepted = {
+            c.transfer_syntax: c
             for c in self.contexts.values()
-            if c.abstract_syntax == sop_class_uid
-        )
+            if c.abstract_syntax == sop_class_uid and c.we_are_scu
+        }
+        if preferred in accepted and can_convert(transfer_syntax, preferred):
+            return accepted[preferred]
+        target = conversion_target(transfer_syntax, accepted)
+        if target is not None:
+            return accepted[target]
         text = (
             f"no accepted presentation context for {UID(sop_class_uid).name} "
-            f"({sop_class_uid}) in {UID(transfer_syntax).name} ({transfer_syntax})"
+            f"({sop_class_uid}) in {UID(transfer_syntax).name}"
         )
-        text += (
-            f"; accepted for this SOP class: {', '.join(offered)}"
-            if offered
-            else ("; the SOP class itself was not accepted")
-        )
-        return NotNegotiatedError(text)
+        if not accepted:
+            raise NotNegotiatedError(f"{text}; the SOP class itself was not accepted")
+        names = ", ".join(sorted(UID(ts).name for ts in accepted))
+        reason = why_not_convertible(transfer_syntax, accepted)
+        raise ConversionError(f"{text} (accepted: {names}), and {reason}", reason)
 
     async def _store_dataset(
         self,
         dataset: Dataset,
         progress: Callable[[int, int], Any] | None,
         options: _Options,
+        preferred: str | None,
+        *,
+        copy: bool = True,
     ) -> Status:
         sop_class = str(dataset.get("SOPClassUID", "") or "")
         sop_instance = str(dataset.get("SOPInstanceUID", "") or "")
@@ -282,13 +294,20 @@ class StorageUser(BaseAssociation):
             raise InvalidDatasetError("the data set has no SOP Class UID or SOP Instance UID")
         meta = getattr(dataset, "file_meta", None)
         own_ts = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-        context = self.context_for(sop_class, own_ts) if own_ts else None
-        if context is None and (not own_ts or convertible(own_ts)):
-            context = self._convertible_context(sop_class)
-        if context is None:
-            raise self._not_negotiated(sop_class, own_ts or UNCOMPRESSED_TRANSFER_SYNTAXES[0])
+        source = own_ts or EXPLICIT_VR_LITTLE_ENDIAN
+        context = self.sending_context(sop_class, source, preferred)
         ts = context.transfer_syntax
-        data = await anyio.to_thread.run_sync(lambda: encode_dataset(dataset, ts))
+
+        def encode() -> bytes:
+            # Converting changes pixel data in place: the caller's data set stays as it was.
+            converted = (
+                convert(deepcopy(dataset) if copy else dataset, source, ts)
+                if transcodes(source, ts)
+                else dataset
+            )
+            return encode_dataset(converted, ts)
+
+        data = await anyio.to_thread.run_sync(encode)
         cid = context.context_id
 
         async def send(message: DimseMessage) -> None:
