@@ -23,6 +23,7 @@ from dicomnet.errors import (
 from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import (
     COMMON_STORAGE_SOP_CLASSES,
+    COMPRESSED_IMAGE_SOP_CLASSES,
     MODALITY_PERFORMED_PROCEDURE_STEP,
     MODALITY_WORKLIST_FIND,
     QUERY_RETRIEVE,
@@ -30,6 +31,7 @@ from dicomnet.proto.contexts import (
     VERIFICATION,
     PresentationContext,
     accepted_as_requestor,
+    all_storage_sop_classes,
     build_requestor_contexts,
     receiving_contexts,
 )
@@ -78,13 +80,29 @@ def default_contexts() -> list[PresentationContext]:
     return contexts[:128]
 
 
-def retrieve_contexts(model: str = "study") -> list[PresentationContext]:
+def retrieve_contexts(
+    model: str = "study", transfer_syntax: str | None = None
+) -> list[PresentationContext]:
     """What to propose for `Association.get` / `retrieve(via="get")` with the Patient or
     Study Root model: the C-GET context, and storage contexts with the SCP role in which
-    the instances arrive as stored, compressed or not (`receiving_contexts`)."""
+    the instances arrive as stored, compressed or not (`receiving_contexts`).
+
+    With `transfer_syntax`, each storage class once, in that syntax alone: for a peer
+    that sends every instance of a class on the first context accepted for it (DCMTK's
+    dcmqrscp), a C-GET again with these gets the instances stored in that syntax."""
     from dicomnet.services.qr import GET_MODELS
 
-    return [PresentationContext(GET_MODELS[model]), *receiving_contexts(127)]
+    if transfer_syntax is None:
+        storage = receiving_contexts(127)
+    else:
+        classes = dict.fromkeys(
+            (*COMPRESSED_IMAGE_SOP_CLASSES, *COMMON_STORAGE_SOP_CLASSES, *all_storage_sop_classes())
+        )
+        storage = [
+            PresentationContext(uid, (transfer_syntax,), scu_role=False, scp_role=True)
+            for uid in list(classes)[:127]
+        ]
+    return [PresentationContext(GET_MODELS[model]), *storage]
 
 
 async def open_association(

@@ -23,6 +23,10 @@ def test_a_named_serve_rejects_another_called_title(dicomnet_server: ServerFacto
     assert "called AE title 'ANY-SCP' is not ours, 'PACS'" in server.log_text()
     right = run_dicomnet(["echo", HOST, server.port, "--aec", "PACS"])
     assert right.returncode == 0, describe_cli(right)
+    # DCMTK's spelling of the flags reads the same.
+    dcmtk_style = run_dicomnet(["echo", HOST, server.port, "-aet", "ME", "-aec", "PACS", "-v"])
+    assert dcmtk_style.returncode == 0, describe_cli(dcmtk_style)
+    assert "'ME'" in server.log_text()
 
 
 @pytest.mark.timeout(60)

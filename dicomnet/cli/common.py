@@ -73,8 +73,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
+    # -aet / -aec: the spelling of DCMTK's tools, so that their command lines carry over.
     parser.add_argument(
-        "--aet", type=ae_title, default="DICOMNET", help="our AE title (default: DICOMNET)"
+        "--aet", "-aet", type=ae_title, default="DICOMNET", help="our AE title (default: DICOMNET)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log associations")
     parser.add_argument(
@@ -86,7 +87,11 @@ def add_remote(parser: argparse.ArgumentParser, timeout_flag: str = "--timeout")
     parser.add_argument("host", help="the peer's host name or address")
     parser.add_argument("port", type=int, help="the peer's TCP port")
     parser.add_argument(
-        "--aec", type=ae_title, default="ANY-SCP", help="the peer's AE title (default: ANY-SCP)"
+        "--aec",
+        "-aec",
+        type=ae_title,
+        default="ANY-SCP",
+        help="the peer's AE title (default: ANY-SCP)",
     )
     parser.add_argument(
         timeout_flag,
