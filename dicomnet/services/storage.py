@@ -259,6 +259,10 @@ class StorageUser(BaseAssociation):
         `transfer_syntax` on: `preferred` if accepted and reachable, else its own syntax,
         else one it converts to (`dicomnet.transcode.conversion_target`). Raises
         `NotNegotiatedError` (`ConversionError` when the class was accepted) saying why."""
+        if preferred is None or preferred == transfer_syntax:
+            as_stored = self.context_for(sop_class_uid, transfer_syntax)
+            if as_stored is not None:  # the common case, first
+                return as_stored
         accepted = {
             c.transfer_syntax: c
             for c in self.contexts.values()
