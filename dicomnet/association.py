@@ -180,6 +180,17 @@ class BaseAssociation:
         return self.request.called_ae_title if self.is_requestor else self.request.calling_ae_title
 
     @property
+    def peer_implementation_class_uid(self) -> str:
+        """The peer's Implementation Class UID (PS3.7 §D.3.3.2): which software it runs."""
+        info = (self.response if self.is_requestor else self.request).user_information
+        return info.implementation_class_uid or ""
+
+    @property
+    def peer_implementation_version_name(self) -> str:
+        info = (self.response if self.is_requestor else self.request).user_information
+        return info.implementation_version_name or ""
+
+    @property
     def user_identity_response(self) -> bytes | None:
         """Requestor: the acceptor's User Identity server response (PS3.7 §D.3.3.7.2),
         None when it sent none (no positive response was asked for, or it ignores the

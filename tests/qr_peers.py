@@ -186,6 +186,7 @@ def start_dcmqrscp(
     *,
     aet: str = "DCMQRSCP",
     peers: Mapping[str, tuple[str, int]] | None = None,
+    extra_args: Sequence[str] = (),
     timeout: float = 20.0,
 ) -> DcmQRSCP:
     """Copy ``files`` into a fresh storage area, index them with dcmqridx and start
@@ -210,7 +211,7 @@ def start_dcmqrscp(
         # Fork mode (the default): dcmqrscp 3.6.7 --single-process segfaults when
         # the first association is released.
         return [_dcmtk("dcmqrscp"), "-d", "-dhl", "-c", str(config),
-                "-ta", "30", "-td", "60", str(port)]  # fmt: skip
+                "-ta", "30", "-td", "60", *extra_args, str(port)]  # fmt: skip
 
     proc, port = start_listening_process(
         "dcmqrscp", argv, workdir / "dcmqrscp.log", timeout=timeout

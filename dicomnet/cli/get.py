@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from pydicom.uid import UID
 
 from dicomnet.cli.common import (
     add_common,
@@ -17,8 +20,10 @@ from dicomnet.cli.common import (
     query_level,
     tls_listener_context,
 )
-from dicomnet.errors import DimseError
-from dicomnet.proto.contexts import PresentationContext
+from dicomnet.errors import DicomNetError, DimseError
+from dicomnet.proto.contexts import RECEIVABLE_TRANSFER_SYNTAXES, PresentationContext
+from dicomnet.status import Status
+from dicomnet.storage import IMPLEMENTATION_CLASS_UID
 
 __all__ = ["add_parser", "run"]
 
@@ -62,22 +67,27 @@ async def run(args: argparse.Namespace) -> int:
     query = build_query(args.key)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = 0
+    received: set[str] = set()
 
-    async def receive(association: Any, listener: Any) -> Any:
-        nonlocal saved
+    async def receive(association: Any, listener: Any, again: bool = False) -> Any:
         responses = association.retrieve(
             query, model=args.model, level=query_level(args), via=args.via, listener=listener
         )
         try:
             async for instance in responses:
+                if instance.sop_instance_uid in received:
+                    continue  # sent again in a later round: the first copy stays
                 # Into `out` under a name that cannot lead out of it (`safe_file_name`).
                 await instance.save(out, fsync=False)
-                saved += 1
+                received.add(instance.sop_instance_uid)
         except DimseError as exc:
-            print(f"dicomnet get: {exc}", file=sys.stderr)
+            if again:  # the instances not sent this time are counted from the first
+                log.info("C-GET again: %s", exc)
+            else:
+                print(f"dicomnet get: {exc}", file=sys.stderr)
         return responses
 
+    again: set[str] = set()
     if args.via == "move":
         contexts = [PresentationContext(MOVE_MODELS[args.model])]
         async with retrieve_listener(
@@ -89,13 +99,47 @@ async def run(args: argparse.Namespace) -> int:
         contexts = get_contexts(args.model)
         async with open_association(args, contexts) as association:
             responses = await receive(association, None)
+            converts = association.peer_implementation_class_uid == IMPLEMENTATION_CLASS_UID
+        final = responses.progress
+        if final is not None and final.failed_sop_instance_uids and not converts:
+            missing = set(final.failed_sop_instance_uids) - received
+            again = missing - await _again_by_syntax(args, receive, missing, received)
     final = responses.progress
+    failed = (final.failed or 0) - len(again) if final else 0
+    completed = (final.completed or 0) + len(again) if final else 0
+    status = responses.status if failed or not again else Status(0x0000)
     print(
-        f"received {saved} instance(s) into {out}; "
-        f"completed {final.completed if final else 0}, failed {final.failed if final else 0}, "
-        f"warning {final.warning if final else 0}; final status {responses.status!r}",
+        f"received {len(received)} instance(s) into {out}; "
+        f"completed {completed}, failed {failed}, "
+        f"warning {final.warning if final else 0}; final status {status!r}",
         file=sys.stderr,
     )
-    if responses.status is None or responses.status.is_failure:
+    if status is None or status.is_failure:
         return 1
-    return 0 if not (final and final.failed) else 1
+    return 0 if not failed else 1
+
+
+async def _again_by_syntax(
+    args: argparse.Namespace,
+    receive: Callable[[Any, Any, bool], Awaitable[Any]],
+    missing: set[str],
+    received: set[str],
+) -> set[str]:
+    """C-GET again, offering one compressed syntax at a time, while instances are missing:
+    a peer that sends every instance of a class on the first context accepted for it (as
+    DCMTK's dcmqrscp does) and cannot convert sends, each time, those stored in the syntax
+    offered. Returns what is still missing. Not needed with a dicomnet peer: it converts."""
+    from dicomnet.client import retrieve_contexts
+
+    for transfer_syntax in RECEIVABLE_TRANSFER_SYNTAXES:
+        missing = missing - received
+        if not missing:
+            break
+        name = UID(transfer_syntax).name
+        log.info("%d instance(s) not received: C-GET again offering %s", len(missing), name)
+        try:
+            async with open_association(args, retrieve_contexts(args.model, transfer_syntax)) as a:
+                await receive(a, None, True)
+        except DicomNetError as exc:
+            log.info("C-GET again offering %s: %s", name, exc)
+    return missing - received
