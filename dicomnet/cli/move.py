@@ -49,7 +49,8 @@ def _print_progress(progress: Any, every: bool = False) -> None:
         return
     if sys.stderr.isatty() and not every:
         sys.stderr.write("\n")
-    print(f"final: {counts} ({progress.status!r})")
+    why = f": {progress.error_comment}" if progress.error_comment else ""
+    print(f"final: {counts} ({progress.status!r}){why}")
     for uid in progress.failed_sop_instance_uids:
         print(f"failed: {uid}")
 
