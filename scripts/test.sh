@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine: installs DCMTK and Orthanc (Debian/Ubuntu,
 # the real peers of the interoperability tests), creates .venv with dicomnet and its test
-# dependencies, then runs ruff, mypy and pytest.
+# dependencies, then runs ruff, mypy, builds the user guide (mkdocs, warnings are errors)
+# and runs pytest.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +33,7 @@ fi
 .venv/bin/ruff check dicomnet tests examples benchmarks fuzz
 .venv/bin/ruff format --check dicomnet tests examples benchmarks fuzz
 .venv/bin/mypy
+DOCS_SITE="$(mktemp -d)"
+trap 'rm -rf "$DOCS_SITE"' EXIT
+.venv/bin/mkdocs build --strict --quiet --site-dir "$DOCS_SITE"
 .venv/bin/pytest "$@"
