@@ -146,14 +146,4 @@ class Reject(DicomNetError):
         self.result = result
         self.source = source
         self.reason = reason
-        text = describe_rejection(result, source, reason)
-        if source == 1 and reason in _REJECTION_HINTS:
-            text += f" ({_REJECTION_HINTS[reason]})"
-        super().__init__(text)
-
-
-# What to check after a rejection by the service user (PS3.8 Table 9-21).
-_REJECTION_HINTS = {
-    3: "the peer does not accept our calling AE title: check aet / --aet",
-    7: "the peer has another AE title than the one called: check aec / --aec",
-}
+        super().__init__(describe_rejection(result, source, reason))
