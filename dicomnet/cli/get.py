@@ -17,6 +17,7 @@ from dicomnet.cli.common import (
     query_level,
     tls_listener_context,
 )
+from dicomnet.cli.progress import ProgressBar, failure_reason, track
 from dicomnet.errors import DimseError
 from dicomnet.proto.contexts import (
     UNCOMPRESSED_TRANSFER_SYNTAXES,
@@ -48,6 +49,9 @@ def add_parser(sub: Any) -> None:
         default=11113,
         help="listener port (--via move, 11113; over TLS with --tls-cert/--tls-key)",
     )
+    get.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
     get.set_defaults(run=run)
 
 
@@ -77,6 +81,16 @@ def get_contexts(model: str) -> list[PresentationContext]:
     return contexts
 
 
+def _track(bar: ProgressBar, progress: Any, saved: int, unsaved: int) -> None:
+    """The bar's counts: the peer's (from its last response), and ours where they are
+    ahead (the instance just received is not in the peer's counts yet)."""
+    if progress is not None:
+        track(bar, progress)
+    bar.completed = max(bar.completed, saved)
+    bar.failed = max(bar.failed, unsaved)
+    bar.total = max(bar.total, bar.done)
+
+
 async def run(args: argparse.Namespace) -> int:
     from dicomnet.server import retrieve_listener
     from dicomnet.services.qr import MOVE_MODELS
@@ -85,19 +99,34 @@ async def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = 0
+    # Instances that arrived but could not be written: SOP Instance UID -> why.
+    not_saved: dict[str, str] = {}
+    bar = ProgressBar(show=sys.stderr.isatty() and not args.no_progress, unit="instances")
+    error: DimseError | None = None
 
     async def receive(association: Any, listener: Any) -> Any:
-        nonlocal saved
+        nonlocal saved, error
         responses = association.retrieve(
             query, model=args.model, level=query_level(args), via=args.via, listener=listener
         )
         try:
             async for instance in responses:
-                # Into `out` under a name that cannot lead out of it (`safe_file_name`).
-                await instance.save(out, fsync=False)
-                saved += 1
+                try:
+                    # Into `out` under a name that cannot lead out of it (`safe_file_name`).
+                    await instance.save(out, fsync=False)
+                except OSError as exc:
+                    # Answered Out of Resources: the peer counts it failed.
+                    instance.status = 0xA700
+                    why = exc.strerror or str(exc)
+                    not_saved[instance.sop_instance_uid] = f"not saved: {why}"
+                    log.info("could not save %s: %s", instance.sop_instance_uid, exc)
+                else:
+                    saved += 1
+                    bar.bytes_done += instance.size
+                _track(bar, responses.progress, saved, len(not_saved))
+                bar.draw()
         except DimseError as exc:
-            print(f"dicomnet get: {exc}", file=sys.stderr)
+            error = exc
         return responses
 
     if args.via == "move":
@@ -112,12 +141,25 @@ async def run(args: argparse.Namespace) -> int:
         async with open_association(args, contexts) as association:
             responses = await receive(association, None)
     final = responses.progress
+    _track(bar, final, saved, len(not_saved))
+    bar.finish()
+    if error is not None:
+        print(f"dicomnet get: {error}", file=sys.stderr)
+    mb = bar.bytes_done / 1e6
     print(
         f"received {saved} instance(s) into {out}; "
         f"completed {final.completed if final else 0}, failed {final.failed if final else 0}, "
-        f"warning {final.warning if final else 0}; final status {responses.status!r}",
+        f"warning {final.warning if final else 0}; final status {responses.status!r}; "
+        f"{mb:.1f} MB in {bar.elapsed:.2f} s, {bar.megabytes_per_second:.1f} MB/s",
         file=sys.stderr,
     )
-    if responses.status is None or responses.status.is_failure:
+    failed = dict(not_saved)
+    if final is not None:
+        reason = failure_reason(final)
+        for uid in final.failed_sop_instance_uids:
+            failed.setdefault(uid, reason)
+    for uid, why in failed.items():
+        print(f"failed: {uid}: {why}" if why else f"failed: {uid}", file=sys.stderr)
+    if responses.status is None or responses.status.is_failure or not_saved:
         return 1
     return 0 if not (final and final.failed) else 1
