@@ -201,3 +201,17 @@ def test_store_names_a_skipped_path_once_and_pydicom_speaks_once(
     explicit = run_dicomnet(["store", HOST, server.port, notes])
     assert explicit.returncode == 1
     assert f"error: {notes}: not DICOM (no 'DICM' prefix, no data set)" in explicit.stderr
+
+
+def test_a_line_left_by_an_error_is_ended_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bar = ProgressBar(total=3, show=True, completed=1)
+    bar.draw()
+    bar.abandon()
+    bar.abandon()  # ended already
+    assert capsys.readouterr().err.count("\n") == 1
+    bar.draw(force=True)
+    bar.finish()
+    bar.abandon()  # finish ended it
+    assert capsys.readouterr().err.count("\n") == 1

@@ -129,17 +129,21 @@ async def run(args: argparse.Namespace) -> int:
             error = exc
         return responses
 
-    if args.via == "move":
-        contexts = [PresentationContext(MOVE_MODELS[args.model])]
-        async with retrieve_listener(
-            args.aet, args.listen_host, args.listen_port, tls=tls_listener_context(args)
-        ) as listener:
+    try:
+        if args.via == "move":
+            contexts = [PresentationContext(MOVE_MODELS[args.model])]
+            async with retrieve_listener(
+                args.aet, args.listen_host, args.listen_port, tls=tls_listener_context(args)
+            ) as listener:
+                async with open_association(args, contexts) as association:
+                    responses = await receive(association, listener)
+        else:
+            contexts = get_contexts(args.model)
             async with open_association(args, contexts) as association:
-                responses = await receive(association, listener)
-    else:
-        contexts = get_contexts(args.model)
-        async with open_association(args, contexts) as association:
-            responses = await receive(association, None)
+                responses = await receive(association, None)
+    except BaseException:
+        bar.abandon()  # the error gets a line of its own
+        raise
     final = responses.progress
     _track(bar, final, saved, len(not_saved))
     bar.finish()

@@ -68,22 +68,25 @@ async def run(args: argparse.Namespace) -> int:
         unit="instances",
         bytes_known=False,  # the instances go from the peer to --dest, not through here
     )
-    async with open_association(args, qr_contexts("move", args.model)) as association:
-        responses = association.move(
-            query, destination=args.dest, model=args.model, level=query_level(args)
-        )
-        try:
-            async for progress in responses:
-                _print_progress(progress, every, bar)
-        except DimseError as exc:
-            # A failure final status: show its counts, then release normally.
-            progress = getattr(exc, "progress", None)
-            if progress is not None:
-                _print_progress(progress, bar=bar)
-            elif bar.last_draw:
-                bar.finish()
-            print(f"dicomnet move: {exc}", file=sys.stderr)
-            return 1
+    try:
+        async with open_association(args, qr_contexts("move", args.model)) as association:
+            responses = association.move(
+                query, destination=args.dest, model=args.model, level=query_level(args)
+            )
+            try:
+                async for progress in responses:
+                    _print_progress(progress, every, bar)
+            except DimseError as exc:
+                # A failure final status: show its counts, then release normally.
+                progress = getattr(exc, "progress", None)
+                if progress is not None:
+                    _print_progress(progress, bar=bar)
+                bar.abandon()
+                print(f"dicomnet move: {exc}", file=sys.stderr)
+                return 1
+    except BaseException:
+        bar.abandon()  # the error gets a line of its own
+        raise
     final = responses.progress
     if final is None or responses.status is None:
         return 1

@@ -89,6 +89,14 @@ class ProgressBar:
         sys.stderr.write(f"\r{self.line():<{WIDTH + 70}}")
         sys.stderr.flush()
 
+    def abandon(self) -> None:
+        """End the line drawn so far (the command stops with an error, said on a line of
+        its own)."""
+        if self.show and self.last_draw:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.last_draw = 0.0
+
     def finish(self) -> None:
         """The last drawing, and the end of its line (nothing if nothing was drawn)."""
         if not self.show:
@@ -96,6 +104,7 @@ class ProgressBar:
         self.draw(force=True)
         sys.stderr.write("\n")
         sys.stderr.flush()
+        self.last_draw = 0.0  # the line is ended
 
 
 def failure_reason(progress: Any) -> str:
