@@ -432,3 +432,58 @@ async def test_context_not_accepted(capsys: pytest.CaptureFixture[str]) -> None:
     assert list(result["failures"]) == ["not-negotiated"]
     assert result["associations"] == 1 and result["association_failures"] == 0
     assert 0.3 <= result["elapsed_s"] < 5
+
+
+async def test_generated_instances_are_one_bench_patient_and_study_per_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    ae = dicomnet.AE("PACS")
+    saved: list[Path] = []
+
+    @ae.on_store
+    async def store(request: dicomnet.StoreRequest) -> int:
+        saved.append(await request.save(tmp_path / f"{request.sop_instance_uid}.dcm"))
+        return 0
+
+    async with ae.serve("127.0.0.1", 0) as server:
+        args = bench_args("127.0.0.1", str(server.port), "--op", "store", "--count", "3")
+        assert await bench.run(args) == 0
+        table = capsys.readouterr().out
+        code, result = await run_json(capsys, server.port, "--op", "store", "--count", "2")
+        assert code == 0 and result["succeeded"] == 2
+    datasets = [dcmread(path) for path in saved]
+    assert {(str(ds.PatientID), str(ds.PatientName)) for ds in datasets} == {
+        ("DICOMNET-BENCH", "DICOMNET^BENCH")
+    }
+    first, second = (
+        {str(ds.StudyInstanceUID) for ds in datasets[:3]},
+        {str(ds.StudyInstanceUID) for ds in datasets[3:]},
+    )
+    assert len(first) == len(second) == 1 and first != second  # a study per run
+    (study,) = first
+    assert (
+        f"  stored        test instances: patient DICOMNET-BENCH (DICOMNET^BENCH), study {study}"
+        in table
+    )
+    assert f"  to remove     dicomnet delete --storage DIR --study-uid {study}\n" in table
+
+
+async def test_the_removal_note_stays_out_of_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ae, _, _ = counting_ae()
+    async with ae.serve("127.0.0.1", 0) as server:
+        args = bench_args("127.0.0.1", str(server.port), "--aec", "PACS", "--op", "store",
+                          "--count", "2", "--json")  # fmt: skip
+        assert await bench.run(args) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["succeeded"] == 2
+    assert "dicomnet delete --storage DIR --study-uid" in captured.err
+
+
+def test_help_says_store_leaves_instances_in_the_pacs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench_args("--help")
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--op store stores test instances in the target PACS" in out
+    assert "DICOMNET-BENCH" in out and "dicomnet delete --bench" in out

@@ -12,7 +12,19 @@ from typing import Any
 import anyio
 
 from dicomnet._version import __version__
-from dicomnet.cli import bench, commit, echo, find, get, index, move, passwd, serve, store
+from dicomnet.cli import (
+    bench,
+    commit,
+    delete,
+    echo,
+    find,
+    get,
+    index,
+    move,
+    passwd,
+    serve,
+    store,
+)
 from dicomnet.cli.common import (
     Parser,
     UsageError,
@@ -24,7 +36,7 @@ from dicomnet.errors import DicomNetError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (echo, store, find, move, get, serve, bench, index, commit, passwd)
+COMMANDS = (echo, store, find, move, get, serve, bench, index, delete, commit, passwd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,10 @@ of them, then releases and opens another), and records per-operation latency,
 status and bytes. The result is a table, or one JSON object with `--json`.
 
 Generated store instances are Secondary Capture, Explicit VR Little Endian,
-8-bit MONOCHROME2, written once with pydicom as one Part-10 file per worker;
+8-bit MONOCHROME2, of one patient (Patient ID DICOMNET-BENCH, name DICOMNET^BENCH) and
+one study and series per run, so that they can be found and removed from the target
+PACS afterwards (the report says how), written once with pydicom as one Part-10 file per
+worker;
 before each operation the worker rewrites the SOP Instance UID in place (same
 length, in the file meta and in the data set), so every operation sends a new
 instance and is streamed from disk like any other file. `--files` sends the
@@ -45,6 +48,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from dicomnet.cli.common import add_identity, add_tls, identity_from_args
+from dicomnet.cli.delete import BENCH_PATIENT_ID
 from dicomnet.client import connect
 from dicomnet.errors import (
     ARTIMTimeout,
@@ -76,6 +80,8 @@ __all__ = ["add_parser", "parse_size", "run"]
 log = logging.getLogger("dicomnet")
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+#: The patient of every generated instance, so that they can be found and removed.
+BENCH_PATIENT_NAME = "DICOMNET^BENCH"
 MAX_CONSECUTIVE_ASSOCIATION_FAILURES = 10
 RETRY_DELAY = 0.01  # seconds between a failed association and the next attempt
 PROGRESS_INTERVAL = 0.1
@@ -151,7 +157,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="load test: throughput and latency percentiles of C-ECHO or C-STORE",
         description="Load-test a DICOM peer: N concurrent associations doing C-ECHO or "
         "C-STORE until --count operations are done or --duration has passed; prints "
-        "throughput, latency percentiles and failures by status.",
+        "throughput, latency percentiles and failures by status. --op store stores test "
+        f"instances in the target PACS: every generated one belongs to the patient "
+        f"{BENCH_PATIENT_ID} ({BENCH_PATIENT_NAME}) and to a new study per run; the report "
+        "says how to remove them (`dicomnet delete --bench` for a dicomnet serve).",
     )
     parser.add_argument("host", help="the peer's host name or address")
     parser.add_argument("port", type=int, help="the peer's TCP port")
@@ -168,7 +177,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--dimse-timeout", type=float, default=60.0, help="DIMSE response timeout (default 60)"
     )
     parser.add_argument(
-        "--op", required=True, choices=("echo", "store"), help="the operation: echo or store"
+        "--op",
+        required=True,
+        choices=("echo", "store"),
+        help="the operation: echo, or store (which leaves test instances in the target "
+        f"PACS, patient {BENCH_PATIENT_ID})",
     )
     add_identity(parser)
     parser.add_argument(
@@ -413,6 +426,9 @@ class _Generated(_Source):
         self.folder = Path(tempfile.mkdtemp(prefix="dicomnet-bench-"))
         # "2.25.<uuid>" is at most 44 characters; ".1" + 9 digits keeps every UID one length.
         self.root = generate_uid(prefix=None)
+        # One study (and series) per run, of the bench patient.
+        self.study_instance_uid = generate_uid()
+        self.series_instance_uid = generate_uid()
         self.paths: list[Path] = []
         self.handles: list[BinaryIO] = []
         self.offsets: list[int] = []
@@ -424,7 +440,7 @@ class _Generated(_Source):
             f"generated Secondary Capture {columns}x{rows}"
             + (f"x{frames}" if frames > 1 else "")
             + f" 8-bit ({rows * columns * frames} B pixel data), a new SOP Instance UID "
-            "per operation"
+            f"per operation, patient {BENCH_PATIENT_ID}"
         )
 
     def uid(self, ticket: int) -> str:
@@ -434,7 +450,9 @@ class _Generated(_Source):
         """Write the template with pydicom, then one copy per worker (blocking)."""
         template = self.folder / "template.dcm"
         placeholder = self.uid(0)
-        _write_instance(template, self.size, placeholder)
+        _write_instance(
+            template, self.size, placeholder, self.study_instance_uid, self.series_instance_uid
+        )
         with open(template, "rb") as f:
             head = f.read(1 << 16)
         needle = placeholder.encode("ascii")
@@ -493,11 +511,14 @@ def _dimensions(size: int) -> tuple[int, int, int]:
     return rows, columns, frames
 
 
-def _write_instance(path: Path, size: int, sop_instance_uid: str) -> None:
-    """A Secondary Capture Part-10 file (Explicit VR LE, 8-bit MONOCHROME2), written by pydicom."""
+def _write_instance(
+    path: Path, size: int, sop_instance_uid: str, study_uid: str, series_uid: str
+) -> None:
+    """A Secondary Capture Part-10 file (Explicit VR LE, 8-bit MONOCHROME2) of the bench
+    patient, written by pydicom."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.filewriter import dcmwrite
-    from pydicom.uid import UID, generate_uid
+    from pydicom.uid import UID
 
     rows, columns, frames = _dimensions(size)
     meta = FileMetaDataset()
@@ -508,10 +529,12 @@ def _write_instance(path: Path, size: int, sop_instance_uid: str) -> None:
     ds.file_meta = meta
     ds.SOPClassUID = SECONDARY_CAPTURE
     ds.SOPInstanceUID = sop_instance_uid
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "BENCH^DICOMNET"
-    ds.PatientID = "DICOMNET-BENCH"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientName = BENCH_PATIENT_NAME
+    ds.PatientID = BENCH_PATIENT_ID
+    ds.StudyDescription = "dicomnet bench"
+    ds.SeriesDescription = "dicomnet bench"
     ds.StudyDate = time.strftime("%Y%m%d")
     ds.StudyTime = time.strftime("%H%M%S")
     ds.Modality = "OT"
@@ -720,6 +743,19 @@ async def _make_source(args: argparse.Namespace) -> _Source:
     return generated
 
 
+def removal_note(source: _Generated) -> str:
+    """What a run stored, and how to remove it."""
+    study = source.study_instance_uid
+    return (
+        f"  stored        test instances: patient {BENCH_PATIENT_ID} ({BENCH_PATIENT_NAME}), "
+        f"study {study}\n"
+        f"  to remove     dicomnet delete --storage DIR --study-uid {study}\n"
+        f"                (a dicomnet serve storing to DIR; --bench instead of --study-uid: "
+        f"every run's);\n"
+        f"                another PACS: delete patient {BENCH_PATIENT_ID} with its own tools"
+    )
+
+
 async def run(args: argparse.Namespace) -> int:
     """Run the load test described by `args`; 0 if no operation failed, 1 if any did.
 
@@ -764,6 +800,9 @@ async def run(args: argparse.Namespace) -> int:
     else:
         target = f"{args.aec}@{args.host}:{args.port}"
         print(results.table(target, source.description if source else None), flush=True)
+    if isinstance(source, _Generated) and results.succeeded + results.warnings:
+        # Beside the JSON object, not in it: standard output stays one object.
+        print(removal_note(source), file=sys.stderr if args.json else sys.stdout, flush=True)
     if results.interrupted:
         return 130
     return 1 if results.failed else 0

@@ -35,6 +35,7 @@ __all__ = [
     "prepare_tls",
     "qr_contexts",
     "query_level",
+    "reason_for",
     "tls_listener_context",
 ]
 
@@ -266,6 +267,48 @@ def configure_logging(args: argparse.Namespace) -> None:
         # command cannot do with a file, it says itself.
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module="pydicom")
+    else:
+        # pydicom says most of its remarks twice, as a log line and as a warning, and
+        # again each time it reads a file (store reads each twice): each is said once,
+        # as a log line (as Python shows a warning once per place in the code).
+        logging.captureWarnings(True)
+        captured = logging.getLogger("py.warnings")
+        if not any(isinstance(f, _SaidOnce) for f in captured.filters):
+            captured.addFilter(_SaidOnce())
+
+
+class _SaidOnce(logging.Filter):
+    """Lets each of pydicom's remarks through once: a log line that repeats one, or a
+    captured warning that repeats a log line, is dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+        logging.getLogger("pydicom").addFilter(self._first_time)
+
+    def _first_time(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text in self.said:
+            return False
+        self.said.add(text)
+        return True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        text = str(args[0]) if isinstance(args, tuple) and args else record.getMessage()
+        return not any(said in text for said in self.said)
+
+
+def reason_for(path: object, exc: BaseException) -> str:
+    """Why a file cannot be used, without its path when the message starts with it
+    (``skipping a.txt: not DICOM``, not ``skipping a.txt: a.txt is not DICOM``)."""
+    text = str(exc)
+    name = str(path)
+    if text.startswith(name + " "):
+        text = text[len(name) + 1 :]
+        if text.startswith("is "):
+            text = text[3:]
+    return text
 
 
 @asynccontextmanager

@@ -20,6 +20,7 @@ from dicomnet.cli.common import (
     query_level,
     tls_listener_context,
 )
+from dicomnet.cli.progress import ProgressBar, failure_reason, track
 from dicomnet.errors import DicomNetError, DimseError
 from dicomnet.proto.contexts import RECEIVABLE_TRANSFER_SYNTAXES, PresentationContext
 from dicomnet.status import Status
@@ -50,6 +51,9 @@ def add_parser(sub: Any) -> None:
         default=11113,
         help="listener port (--via move, 11113; over TLS with --tls-cert/--tls-key)",
     )
+    get.add_argument(
+        "--no-progress", action="store_true", help="no progress bar even on a terminal"
+    )
     get.set_defaults(run=run)
 
 
@@ -60,6 +64,16 @@ def get_contexts(model: str) -> list[PresentationContext]:
     return retrieve_contexts(model)
 
 
+def _track(bar: ProgressBar, progress: Any, saved: int, unsaved: int) -> None:
+    """The bar's counts: the peer's (from its last response), and ours where they are
+    ahead (the instance just received is not in the peer's counts yet)."""
+    if progress is not None:
+        track(bar, progress)
+    bar.completed = max(bar.completed, saved)
+    bar.failed = max(bar.failed, unsaved)
+    bar.total = max(bar.total, bar.done)
+
+
 async def run(args: argparse.Namespace) -> int:
     from dicomnet.server import retrieve_listener
     from dicomnet.services.qr import MOVE_MODELS
@@ -68,8 +82,13 @@ async def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     received: set[str] = set()
+    # Instances that arrived but could not be written: SOP Instance UID -> why.
+    not_saved: dict[str, str] = {}
+    bar = ProgressBar(show=sys.stderr.isatty() and not args.no_progress, unit="instances")
+    error: DimseError | None = None
 
     async def receive(association: Any, listener: Any, again: bool = False) -> Any:
+        nonlocal error
         responses = association.retrieve(
             query, model=args.model, level=query_level(args), via=args.via, listener=listener
         )
@@ -77,46 +96,75 @@ async def run(args: argparse.Namespace) -> int:
             async for instance in responses:
                 if instance.sop_instance_uid in received:
                     continue  # sent again in a later round: the first copy stays
-                # Into `out` under a name that cannot lead out of it (`safe_file_name`).
-                await instance.save(out, fsync=False)
-                received.add(instance.sop_instance_uid)
+                try:
+                    # Into `out` under a name that cannot lead out of it (`safe_file_name`).
+                    await instance.save(out, fsync=False)
+                except OSError as exc:
+                    # Answered Out of Resources: the peer counts it failed.
+                    instance.status = 0xA700
+                    why = exc.strerror or str(exc)
+                    not_saved[instance.sop_instance_uid] = f"not saved: {why}"
+                    log.info("could not save %s: %s", instance.sop_instance_uid, exc)
+                else:
+                    received.add(instance.sop_instance_uid)
+                    bar.bytes_done += instance.size
+                if not again:
+                    _track(bar, responses.progress, len(received), len(not_saved))
+                bar.draw()
         except DimseError as exc:
-            if again:  # the instances not sent this time are counted from the first
+            if again:  # what a later round does not send is counted from the first
                 log.info("C-GET again: %s", exc)
             else:
-                print(f"dicomnet get: {exc}", file=sys.stderr)
+                error = exc
         return responses
 
-    again: set[str] = set()
-    if args.via == "move":
-        contexts = [PresentationContext(MOVE_MODELS[args.model])]
-        async with retrieve_listener(
-            args.aet, args.listen_host, args.listen_port, tls=tls_listener_context(args)
-        ) as listener:
-            async with open_association(args, contexts) as association:
-                responses = await receive(association, listener)
-    else:
-        contexts = get_contexts(args.model)
-        async with open_association(args, contexts) as association:
-            responses = await receive(association, None)
-            converts = association.peer_implementation_class_uid == IMPLEMENTATION_CLASS_UID
-        final = responses.progress
-        if final is not None and final.failed_sop_instance_uids and not converts:
-            missing = set(final.failed_sop_instance_uids) - received
-            again = missing - await _again_by_syntax(args, receive, missing, received)
+    again: set[str] = set()  # failed at first, received in a later round
+    try:
+        if args.via == "move":
+            contexts = [PresentationContext(MOVE_MODELS[args.model])]
+            async with retrieve_listener(
+                args.aet, args.listen_host, args.listen_port, tls=tls_listener_context(args)
+            ) as listener:
+                async with open_association(args, contexts) as association:
+                    responses = await receive(association, listener)
+        else:
+            async with open_association(args, get_contexts(args.model)) as association:
+                responses = await receive(association, None)
+                converts = association.peer_implementation_class_uid == IMPLEMENTATION_CLASS_UID
+            first = responses.progress
+            if first is not None and first.failed_sop_instance_uids and not converts:
+                missing = set(first.failed_sop_instance_uids) - received
+                again = missing - await _again_by_syntax(args, receive, missing, received)
+    except BaseException:
+        bar.abandon()  # the error gets a line of its own
+        raise
     final = responses.progress
-    failed = (final.failed or 0) - len(again) if final else 0
+    _track(bar, final, len(received), len(not_saved))
+    bar.finish()
+    if error is not None:
+        print(f"dicomnet get: {error}", file=sys.stderr)
+    failed_count = (final.failed or 0) - len(again) if final else 0
     completed = (final.completed or 0) + len(again) if final else 0
-    status = responses.status if failed or not again else Status(0x0000)
+    status = Status(0x0000) if again and not failed_count else responses.status
+    mb = bar.bytes_done / 1e6
     print(
         f"received {len(received)} instance(s) into {out}; "
-        f"completed {completed}, failed {failed}, "
-        f"warning {final.warning if final else 0}; final status {status!r}",
+        f"completed {completed}, failed {failed_count}, "
+        f"warning {final.warning if final else 0}; final status {status!r}; "
+        f"{mb:.1f} MB in {bar.elapsed:.2f} s, {bar.megabytes_per_second:.1f} MB/s",
         file=sys.stderr,
     )
-    if status is None or status.is_failure:
+    failed = dict(not_saved)
+    if final is not None:
+        reason = failure_reason(final)
+        for uid in final.failed_sop_instance_uids:
+            if uid not in received:
+                failed.setdefault(uid, reason)
+    for uid, why in failed.items():
+        print(f"failed: {uid}: {why}" if why else f"failed: {uid}", file=sys.stderr)
+    if status is None or status.is_failure or not_saved:
         return 1
-    return 0 if not failed else 1
+    return 0 if not failed_count else 1
 
 
 async def _again_by_syntax(

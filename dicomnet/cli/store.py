@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ from dicomnet.cli.common import (
     add_common,
     add_remote,
     open_association,
+    reason_for,
     transfer_syntax_arg,
 )
+from dicomnet.cli.progress import ProgressBar
 from dicomnet.errors import AssociationRejected, DicomNetError
 from dicomnet.proto.contexts import (
     ContextCount,
@@ -60,35 +61,11 @@ def add_parser(sub: Any) -> None:
 
 
 @dataclass
-class _StoreTally:
-    total: int
-    total_bytes: int
-    sent: int = 0
-    warning: int = 0
-    failed: int = 0
-    bytes_done: int = 0
-    failures: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    last_draw: float = 0.0
-    show: bool = False
+class _StoreTally(ProgressBar):
+    """The store's counts and progress bar, and what failed (path: why)."""
 
-    def draw(self, force: bool = False) -> None:
-        if not self.show:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last_draw < 0.1:
-            return
-        self.last_draw = now
-        done = self.sent + self.warning + self.failed
-        width = 30
-        filled = int(width * done / self.total) if self.total else width
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.bytes_done / elapsed / 1e6
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} files "
-            f"{self.bytes_done / 1e6:.1f} MB {rate:.1f} MB/s failed {self.failed}  "
-        )
-        sys.stderr.flush()
+    total_bytes: int = 0
+    failures: list[str] = field(default_factory=list)
 
 
 def _collect(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -156,7 +133,7 @@ async def _send_queue(
             if status.is_warning:
                 tally.warning += 1
             else:
-                tally.sent += 1
+                tally.completed += 1
         tally.bytes_done += item.dataset_length
         tally.draw()
 
@@ -181,10 +158,10 @@ async def run(args: argparse.Namespace) -> int:
                     infos.append(info)
             except Exception as exc:
                 if path in explicit:
-                    errors.append(f"{path}: {exc}")
+                    errors.append(f"{path}: {reason_for(path, exc)}")
                 else:
                     skipped += 1
-                    log.info("skipping %s: %s", path, exc)
+                    log.info("skipping %s: %s", path, reason_for(path, exc))
 
     await anyio.to_thread.run_sync(inspect)
     tally = _StoreTally(
@@ -234,17 +211,15 @@ async def run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tg:
             for _ in range(max(1, min(args.concurrency, len(batch)))):
                 tg.start_soon(worker, contexts, queue)
-    tally.draw(force=True)
-    if tally.show:
-        sys.stderr.write("\n")
-    elapsed = max(time.perf_counter() - tally.started, 1e-9)
+    tally.finish()
+    elapsed = tally.elapsed
     for failure in tally.failures:
         print(f"failed: {failure}", file=sys.stderr)
     mb = tally.bytes_done / 1e6
     extra = f", skipped {skipped} non-DICOM" if skipped else ""
     extra += f", skipped {directories} DICOMDIR" if directories else ""
     print(
-        f"sent {tally.sent}, warning {tally.warning}, failed {tally.failed}{extra}; "
+        f"sent {tally.completed}, warning {tally.warning}, failed {tally.failed}{extra}; "
         f"{mb:.1f} MB in {elapsed:.2f} s, {mb / elapsed:.1f} MB/s"
     )
     return 1 if tally.failed else 0
