@@ -32,7 +32,7 @@ def closed_port() -> int:
 
 
 def store_files(server: DicomnetServer) -> None:
-    stored = run_dicomnet(["store", HOST, server.port, *FILES])
+    stored = run_dicomnet(["store", HOST, server.port, "--aec", server.aet or "ANY-SCP", *FILES])
     assert stored.returncode == 0, describe_cli(stored)
 
 
@@ -67,7 +67,8 @@ def test_the_bar_counts_bytes_and_eta(
 def test_move_names_the_failed_instances_and_why(
     dicomnet_server: Callable[..., DicomnetServer],
 ) -> None:
-    server = dicomnet_server(aet="PACS", extra_args=["--peer", f"GONE=127.0.0.1:{closed_port()}"])
+    gone = closed_port()
+    server = dicomnet_server(aet="PACS", extra_args=["--peer", f"GONE=127.0.0.1:{gone}"])
     store_files(server)
     result = run_dicomnet(
         ["move", HOST, server.port, "--aec", "PACS", "--dest", "GONE", "--model", "patient",
@@ -76,9 +77,11 @@ def test_move_names_the_failed_instances_and_why(
     assert result.returncode == 1, describe_cli(result)
     assert "\r" not in result.stderr  # not a terminal: no bar
     status = "Status(0xA702 Out of resources: unable to perform sub-operations)"
+    # serve's Error Comment says why: the destination could not be reached.
+    why = f"1 failed: move destination: could not connect to 127.0.0.1:{gone}"
     assert result.stdout.splitlines() == [
         f"final: remaining None, completed 0, failed 1, warning 0 ({status})",
-        f"failed: {dcmread(FILES[0]).SOPInstanceUID}: {status}",
+        f"failed: {dcmread(FILES[0]).SOPInstanceUID}: {status}: {why}",
     ], describe_cli(result)
     assert result.stderr.startswith("dicomnet move: "), describe_cli(result)
 
@@ -163,7 +166,8 @@ def test_get_names_an_instance_it_could_not_save(
     # Answered Out of Resources: the peer counts it failed too (the only one: A702).
     status = "Status(0xA702 Out of resources: unable to perform sub-operations)"
     assert result.stderr.splitlines() == [
-        f"dicomnet get: DIMSE operation failed with status {status}",
+        f"dicomnet get: DIMSE operation failed with status {status}: "
+        "1 failed: C-STORE 0xA700 Out of resources",
         f"received 0 instance(s) into {out}; completed 0, failed 1, warning 0; final status "
         f"{status}; 0.0 MB in " + result.stderr.split(" MB in ")[1].split("\n")[0],
         f"failed: {uid}: not saved: Is a directory",
