@@ -16,7 +16,7 @@ FOUNDATION = {"dicomnet._version", "dicomnet.errors", "dicomnet.status"}
 SHELL = {"dicomnet.association", "dicomnet.writer", "dicomnet.stream", "dicomnet.storage"}
 SHELL |= {"dicomnet.transport", "dicomnet.invoking", "dicomnet.performing", "dicomnet.receiving"}
 ABOVE_SERVICES = {"dicomnet.client", "dicomnet.server", "dicomnet.pacs", "dicomnet.cli"}
-ABOVE_SERVICES |= {"dicomnet.testing"}
+ABOVE_SERVICES |= {"dicomnet.testing", "dicomnet.route"}
 NO_IO = {"asyncio", "anyio", "time", "socket", "threading", "selectors", "os", "io"}
 
 
@@ -76,3 +76,9 @@ def test_services_sit_under_the_client_and_server(path: Path) -> None:
 def test_the_pacs_does_not_import_the_commands(path: Path) -> None:
     for name in imports(path):
         assert not starts(name, {"dicomnet.cli"}), f"{module_name(path)} imports {name}"
+
+
+@pytest.mark.parametrize("path", modules("route"), ids=lambda p: p.name)
+def test_the_router_stands_beside_the_pacs(path: Path) -> None:
+    for name in imports(path):
+        assert not starts(name, {"dicomnet.cli", "dicomnet.pacs"}), f"{module_name(path)}: {name}"

@@ -1,0 +1,1 @@
+"""What `dicomnet route` is: routing rules, a durable queue per destination, forwarding."""
