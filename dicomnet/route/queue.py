@@ -1,0 +1,181 @@
+"""The durable queue of `dicomnet route`: one folder per destination, one file per copy.
+
+    QUEUE/
+      .tmp/                   instances being written (never acknowledged: cleared at start)
+      <destination>/pending/  <sequence>-<attempts>.dcm   Part-10 files still to send
+      <destination>/dead/     <sequence>-<attempts>.dcm and .reason   given up on
+
+An instance is written once into `.tmp` (fsynced), then hard-linked into the pending
+folder of each destination it goes to (a coerced copy is a file of its own), the
+folders fsynced, and only then is its C-STORE answered: a crash at any moment loses
+nothing acknowledged. A copy is removed (and the removal fsynced) once its destination
+answered success or warning; a crash between that answer and the removal sends it once
+more, the only duplicate there can be. Blocking: call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DestinationStatus", "Entry", "Queue", "QueueFull"]
+
+_sequence = itertools.count()
+
+
+class QueueFull(Exception):
+    """A destination's queue holds its maximum: new instances are refused (0xA700)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One copy waiting for a destination."""
+
+    destination: str
+    path: Path
+
+    @property
+    def sequence(self) -> str:
+        return self.path.stem.rpartition("-")[0]
+
+    @property
+    def attempts(self) -> int:
+        return int(self.path.stem.rpartition("-")[2])
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStatus:
+    queued: int
+    dead: int
+    oldest_age: float | None  # seconds since the oldest pending copy was queued
+    queued_bytes: int
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_sequence() -> str:
+    """Names that sort in arrival order, across restarts too."""
+    return f"{time.time_ns():020d}{next(_sequence) % 10_000:04d}"
+
+
+class Queue:
+    """The queue folder (module docstring). `max_queued`: copies a destination may hold
+    before `put` refuses (None: no limit but the disk)."""
+
+    def __init__(
+        self,
+        root: Path,
+        destinations: Iterable[str],
+        *,
+        fsync: bool = True,
+        max_queued: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self.max_queued = max_queued
+        self.tmp = self.root / ".tmp"
+        shutil.rmtree(self.tmp, ignore_errors=True)  # never acknowledged
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._queued: dict[str, int] = {}
+        for name in destinations:
+            for sub in ("pending", "dead"):
+                (self.root / name / sub).mkdir(parents=True, exist_ok=True)
+            self._queued[name] = sum(1 for _ in self._pending_files(name))
+
+    def _pending_files(self, destination: str) -> Iterable[Path]:
+        return (self.root / destination / "pending").glob("*.dcm")
+
+    def temp_path(self) -> Path:
+        """Where to write an instance (or a coerced copy) before `put`."""
+        return self.tmp / f"{_new_sequence()}.dcm"
+
+    def has_room(self, destinations: Iterable[str]) -> bool:
+        return self.max_queued is None or all(
+            self._queued[name] < self.max_queued for name in destinations
+        )
+
+    def put(self, copies: Mapping[str, Path]) -> list[Entry]:
+        """Queue the files of `copies` (destination -> a file written under `.tmp`, fsynced
+        by its writer when `fsync`; one file may serve several destinations). When this
+        returns, every copy is durable. `QueueFull` when a destination has no room."""
+        if not self.has_room(copies):
+            full = [n for n in copies if self.max_queued and self._queued[n] >= self.max_queued]
+            raise QueueFull(f"the queue of {', '.join(full)} is full ({self.max_queued})")
+        sequence = _new_sequence()
+        entries = []
+        for name, source in copies.items():
+            target = self.root / name / "pending" / f"{sequence}-0.dcm"
+            os.link(source, target)
+            entries.append(Entry(name, target))
+        if self.fsync:
+            for name in copies:
+                _fsync_folder(self.root / name / "pending")
+        for source in set(copies.values()):
+            source.unlink()
+        for name in copies:
+            self._queued[name] += 1
+        return entries
+
+    def pending(self, destination: str) -> list[Entry]:
+        """The copies still to send to `destination`, oldest first."""
+        return [Entry(destination, p) for p in sorted(self._pending_files(destination))]
+
+    def done(self, entry: Entry) -> None:
+        """The destination confirmed `entry`: it goes, durably."""
+        entry.path.unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_folder(entry.path.parent)
+        self._queued[entry.destination] -= 1
+
+    def failed(self, entry: Entry) -> Entry:
+        """One more attempt of `entry` failed: the count is kept in its name."""
+        again = entry.path.with_name(f"{entry.sequence}-{entry.attempts + 1}.dcm")
+        os.replace(entry.path, again)
+        return Entry(entry.destination, again)
+
+    def give_up(self, entry: Entry, reason: str) -> Entry:
+        """Move `entry` to its destination's dead-letter folder, with the reason beside it."""
+        dead = self.root / entry.destination / "dead" / entry.path.name
+        dead.with_suffix(".reason").write_text(reason + "\n")
+        os.replace(entry.path, dead)
+        if self.fsync:
+            _fsync_folder(dead.parent)
+        self._queued[entry.destination] -= 1
+        return Entry(entry.destination, dead)
+
+    def retry_dead(self, destination: str) -> int:
+        """Put `destination`'s dead letters back in its queue (attempts from zero)."""
+        moved = 0
+        for dead in sorted((self.root / destination / "dead").glob("*.dcm")):
+            sequence = dead.stem.rpartition("-")[0]
+            os.replace(dead, self.root / destination / "pending" / f"{sequence}-0.dcm")
+            dead.with_suffix(".reason").unlink(missing_ok=True)
+            moved += 1
+        self._queued[destination] += moved
+        return moved
+
+    def status(self, now: float | None = None) -> dict[str, DestinationStatus]:
+        """Per destination: copies queued, dead letters, the oldest one's age."""
+        now = time.time() if now is None else now
+        out = {}
+        for name in self._queued:
+            pending = sorted(self._pending_files(name))
+            oldest = int(pending[0].stem.rpartition("-")[0][:20]) / 1e9 if pending else None
+            out[name] = DestinationStatus(
+                queued=len(pending),
+                dead=sum(1 for _ in (self.root / name / "dead").glob("*.dcm")),
+                oldest_age=None if oldest is None else max(0.0, now - oldest),
+                queued_bytes=sum(p.stat().st_size for p in pending),
+            )
+        return out
