@@ -1,0 +1,189 @@
+"""The configuration of `dicomnet route` (TOML):
+
+[listen]
+host = "0.0.0.0"           # default 127.0.0.1
+port = 11112               # default 11112
+aet = "ROUTER"             # default DICOMNET-ROUTE; checked as the called AE title
+allow = ["CT*", "MR1"]     # calling AE titles that may send (default: any)
+tls_cert = "router.crt"    # with tls_key: TLS; with tls_ca too: client certificates
+tls_key = "router.key"
+
+[queue]
+folder = "route-queue"     # default ./route-queue
+fsync = true
+max_queued = 100000        # copies per destination before 0xA700 (default: no limit)
+unrouted = "refuse"        # an instance no rule sends anywhere: "refuse" (0xC000,
+                           # default) or "accept" (acknowledged and not kept)
+
+[[destination]]
+name = "archive"           # what rules forward to
+aet = "ARCHIVE"
+host = "10.0.0.9"
+port = 104
+tls = false                # true: over TLS, verified with tls_ca (default: system CAs)
+associations = 2           # at most, at once (default 2)
+window = 1                 # C-STOREs outstanding per association, if the peer agrees
+attempts = 10              # then the copy goes to the dead letters (default 10)
+backoff = 2.0              # seconds before the first retry, doubling, with jitter,
+max_backoff = 600.0        #   up to this
+
+[[rule]]                   # dicomnet.route.rules
+...
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from dicomnet.route.rules import RouteRule, RuleError, parse_rules
+
+__all__ = ["ConfigError", "Destination", "RouteConfig", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, said in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str
+    aet: str
+    host: str
+    port: int
+    tls: bool = False
+    tls_ca: str | None = None
+    associations: int = 2
+    window: int = 1
+    attempts: int = 10
+    backoff: float = 2.0
+    max_backoff: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    host: str = "127.0.0.1"
+    port: int = 11112
+    aet: str = "DICOMNET-ROUTE"
+    allow: tuple[str, ...] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    queue: Path = Path("route-queue")
+    fsync: bool = True
+    max_queued: int | None = None
+    unrouted: str = "refuse"
+    destinations: tuple[Destination, ...] = ()
+    rules: tuple[RouteRule, ...] = field(default_factory=tuple)
+
+
+def _take(table: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    if key not in table:
+        return default
+    value = table.pop(key)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _no_more(table: dict[str, Any], where: str) -> None:
+    if table:
+        raise ConfigError(f"{where}: unknown setting {sorted(table)[0]!r}")
+
+
+def _destination(table: dict[str, Any], n: int) -> Destination:
+    where = f"destination {n}"
+    name = _take(table, "name", str, None, where)
+    if not name:
+        raise ConfigError(f"{where}: a name is needed")
+    where = f"destination {name!r}"
+    values = {
+        "aet": _take(table, "aet", str, None, where),
+        "host": _take(table, "host", str, None, where),
+        "port": _take(table, "port", int, None, where),
+    }
+    for key, value in values.items():
+        if value is None:
+            raise ConfigError(f"{where}: {key} is needed")
+    destination = Destination(
+        name=name,
+        tls=_take(table, "tls", bool, False, where),
+        tls_ca=_take(table, "tls_ca", str, None, where),
+        associations=_take(table, "associations", int, 2, where),
+        window=_take(table, "window", int, 1, where),
+        attempts=_take(table, "attempts", int, 10, where),
+        backoff=_take(table, "backoff", float, 2.0, where),
+        max_backoff=_take(table, "max_backoff", float, 600.0, where),
+        **values,
+    )
+    _no_more(table, where)
+    if destination.associations < 1 or destination.window < 1 or destination.attempts < 1:
+        raise ConfigError(f"{where}: associations, window and attempts are at least 1")
+    return destination
+
+
+def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
+    """A `RouteConfig` from a parsed TOML document; relative paths are taken from `base`."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    listen = data.pop("listen", {})
+    queue = data.pop("queue", {})
+    destinations = [_destination(dict(t), n) for n, t in enumerate(data.pop("destination", []), 1)]
+    names = [d.name for d in destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError("two destinations have the same name")
+    try:
+        rules = parse_rules(data.pop("rule", []), names)
+    except RuleError as exc:
+        raise ConfigError(str(exc)) from None
+    _no_more(data, "the configuration")
+    allow = _take(listen, "allow", list, None, "listen")
+
+    def path(value: str | None) -> str | None:
+        return None if value is None else str(base / value)
+
+    config = RouteConfig(
+        host=_take(listen, "host", str, "127.0.0.1", "listen"),
+        port=_take(listen, "port", int, 11112, "listen"),
+        aet=_take(listen, "aet", str, "DICOMNET-ROUTE", "listen"),
+        allow=tuple(allow) if allow is not None else None,
+        tls_cert=path(_take(listen, "tls_cert", str, None, "listen")),
+        tls_key=path(_take(listen, "tls_key", str, None, "listen")),
+        tls_ca=path(_take(listen, "tls_ca", str, None, "listen")),
+        queue=base / _take(queue, "folder", str, "route-queue", "queue"),
+        fsync=_take(queue, "fsync", bool, True, "queue"),
+        max_queued=_take(queue, "max_queued", int, None, "queue"),
+        unrouted=_take(queue, "unrouted", str, "refuse", "queue"),
+        destinations=tuple(destinations),
+        rules=tuple(rules),
+    )
+    _no_more(listen, "listen")
+    _no_more(queue, "queue")
+    if config.unrouted not in ("refuse", "accept"):
+        raise ConfigError(f"queue.unrouted: 'refuse' or 'accept', not {config.unrouted!r}")
+    if not destinations:
+        raise ConfigError("no [[destination]]: nothing to route to")
+    return config
+
+
+def load_config(path: str | Path) -> RouteConfig:
+    """Read and check the configuration file at `path` (`ConfigError` says what is wrong)."""
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{file}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not TOML: {exc}") from None
+    try:
+        return parse_config(data, file.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
