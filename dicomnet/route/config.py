@@ -4,7 +4,7 @@
 host = "0.0.0.0"           # default 127.0.0.1
 port = 11112               # default 11112
 aet = "ROUTER"             # default DICOMNET-ROUTE; checked as the called AE title
-allow = ["CT*", "MR1"]     # calling AE titles that may send (default: any)
+allow = ["CT1", "MR1"]     # calling AE titles that may send, exactly (default: any)
 tls_cert = "router.crt"    # with tls_key: TLS; with tls_ca too: client certificates
 tls_key = "router.key"
 
