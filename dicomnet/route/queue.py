@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class Queue:
         shutil.rmtree(self.tmp, ignore_errors=True)  # never acknowledged
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._queued: dict[str, int] = {}
+        self._lock = threading.Lock()  # the counts, from the threads that put and remove
         for name in destinations:
             for sub in ("pending", "dead"):
                 (self.root / name / sub).mkdir(parents=True, exist_ok=True)
@@ -123,8 +125,9 @@ class Queue:
                 _fsync_folder(self.root / name / "pending")
         for source in set(copies.values()):
             source.unlink()
-        for name in copies:
-            self._queued[name] += 1
+        with self._lock:
+            for name in copies:
+                self._queued[name] += 1
         return entries
 
     def pending(self, destination: str) -> list[Entry]:
@@ -136,7 +139,8 @@ class Queue:
         entry.path.unlink(missing_ok=True)
         if self.fsync:
             _fsync_folder(entry.path.parent)
-        self._queued[entry.destination] -= 1
+        with self._lock:
+            self._queued[entry.destination] -= 1
 
     def failed(self, entry: Entry) -> Entry:
         """One more attempt of `entry` failed: the count is kept in its name."""
@@ -151,7 +155,8 @@ class Queue:
         os.replace(entry.path, dead)
         if self.fsync:
             _fsync_folder(dead.parent)
-        self._queued[entry.destination] -= 1
+        with self._lock:
+            self._queued[entry.destination] -= 1
         return Entry(entry.destination, dead)
 
     def retry_dead(self, destination: str) -> int:
@@ -162,7 +167,8 @@ class Queue:
             os.replace(dead, self.root / destination / "pending" / f"{sequence}-0.dcm")
             dead.with_suffix(".reason").unlink(missing_ok=True)
             moved += 1
-        self._queued[destination] += moved
+        with self._lock:
+            self._queued[destination] += moved
         return moved
 
     def status(self, now: float | None = None) -> dict[str, DestinationStatus]:

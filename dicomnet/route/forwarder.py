@@ -1,0 +1,121 @@
+"""The sending side of `route`: one forwarder per destination takes the copies of its
+queue, oldest first, and sends them through a `Sender` (a `dicomnet.Pool`), several at a
+time. A copy is removed once the destination answered success or warning. A failure
+that another try may cure (the destination unreachable, busy, out of resources: A7xx)
+is retried after a pause that doubles each time, with jitter, up to `max_backoff`;
+after `attempts` tries, or at once for a failure no retry cures (the destination cannot
+understand or does not take this instance: A9xx, Cxxx, 0122, no context for it), the
+copy goes to the destination's dead letters with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+
+from dicomnet.errors import DicomNetError, DimseError, NotNegotiatedError
+from dicomnet.route.config import Destination
+from dicomnet.route.queue import Entry, Queue
+from dicomnet.status import Status
+
+__all__ = ["Forwarder", "Sender"]
+
+log = logging.getLogger("dicomnet")
+
+
+class Sender(Protocol):
+    async def store(self, dataset_or_path: str | os.PathLike[str]) -> Status: ...
+
+
+def _lasting(exc: DicomNetError) -> bool:
+    """A failure that trying again will not cure."""
+    if isinstance(exc, NotNegotiatedError):
+        return True
+    if isinstance(exc, DimseError):
+        return not 0xA700 <= int(exc.status) <= 0xA7FF
+    return False
+
+
+class Forwarder:
+    """Sends one destination's queue (module docstring); `add()` hands it new copies."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        destination: Destination,
+        sender: Sender,
+        *,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.queue = queue
+        self.destination = destination
+        self.sender = sender
+        self.jitter = jitter
+        self._ready: deque[Entry] = deque(queue.pending(destination.name))
+        self._more = anyio.Event()
+        self.sent = 0
+        self.retried = 0
+        self.dead = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._ready)
+
+    def add(self, entries: list[Entry]) -> None:
+        mine = [e for e in entries if e.destination == self.destination.name]
+        if mine:
+            self._ready.extend(mine)
+            self._more.set()
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        # As many copies in flight as the associations and their windows can carry.
+        slots = anyio.Semaphore(self.destination.associations * self.destination.window)
+        async with anyio.create_task_group() as tg:
+            while True:
+                while not self._ready:
+                    await self._more.wait()
+                    self._more = anyio.Event()
+                await slots.acquire()
+                tg.start_soon(self._send, self._ready.popleft(), slots, tg)
+
+    async def _send(self, entry: Entry, slots: anyio.Semaphore, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            try:
+                await self.sender.store(entry.path)
+            except DicomNetError as exc:
+                await self._failed(entry, exc, tg)
+                return
+            except FileNotFoundError:  # a dead letter put back twice, or removed by hand
+                return
+            await anyio.to_thread.run_sync(self.queue.done, entry)
+            self.sent += 1
+        finally:
+            slots.release()
+
+    async def _failed(self, entry: Entry, exc: DicomNetError, tg: anyio.abc.TaskGroup) -> None:
+        name = self.destination.name
+        attempts = entry.attempts + 1
+        if _lasting(exc) or attempts >= self.destination.attempts:
+            reason = f"after {attempts} attempt(s): {exc}"
+            log.warning("gave up sending %s to %s %s", entry.path.name, name, reason)
+            await anyio.to_thread.run_sync(self.queue.give_up, entry, reason)
+            self.dead += 1
+            return
+        again = await anyio.to_thread.run_sync(self.queue.failed, entry)
+        pause = min(self.destination.max_backoff, self.destination.backoff * 2 ** (attempts - 1))
+        pause *= 0.5 + self.jitter() / 2
+        log.info("sending %s to %s failed (%s): again in %.1f s", entry.path.name, name, exc, pause)
+        self.retried += 1
+        tg.start_soon(self._later, again, pause)
+
+    async def _later(self, entry: Entry, pause: float) -> None:
+        await anyio.sleep(pause)
+        self.add([entry])

@@ -1,0 +1,109 @@
+"""The forwarder of `route` (dicomnet.route.forwarder) with a sender that fails on cue."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from dicomnet.errors import ConnectionFailed, DimseError, NotNegotiatedError
+from dicomnet.route.config import Destination
+from dicomnet.route.forwarder import Forwarder
+from dicomnet.route.queue import Queue
+from dicomnet.status import Status
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class ScriptedSender:
+    """Answers each file's sends with the next of its script (an exception or success)."""
+
+    def __init__(self, script: dict[bytes, list[Exception | None]]) -> None:
+        self.script = script
+        self.sent: list[bytes] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def store(self, dataset_or_path: str | os.PathLike[str]) -> Status:
+        content = Path(dataset_or_path).read_bytes()
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await anyio.sleep(0.01)
+        self.in_flight -= 1
+        steps = self.script.get(content, [])
+        outcome = steps.pop(0) if steps else None
+        if outcome is not None:
+            raise outcome
+        self.sent.append(content)
+        return Status(0)
+
+
+def destination(**kwargs: object) -> Destination:
+    values: dict[str, object] = {"name": "archive", "aet": "A", "host": "127.0.0.1", "port": 1}
+    values.update(attempts=3, backoff=0.02, max_backoff=0.05)
+    values.update(kwargs)
+    return Destination(**values)  # type: ignore[arg-type]
+
+
+def queued(queue: Queue, *contents: bytes) -> list[object]:
+    entries = []
+    for content in contents:
+        path = queue.temp_path()
+        path.write_bytes(content)
+        entries += queue.put({"archive": path})
+    return entries
+
+
+async def run_until(forwarder: Forwarder, done: object, timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forwarder.run)
+            while not done():  # type: ignore[operator]
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_sends_what_was_queued_before_and_after_it_started(tmp_path: Path) -> None:
+    queue = Queue(tmp_path, ["archive"], fsync=False)
+    queued(queue, b"old-1", b"old-2")
+    sender = ScriptedSender({})
+    forwarder = Forwarder(queue, destination(associations=2, window=2), sender)
+    forwarder.add(queued(queue, *(b"new-%d" % n for n in range(10))))  # type: ignore[arg-type]
+    await run_until(forwarder, lambda: forwarder.sent == 12)
+    assert sorted(sender.sent) == sorted([b"old-1", b"old-2", *(b"new-%d" % n for n in range(10))])
+    assert queue.pending("archive") == []
+    assert 1 < sender.most_in_flight <= 4  # associations x window
+
+
+@pytest.mark.timeout(30)
+async def test_a_passing_failure_is_retried_and_a_lasting_one_is_a_dead_letter(
+    tmp_path: Path,
+) -> None:
+    queue = Queue(tmp_path, ["archive"], fsync=False)
+    busy = DimseError(0xA700, "disk full")
+    sender = ScriptedSender(
+        {
+            b"flaky": [ConnectionFailed("refused"), busy],
+            b"bad": [DimseError(0xA900, "not this class")],
+            b"unsendable": [NotNegotiatedError("no context")],
+            b"down": [ConnectionFailed("refused")] * 5,
+        }
+    )
+    forwarder = Forwarder(queue, destination(), sender, jitter=lambda: 1.0)
+    forwarder.add(queued(queue, b"flaky", b"bad", b"unsendable", b"down", b"fine"))  # type: ignore[arg-type]
+    await run_until(forwarder, lambda: forwarder.sent + forwarder.dead == 5)
+    assert sorted(sender.sent) == [b"fine", b"flaky"]
+    dead = sorted(p.read_bytes() for p in (tmp_path / "archive" / "dead").glob("*.dcm"))
+    assert dead == [b"bad", b"down", b"unsendable"]
+    reasons = sorted(p.read_text() for p in (tmp_path / "archive" / "dead").glob("*.reason"))
+    assert any("after 1 attempt(s)" in r and "not this class" in r for r in reasons)
+    assert any("after 3 attempt(s)" in r and "refused" in r for r in reasons)
+    assert forwarder.retried == 2 + 2  # flaky twice, down twice before its third attempt
