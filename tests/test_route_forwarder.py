@@ -107,3 +107,23 @@ async def test_a_passing_failure_is_retried_and_a_lasting_one_is_a_dead_letter(
     assert any("after 1 attempt(s)" in r and "not this class" in r for r in reasons)
     assert any("after 3 attempt(s)" in r and "refused" in r for r in reasons)
     assert forwarder.retried == 2 + 2  # flaky twice, down twice before its third attempt
+
+
+@pytest.mark.timeout(30)
+async def test_dead_letters_put_back_are_taken_by_a_running_forwarder(tmp_path: Path) -> None:
+    queue = Queue(tmp_path, ["archive"], fsync=False)
+    sender = ScriptedSender({b"later": [DimseError(0xC000, "cannot understand")]})
+    forwarder = Forwarder(queue, destination(), sender)
+    forwarder.add(queued(queue, b"later"))  # type: ignore[arg-type]
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forwarder.run, 0.05)
+            while forwarder.dead == 0:
+                await anyio.sleep(0.01)
+            # `route retry`, from another process: a queue opened without recovering.
+            assert Queue(tmp_path, recover=False).retry_dead("archive") == 1
+            while forwarder.sent == 0:
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert sender.sent == [b"later"]
+    assert queue.pending("archive") == []

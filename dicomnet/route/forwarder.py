@@ -58,8 +58,10 @@ class Forwarder:
         self.destination = destination
         self.sender = sender
         self.jitter = jitter
-        self._ready: deque[Entry] = deque(queue.pending(destination.name))
+        self._ready: deque[Entry] = deque()
+        self._known: set[str] = set()  # sequences ready, in flight or waiting to retry
         self._more = anyio.Event()
+        self.add(queue.pending(destination.name))
         self.sent = 0
         self.retried = 0
         self.dead = 0
@@ -72,13 +74,22 @@ class Forwarder:
         mine = [e for e in entries if e.destination == self.destination.name]
         if mine:
             self._ready.extend(mine)
+            self._known.update(e.sequence for e in mine)
             self._more.set()
 
-    async def run(self) -> None:
-        """Until cancelled."""
+    async def rescan(self) -> int:
+        """Take copies put in the pending folder from outside (`route retry`)."""
+        pending = await anyio.to_thread.run_sync(self.queue.pending, self.destination.name)
+        new = [e for e in pending if e.sequence not in self._known]
+        self.add(new)
+        return len(new)
+
+    async def run(self, rescan_every: float = 30.0) -> None:
+        """Until cancelled; the pending folder is looked at again every `rescan_every` s."""
         # As many copies in flight as the associations and their windows can carry.
         slots = anyio.Semaphore(self.destination.associations * self.destination.window)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._rescanning, rescan_every)
             while True:
                 while not self._ready:
                     await self._more.wait()
@@ -93,9 +104,11 @@ class Forwarder:
             except DicomNetError as exc:
                 await self._failed(entry, exc, tg)
                 return
-            except FileNotFoundError:  # a dead letter put back twice, or removed by hand
+            except FileNotFoundError:  # removed by hand
+                self._known.discard(entry.sequence)
                 return
             await anyio.to_thread.run_sync(self.queue.done, entry)
+            self._known.discard(entry.sequence)
             self.sent += 1
         finally:
             slots.release()
@@ -107,6 +120,7 @@ class Forwarder:
             reason = f"after {attempts} attempt(s): {exc}"
             log.warning("gave up sending %s to %s %s", entry.path.name, name, reason)
             await anyio.to_thread.run_sync(self.queue.give_up, entry, reason)
+            self._known.discard(entry.sequence)
             self.dead += 1
             return
         again = await anyio.to_thread.run_sync(self.queue.failed, entry)
@@ -115,6 +129,11 @@ class Forwarder:
         log.info("sending %s to %s failed (%s): again in %.1f s", entry.path.name, name, exc, pause)
         self.retried += 1
         tg.start_soon(self._later, again, pause)
+
+    async def _rescanning(self, every: float) -> None:
+        while True:
+            await anyio.sleep(every)
+            await self.rescan()
 
     async def _later(self, entry: Entry, pause: float) -> None:
         await anyio.sleep(pause)

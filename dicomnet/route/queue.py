@@ -77,17 +77,23 @@ class Queue:
     def __init__(
         self,
         root: Path,
-        destinations: Iterable[str],
+        destinations: Iterable[str] | None = None,
         *,
         fsync: bool = True,
         max_queued: int | None = None,
+        recover: bool = True,
     ) -> None:
+        """`destinations`: None for those that have a folder (to look at a queue a router
+        uses: then also not `recover`, which clears what was being written)."""
         self.root = Path(root)
         self.fsync = fsync
         self.max_queued = max_queued
         self.tmp = self.root / ".tmp"
-        shutil.rmtree(self.tmp, ignore_errors=True)  # never acknowledged
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        if recover:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # never acknowledged
+            self.tmp.mkdir(parents=True, exist_ok=True)
+        if destinations is None:
+            destinations = sorted(p.parent.name for p in self.root.glob("*/pending"))
         self._queued: dict[str, int] = {}
         self._lock = threading.Lock()  # the counts, from the threads that put and remove
         for name in destinations:
