@@ -137,8 +137,12 @@ class Queue:
         return entries
 
     def pending(self, destination: str) -> list[Entry]:
-        """The copies still to send to `destination`, oldest first."""
-        return [Entry(destination, p) for p in sorted(self._pending_files(destination))]
+        """The copies still to send to `destination`, oldest first (the count kept for
+        `has_room` is taken again: copies may have been put back from outside)."""
+        entries = [Entry(destination, p) for p in sorted(self._pending_files(destination))]
+        with self._lock:
+            self._queued[destination] = len(entries)
+        return entries
 
     def done(self, entry: Entry) -> None:
         """The destination confirmed `entry`: it goes, durably."""
