@@ -29,7 +29,10 @@ log = logging.getLogger("dicomnet")
 
 def coerce(dataset: Dataset, coercion: Coercion) -> Dataset:
     """A copy of `dataset` with `coercion`'s attributes set and removed."""
-    changed = deepcopy(dataset)
+    changed = Dataset()  # element by element: not the file the data set was read from
+    changed.file_meta = deepcopy(dataset.file_meta)
+    for element in dataset:
+        changed.add(deepcopy(element))
     for keyword, value in coercion.set:
         setattr(changed, keyword, value)
     for keyword in coercion.remove:
