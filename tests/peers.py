@@ -460,10 +460,11 @@ def start_storescp(
     aet: str = "STORESCP",
     extra_args: Sequence[str] = (),
     accept_all: bool = True,
+    port: int | None = None,
     timeout: float = 20.0,
 ) -> StoreSCP:
     """storescp bit-preserving; with `accept_all` (+xa) every transfer syntax, else its
-    default: the uncompressed ones only."""
+    default: the uncompressed ones only. `port`: this one, else a free one."""
     workdir.mkdir(parents=True, exist_ok=True)
     out_dir = workdir / "received"
     out_dir.mkdir(exist_ok=True)
@@ -474,6 +475,10 @@ def start_storescp(
             "-ta", "30", "-od", str(out_dir), "-aet", aet, *extra_args, str(port),
         ]  # fmt: skip
 
+    if port is not None:
+        proc = ManagedProcess("storescp", argv(port), workdir / "storescp.log").start()
+        proc.wait_listening(port, timeout)
+        return StoreSCP(process=proc, port=port, out_dir=out_dir, aet=aet)
     proc, port = start_listening_process(
         "storescp", argv, workdir / "storescp.log", timeout=timeout
     )

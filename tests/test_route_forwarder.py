@@ -91,22 +91,36 @@ async def test_a_passing_failure_is_retried_and_a_lasting_one_is_a_dead_letter(
     busy = DimseError(0xA700, "disk full")
     sender = ScriptedSender(
         {
-            b"flaky": [ConnectionFailed("refused"), busy],
+            b"flaky": [busy],
             b"bad": [DimseError(0xA900, "not this class")],
             b"unsendable": [NotNegotiatedError("no context")],
-            b"down": [ConnectionFailed("refused")] * 5,
+            b"full": [busy] * 5,
         }
     )
     forwarder = Forwarder(queue, destination(), sender, jitter=lambda: 1.0)
-    forwarder.add(queued(queue, b"flaky", b"bad", b"unsendable", b"down", b"fine"))  # type: ignore[arg-type]
+    forwarder.add(queued(queue, b"flaky", b"bad", b"unsendable", b"full", b"fine"))  # type: ignore[arg-type]
     await run_until(forwarder, lambda: forwarder.sent + forwarder.dead == 5)
     assert sorted(sender.sent) == [b"fine", b"flaky"]
     dead = sorted(p.read_bytes() for p in (tmp_path / "archive" / "dead").glob("*.dcm"))
-    assert dead == [b"bad", b"down", b"unsendable"]
+    assert dead == [b"bad", b"full", b"unsendable"]
     reasons = sorted(p.read_text() for p in (tmp_path / "archive" / "dead").glob("*.reason"))
     assert any("after 1 attempt(s)" in r and "not this class" in r for r in reasons)
-    assert any("after 3 attempt(s)" in r and "refused" in r for r in reasons)
-    assert forwarder.retried == 2 + 2  # flaky twice, down twice before its third attempt
+    assert any("after 3 attempt(s)" in r and "disk full" in r for r in reasons)
+    assert forwarder.retried == 1 + 2  # flaky once, full twice before its third attempt
+
+
+@pytest.mark.timeout(30)
+async def test_a_destination_down_pauses_the_queue_and_charges_no_copy(tmp_path: Path) -> None:
+    queue = Queue(tmp_path, ["archive"], fsync=False)
+    refused = ConnectionFailed("refused")
+    # Each copy is refused several times: more than `attempts`, yet none is given up.
+    sender = ScriptedSender({bytes([n]): [refused] * 4 for n in range(6)})
+    forwarder = Forwarder(queue, destination(window=3), sender, jitter=lambda: 0.0)
+    forwarder.add(queued(queue, *(bytes([n]) for n in range(6))))  # type: ignore[arg-type]
+    await run_until(forwarder, lambda: forwarder.sent == 6)
+    assert forwarder.dead == 0 and sorted(sender.sent) == [bytes([n]) for n in range(6)]
+    assert not queue.pending("archive")
+    assert not list((tmp_path / "archive" / "dead").iterdir())
 
 
 @pytest.mark.timeout(30)

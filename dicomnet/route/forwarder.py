@@ -1,11 +1,15 @@
 """The sending side of `route`: one forwarder per destination takes the copies of its
 queue, oldest first, and sends them through a `Sender` (a `dicomnet.Pool`), several at a
-time. A copy is removed once the destination answered success or warning. A failure
-that another try may cure (the destination unreachable, busy, out of resources: A7xx)
-is retried after a pause that doubles each time, with jitter, up to `max_backoff`;
-after `attempts` tries, or at once for a failure no retry cures (the destination cannot
-understand or does not take this instance: A9xx, Cxxx, 0122, no context for it), the
-copy goes to the destination's dead letters with the reason.
+time. A copy is removed once the destination answered success or warning.
+
+A destination that cannot be reached (refused, rejected, aborted, timed out) pauses the
+whole forwarder, for a time that doubles with each failure in a row (with jitter, up to
+`max_backoff`): the copies wait on disk, however long it is down, and no copy is charged
+an attempt. A failure status that another try may cure (A7xx, out of resources) is
+retried after such a pause for that copy; after `attempts` tries, or at once for a
+failure no retry cures (the destination cannot understand or does not take this
+instance: A9xx, Cxxx, 0122, no context for it), the copy goes to the destination's dead
+letters with the reason.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ log = logging.getLogger("dicomnet")
 
 class Sender(Protocol):
     async def store(self, dataset_or_path: str | os.PathLike[str]) -> Status: ...
+
+
+def _unreachable(exc: DicomNetError) -> bool:
+    """The destination, not the instance, is the trouble."""
+    return not isinstance(exc, (DimseError, NotNegotiatedError))
 
 
 def _lasting(exc: DicomNetError) -> bool:
@@ -62,6 +71,9 @@ class Forwarder:
         self._known: set[str] = set()  # sequences ready, in flight or waiting to retry
         self._more = anyio.Event()
         self.add(queue.pending(destination.name))
+        self._down = 0  # connection failures in a row
+        self._resume = 0.0  # no sending before this (anyio.current_time())
+        self.in_flight = 0
         self.sent = 0
         self.retried = 0
         self.dead = 0
@@ -94,10 +106,14 @@ class Forwarder:
                 while not self._ready:
                     await self._more.wait()
                     self._more = anyio.Event()
+                await anyio.sleep_until(self._resume)
+                if not self._ready:
+                    continue
                 await slots.acquire()
                 tg.start_soon(self._send, self._ready.popleft(), slots, tg)
 
     async def _send(self, entry: Entry, slots: anyio.Semaphore, tg: anyio.abc.TaskGroup) -> None:
+        self.in_flight += 1
         try:
             try:
                 await self.sender.store(entry.path)
@@ -110,11 +126,29 @@ class Forwarder:
             await anyio.to_thread.run_sync(self.queue.done, entry)
             self._known.discard(entry.sequence)
             self.sent += 1
+            if self._down:
+                log.info("destination %s reachable again", self.destination.name)
+                self._down = 0
         finally:
+            self.in_flight -= 1
             slots.release()
+
+    def _pause(self, failures: int) -> float:
+        d = self.destination
+        return min(d.max_backoff, d.backoff * 2 ** (failures - 1)) * (0.5 + self.jitter() / 2)
 
     async def _failed(self, entry: Entry, exc: DicomNetError, tg: anyio.abc.TaskGroup) -> None:
         name = self.destination.name
+        if _unreachable(exc):
+            self._ready.appendleft(entry)  # first again, uncharged
+            self._more.set()
+            if anyio.current_time() >= self._resume:  # not already paused by another
+                self._down += 1
+                pause = self._pause(self._down)
+                self._resume = anyio.current_time() + pause
+                log.warning("destination %s unreachable (%s): again in %.1f s", name, exc, pause)
+                self.retried += 1
+            return
         attempts = entry.attempts + 1
         if _lasting(exc) or attempts >= self.destination.attempts:
             reason = f"after {attempts} attempt(s): {exc}"
@@ -124,8 +158,7 @@ class Forwarder:
             self.dead += 1
             return
         again = await anyio.to_thread.run_sync(self.queue.failed, entry)
-        pause = min(self.destination.max_backoff, self.destination.backoff * 2 ** (attempts - 1))
-        pause *= 0.5 + self.jitter() / 2
+        pause = self._pause(attempts)
         log.info("sending %s to %s failed (%s): again in %.1f s", entry.path.name, name, exc, pause)
         self.retried += 1
         tg.start_soon(self._later, again, pause)
