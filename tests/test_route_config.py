@@ -86,3 +86,18 @@ def test_not_toml_and_no_file(tmp_path: Path) -> None:
     empty.write_text("")
     with pytest.raises(ConfigError, match="nothing to route to"):
         load_config(empty)
+
+
+def test_the_guide_s_example_is_a_valid_configuration() -> None:
+    import re
+
+    import tomllib
+
+    from dicomnet.route.config import parse_config
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "commands.md").read_text()
+    section = guide.split("## route\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```toml\n(.*?)```", section, flags=re.S)
+    config = parse_config(tomllib.loads(block))
+    assert [d.name for d in config.destinations] == ["archive", "ai"]
+    assert len(config.rules) == 2

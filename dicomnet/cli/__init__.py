@@ -22,6 +22,7 @@ from dicomnet.cli import (
     index,
     move,
     passwd,
+    route,
     serve,
     store,
 )
@@ -36,7 +37,7 @@ from dicomnet.errors import DicomNetError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (echo, store, find, move, get, serve, bench, index, delete, commit, passwd)
+COMMANDS = (echo, store, find, move, get, serve, route, bench, index, delete, commit, passwd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,91 @@
+"""`dicomnet route` assembled: an AE whose C-STOREs go through the intake into the
+queue, and a forwarder per destination sending through a pool of associations."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+
+import anyio
+
+from dicomnet.route.config import Destination, RouteConfig
+from dicomnet.route.forwarder import Forwarder, Sender
+from dicomnet.route.intake import Intake
+from dicomnet.route.queue import Entry, Queue
+from dicomnet.server import AE, Server
+from dicomnet.stream import TCP, NetworkBackend
+
+__all__ = ["Router"]
+
+log = logging.getLogger("dicomnet")
+
+SenderFactory = Callable[[Destination], AbstractAsyncContextManager[Sender]]
+
+
+class Router:
+    """The router of `config`; `serve()` runs it. `senders(destination)` makes what sends
+    to a destination (default: a `dicomnet.Pool` as the destination says)."""
+
+    def __init__(
+        self,
+        config: RouteConfig,
+        *,
+        senders: SenderFactory | None = None,
+        tls: ssl.SSLContext | None = None,
+        client_tls: Callable[[Destination], ssl.SSLContext | None] | None = None,
+        backend: NetworkBackend = TCP,
+    ) -> None:
+        self.config = config
+        self.tls = tls
+        self.client_tls = client_tls
+        self.backend = backend
+        self.senders = senders or self._pool
+        names = [d.name for d in config.destinations]
+        self.queue = Queue(config.queue, names, fsync=config.fsync, max_queued=config.max_queued)
+        self.forwarders: dict[str, Forwarder] = {}
+        self.ae = AE(
+            config.aet,
+            require_called_ae_title=True,
+            allowed_calling_ae_titles=config.allow,
+            fsync=config.fsync,
+        )
+        intake = Intake(
+            config.rules, self.queue, self._hand_over, refuse_unrouted=config.unrouted == "refuse"
+        )
+        self.ae.on_store(intake.on_store)
+
+    def _hand_over(self, entries: list[Entry]) -> None:
+        for forwarder in self.forwarders.values():
+            forwarder.add(entries)
+
+    def _pool(self, destination: Destination) -> AbstractAsyncContextManager[Sender]:
+        from dicomnet.pool import Pool
+
+        return Pool(
+            destination.host,
+            destination.port,
+            aet=self.config.aet,
+            aec=destination.aet,
+            tls=self.client_tls(destination) if self.client_tls else None,
+            max_associations=destination.associations,
+            window=destination.window,
+            backend=self.backend,
+        )
+
+    @asynccontextmanager
+    async def serve(self) -> AsyncIterator[Server]:
+        """Listen and forward until the block ends; the queue stays for the next start."""
+        async with AsyncExitStack() as stack:
+            for destination in self.config.destinations:
+                sender = await stack.enter_async_context(self.senders(destination))
+                self.forwarders[destination.name] = Forwarder(self.queue, destination, sender)
+            async with anyio.create_task_group() as tg:
+                for forwarder in self.forwarders.values():
+                    tg.start_soon(forwarder.run)
+                async with self.ae.serve(
+                    self.config.host, self.config.port, backend=self.backend, tls=self.tls
+                ) as server:
+                    yield server
+                tg.cancel_scope.cancel()

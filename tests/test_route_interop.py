@@ -1,0 +1,160 @@
+"""`dicomnet route` between real peers: DCMTK storescu sending on several associations at
+once, DCMTK storescp and `dicomnet serve` as destinations; a destination down, and a
+`kill -9` of the router."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from peers import (
+    HOST,
+    REPO_ROOT,
+    DicomnetServer,
+    ManagedProcess,
+    StoreSCP,
+    dataset_bytes,
+    dicomnet_command,
+    dicomnet_env,
+    free_port,
+    index_part10_tree,
+    start_listening_process,
+    storescu,
+    wait_until,
+)
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+pytestmark = pytest.mark.dcmtk
+
+
+def instances(folder: Path, name: str, count: int) -> list[Path]:
+    """`count` copies of a pydicom test file under new SOP Instance UIDs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in range(count):
+        ds = dcmread(get_testdata_file(name))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = folder / f"{name[:2]}{n:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def route_argv(workdir: Path, port: int, destinations: dict[str, tuple[str, int]]) -> list[str]:
+    lines = [
+        f'[listen]\nhost = "{HOST}"\nport = {port}\naet = "ROUTER"\n',
+        f'[queue]\nfolder = "{workdir / "queue"}"\n',
+    ]
+    for name, (aet, dport) in destinations.items():
+        lines.append(
+            f'[[destination]]\nname = "{name}"\naet = "{aet}"\nhost = "{HOST}"\n'
+            f"port = {dport}\nassociations = 2\nbackoff = 0.2\nmax_backoff = 1.0\n"
+        )
+    lines.append('[[rule]]\nmatch = { Modality = "CT" }\nforward = ["dcmtk"]\n')
+    lines.append('[[rule]]\nmatch = { Modality = "MR" }\nforward = ["archive"]\n')
+    config = workdir / "route.toml"
+    config.write_text("\n".join(lines))
+    return [*dicomnet_command(), "route", "--config", str(config), "-v"]
+
+
+def start_route(
+    workdir: Path, destinations: dict[str, tuple[str, int]], port: int | None = None
+) -> tuple[ManagedProcess, int]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"route-{len(list(workdir.glob('route-*.log')))}.log"
+    env = dicomnet_env(workdir / "tmp")
+    if port is None:
+        return start_listening_process(
+            "dicomnet route",
+            lambda p: route_argv(workdir, p, destinations),
+            log,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+    process = ManagedProcess(
+        "dicomnet route", route_argv(workdir, port, destinations), log, env=env, cwd=REPO_ROOT
+    ).start()
+    process.wait_listening(port, 20)
+    return process, port
+
+
+def send_at_once(port: int, batches: list[list[Path]]) -> None:
+    """One storescu per batch, all at the same time."""
+    results: list[object] = []
+
+    def send(batch: list[Path]) -> None:
+        results.append(storescu(port, batch, aec="ROUTER"))
+
+    threads = [threading.Thread(target=send, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for result in results:
+        assert result.returncode == 0, result  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(180)
+def test_each_instance_reaches_the_destinations_of_its_rule_byte_identical(
+    tmp_path: Path,
+    storescp: Callable[..., StoreSCP],
+    dicomnet_server: Callable[..., DicomnetServer],
+) -> None:
+    cts = instances(tmp_path / "in", "CT_small.dcm", 12)
+    mrs = instances(tmp_path / "in", "MR_small.dcm", 12)
+    dcmtk = storescp(aet="STORESCP")
+    archive = dicomnet_server(aet="ARCHIVE")
+    router, port = start_route(
+        tmp_path / "route",
+        {"dcmtk": ("STORESCP", dcmtk.port), "archive": ("ARCHIVE", archive.port)},
+    )
+    try:
+        send_at_once(port, [cts[:6] + mrs[:6], cts[6:] + mrs[6:], [cts[0]]])
+        received = dcmtk.wait_received(12, timeout=30)
+        stored = archive.wait_stored([dcmread(p).SOPInstanceUID for p in mrs], timeout=30)
+    finally:
+        router.stop()
+    by_uid = {str(dcmread(p).SOPInstanceUID): p for p in cts + mrs}
+    assert set(received) == {str(dcmread(p).SOPInstanceUID) for p in cts}, router.log_text()
+    assert {str(dcmread(p).SOPInstanceUID) for p in mrs} <= set(stored)
+    assert not set(received) & {str(dcmread(p).SOPInstanceUID) for p in mrs}
+    for uid, path in received.items():
+        assert dataset_bytes(path) == dataset_bytes(by_uid[uid])
+    for p in mrs:
+        assert dataset_bytes(stored[str(dcmread(p).SOPInstanceUID)]) == dataset_bytes(p)
+
+
+@pytest.mark.timeout(180)
+def test_a_destination_down_and_a_kill_9_lose_nothing_and_send_nothing_twice(
+    tmp_path: Path, storescp: Callable[..., StoreSCP]
+) -> None:
+    cts = instances(tmp_path / "in", "CT_small.dcm", 20)
+    down = free_port()  # the destination is not there yet
+    destinations = {"dcmtk": ("STORESCP", down), "archive": ("ARCHIVE", free_port())}
+    router, port = start_route(tmp_path / "route", destinations)
+    send_at_once(port, [cts[:10], cts[10:]])  # all acknowledged: queued on disk
+    assert router.proc is not None
+    router.proc.send_signal(signal.SIGKILL)
+    router.proc.wait(10)
+    pending = tmp_path / "route" / "queue" / "dcmtk" / "pending"
+    assert len(list(pending.glob("*.dcm"))) == 20
+    # The destination comes up (unique file names: a second copy would show), the router
+    # comes back on its port.
+    dcmtk = storescp(aet="STORESCP", port=down, extra_args=["+uf"])
+    router, _ = start_route(tmp_path / "route", destinations, port=port)
+    try:
+        assert wait_until(lambda: len(list(dcmtk.out_dir.rglob("*"))) >= 20, 60)
+        assert wait_until(lambda: not list(pending.glob("*.dcm")), 30)
+    finally:
+        router.stop()
+    files = [p for p in dcmtk.out_dir.rglob("*") if p.is_file()]
+    assert len(files) == 20, router.log_text()
+    assert {str(dcmread(p).SOPInstanceUID) for p in files} == {
+        str(dcmread(p).SOPInstanceUID) for p in cts
+    }
+    assert index_part10_tree(dcmtk.out_dir)
