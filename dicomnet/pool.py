@@ -316,7 +316,8 @@ class Pool:
                 raise refused
             if len(self._connections) < self.max_associations:
                 return await self._open(kind)
-            if not covered:
+            if not covered and not any(conn.retiring for conn in self._connections):
+                # One at a time: a place being freed already serves one waiter.
                 idle = [conn for conn in self._connections if conn.idle]
                 if idle:
                     self._retire(min(idle, key=lambda conn: conn.idle_since))

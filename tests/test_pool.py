@@ -3,6 +3,7 @@ the asynchronous operations window (PS3.7 §D.3.3.3) where the peer accepts one.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ CT_FILE = get_testdata_file("CT_small.dcm")
 MR_FILE = get_testdata_file("MR_small.dcm")
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"
+SERIAL = itertools.count(1)  # a new SOP Instance UID for each instance made
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def instances(folder: Path, count: int, source: str = CT_FILE) -> list[Path]:
     dataset = dcmread(source)
     paths = []
     for number in range(1, count + 1):
-        uid = f"{UID_ROOT}.{abs(hash(source)) % 1000}.{number}"
+        uid = f"{UID_ROOT}.{next(SERIAL)}"
         dataset.SOPInstanceUID = uid
         dataset.file_meta.MediaStorageSOPInstanceUID = uid
         path = folder / f"{number}.dcm"
@@ -387,3 +389,21 @@ async def test_transfer_syntax_is_passed_through(tmp_path: Path) -> None:
             await pool.store(dcmread(MR_FILE))
     assert server_side.requests[0].transfer_syntax == ImplicitVRLittleEndian
     assert server_side.requests[1].sop_class_uid == dcmread(MR_FILE).SOPClassUID
+
+
+@pytest.mark.timeout(30)
+async def test_kinds_mixed_from_many_tasks_at_a_limit_of_one(tmp_path: Path) -> None:
+    cts = instances(tmp_path / "ct", 4)
+    mrs = instances(tmp_path / "mr", 4, MR_FILE)
+    server_side = Recorder(tmp_path / "in")
+    async with server_side.ae.serve("127.0.0.1", 0) as server:
+        async with dicomnet.Pool("127.0.0.1", server.port, aec="PACS", max_associations=1) as pool:
+            with anyio.fail_after(20):
+                statuses = await store_concurrently(
+                    pool, [p for pair in zip(cts, mrs, strict=True) for p in pair]
+                )
+            stats = pool.stats
+    assert len(statuses) == 8 and all(s.is_success for s in statuses)
+    # The first association knew CTs only; the one replacing it was proposed both kinds.
+    assert stats.opened == 2 and server_side.admitted == 2
+    assert len({r.sop_instance_uid for r in server_side.requests}) == 8
