@@ -22,6 +22,7 @@ from dicomnet.errors import (
     TLSError,
 )
 from dicomnet.identity import UserIdentity
+from dicomnet.pool import Pool, PoolStats
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.server import (
     AE,
@@ -80,6 +81,8 @@ __all__ = [
     "NResponse",
     "NotNegotiatedError",
     "Peer",
+    "Pool",
+    "PoolStats",
     "PresentationContext",
     "ProtocolError",
     "Reject",

@@ -16,7 +16,7 @@ FOUNDATION = {"dicomnet._version", "dicomnet.errors", "dicomnet.status"}
 SHELL = {"dicomnet.association", "dicomnet.writer", "dicomnet.stream", "dicomnet.storage"}
 SHELL |= {"dicomnet.transport", "dicomnet.invoking", "dicomnet.performing", "dicomnet.receiving"}
 ABOVE_SERVICES = {"dicomnet.client", "dicomnet.server", "dicomnet.pacs", "dicomnet.cli"}
-ABOVE_SERVICES |= {"dicomnet.testing", "dicomnet.route"}
+ABOVE_SERVICES |= {"dicomnet.testing", "dicomnet.route", "dicomnet.pool"}
 NO_IO = {"asyncio", "anyio", "time", "socket", "threading", "selectors", "os", "io"}
 
 

@@ -66,7 +66,7 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
 
 # Python blocks that are not run, and why (none today).
 NOT_RUN: dict[str, str] = {}
-RUN = ("echo-store", "query-retrieve", "scp", "n-services", "commitment", "tls")
+RUN = ("echo-store", "query-retrieve", "scp", "n-services", "commitment", "tls", "pool")
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,16 @@ def test_query_retrieve(peers: Peers, workdir: Path) -> None:
     assert f"got {CT_UID}" in out and f"retrieved {CT_UID}" in out
     assert (workdir / f"{CT_UID}.dcm").read_bytes()[128:132] == b"DICM"
     assert (peers.archive / f"{CT_UID}.dcm").exists()  # where the C-MOVE sent it
+
+
+@pytest.mark.timeout(120)
+def test_pool(peers: Peers, workdir: Path) -> None:
+    out = run_block("pool", workdir, peers.ports)
+    for path in ("a.dcm", "b.dcm", "image.dcm"):
+        assert f"{path} Success" in out
+    opened = re.search(r"opened=(\d+), open=(\d+), sent=(\d+), failed=(\d+)", out)
+    assert opened is not None, out
+    assert 1 <= int(opened.group(1)) <= 2 and opened.group(3, 4) == ("3", "0")
 
 
 @pytest.mark.timeout(120)

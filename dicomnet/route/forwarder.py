@@ -135,7 +135,8 @@ class Forwarder:
 
     def _pause(self, failures: int) -> float:
         d = self.destination
-        return min(d.max_backoff, d.backoff * 2 ** (failures - 1)) * (0.5 + self.jitter() / 2)
+        pause: float = min(d.max_backoff, d.backoff * 2 ** (failures - 1))
+        return pause * (0.5 + self.jitter() / 2)
 
     async def _failed(self, entry: Entry, exc: DicomNetError, tg: anyio.abc.TaskGroup) -> None:
         name = self.destination.name
