@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from dicomnet.association import AssociationSettings
 from dicomnet.client import open_association
 from dicomnet.errors import (
+    ConnectionFailed,
     DicomNetError,
     DimseError,
     InvalidDatasetError,
@@ -38,6 +39,7 @@ from dicomnet.errors import (
 from dicomnet.identity import UserIdentity
 from dicomnet.proto.contexts import (
     EXPLICIT_VR_LITTLE_ENDIAN,
+    VERIFICATION,
     ContextCount,
     PresentationContext,
     contexts_for_instances,
@@ -111,6 +113,7 @@ class _Connection:
         self.uses = 0
         self.idle_since = anyio.current_time()
         self.retiring = False
+        self.error: DicomNetError | None = None  # why it could not be opened
 
     @property
     def usable(self) -> bool:
@@ -140,7 +143,9 @@ class Pool:
     as `Association.store` takes). Up to `max_associations` are opened on demand; each
     carries up to `window` C-STOREs at once, within the Asynchronous Operations Window
     the peer accepted (PS3.7 §D.3.3.3; the item is proposed only when `window` > 1), and
-    is released after `idle_timeout` seconds idle (None: kept until the pool closes).
+    is released after `idle_timeout` seconds idle (None: kept until the pool closes). One
+    idle for `check_after` seconds is checked with a C-ECHO before it is used again (a
+    firewall may have dropped it without a word); if that fails, another is used.
     Leaving the block releases every association (A-RELEASE), or aborts them when the
     block raises. `tls` and the timeouts are those of `dicomnet.connect()`.
     """
@@ -156,6 +161,7 @@ class Pool:
         max_associations: int = 4,
         window: int = 1,
         idle_timeout: float | None = 30.0,
+        check_after: float | None = 10.0,
         max_pdu_length: int = 262_144,
         connect_timeout: float = 30.0,
         artim_timeout: float = 30.0,
@@ -170,6 +176,7 @@ class Pool:
         self.max_associations = max_associations
         self.window = window
         self.idle_timeout = idle_timeout
+        self.check_after = check_after
         self._tls = tls
         self._connect_timeout = connect_timeout
         self._user_identity = user_identity
@@ -262,6 +269,7 @@ class Pool:
         for attempt in (1, 2):
             conn = await self._acquire(kind)
             assert conn.association is not None
+            stale = self._stale(conn)
             sent = False
 
             def progress(done: int, total: int) -> None:
@@ -269,6 +277,8 @@ class Pool:
                 sent = done >= total  # the last byte went out: the peer may have it
 
             try:
+                if stale:
+                    await _check(conn.association)
                 return await conn.association.store(
                     instance, transfer_syntax=kind.preferred, progress=progress
                 )
@@ -288,40 +298,62 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _acquire(self, kind: _Kind) -> _Connection:
-        """An association that takes `kind` with room in its window: an open one, a new
-        one, or (at the limit) one that frees up; the least recently used idle
-        association is released to make room for a kind no open one takes."""
+        """An association that takes `kind` with room in its window: whichever comes first
+        of an open one freeing up and one opened for it in the background (a peer serving
+        one association at a time answers a new one only when another is released). At
+        the limit, the least recently used idle association is released to make room for
+        a kind no open one takes."""
+        opening: _Connection | None = None
         while True:
             if self._closing:
                 raise InvalidStateError("the pool is closed")
             changed = self._changed
-            best: _Connection | None = None
-            covered, refused = False, None
-            for conn in self._connections:
-                if not conn.usable:
-                    continue
-                error = conn.refusal(kind)
-                if error is not None:
-                    if kind.pair in conn.proposed:
-                        refused = error  # proposed for it and not accepted
-                    continue
-                covered = True
-                if conn.outstanding < conn.window and (
-                    best is None or conn.outstanding < best.outstanding
-                ):
-                    best = conn
+            best, covered, refused = self._best(kind)
             if best is not None:
                 return self._take(best)
+            if opening is not None and opening.error is not None:
+                error, opening = opening.error, None
+                if not covered:
+                    raise error
             if refused is not None and not covered:
                 raise refused
-            if len(self._connections) < self.max_associations:
-                return await self._open(kind)
-            if not covered and not any(conn.retiring for conn in self._connections):
+            if opening is None and len(self._connections) < self.max_associations:
+                opening = self._open()
+            elif not covered and not any(conn.retiring for conn in self._connections):
                 # One at a time: a place being freed already serves one waiter.
                 idle = [conn for conn in self._connections if conn.idle]
                 if idle:
                     self._retire(min(idle, key=lambda conn: conn.idle_since))
             await changed.wait()
+
+    def _best(self, kind: _Kind) -> tuple[_Connection | None, bool, NotNegotiatedError | None]:
+        """The open association with the most room that takes `kind` (None: none has room),
+        whether any takes it, and why one proposed for it did not accept it."""
+        best: _Connection | None = None
+        covered, refused = False, None
+        for conn in self._connections:
+            if not conn.usable:
+                continue
+            error = conn.refusal(kind)
+            if error is not None:
+                if kind.pair in conn.proposed:
+                    refused = error  # proposed for it and not accepted
+                continue
+            covered = True
+            if conn.outstanding < conn.window and (
+                best is None or conn.outstanding < best.outstanding
+            ):
+                best = conn
+        return best, covered, refused
+
+    def _stale(self, conn: _Connection) -> bool:
+        """Whether `conn`, just taken, idled long enough to be checked before use."""
+        return (
+            self.check_after is not None
+            and conn.outstanding == 1
+            and conn.uses > 1
+            and anyio.current_time() - conn.idle_since >= self.check_after
+        )
 
     def _take(self, conn: _Connection) -> _Connection:
         conn.outstanding += 1
@@ -334,11 +366,17 @@ class Pool:
         conn.uses += 1
         return conn
 
-    async def _open(self, kind: _Kind) -> _Connection:
-        """Open an association proposing every kind asked for so far, for `kind`."""
+    def _open(self) -> _Connection:
+        """Open an association in the background, proposing every kind asked for so far;
+        it holds its place under the limit meanwhile. A failure is kept in `error`."""
         contexts, pairs = self._proposal()
         conn = _Connection(pairs)
-        self._connections.append(conn)  # holds its place under the limit meanwhile
+        self._connections.append(conn)
+        assert self._tg is not None
+        self._tg.start_soon(self._run, conn, contexts)
+        return conn
+
+    async def _connect(self, conn: _Connection, contexts: list[PresentationContext]) -> bool:
         try:
             association = await open_association(
                 self.host,
@@ -353,10 +391,12 @@ class Pool:
                 backend=self._backend,
                 tls=self._tls,
             )
-        except BaseException:
-            self._connections.remove(conn)
-            self._notify()
-            raise
+        except DicomNetError as exc:
+            conn.error = exc
+            return False
+        except OSError as exc:  # not expected: open_association says ConnectionFailed
+            conn.error = ConnectionFailed(f"could not connect to {self.host}:{self.port}: {exc}")
+            return False
         conn.association = association
         negotiated = association.extended.async_operations_window.invoked  # 0: unlimited
         conn.window = self.window if negotiated == 0 else min(negotiated, self.window)
@@ -369,27 +409,20 @@ class Pool:
             len(association.contexts),
             conn.window,
         )
-        assert self._tg is not None
-        self._tg.start_soon(self._run, conn)
-        self._notify()
         if self._closing:
             self._retire(conn)
-            raise InvalidStateError("the pool is closed")
-        error = conn.refusal(kind)
-        if error is not None:
-            raise error
-        return self._take(conn)
+        return True
 
     def _proposal(self) -> tuple[list[PresentationContext], set[Pair]]:
         """Contexts for the kinds asked for, most recent first, as many as fit."""
         count = ContextCount()
         pairs: list[Pair] = []
         for pair in reversed(self._wanted):
-            if count.with_(*pair) > MAX_CONTEXTS:
+            if count.with_(*pair) > MAX_CONTEXTS - 1:  # and one for Verification
                 break
             count.add(*pair)
             pairs.append(pair)
-        return contexts_for_instances(pairs), set(pairs)
+        return [*contexts_for_instances(pairs), PresentationContext(VERIFICATION)], set(pairs)
 
     def _want(self, kind: _Kind) -> None:
         for pair in kind.pairs:
@@ -400,15 +433,21 @@ class Pool:
 
     # --- ending associations ------------------------------------------------------------------
 
-    async def _run(self, conn: _Connection) -> None:
-        """The association's reader; when it ends, the association leaves the pool."""
-        assert conn.association is not None
+    async def _run(self, conn: _Connection, contexts: list[PresentationContext]) -> None:
+        """Open the association and run its reader; when it ends (or fails to open), it
+        leaves the pool."""
         try:
-            await conn.association.run()
+            if not await self._connect(conn, contexts):
+                return
+            assert conn.association is not None
+            self._notify()
+            try:
+                await conn.association.run()
+            finally:
+                log.debug("%s:%d: association ended: %s", *self._at, conn.association.outcome)
+                self._live -= 1
         finally:
-            log.debug("%s:%d: association ended: %s", *self._at, conn.association.outcome)
             self._connections.remove(conn)
-            self._live -= 1
             self._notify()
 
     def _retire(self, conn: _Connection) -> None:
@@ -463,6 +502,15 @@ async def _end(association: Association, abort: bool) -> None:
         except DicomNetError as exc:
             log.debug("release failed: %s", exc)
     await association.abort()
+
+
+async def _check(association: Association) -> None:
+    """C-ECHO: raises only when the association is gone (a peer that refuses or fails the
+    echo is there)."""
+    try:
+        await association.echo()
+    except (DimseError, NotNegotiatedError):
+        pass
 
 
 async def _identify(instance: Instance, preferred: str | None) -> tuple[Instance, _Kind]:

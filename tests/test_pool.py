@@ -25,6 +25,7 @@ pytestmark = pytest.mark.anyio
 CT_FILE = get_testdata_file("CT_small.dcm")
 MR_FILE = get_testdata_file("MR_small.dcm")
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+VERIFICATION = "1.2.840.10008.1.1"
 UID_ROOT = "1.2.826.0.1.3680043.8.498.77"
 SERIAL = itertools.count(1)  # a new SOP Instance UID for each instance made
 
@@ -201,6 +202,56 @@ async def test_dcmtk_storescp_one_operation_at_a_time(tmp_path: Path, storescp: 
     assert len(re.findall(r"Association Received", log)) == 1, log
 
 
+@pytest.mark.dcmtk
+@pytest.mark.timeout(60)
+async def test_a_peer_serving_one_association_at_a_time_gets_everything_at_once(
+    tmp_path: Path, storescp: Any
+) -> None:
+    """storescp (no --fork) answers a second association only after the first ends: the
+    stores go on the association it serves instead of waiting for the second one."""
+    scp = storescp()
+    files = instances(tmp_path / "ct", 8) + instances(tmp_path / "mr", 8, MR_FILE)
+    async with dicomnet.Pool(
+        "127.0.0.1", scp.port, aec=scp.aet, max_associations=2, idle_timeout=None
+    ) as pool:
+        with anyio.fail_after(20):  # before: until an idle timeout released one (never here)
+            statuses = await store_concurrently(pool, files)
+    assert len(statuses) == 16 and all(s.is_success for s in statuses)
+    received = await anyio.to_thread.run_sync(scp.wait_received, 16)
+    assert len(received) == 16
+
+
+@pytest.mark.timeout(30)
+async def test_an_association_idle_for_a_while_is_checked_and_replaced_if_silent(
+    tmp_path: Path,
+) -> None:
+    server_side = Recorder(tmp_path / "in")
+    echoes: list[float] = []
+
+    @server_side.ae.on_echo
+    async def echo(request: Any) -> int:
+        echoes.append(anyio.current_time())
+        if len(echoes) == 1:
+            await anyio.sleep(10)  # as silent as a connection a firewall dropped
+        return 0
+
+    async with server_side.ae.serve("127.0.0.1", 0) as server:
+        async with dicomnet.Pool(
+            "127.0.0.1", server.port, aec="PACS", check_after=0.2, dimse_timeout=1.0
+        ) as pool:
+            assert (await pool.store(CT_FILE)).is_success
+            assert (await pool.store(CT_FILE)).is_success  # just used: no check
+            await anyio.sleep(0.3)
+            assert (await pool.store(CT_FILE)).is_success  # checked; no answer: a new one
+            await anyio.sleep(0.3)
+            assert (await pool.store(CT_FILE)).is_success  # checked: answered
+            stats = pool.stats
+    assert len(echoes) == 2
+    first, second, third, fourth = (r.association for r in server_side.requests)
+    assert first is second and third is not first and fourth is third
+    assert (stats.opened, stats.retried) == (2, 1)
+
+
 @pytest.mark.timeout(60)
 async def test_pynetdicom_scp_one_operation_at_a_time(tmp_path: Path, pynetdicom_scp: Any) -> None:
     scp = pynetdicom_scp()
@@ -232,8 +283,8 @@ async def test_a_new_kind_opens_an_association_proposed_for_it(tmp_path: Path) -
             stats = pool.stats
     first, second, third = (r.association for r in server_side.requests)
     assert first is third and second is not first  # the first association still takes CTs
-    assert {c.abstract_syntax for c in first.accepted_contexts} == {CT_STORAGE}
-    assert {c.abstract_syntax for c in second.accepted_contexts} == {CT_STORAGE, mr_storage}
+    accepted = [{c.abstract_syntax for c in a.accepted_contexts} for a in (first, second)]
+    assert accepted == [{CT_STORAGE, VERIFICATION}, {CT_STORAGE, mr_storage, VERIFICATION}]
     assert (stats.opened, stats.reused) == (2, 1)
 
 

@@ -13,8 +13,10 @@ import pytest
 from peers import (
     HOST,
     REPO_ROOT,
+    DicomnetServer,
     ManagedProcess,
     StoreSCP,
+    dataset_bytes,
     dicomnet_command,
     dicomnet_env,
     free_port,
@@ -31,11 +33,13 @@ pytestmark = pytest.mark.dcmtk
 
 
 def instances(folder: Path, name: str, count: int) -> list[Path]:
-    """`count` copies of a pydicom test file under new SOP Instance UIDs."""
+    """`count` copies of a pydicom test file under new SOP Instance UIDs, without the Data
+    Set Trailing Padding that storescu leaves out when it sends (PS3.10 §7.2)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for n in range(count):
         ds = dcmread(get_testdata_file(name))
+        del ds[0xFFFCFFFC]
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         path = folder / f"{name[:2]}{n:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -43,7 +47,9 @@ def instances(folder: Path, name: str, count: int) -> list[Path]:
     return out
 
 
-def route_argv(workdir: Path, port: int, destinations: dict[str, tuple[str, int]]) -> list[str]:
+def route_argv(
+    workdir: Path, port: int, destinations: dict[str, tuple[str, int]], coerce_mr: bool
+) -> list[str]:
     lines = [
         f'[listen]\nhost = "{HOST}"\nport = {port}\naet = "ROUTER"\n',
         f'[queue]\nfolder = "{workdir / "queue"}"\n',
@@ -55,13 +61,21 @@ def route_argv(workdir: Path, port: int, destinations: dict[str, tuple[str, int]
         )
     lines.append('[[rule]]\nmatch = { Modality = "CT" }\nforward = ["dcmtk"]\n')
     lines.append('[[rule]]\nmatch = { Modality = "MR" }\nforward = ["archive"]\n')
+    if coerce_mr:
+        lines.append(
+            '[[rule]]\nmatch = { Modality = "MR" }\nforward = ["dcmtk"]\n'
+            'set = { InstitutionName = "ROUTED" }\n'
+        )
     config = workdir / "route.toml"
     config.write_text("\n".join(lines))
     return [*dicomnet_command(), "route", "--config", str(config), "-v"]
 
 
 def start_route(
-    workdir: Path, destinations: dict[str, tuple[str, int]], port: int | None = None
+    workdir: Path,
+    destinations: dict[str, tuple[str, int]],
+    port: int | None = None,
+    coerce_mr: bool = False,
 ) -> tuple[ManagedProcess, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"route-{len(list(workdir.glob('route-*.log')))}.log"
@@ -69,13 +83,17 @@ def start_route(
     if port is None:
         return start_listening_process(
             "dicomnet route",
-            lambda p: route_argv(workdir, p, destinations),
+            lambda p: route_argv(workdir, p, destinations, coerce_mr),
             log,
             env=env,
             cwd=REPO_ROOT,
         )
     process = ManagedProcess(
-        "dicomnet route", route_argv(workdir, port, destinations), log, env=env, cwd=REPO_ROOT
+        "dicomnet route",
+        route_argv(workdir, port, destinations, coerce_mr),
+        log,
+        env=env,
+        cwd=REPO_ROOT,
     ).start()
     process.wait_listening(port, 20)
     return process, port
@@ -95,6 +113,49 @@ def send_at_once(port: int, batches: list[list[Path]]) -> None:
         t.join(120)
     for result in results:
         assert result.returncode == 0, result  # type: ignore[attr-defined]
+
+
+def institution_name_set_to(data: bytes, value: bytes) -> bytes:
+    """`data` (Explicit VR Little Endian) with its Institution Name element's value replaced
+    by bytes, and nothing else touched: what a coercion may change."""
+    tag = b"\x08\x00\x80\x00LO"
+    at = data.index(tag)
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    value += b" " * (len(value) % 2)
+    return data[: at + 6] + len(value).to_bytes(2, "little") + value + data[at + 8 + length :]
+
+
+@pytest.mark.timeout(180)
+def test_each_instance_reaches_the_destinations_of_its_rules_byte_identical(
+    tmp_path: Path,
+    storescp: Callable[..., StoreSCP],
+    dicomnet_server: Callable[..., DicomnetServer],
+) -> None:
+    """CT to storescp, MR to serve as received and to storescp with Institution Name set."""
+    cts = instances(tmp_path / "in", "CT_small.dcm", 12)
+    mrs = instances(tmp_path / "in", "MR_small.dcm", 12)
+    dcmtk = storescp(aet="STORESCP")  # +B: files hold the data set bytes as received
+    archive = dicomnet_server(aet="ARCHIVE")
+    router, port = start_route(
+        tmp_path / "route",
+        {"dcmtk": ("STORESCP", dcmtk.port), "archive": ("ARCHIVE", archive.port)},
+        coerce_mr=True,
+    )
+    uid = {p: str(dcmread(p).SOPInstanceUID) for p in cts + mrs}
+    try:
+        send_at_once(port, [cts[i : i + 4] + mrs[i : i + 4] for i in (0, 4, 8)])
+        received = dcmtk.wait_received(24, timeout=30)
+        stored = archive.wait_stored([uid[p] for p in mrs], timeout=30)
+    finally:
+        router.stop()
+    assert set(received) == set(uid.values()), router.log_text()
+    assert set(stored) == {uid[p] for p in mrs}  # no CT went to serve
+    for p in cts:
+        assert dataset_bytes(received[uid[p]]) == dataset_bytes(p)
+    for p in mrs:
+        assert dataset_bytes(stored[uid[p]]) == dataset_bytes(p)
+        coerced = institution_name_set_to(dataset_bytes(p), b"ROUTED")
+        assert dataset_bytes(received[uid[p]]) == coerced
 
 
 @pytest.mark.timeout(180)
