@@ -22,6 +22,7 @@ from dicomnet.errors import (
     TLSError,
 )
 from dicomnet.identity import UserIdentity
+from dicomnet.observe import ObservedAssociation, ObservedOperation, Observer
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.server import (
     AE,
@@ -79,6 +80,9 @@ __all__ = [
     "NRequest",
     "NResponse",
     "NotNegotiatedError",
+    "ObservedAssociation",
+    "ObservedOperation",
+    "Observer",
     "Peer",
     "PresentationContext",
     "ProtocolError",
