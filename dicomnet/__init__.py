@@ -22,6 +22,7 @@ from dicomnet.errors import (
     TLSError,
 )
 from dicomnet.identity import UserIdentity
+from dicomnet.observe import ObservedAssociation, ObservedOperation, Observer
 from dicomnet.pool import Pool, PoolStats
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.server import (
@@ -80,6 +81,9 @@ __all__ = [
     "NRequest",
     "NResponse",
     "NotNegotiatedError",
+    "ObservedAssociation",
+    "ObservedOperation",
+    "Observer",
     "Peer",
     "Pool",
     "PoolStats",

@@ -24,6 +24,7 @@ import anyio.abc
 from dicomnet.audit import OperationAudit
 from dicomnet.errors import AssociationAborted, DicomNetError, InvalidStateError, ProtocolError
 from dicomnet.invoking import Invoker, Operation
+from dicomnet.observe import Observer, Tracker
 from dicomnet.performing import Handlers, Performer, Received, Served, Service
 from dicomnet.proto.contexts import AcceptedContext
 from dicomnet.proto.dimse import (
@@ -123,6 +124,7 @@ class BaseAssociation:
         handlers: Handlers | None = None,
         peer_address: tuple[str, int] = ("", 0),
         extended: ExtendedResults | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self._stream = stream
         self._ul = ul
@@ -168,6 +170,10 @@ class BaseAssociation:
         # what records the operations performed.
         self.user: str | None = None
         self.audit: OperationAudit | None = None
+        # With an observer: what tells it of this association and its operations.
+        self.tracker: Tracker | None = None
+        if observer is not None:
+            self.tracker = Tracker.of(observer, self.is_requestor, request, peer_address, clock)
 
     # --- identity --------------------------------------------------------------------------
 
@@ -245,6 +251,8 @@ class BaseAssociation:
 
     async def run(self) -> None:
         """Read and dispatch until the association ends. Never raises (but cancellation)."""
+        if self.tracker is not None:
+            self.tracker.opened()
         try:
             async with anyio.create_task_group() as tg:
                 self._performer.task_group = tg
@@ -260,6 +268,8 @@ class BaseAssociation:
                 # kept even though no response can be sent any more).
         finally:
             self._ended()
+            if self.tracker is not None:
+                self.tracker.closed(self._error is not None)
             self._closed.set()
 
     def _ended(self) -> None:
@@ -420,9 +430,13 @@ class BaseAssociation:
     ) -> None:
         """Send one DIMSE message (and its data set) as P-DATA-TF PDUs."""
         log.debug("%r: sending %s", self, message)
+        if self.tracker is not None and message.is_request:
+            self._invoker.observe(self.tracker, message, 0 if dataset is None else len(dataset))
         await self._writer.send(context_id, message, dataset, self._check_can_send)
         if self.audit is not None:
             self.audit.responded(message)
+        if self.tracker is not None and not message.is_request:
+            self.tracker.responded(message, 0 if dataset is None else len(dataset))
 
     async def send_file_message(
         self,
@@ -433,6 +447,8 @@ class BaseAssociation:
     ) -> None:
         """Send one message whose data set is streamed from a Part-10 file."""
         log.debug("%r: sending %s from %s", self, message, part10.path)
+        if self.tracker is not None and message.is_request:
+            self._invoker.observe(self.tracker, message, part10.dataset_length)
         await self._writer.send_file(context_id, message, part10, progress, self._check_can_send)
 
     async def _broken_message(self, exc: BaseException) -> None:

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dicomnet.observe import command_name
 from dicomnet.status import Status
 from dicomnet.tls import subject_text
 
@@ -179,11 +180,6 @@ _EVENTS = {
 }
 
 
-def _command_name(message: object) -> str:
-    name = type(message).__name__.removesuffix("RQ")  # CStoreRQ -> C-STORE
-    return f"{name[0]}-{name[1:].upper()}" if len(name) > 1 and name[1].isupper() else name
-
-
 def query_keys(data: bytes | None, transfer_syntax: str) -> dict[str, str] | None:
     """A C-FIND / C-MOVE / C-GET identifier as keyword -> value (sequences by size)."""
     if not data:
@@ -239,7 +235,7 @@ def operation_event(
         action=action,
         outcome=outcome_of(status),
         service=service,
-        command=_command_name(request),
+        command=command_name(request),
         message_id=getattr(request, "message_id", 0),
         sop_class_uid=sop_class,
         sop_instance_uid=instance,

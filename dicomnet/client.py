@@ -21,6 +21,7 @@ from dicomnet.errors import (
     TLSError,
 )
 from dicomnet.identity import UserIdentity
+from dicomnet.observe import REQUESTOR, Observer, observe_rejection
 from dicomnet.proto.contexts import (
     COMMON_STORAGE_SOP_CLASSES,
     COMPRESSED_IMAGE_SOP_CLASSES,
@@ -121,6 +122,7 @@ async def open_association(
     handlers: Handlers | None = None,
     backend: NetworkBackend = TCP,
     tls: ssl.SSLContext | None = None,
+    observer: Observer | None = None,
 ) -> Association:
     """Connect and negotiate; the caller runs `Association.run()` in a task group."""
     settings = settings or AssociationSettings()
@@ -156,6 +158,7 @@ async def open_association(
         idle_timeout=settings.idle_timeout,
     )
     clock = backend.clock
+    started = clock()
     ul.request_association(request)
     try:
         try:
@@ -170,6 +173,17 @@ async def open_association(
                 break
             if isinstance(event, AssociateRejected):
                 rj = event.response
+                if observer is not None:
+                    address = stream.remote_address
+                    observe_rejection(
+                        observer,
+                        REQUESTOR,
+                        aet,
+                        aec,
+                        (str(address[0]), int(address[1])),
+                        (rj.result, rj.source, rj.reason),
+                        clock() - started,
+                    )
                 raise AssociationRejected(rj.result, rj.source, rj.reason)
             if isinstance(event, Aborted):
                 if event.local and "A-ASSOCIATE-RQ" in event.error:
@@ -210,6 +224,7 @@ async def open_association(
         handlers=handlers,
         peer_address=(str(address[0]), int(address[1])),
         extended=extended,
+        observer=observer,
     )
 
 
@@ -282,6 +297,7 @@ async def connect(
     handlers: Handlers | None = None,
     backend: NetworkBackend = TCP,
     tls: ssl.SSLContext | None = None,
+    observer: Observer | None = None,
 ) -> AsyncIterator[Association]:
     """Open an association; release it when the block ends, abort it if the block raises.
 
@@ -298,6 +314,7 @@ async def connect(
     `tls`: connect over TLS with this context (`dicomnet.tls.client_context()`, PS3.15
     §B.9); the handshake is part of the connect timeout, and its failure raises
     `TLSError` saying why.
+    `observer`: a `dicomnet.observe.Observer` told of the association and its operations.
     """
     settings = AssociationSettings(
         max_pdu_length=max_pdu_length,
@@ -321,8 +338,11 @@ async def connect(
         handlers=handlers,
         backend=backend,
         tls=tls,
+        observer=observer,
     )
     error: BaseException | None = None
+    if association.tracker is not None:
+        association.tracker.opened()  # now, not when the reader task starts
     async with anyio.create_task_group() as tg:
         tg.start_soon(association.run)
         try:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from dicomnet.errors import DicomNetError, DimseTimeout, ProtocolError
+from dicomnet.observe import SCU, ObservedOperation, Tracker
 from dicomnet.proto.contexts import AcceptedContext
 from dicomnet.proto.dimse import CCancelRQ, DimseMessage
 from dicomnet.proto.operations import Operations, Verdict
@@ -104,7 +105,15 @@ class Operation:
     C-GET, the instances of its sub-operations) are delivered. Its state (sent,
     pending, cancelled) is kept by the `Operations` core under `message_id`."""
 
-    __slots__ = ("context", "ended", "final_status", "finished", "mailbox", "message_id")
+    __slots__ = (
+        "context",
+        "ended",
+        "final_status",
+        "finished",
+        "mailbox",
+        "message_id",
+        "observed",
+    )
 
     def __init__(self, message_id: int, context: AcceptedContext, buffer: int) -> None:
         self.message_id = message_id
@@ -113,6 +122,7 @@ class Operation:
         self.ended = False
         self.finished = asyncio.Event()
         self.final_status: Status | None = None
+        self.observed: ObservedOperation | None = None  # with an observer, once sent
 
     def end(self) -> None:
         if not self.ended:
@@ -144,6 +154,14 @@ class Invoker:
         operation = Operation(self.ops.invoke(), context, buffer)
         self._waiting[operation.message_id] = operation
         return operation
+
+    def observe(self, tracker: Tracker, message: DimseMessage, nbytes: int) -> None:
+        """A request of ours (`nbytes` of data set) goes out: observed from now on."""
+        operation = self._waiting.get(getattr(message, "message_id", -1))
+        if operation is None or operation.observed is not None:
+            return  # C-CANCEL-RQ, or a request sent again
+        sop_class = operation.context.abstract_syntax
+        operation.observed = tracker.start(message, SCU, sop_class, nbytes)
 
     def started(self, operation: Operation) -> None:
         """The request went out: the DIMSE timeout runs from now."""
@@ -226,6 +244,8 @@ class Invoker:
         operation = self._waiting.get(message_id)
         if operation is None:  # pragma: no cover - the core and the shell agree
             return
+        if operation.observed is not None and data:
+            operation.observed.bytes_in += len(data)
         if verdict is Verdict.DELIVER or verdict is Verdict.FINAL:
             try:
                 await operation.mailbox.put((message, data))
@@ -250,7 +270,7 @@ class Invoker:
                     operation.mailbox.put_nowait(error)
                 except anyio.BrokenResourceError:
                     pass
-                operation.end()
+                self._ended(operation)
         return error
 
     async def drain(self, timeout: float) -> None:
@@ -262,7 +282,7 @@ class Invoker:
     def close(self) -> None:
         """The association ended: every caller learns it."""
         for operation in list(self._waiting.values()):
-            operation.end()
+            self._ended(operation)
         self._waiting.clear()
         self._wake_slot_waiters()
 
@@ -272,8 +292,17 @@ class Invoker:
 
     def _end(self, operation: Operation) -> None:
         self._waiting.pop(operation.message_id, None)
-        operation.end()
+        self._ended(operation)
         self._wake_slot_waiters()
+
+    def _ended(self, operation: Operation) -> None:
+        """`operation` is over: its caller learns it (and the observer, if any)."""
+        if operation.observed is not None and not operation.ended:
+            tracker = self._association.tracker
+            if tracker is not None:
+                status = operation.final_status
+                tracker.finish(operation.observed, None if status is None else int(status))
+        operation.end()
 
     def _wake_slot_waiters(self) -> None:
         while self._slot_waiters:

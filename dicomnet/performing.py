@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 
 from dicomnet.errors import DicomNetError
+from dicomnet.observe import SCP
 from dicomnet.proto.contexts import AcceptedContext, PresentationContext
 from dicomnet.proto.dimse import DimseMessage, failure_response
 from dicomnet.proto.operations import Operations
@@ -178,6 +179,10 @@ class Performer:
         association = self._association
         if association.audit is not None:
             association.audit.performing(message_id, request)
+        tracker = association.tracker
+        if tracker is not None:
+            size = request.spool.size if request.spool is not None else len(request.data or b"")
+            tracker.start(message, SCP, request.context.abstract_syntax, size)
         try:
             if service is None:
                 await self._refuse(request, 0x0211, "unrecognized operation")
@@ -194,6 +199,8 @@ class Performer:
             self._served.pop(message_id, None)
             if association.audit is not None:
                 association.audit.performed(message_id)
+            if tracker is not None:
+                tracker.performed(message_id)
             self.ops.performed(message_id)
             self._wake()
 

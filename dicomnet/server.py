@@ -22,6 +22,7 @@ from dicomnet.audit import NODE_AUTHENTICATION, AuditHook, security_alert
 from dicomnet.client import connect
 from dicomnet.errors import Reject
 from dicomnet.identity import Authenticator
+from dicomnet.observe import ACCEPTOR, Observer, observe_rejection
 from dicomnet.proto.contexts import ContextAnswers, PresentationContext, negotiate_as_acceptor
 from dicomnet.proto.extended import (
     AsyncOperationsWindowNegotiation,
@@ -130,6 +131,8 @@ class AE:
     reason: 1/1/1); other unverified identities (a username alone, or a token no
     authenticator knows) are left to `on_association`. `access`: which services each
     peer may use (`dicomnet.access`). `audit`: a hook receiving `dicomnet.audit` events.
+    `observer`: a `dicomnet.observe.Observer` told of every association and operation,
+    served or (`connect`, C-MOVE sub-operations) requested (e.g. `dicomnet.metrics`).
 
     Limits on each association (seconds; None: none): `idle_timeout`, nothing received or
     sent for that long; `write_timeout`, the peer reads nothing of what we send for that
@@ -170,6 +173,7 @@ class AE:
         require_user_identity: bool = False,
         access: AccessPolicy | None = None,
         audit: AuditHook | None = None,
+        observer: Observer | None = None,
     ) -> None:
         if not 0 < len(ae_title.strip()) <= 16:
             raise ValueError("an AE title has 1 to 16 characters")
@@ -206,6 +210,7 @@ class AE:
         self.require_user_identity = require_user_identity
         self.access = access
         self.audit = audit
+        self.observer = observer
         # SOP Class Extended Negotiation answers (PS3.7 §D.3.3.5): SOP class -> info bytes.
         self.sop_class_extended: dict[str, bytes] = {}
         self.handlers = Handlers()
@@ -344,6 +349,7 @@ class AE:
     def _connect_peer(self, host: str, port: int, **kwargs: Any) -> Any:
         """`dicomnet.connect()`, over TLS to a TLS peer of the table (C-MOVE
         sub-operations and storage commitment reports open their associations here)."""
+        kwargs.setdefault("observer", self.observer)
         if kwargs.get("tls") is None:
             kwargs.pop("tls", None)
             context = self.peer_tls(str(kwargs.get("aec", "")), host, port)
@@ -507,10 +513,25 @@ class Server:
         return None
 
     async def _reject(
-        self, stream: ByteStream, ul: UpperLayer, admission: Admission, rejection: AAssociateRJ
+        self,
+        stream: ByteStream,
+        ul: UpperLayer,
+        admission: Admission,
+        rejection: AAssociateRJ,
+        started: float,
     ) -> None:
         peer, rq = admission.peer, admission.rq
         admission.rejected(rejection)
+        if self.ae.observer is not None:
+            observe_rejection(
+                self.ae.observer,
+                ACCEPTOR,
+                rq.called_ae_title,
+                rq.calling_ae_title,
+                peer,
+                (rejection.result, rejection.source, rejection.reason),
+                self.backend.clock() - started,
+            )
         log.info(
             "rejected association from %r (%s:%s): result %d source %d reason %d",
             rq.calling_ae_title,
@@ -566,6 +587,7 @@ class Server:
             handlers=ae.handlers,
             peer_address=stream.remote_address,
             extended=extended,
+            observer=ae.observer,
         )
         return association, ul.accept(negotiated.response)
 
@@ -580,8 +602,9 @@ class Server:
             idle_timeout=settings.idle_timeout,
         )
         reserved = False
+        started = clock()
         try:
-            ul.connection_made(clock())
+            ul.connection_made(started)
             event = await next_ul_event(stream, ul, clock)
             if not isinstance(event, AssociateRequested):
                 return
@@ -604,7 +627,8 @@ class Server:
                 rejection = await self._admit(admission)
             accepted = self._accept(stream, ul, admission) if rejection is None else None
             if accepted is None:
-                await self._reject(stream, ul, admission, rejection or AAssociateRJ(1, 1, 1))
+                rejection = rejection or AAssociateRJ(1, 1, 1)
+                await self._reject(stream, ul, admission, rejection, started)
                 return
             association, accept = accepted
             admission.accepted(association)
