@@ -37,6 +37,7 @@ from dicomnet.errors import (
     NotNegotiatedError,
 )
 from dicomnet.identity import UserIdentity
+from dicomnet.observe import Observer
 from dicomnet.proto.contexts import (
     EXPLICIT_VR_LITTLE_ENDIAN,
     VERIFICATION,
@@ -147,7 +148,7 @@ class Pool:
     idle for `check_after` seconds is checked with a C-ECHO before it is used again (a
     firewall may have dropped it without a word); if that fails, another is used.
     Leaving the block releases every association (A-RELEASE), or aborts them when the
-    block raises. `tls` and the timeouts are those of `dicomnet.connect()`.
+    block raises. `tls`, the timeouts and `observer` are those of `dicomnet.connect()`.
     """
 
     def __init__(
@@ -168,6 +169,7 @@ class Pool:
         dimse_timeout: float | None = 60.0,
         write_timeout: float | None = 60.0,
         user_identity: UserIdentity | None = None,
+        observer: Observer | None = None,
         backend: NetworkBackend = TCP,
     ) -> None:
         if max_associations < 1 or window < 1:
@@ -180,6 +182,7 @@ class Pool:
         self._tls = tls
         self._connect_timeout = connect_timeout
         self._user_identity = user_identity
+        self._observer = observer
         self._backend = backend
         self._settings = AssociationSettings(
             max_pdu_length=max_pdu_length,
@@ -390,6 +393,7 @@ class Pool:
                 async_operations_window=(self.window, 1) if self.window > 1 else (1, 1),
                 backend=self._backend,
                 tls=self._tls,
+                observer=self._observer,
             )
         except DicomNetError as exc:
             conn.error = exc

@@ -29,8 +29,12 @@ def test_status_lists_each_destination(tmp_path: Path) -> None:
     assert data["running"] is False
     assert data["destinations"]["archive"]["queued"] == 2
     assert (data["destinations"]["ai"]["queued"], data["destinations"]["ai"]["dead"]) == (1, 1)
+    reason = "C-STORE 0xA900 Data set does not match SOP Class"
+    assert data["destinations"]["ai"]["last_error"] == reason  # the dead letter's
+    assert data["destinations"]["archive"]["last_error"] is None
     text = run_dicomnet(["route", "status", "--queue", tmp_path / "q"])
     assert "ai: queued 1" in text.stdout and "dead letters 1" in text.stdout, describe_cli(text)
+    assert f"last error: {reason}" in text.stdout
     assert "no router running" in text.stdout
 
 

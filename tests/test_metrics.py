@@ -13,7 +13,6 @@ from typing import Any
 
 import anyio
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 
 import dicomnet
@@ -254,34 +253,24 @@ async def test_an_aes_own_associations_are_observed_too() -> None:
 # --- dicomnet serve --metrics-port ----------------------------------------------------------
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    url = f"http://127.0.0.1:{port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def test_serve_exports_what_it_did(dicomnet_server: Any, tmp_path: Path) -> None:
     metrics_port = peers.free_port()
     server = dicomnet_server(extra_args=["--metrics-port", str(metrics_port)])
-    before = scrape(metrics_port)
-    assert sample(before, "dicomnet_associations_total", role="acceptor", outcome="released") == 0
+    before = peers.scrape_metrics(metrics_port)
+    assert (
+        peers.metric_sample(
+            before, "dicomnet_associations_total", role="acceptor", outcome="released"
+        )
+        == 0
+    )
     echo = peers.run_dicomnet(["echo", "127.0.0.1", server.port, "--count", "4"], timeout=60)
     assert echo.returncode == 0, peers.describe_cli(echo)
     store = peers.run_dicomnet(["store", "127.0.0.1", server.port, CT_FILE], timeout=60)
     assert store.returncode == 0, peers.describe_cli(store)
-    samples = scrape(metrics_port)
+    samples = peers.scrape_metrics(metrics_port)
 
     def ops(command: str, service: str) -> float:
-        return sample(
+        return peers.metric_sample(
             samples,
             "dicomnet_operations_total",
             service=service,
@@ -293,17 +282,21 @@ def test_serve_exports_what_it_did(dicomnet_server: Any, tmp_path: Path) -> None
 
     assert ops("C-ECHO", "echo") == 4
     assert ops("C-STORE", "store") == 1
-    received = sample(samples, "dicomnet_received_bytes_total", command="C-STORE", role="SCP")
+    received = peers.metric_sample(
+        samples, "dicomnet_received_bytes_total", command="C-STORE", role="SCP"
+    )
     assert received == dataset_length(CT_FILE)
-    released = sample(samples, "dicomnet_associations_total", role="acceptor", outcome="released")
+    released = peers.metric_sample(
+        samples, "dicomnet_associations_total", role="acceptor", outcome="released"
+    )
     assert released == 2
-    assert sample(samples, "dicomnet_associations_active", role="acceptor") == 0
+    assert peers.metric_sample(samples, "dicomnet_associations_active", role="acceptor") == 0
     latency = "dicomnet_operation_duration_seconds_count"
-    assert sample(samples, latency, command="C-ECHO", role="SCP") == 4
+    assert peers.metric_sample(samples, latency, command="C-ECHO", role="SCP") == 4
     assert server.stop() == 0
     # The exporter stopped with serve.
     with pytest.raises(urllib.error.URLError):
-        scrape(metrics_port)
+        peers.scrape_metrics(metrics_port)
 
 
 def test_serve_refuses_a_metrics_port_in_use(tmp_path: Path) -> None:
@@ -321,13 +314,14 @@ def test_serve_refuses_a_metrics_port_in_use(tmp_path: Path) -> None:
 
 
 def test_metrics_without_prometheus_client_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dicomnet.cli import serve
+    from dicomnet.cli import exporter
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     monkeypatch.delitem(sys.modules, "dicomnet.metrics", raising=False)
     args = type("Args", (), {"metrics_port": 9464})()
     with pytest.raises(SystemExit) as exit_info:
-        serve._metrics_observer(args)  # type: ignore[arg-type]
+        exporter.metrics_observer(args, "route")  # type: ignore[arg-type]
     message = str(exit_info.value.code)
+    assert message.startswith("dicomnet route: --metrics-port needs")
     assert "prometheus_client" in message and "dicomnet[metrics]" in message
     assert "\n" not in message

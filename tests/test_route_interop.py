@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,8 @@ from peers import (
     dicomnet_env,
     free_port,
     index_part10_tree,
+    metric_sample,
+    scrape_metrics,
     start_listening_process,
     storescu,
     wait_until,
@@ -48,7 +50,11 @@ def instances(folder: Path, name: str, count: int) -> list[Path]:
 
 
 def route_argv(
-    workdir: Path, port: int, destinations: dict[str, tuple[str, int]], coerce_mr: bool
+    workdir: Path,
+    port: int,
+    destinations: dict[str, tuple[str, int]],
+    coerce_mr: bool,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
     lines = [
         f'[listen]\nhost = "{HOST}"\nport = {port}\naet = "ROUTER"\n',
@@ -68,7 +74,7 @@ def route_argv(
         )
     config = workdir / "route.toml"
     config.write_text("\n".join(lines))
-    return [*dicomnet_command(), "route", "--config", str(config), "-v"]
+    return [*dicomnet_command(), "route", "--config", str(config), "-v", *extra_args]
 
 
 def start_route(
@@ -76,6 +82,7 @@ def start_route(
     destinations: dict[str, tuple[str, int]],
     port: int | None = None,
     coerce_mr: bool = False,
+    extra_args: Sequence[str] = (),
 ) -> tuple[ManagedProcess, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"route-{len(list(workdir.glob('route-*.log')))}.log"
@@ -83,7 +90,7 @@ def start_route(
     if port is None:
         return start_listening_process(
             "dicomnet route",
-            lambda p: route_argv(workdir, p, destinations, coerce_mr),
+            lambda p: route_argv(workdir, p, destinations, coerce_mr, extra_args),
             log,
             env=env,
             cwd=REPO_ROOT,
@@ -187,3 +194,55 @@ def test_a_destination_down_and_a_kill_9_lose_nothing_and_send_nothing_twice(
         str(dcmread(p).SOPInstanceUID) for p in cts
     }
     assert index_part10_tree(dcmtk.out_dir)
+
+
+@pytest.mark.timeout(180)
+def test_the_metrics_count_what_was_received_queued_and_forwarded(
+    tmp_path: Path, storescp: Callable[..., StoreSCP]
+) -> None:
+    cts = instances(tmp_path / "in", "CT_small.dcm", 6)
+    mrs = instances(tmp_path / "in", "MR_small.dcm", 2)
+    down, metrics_port = free_port(), free_port()
+    destinations = {"dcmtk": ("STORESCP", down), "archive": ("ARCHIVE", free_port())}
+    router, port = start_route(
+        tmp_path / "route", destinations, extra_args=["--metrics-port", str(metrics_port)]
+    )
+    try:
+        send_at_once(port, [cts[:3], cts[3:]])  # CTs to dcmtk, which is down
+        waiting = scrape_metrics(metrics_port)
+        dcmtk = storescp(aet="STORESCP", port=down)
+        assert wait_until(lambda: len(dcmtk.received()) == 6, 60)
+        assert wait_until(
+            lambda: (
+                metric_sample(
+                    scrape_metrics(metrics_port),
+                    "dicomnet_route_forwarded_total",
+                    destination="dcmtk",
+                )
+                == 6
+            ),
+            10,
+        )
+        send_at_once(port, [mrs])  # MRs to archive, which is never there
+        done = scrape_metrics(metrics_port)
+    finally:
+        router.stop()
+
+    def dcmtk_queue(samples: dict[object, float], name: str) -> float:
+        return metric_sample(samples, name, destination="dcmtk")
+
+    assert metric_sample(waiting, "dicomnet_route_received_total", outcome="queued") == 6
+    assert dcmtk_queue(waiting, "dicomnet_route_queued") == 6
+    assert dcmtk_queue(waiting, "dicomnet_route_oldest_age_seconds") > 0
+    assert dcmtk_queue(waiting, "dicomnet_route_forwarded_total") == 0
+    assert metric_sample(done, "dicomnet_route_received_total", outcome="queued") == 8
+    assert dcmtk_queue(done, "dicomnet_route_queued") == 0
+    assert dcmtk_queue(done, "dicomnet_route_retries_total") >= 1  # it was down
+    assert metric_sample(done, "dicomnet_route_queued", destination="archive") == 2
+    success = {"service": "store", "command": "C-STORE", "category": "success", "status": "0x0000"}
+    assert metric_sample(done, "dicomnet_operations_total", role="SCP", **success) == 8
+    assert metric_sample(done, "dicomnet_operations_total", role="SCU", **success) == 6
+    sent = metric_sample(done, "dicomnet_sent_bytes_total", command="C-STORE", role="SCU")
+    assert sent == sum(len(dataset_bytes(p)) for p in cts)
+    accepted = {"role": "acceptor", "outcome": "released"}
+    assert metric_sample(done, "dicomnet_associations_total", **accepted) == 3

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -14,6 +15,7 @@ from typing import Any
 import anyio
 
 from dicomnet.cli.common import UsageError
+from dicomnet.cli.exporter import add_metrics_flags, metrics_observer, start_metrics
 
 __all__ = ["add_parser", "run"]
 
@@ -43,6 +45,12 @@ def add_parser(sub: Any) -> None:
     route.add_argument("--json", action="store_true", help="status: one JSON object")
     route.add_argument("-v", "--verbose", action="store_true", help="log each instance")
     route.add_argument("--debug", action="store_true", help="log in detail")
+    add_metrics_flags(
+        route,
+        "associations and operations of both sides, and per destination: queued, oldest "
+        "age, in flight, forwarded, retries, dead letters",
+        per_worker=False,
+    )
     route.set_defaults(run=run)
 
 
@@ -78,7 +86,7 @@ async def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unexpected {args.destination!r} (route status, route retry DEST)")
     if not args.config:
         raise UsageError("give --config FILE (or: route status / route retry DEST)")
-    return await serve(_config(args))
+    return await serve(_config(args), args)
 
 
 def status(folder: Path, *, as_json: bool = False) -> int:
@@ -94,6 +102,7 @@ def status(folder: Path, *, as_json: bool = False) -> int:
             "dead": state.dead,
             "oldest_age_s": None if state.oldest_age is None else round(state.oldest_age, 1),
             "queued_bytes": state.queued_bytes,
+            "last_error": live.get(name, {}).get("last_error") or _last_dead_reason(folder / name),
         }
     if as_json:
         print(json.dumps({"queue": str(folder), "running": bool(live), "destinations": rows}))
@@ -106,10 +115,21 @@ def status(folder: Path, *, as_json: bool = False) -> int:
             f"  {name}: queued {row['queued']} ({row['queued_bytes'] / 1e6:.1f} MB), "
             f"in flight {flight}, dead letters {row['dead']}, oldest {age}"
         )
+        if row["last_error"]:
+            print(f"    last error: {row['last_error']}")
     return 0
 
 
-def _live_counts(folder: Path) -> dict[str, dict[str, int]]:
+def _last_dead_reason(destination: Path) -> str | None:
+    """Why the latest dead letter was given up (None: there is none)."""
+    reasons = sorted((destination / "dead").glob("*.reason"))
+    try:
+        return reasons[-1].read_text().strip() if reasons else None
+    except OSError:
+        return None
+
+
+def _live_counts(folder: Path) -> dict[str, dict[str, Any]]:
     """A running router's counts, when its status file is fresh."""
     try:
         data = json.loads((folder / STATUS_FILE).read_text())
@@ -130,7 +150,7 @@ def retry(folder: Path, destination: str) -> int:
     return 0
 
 
-async def serve(config: Any) -> int:
+async def serve(config: Any, args: argparse.Namespace) -> int:
     from dicomnet.route.router import Router
     from dicomnet.tls import client_context, server_context
 
@@ -141,7 +161,23 @@ async def serve(config: Any) -> int:
     def client_tls(destination: Any) -> Any:
         return client_context(destination.tls_ca) if destination.tls else None
 
-    router = Router(config, tls=tls, client_tls=client_tls)
+    observer = metrics_observer(args, "route")
+    router = Router(config, tls=tls, client_tls=client_tls, observer=observer)
+    with contextlib.ExitStack() as exporter:  # the metrics are served until route ends
+        metrics = ""
+        if observer is not None:
+            from dicomnet.route.metrics import RouteCollector
+
+            RouteCollector(router).register(observer.registry)
+            url = start_metrics(exporter, observer, args, "route")
+            if url is None:
+                return 1
+            metrics = url
+        return await _run(router, config, metrics)
+
+
+async def _run(router: Any, config: Any, metrics: str) -> int:
+    """Serve until SIGINT or SIGTERM."""
     stop = anyio.Event()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
@@ -157,7 +193,8 @@ async def serve(config: Any) -> int:
                 names = ", ".join(d.name for d in config.destinations)
                 print(
                     f"dicomnet route: {config.aet} listening on {server.host}:{server.port}, "
-                    f"queue {config.queue.resolve()}, destinations {names}",
+                    f"queue {config.queue.resolve()}, destinations {names}"
+                    + (f", metrics at {metrics}" if metrics else ""),
                     flush=True,
                 )
                 await stop.wait()
@@ -176,6 +213,7 @@ async def _write_status(router: Any, folder: Path) -> None:
                     "sent": f.sent,
                     "retried": f.retried,
                     "dead": f.dead,
+                    "last_error": f.last_error,
                 }
                 for name, f in router.forwarders.items()
             },

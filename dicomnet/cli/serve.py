@@ -29,6 +29,7 @@ from dicomnet.cli.common import (
     add_common,
     add_tls,
 )
+from dicomnet.cli.exporter import add_metrics_flags, metrics_observer, start_metrics
 
 if TYPE_CHECKING:
     from dicomnet.pacs.scp import StorageSCP
@@ -107,7 +108,9 @@ def add_parser(sub: Any) -> None:
         "answered), replace it, or reject the new one (status 0111); each case is logged",
     )
     _add_security(serve)
-    _add_metrics(serve)
+    add_metrics_flags(
+        serve, "associations, operations by service and status, bytes, latency", per_worker=True
+    )
     _add_limits(serve)
     add_tls(serve, server=True)
     serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
@@ -201,61 +204,6 @@ def _add_security(serve: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="append audit events to FILE, one JSON object a line (PS3.15 A.5 events)",
     )
-
-
-def _add_metrics(serve: argparse.ArgumentParser) -> None:
-    group = serve.add_argument_group("metrics")
-    group.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        metavar="P",
-        help="serve Prometheus metrics at http://HOST:P/metrics (associations, operations "
-        "by service and status, bytes, latency); with --workers N, process k (0 to N-1) "
-        "serves its own on port P+k. Needs prometheus_client (dicomnet[metrics])",
-    )
-    group.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        metavar="H",
-        help="address the metrics are served on (127.0.0.1)",
-    )
-
-
-def _metrics_observer(args: argparse.Namespace) -> Any:
-    """The Prometheus observer `--metrics-port` asks for (None without it)."""
-    if args.metrics_port is None:
-        return None
-    # An extra, not a dependency: the library and the other commands never need it.
-    try:
-        from dicomnet.metrics import PrometheusObserver
-    except ImportError:
-        raise SystemExit(
-            "dicomnet serve: --metrics-port needs the prometheus_client package "
-            "(pip install 'dicomnet[metrics]')"
-        ) from None
-    return PrometheusObserver()
-
-
-def _start_metrics(
-    exporter: contextlib.ExitStack, observer: Any, args: argparse.Namespace
-) -> str | None:
-    """Serve the observer's metrics (worker k on --metrics-port + k): the URL, or None
-    after the one-line error of a port that cannot be listened on."""
-    from dicomnet.metrics import serve_metrics
-
-    host, port = args.metrics_host, args.metrics_port + (args.worker_slot or 0)
-    try:
-        host, port = exporter.enter_context(serve_metrics(observer.registry, host, port))
-    except OSError as exc:
-        print(
-            f"dicomnet serve: cannot serve metrics on {host}:{port}: "
-            f"{exc.strerror or exc} (another server on that port? choose one with "
-            "--metrics-port)",
-            file=sys.stderr,
-        )
-        return None
-    return f"http://{host}:{port}/metrics"
 
 
 def _security(args: argparse.Namespace) -> dict[str, Any]:
@@ -356,7 +304,7 @@ async def run(args: argparse.Namespace) -> int:
     workers = max(1, args.workers)
     is_worker = args.worker_of is not None
     security = _security(args)
-    observer = _metrics_observer(args)
+    observer = metrics_observer(args, "serve")
     if workers > 1 and args.port == 0:
         print("dicomnet serve: --workers needs a fixed --port", file=sys.stderr)
         return 2
@@ -385,7 +333,7 @@ async def run(args: argparse.Namespace) -> int:
     scp.ae.observer = observer
     _apply_limits(scp.ae, args)
     with contextlib.ExitStack() as exporter:  # the metrics are served until serve ends
-        metrics = _start_metrics(exporter, observer, args) if observer is not None else ""
+        metrics = start_metrics(exporter, observer, args, "serve") if observer is not None else ""
         if metrics is None:
             scp.close()
             return 1

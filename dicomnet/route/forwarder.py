@@ -77,6 +77,7 @@ class Forwarder:
         self.sent = 0
         self.retried = 0
         self.dead = 0
+        self.last_error: str | None = None  # the latest failure, for `route status`
 
     @property
     def waiting(self) -> int:
@@ -126,6 +127,7 @@ class Forwarder:
             await anyio.to_thread.run_sync(self.queue.done, entry)
             self._known.discard(entry.sequence)
             self.sent += 1
+            log.info("sent %s to %s", entry.path.name, self.destination.name)
             if self._down:
                 log.info("destination %s reachable again", self.destination.name)
                 self._down = 0
@@ -140,6 +142,7 @@ class Forwarder:
 
     async def _failed(self, entry: Entry, exc: DicomNetError, tg: anyio.abc.TaskGroup) -> None:
         name = self.destination.name
+        self.last_error = str(exc)
         if _unreachable(exc):
             self._ready.appendleft(entry)  # first again, uncharged
             self._more.set()

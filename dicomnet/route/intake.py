@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from pathlib import Path
@@ -65,6 +66,9 @@ class Intake:
         self.queue = queue
         self.hand_over = hand_over
         self.refuse_unrouted = refuse_unrouted
+        # Instances received, by outcome: queued, dropped, unrouted (refused or not),
+        # full (refused 0xA700), failed (not queued: a disk error), invalid (refused).
+        self.outcomes: Counter[str] = Counter()
 
     async def on_store(self, request: StoreRequest) -> int | tuple[int, str]:
         answer, entries = await anyio.to_thread.run_sync(self._take, request)
@@ -73,29 +77,35 @@ class Intake:
         return answer
 
     def _take(self, request: StoreRequest) -> tuple[int | tuple[int, str], list[Entry]]:
+        outcome, answer, entries = self._decide(request)
+        self.outcomes[outcome] += 1
+        return answer, entries
+
+    def _decide(self, request: StoreRequest) -> tuple[str, int | tuple[int, str], list[Entry]]:
+        """(outcome, answer, entries queued)."""
         refusal = request.check()  # it parses, and its UIDs are the request's
         if refusal is not None:
-            return refusal, []
+            return "invalid", refusal, []
         decided = self._route(request)
         uid = request.sop_instance_uid
         if decided.dropped:
             log.info("dropped %s from %r by a rule", uid, request.calling_ae_title)
-            return 0x0000, []
+            return "dropped", 0x0000, []
         if not decided.destinations:
             if self.refuse_unrouted:
                 log.warning("refused %s from %r: no rule routes it", uid, request.calling_ae_title)
-                return (0xC000, "no routing rule sends this instance anywhere"), []
-            return 0x0000, []
+                return "unrouted", (0xC000, "no routing rule sends this instance anywhere"), []
+            return "unrouted", 0x0000, []
         if not self.queue.has_room(decided.destinations):
             log.warning("refused %s: a destination's queue is full", uid)
-            return (0xA700, "out of resources: a destination's queue is full"), []
+            return "full", (0xA700, "out of resources: a destination's queue is full"), []
         try:
             entries = self.queue.put(self._copies(request, decided))
         except OSError as exc:
             log.error("could not queue %s: %s", uid, exc)
-            return (0xA700, f"out of resources: {exc.strerror or exc}"[:64]), []
+            return "failed", (0xA700, f"out of resources: {exc.strerror or exc}"[:64]), []
         log.info("queued %s for %s", uid, ", ".join(decided.destinations))
-        return 0x0000, entries
+        return "queued", 0x0000, entries
 
     def _route(self, request: StoreRequest) -> Route:
         association = request.association

@@ -10,6 +10,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 
 import anyio
 
+from dicomnet.observe import Observer
 from dicomnet.route.config import Destination, RouteConfig
 from dicomnet.route.forwarder import Forwarder, Sender
 from dicomnet.route.intake import Intake
@@ -26,7 +27,8 @@ SenderFactory = Callable[[Destination], AbstractAsyncContextManager[Sender]]
 
 class Router:
     """The router of `config`; `serve()` runs it. `senders(destination)` makes what sends
-    to a destination (default: a `dicomnet.Pool` as the destination says)."""
+    to a destination (default: a `dicomnet.Pool` as the destination says). `observer` is
+    told of the associations and operations of both sides (`dicomnet.observe`)."""
 
     def __init__(
         self,
@@ -36,8 +38,10 @@ class Router:
         tls: ssl.SSLContext | None = None,
         client_tls: Callable[[Destination], ssl.SSLContext | None] | None = None,
         backend: NetworkBackend = TCP,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
+        self.observer = observer
         self.tls = tls
         self.client_tls = client_tls
         self.backend = backend
@@ -50,11 +54,12 @@ class Router:
             require_called_ae_title=True,
             allowed_calling_ae_titles=config.allow,
             fsync=config.fsync,
+            observer=observer,
         )
-        intake = Intake(
+        self.intake = Intake(
             config.rules, self.queue, self._hand_over, refuse_unrouted=config.unrouted == "refuse"
         )
-        self.ae.on_store(intake.on_store)
+        self.ae.on_store(self.intake.on_store)
 
     def _hand_over(self, entries: list[Entry]) -> None:
         for forwarder in self.forwarders.values():
@@ -71,6 +76,7 @@ class Router:
             tls=self.client_tls(destination) if self.client_tls else None,
             max_associations=destination.associations,
             window=destination.window,
+            observer=self.observer,
             backend=self.backend,
         )
 
