@@ -99,6 +99,7 @@ def status(folder: Path, *, as_json: bool = False) -> int:
         rows[name] = {
             "queued": state.queued,
             "in_flight": live.get(name, {}).get("in_flight") if live else None,
+            "held": live.get(name, {}).get("held") if live else None,
             "dead": state.dead,
             "oldest_age_s": None if state.oldest_age is None else round(state.oldest_age, 1),
             "queued_bytes": state.queued_bytes,
@@ -111,8 +112,9 @@ def status(folder: Path, *, as_json: bool = False) -> int:
     for name, row in rows.items():
         age = "-" if row["oldest_age_s"] is None else f"{row['oldest_age_s']:.0f} s"
         flight = "-" if row["in_flight"] is None else row["in_flight"]
+        held = f" (held for their series / study: {row['held']})" if row["held"] else ""
         print(
-            f"  {name}: queued {row['queued']} ({row['queued_bytes'] / 1e6:.1f} MB), "
+            f"  {name}: queued {row['queued']} ({row['queued_bytes'] / 1e6:.1f} MB){held}, "
             f"in flight {flight}, dead letters {row['dead']}, oldest {age}"
         )
         if row["last_error"]:
@@ -210,6 +212,7 @@ async def _write_status(router: Any, folder: Path) -> None:
             "destinations": {
                 name: {
                     "in_flight": f.in_flight,
+                    "held": f.held,
                     "sent": f.sent,
                     "retried": f.retried,
                     "dead": f.dead,

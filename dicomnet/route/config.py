@@ -26,6 +26,10 @@ window = 1                 # C-STOREs outstanding per association, if the peer a
 attempts = 10              # then the copy goes to the dead letters (default 10)
 backoff = 2.0              # seconds before the first retry, doubling, with jitter,
 max_backoff = 600.0        #   up to this
+trigger = "instance"       # or "series" / "study": send a series / study once no new
+stable_after = 60.0        #   instance of it came for this many seconds
+association_per = "series" # with a trigger: one association per series (or "study"),
+                           #   released after it (default: the shared pool)
 
 [[rule]]                   # dicomnet.route.rules
 ...
@@ -65,6 +69,9 @@ class Destination:
     attempts: int = 10
     backoff: float = 2.0
     max_backoff: float = 600.0
+    trigger: str = "instance"
+    stable_after: float = 60.0
+    association_per: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +130,31 @@ def _destination(table: dict[str, Any], n: int) -> Destination:
         attempts=_take(table, "attempts", int, 10, where),
         backoff=_take(table, "backoff", float, 2.0, where),
         max_backoff=_take(table, "max_backoff", float, 600.0, where),
+        trigger=_take(table, "trigger", str, "instance", where),
+        stable_after=_take(table, "stable_after", float, 60.0, where),
+        association_per=_take(table, "association_per", str, None, where),
         **values,
     )
     _no_more(table, where)
     if destination.associations < 1 or destination.window < 1 or destination.attempts < 1:
         raise ConfigError(f"{where}: associations, window and attempts are at least 1")
+    _check_trigger(destination, where)
     return destination
+
+
+def _check_trigger(destination: Destination, where: str) -> None:
+    trigger, per = destination.trigger, destination.association_per
+    if trigger not in ("instance", "series", "study"):
+        raise ConfigError(f"{where}: trigger is 'instance', 'series' or 'study', not {trigger!r}")
+    if destination.stable_after < 0:
+        raise ConfigError(f"{where}: stable_after is at least 0 seconds")
+    if per is not None and per not in ("series", "study"):
+        raise ConfigError(f"{where}: association_per is 'series' or 'study', not {per!r}")
+    if per is not None and (trigger == "instance" or (per, trigger) == ("study", "series")):
+        raise ConfigError(
+            f"{where}: association_per = {per!r} needs trigger = {per!r}"
+            + (" or 'study'" if per == "series" else "")
+        )
 
 
 def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:

@@ -15,21 +15,31 @@ letters with the reason.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import anyio
+import anyio.abc
 import anyio.to_thread
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicomnet.errors import DicomNetError, DimseError, NotNegotiatedError
 from dicomnet.route.config import Destination
 from dicomnet.route.queue import Entry, Queue
+from dicomnet.route.triggers import Group, Groups, Held
 from dicomnet.status import Status
 
 __all__ = ["Forwarder", "Sender"]
+
+_GROUP_TAGS = [0x0020000D, 0x0020000E]  # Study and Series Instance UID
 
 log = logging.getLogger("dicomnet")
 
@@ -61,15 +71,22 @@ class Forwarder:
         destination: Destination,
         sender: Sender,
         *,
+        dedicated: Callable[[], AbstractAsyncContextManager[Sender]] | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.queue = queue
         self.destination = destination
         self.sender = sender
+        self.dedicated = dedicated  # a sender of its own for each series / study
         self.jitter = jitter
         self._ready: deque[Entry] = deque()
-        self._known: set[str] = set()  # sequences ready, in flight or waiting to retry
+        self._known: set[str] = set()  # sequences ready, held, in flight or to retry
         self._more = anyio.Event()
+        self.groups: Groups | None = None
+        self._arriving: list[Entry] = []  # to be held, once their UIDs are read
+        self._arrived = anyio.Event()  # wakes the releasing of held copies
+        if destination.trigger != "instance":
+            self.groups = Groups(destination.trigger, destination.stable_after)
         self.add(queue.pending(destination.name))
         self._down = 0  # connection failures in a row
         self._resume = 0.0  # no sending before this (anyio.current_time())
@@ -81,14 +98,25 @@ class Forwarder:
 
     @property
     def waiting(self) -> int:
+        """Copies ready to go (not those held for their series / study)."""
         return len(self._ready)
+
+    @property
+    def held(self) -> int:
+        """Copies held until their series / study is stable."""
+        return len(self._arriving) + (len(self.groups) if self.groups is not None else 0)
 
     def add(self, entries: list[Entry]) -> None:
         mine = [e for e in entries if e.destination == self.destination.name]
-        if mine:
+        if not mine:
+            return
+        self._known.update(e.sequence for e in mine)
+        if self.groups is None:
             self._ready.extend(mine)
-            self._known.update(e.sequence for e in mine)
             self._more.set()
+        else:
+            self._arriving.extend(mine)
+            self._arrived.set()
 
     async def rescan(self) -> int:
         """Take copies put in the pending folder from outside (`route retry`)."""
@@ -103,6 +131,8 @@ class Forwarder:
         slots = anyio.Semaphore(self.destination.associations * self.destination.window)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._rescanning, rescan_every)
+            if self.groups is not None:
+                tg.start_soon(self._releasing, self.groups, tg)
             while True:
                 while not self._ready:
                     await self._more.wait()
@@ -116,43 +146,49 @@ class Forwarder:
     async def _send(self, entry: Entry, slots: anyio.Semaphore, tg: anyio.abc.TaskGroup) -> None:
         self.in_flight += 1
         try:
-            try:
-                await self.sender.store(entry.path)
-            except DicomNetError as exc:
-                await self._failed(entry, exc, tg)
-                return
-            except FileNotFoundError:  # removed by hand
-                self._known.discard(entry.sequence)
-                return
-            await anyio.to_thread.run_sync(self.queue.done, entry)
-            self._known.discard(entry.sequence)
-            self.sent += 1
-            log.info("sent %s to %s", entry.path.name, self.destination.name)
-            if self._down:
-                log.info("destination %s reachable again", self.destination.name)
-                self._down = 0
+            if not await self._deliver(self.sender, entry, tg):
+                self._ready.appendleft(entry)  # first again, uncharged
+                self._more.set()
         finally:
             self.in_flight -= 1
             slots.release()
+
+    async def _deliver(self, sender: Sender, entry: Entry, tg: anyio.abc.TaskGroup) -> bool:
+        """Send one copy; False when the destination could not be reached (the copy was
+        not charged an attempt and is to be sent again)."""
+        try:
+            await sender.store(entry.path)
+        except DicomNetError as exc:
+            return await self._failed(entry, exc, tg)
+        except FileNotFoundError:  # removed by hand
+            self._known.discard(entry.sequence)
+            return True
+        await anyio.to_thread.run_sync(self.queue.done, entry)
+        self._known.discard(entry.sequence)
+        self.sent += 1
+        log.info("sent %s to %s", entry.path.name, self.destination.name)
+        if self._down:
+            log.info("destination %s reachable again", self.destination.name)
+            self._down = 0
+        return True
 
     def _pause(self, failures: int) -> float:
         d = self.destination
         pause: float = min(d.max_backoff, d.backoff * 2 ** (failures - 1))
         return pause * (0.5 + self.jitter() / 2)
 
-    async def _failed(self, entry: Entry, exc: DicomNetError, tg: anyio.abc.TaskGroup) -> None:
+    async def _failed(self, entry: Entry, exc: DicomNetError, tg: anyio.abc.TaskGroup) -> bool:
+        """Deal with a failed copy: False when the destination could not be reached."""
         name = self.destination.name
         self.last_error = str(exc)
         if _unreachable(exc):
-            self._ready.appendleft(entry)  # first again, uncharged
-            self._more.set()
             if anyio.current_time() >= self._resume:  # not already paused by another
                 self._down += 1
                 pause = self._pause(self._down)
                 self._resume = anyio.current_time() + pause
                 log.warning("destination %s unreachable (%s): again in %.1f s", name, exc, pause)
                 self.retried += 1
-            return
+            return False
         attempts = entry.attempts + 1
         if _lasting(exc) or attempts >= self.destination.attempts:
             reason = f"after {attempts} attempt(s): {exc}"
@@ -160,12 +196,13 @@ class Forwarder:
             await anyio.to_thread.run_sync(self.queue.give_up, entry, reason)
             self._known.discard(entry.sequence)
             self.dead += 1
-            return
+            return True
         again = await anyio.to_thread.run_sync(self.queue.failed, entry)
         pause = self._pause(attempts)
         log.info("sending %s to %s failed (%s): again in %.1f s", entry.path.name, name, exc, pause)
         self.retried += 1
         tg.start_soon(self._later, again, pause)
+        return True
 
     async def _rescanning(self, every: float) -> None:
         while True:
@@ -174,4 +211,75 @@ class Forwarder:
 
     async def _later(self, entry: Entry, pause: float) -> None:
         await anyio.sleep(pause)
-        self.add([entry])
+        self._ready.append(entry)  # alone, not held with its series again
+        self._more.set()
+
+    # --- series / study triggers ----------------------------------------------------------
+
+    async def _releasing(self, groups: Groups, tg: anyio.abc.TaskGroup) -> None:
+        """Hold what arrives by series / study; release each group once it is stable:
+        into the queue, or on an association of its own (`dedicated`)."""
+        parallel = anyio.Semaphore(self.destination.associations)
+        while True:
+            arriving, self._arriving = self._arriving, []
+            if arriving:
+                held = await anyio.to_thread.run_sync(_identify, arriving)
+                for copy, age in held:
+                    groups.hold([copy], anyio.current_time() - age)
+            for group in groups.take_due(anyio.current_time()):
+                if self.dedicated is None:
+                    self._ready.extend(group.entries)
+                    self._more.set()
+                    continue
+                per_series = self.destination.association_per == "series"
+                for part in group.by_series() if per_series else [group.copies]:
+                    tg.start_soon(self._send_group, group, part, parallel, tg)
+            due = groups.next_due()
+            if self._arriving:
+                continue
+            with anyio.move_on_after(math.inf if due is None else due - anyio.current_time()):
+                await self._arrived.wait()
+            self._arrived = anyio.Event()
+
+    async def _send_group(
+        self,
+        group: Group,
+        copies: list[Held],
+        parallel: anyio.Semaphore,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        """Send a series / study on an association of its own, released after it; if the
+        destination cannot be reached, what is left is held again until it may be."""
+        assert self.dedicated is not None and self.groups is not None
+        async with parallel:
+            await anyio.sleep_until(self._resume)
+            self.in_flight += len(copies)
+            try:
+                async with self.dedicated() as sender:
+                    for n, held in enumerate(copies):
+                        if not await self._deliver(sender, held.entry, tg):
+                            self.groups.hold_again(group, copies[n:], self._resume)
+                            self._arrived.set()
+                            return
+            except DicomNetError as exc:  # the release
+                log.debug("association for %s %s ended: %s", self.groups.level, group.key, exc)
+            finally:
+                self.in_flight -= len(copies)
+
+
+def _identify(entries: list[Entry]) -> list[tuple[Held, float]]:
+    """Each copy with its study and series UIDs, and its age in seconds (how long ago it
+    was queued: its file's modification time)."""
+    now = time.time()
+    out = []
+    for entry in entries:
+        ds: Dataset
+        try:
+            ds = dcmread(entry.path, stop_before_pixels=True, specific_tags=_GROUP_TAGS)
+            age = max(0.0, now - entry.path.stat().st_mtime)
+        except (OSError, InvalidDicomError):
+            ds, age = Dataset(), 0.0
+        study = str(ds.get("StudyInstanceUID", "") or "")
+        series = str(ds.get("SeriesInstanceUID", "") or "")
+        out.append((Held(entry, study, series), age))
+    return out

@@ -65,7 +65,9 @@ class Router:
         for forwarder in self.forwarders.values():
             forwarder.add(entries)
 
-    def _pool(self, destination: Destination) -> AbstractAsyncContextManager[Sender]:
+    def _pool(
+        self, destination: Destination, single: bool = False
+    ) -> AbstractAsyncContextManager[Sender]:
         from dicomnet.pool import Pool
 
         return Pool(
@@ -74,11 +76,21 @@ class Router:
             aet=self.config.aet,
             aec=destination.aet,
             tls=self.client_tls(destination) if self.client_tls else None,
-            max_associations=destination.associations,
+            max_associations=1 if single else destination.associations,
             window=destination.window,
             observer=self.observer,
             backend=self.backend,
         )
+
+    def _dedicated(
+        self, destination: Destination
+    ) -> Callable[[], AbstractAsyncContextManager[Sender]] | None:
+        """What makes the association of one series / study (`association_per`)."""
+        if destination.association_per is None:
+            return None
+        if self.senders == self._pool:
+            return lambda: self._pool(destination, single=True)
+        return lambda: self.senders(destination)
 
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[Server]:
@@ -86,7 +98,9 @@ class Router:
         async with AsyncExitStack() as stack:
             for destination in self.config.destinations:
                 sender = await stack.enter_async_context(self.senders(destination))
-                self.forwarders[destination.name] = Forwarder(self.queue, destination, sender)
+                self.forwarders[destination.name] = Forwarder(
+                    self.queue, destination, sender, dedicated=self._dedicated(destination)
+                )
             async with anyio.create_task_group() as tg:
                 for forwarder in self.forwarders.values():
                     tg.start_soon(forwarder.run)
