@@ -43,6 +43,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from dicomnet.access import load_access
+from dicomnet.route.config import parse_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -228,7 +229,9 @@ def test_toml_blocks_parse(tmp_path: Path) -> None:
     assert tomls
     for number, code in enumerate(tomls):
         config = tomllib.loads(code)
-        if "rule" in config:  # an access policy (`serve --access FILE`): load it as serve does
+        if "destination" in config:  # a `route --config FILE`
+            assert parse_config(config).destinations
+        elif "rule" in config:  # an access policy (`serve --access FILE`): load it as serve does
             path = tmp_path / f"access-{number}.toml"
             path.write_text(code, encoding="utf-8")
             assert load_access(path) is not None
