@@ -64,6 +64,7 @@ def test_a_configuration_with_defaults(tmp_path: Path) -> None:
         (("max_queued = 50", "max_queue = 50"), "queue: unknown setting 'max_queue'"),
         (("window = 4", "window = 0"), "at least 1"),
         (('aet = "AI"\n', ""), "destination 'ai': aet is needed"),
+        (('aet = "ROUTER"\n', 'aet = "ROUTER"\nrequire_user = true\n'), "needs listen.users"),
     ],
 )
 def test_what_is_wrong_in_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:

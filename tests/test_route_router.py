@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,42 @@ async def test_a_restart_sends_what_was_queued_and_not_confirmed(tmp_path: Path)
         async with Router(routed, senders=one_shot("ROUTER")).serve():
             await wait_for(lambda: len(archive.received) == 2)
     assert all(dataset_bytes(p) == dataset_bytes(CT) for p in archive.received)
+
+
+async def test_who_may_send_users_and_an_access_policy(tmp_path: Path) -> None:
+    """`[listen] users`, `require_user` and `access`: the security of `serve`, in route."""
+    from dicomnet.identity import UserIdentity, hash_password, write_user
+
+    users = tmp_path / "users"
+    for name in ("modality", "viewer"):
+        write_user(users, name, hash_password("secret", n=2**4))
+    access = tmp_path / "access.toml"
+    access.write_text(
+        '[[rule]]\nuser = "modality"\nservices = ["echo", "store"]\n\n'
+        '[[rule]]\nuser = "viewer"\nservices = ["echo"]\n'
+    )
+    archive = Archive(tmp_path, "ARCHIVE")
+    async with archive.ae.serve("127.0.0.1", 0) as a:
+        routed = config(tmp_path, {"archive": a.port, "research": a.port})
+        secured = replace(routed, users=str(users), require_user=True, access=str(access))
+        async with Router(secured, senders=one_shot("ROUTER")).serve() as server:
+            with pytest.raises(dicomnet.AssociationRejected):
+                await send(server.port, CT)  # no identity
+            wrong = UserIdentity.password("modality", "guess")
+            with pytest.raises(dicomnet.AssociationRejected):
+                async with dicomnet.connect(
+                    "127.0.0.1", server.port, aec="ROUTER", user_identity=wrong
+                ):
+                    pass
+            viewer = UserIdentity.password("viewer", "secret")
+            async with dicomnet.connect(
+                "127.0.0.1", server.port, aec="ROUTER", user_identity=viewer
+            ) as assoc:
+                with pytest.raises(dicomnet.NotNegotiatedError):
+                    await assoc.store(CT)  # the policy gives the viewer no store
+            right = UserIdentity.password("modality", "secret")
+            async with dicomnet.connect(
+                "127.0.0.1", server.port, aec="ROUTER", user_identity=right
+            ) as assoc:
+                assert await assoc.store(CT) == 0
+            await wait_for(lambda: len(archive.received) == 1)

@@ -153,18 +153,27 @@ def retry(folder: Path, destination: str) -> int:
 
 
 async def serve(config: Any, args: argparse.Namespace) -> int:
+    from dicomnet.route.config import ConfigError
     from dicomnet.route.router import Router
     from dicomnet.tls import client_context, server_context
 
-    tls = (
-        server_context(config.tls_cert, config.tls_key, config.tls_ca) if config.tls_cert else None
-    )
+    try:
+        tls = (
+            server_context(config.tls_cert, config.tls_key, config.tls_ca)
+            if config.tls_cert
+            else None
+        )
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise UsageError(f"listen: TLS: {exc}") from None
 
     def client_tls(destination: Any) -> Any:
         return client_context(destination.tls_ca) if destination.tls else None
 
     observer = metrics_observer(args, "route")
-    router = Router(config, tls=tls, client_tls=client_tls, observer=observer)
+    try:
+        router = Router(config, tls=tls, client_tls=client_tls, observer=observer)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     with contextlib.ExitStack() as exporter:  # the metrics are served until route ends
         metrics = ""
         if observer is not None:

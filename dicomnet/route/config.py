@@ -7,6 +7,10 @@ aet = "ROUTER"             # default DICOMNET-ROUTE; checked as the called AE ti
 allow = ["CT1", "MR1"]     # calling AE titles that may send, exactly (default: any)
 tls_cert = "router.crt"    # with tls_key: TLS; with tls_ca too: client certificates
 tls_key = "router.key"
+users = "users"            # a `dicomnet passwd` file: user identities are checked
+require_user = false       # true: an association without a valid identity is rejected
+access = "access.toml"     # who may use which service (`serve --access`'s policy)
+audit = "audit.jsonl"      # security events, a JSON object a line (`serve --audit`)
 
 [queue]
 folder = "route-queue"     # default ./route-queue
@@ -83,6 +87,10 @@ class RouteConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    users: str | None = None
+    require_user: bool = False
+    access: str | None = None
+    audit: str | None = None
     queue: Path = Path("route-queue")
     fsync: bool = True
     max_queued: int | None = None
@@ -184,6 +192,10 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
         tls_cert=path(_take(listen, "tls_cert", str, None, "listen")),
         tls_key=path(_take(listen, "tls_key", str, None, "listen")),
         tls_ca=path(_take(listen, "tls_ca", str, None, "listen")),
+        users=path(_take(listen, "users", str, None, "listen")),
+        require_user=_take(listen, "require_user", bool, False, "listen"),
+        access=path(_take(listen, "access", str, None, "listen")),
+        audit=path(_take(listen, "audit", str, None, "listen")),
         queue=base / _take(queue, "folder", str, "route-queue", "queue"),
         fsync=_take(queue, "fsync", bool, True, "queue"),
         max_queued=_take(queue, "max_queued", int, None, "queue"),
@@ -197,6 +209,8 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
         raise ConfigError(f"queue.unrouted: 'refuse' or 'accept', not {config.unrouted!r}")
     if not destinations:
         raise ConfigError("no [[destination]]: nothing to route to")
+    if config.require_user and config.users is None:
+        raise ConfigError("listen.require_user needs listen.users")
     return config
 
 

@@ -7,11 +7,12 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import anyio
 
 from dicomnet.observe import Observer
-from dicomnet.route.config import Destination, RouteConfig
+from dicomnet.route.config import ConfigError, Destination, RouteConfig
 from dicomnet.route.forwarder import Forwarder, Sender
 from dicomnet.route.intake import Intake
 from dicomnet.route.queue import Entry, Queue
@@ -23,6 +24,23 @@ __all__ = ["Router"]
 log = logging.getLogger("dicomnet")
 
 SenderFactory = Callable[[Destination], AbstractAsyncContextManager[Sender]]
+
+
+def _security(config: RouteConfig) -> dict[str, Any]:
+    """Who may send: the AE's authenticator, access policy and audit log."""
+    from dicomnet.access import load_access
+    from dicomnet.audit import AuditLog
+    from dicomnet.identity import PasswordFile
+
+    try:
+        return {
+            "authenticator": PasswordFile(config.users) if config.users else None,
+            "require_user_identity": config.require_user,
+            "access": load_access(config.access) if config.access else None,
+            "audit": AuditLog(config.audit) if config.audit else None,
+        }
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"listen: {exc}") from None
 
 
 class Router:
@@ -55,6 +73,7 @@ class Router:
             allowed_calling_ae_titles=config.allow,
             fsync=config.fsync,
             observer=observer,
+            **_security(config),
         )
         self.intake = Intake(
             config.rules, self.queue, self._hand_over, refuse_unrouted=config.unrouted == "refuse"
