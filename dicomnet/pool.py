@@ -396,6 +396,7 @@ class Pool:
                 observer=self._observer,
             )
         except DicomNetError as exc:
+            log.info("association to %r at %s:%d failed: %s", self.aec, *self._at, exc)
             conn.error = exc
             return False
         except OSError as exc:  # not expected: open_association says ConnectionFailed
@@ -406,10 +407,11 @@ class Pool:
         conn.window = self.window if negotiated == 0 else min(negotiated, self.window)
         self._live += 1
         self._stats = replace(self._stats, opened=self._stats.opened + 1)
-        log.debug(
-            "%s:%d: association %d opened (%d contexts accepted, window %d)",
-            *self._at,
+        log.info(
+            "association %d to %r at %s:%d opened (%d contexts accepted, window %d)",
             self._stats.opened,
+            self.aec,
+            *self._at,
             len(association.contexts),
             conn.window,
         )
@@ -448,7 +450,12 @@ class Pool:
             try:
                 await conn.association.run()
             finally:
-                log.debug("%s:%d: association ended: %s", *self._at, conn.association.outcome)
+                log.info(
+                    "association to %r at %s:%d ended: %s",
+                    self.aec,
+                    *self._at,
+                    conn.association.outcome,
+                )
                 self._live -= 1
         finally:
             self._connections.remove(conn)
