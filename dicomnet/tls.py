@@ -277,7 +277,7 @@ def describe_failure(exc: BaseException, *, server: bool = False, timeout: float
         if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
             return "the peer presented no certificate (one is required)"
         if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
-            return "the peer requires a client certificate (--tls-cert/--tls-key)"
+            return "the peer requires a client certificate (--tls-cert/--tls-key; route: tls_cert)"
         if "ALERT" in reason:
             return f"the peer refused the connection: {text}"
         return text

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnet.route.config import ConfigError, load_config
+from dicomnet.route.config import ConfigError, load_config, parse_config
 
 GOOD = """
 [listen]
@@ -102,3 +102,24 @@ def test_the_guide_s_example_is_a_valid_configuration() -> None:
     config = parse_config(tomllib.loads(block))
     assert [d.name for d in config.destinations] == ["archive", "ai"]
     assert len(config.rules) == 2
+
+
+def test_a_destination_presents_the_listen_certificate_unless_it_has_its_own(
+    tmp_path: Path,
+) -> None:
+    listen = {"tls_cert": "node.crt", "tls_key": "node.key"}
+    destination = {"aet": "A", "host": "h", "port": 1, "tls": True}
+    config = parse_config(
+        {
+            "listen": listen,
+            "destination": [
+                {"name": "a", **destination},
+                {"name": "b", **destination, "tls_cert": "b.crt", "tls_key": "b.key"},
+            ],
+            "rule": [{"forward": ["a", "b"]}],
+        },
+        tmp_path,
+    )
+    a, b = config.destinations
+    assert (a.tls_cert, a.tls_key) == (str(tmp_path / "node.crt"), str(tmp_path / "node.key"))
+    assert (b.tls_cert, b.tls_key) == (str(tmp_path / "b.crt"), str(tmp_path / "b.key"))

@@ -166,8 +166,17 @@ async def serve(config: Any, args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise UsageError(f"listen: TLS: {exc}") from None
 
+    try:
+        contexts = {
+            d.name: client_context(d.tls_ca, d.tls_cert, d.tls_key)
+            for d in config.destinations
+            if d.tls
+        }
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"destination TLS: {exc}") from None
+
     def client_tls(destination: Any) -> Any:
-        return client_context(destination.tls_ca) if destination.tls else None
+        return contexts.get(destination.name)
 
     observer = metrics_observer(args, "route")
     try:

@@ -25,6 +25,8 @@ aet = "ARCHIVE"
 host = "10.0.0.9"
 port = 104
 tls = false                # true: over TLS, verified with tls_ca (default: system CAs)
+tls_cert = "router.crt"    # the client certificate presented (default: [listen]'s)
+tls_key = "router.key"
 associations = 2           # at most, at once (default 2)
 window = 1                 # C-STOREs outstanding per association, if the peer agrees
 attempts = 10              # then the copy goes to the dead letters (default 10)
@@ -68,6 +70,8 @@ class Destination:
     port: int
     tls: bool = False
     tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     associations: int = 2
     window: int = 1
     attempts: int = 10
@@ -115,7 +119,7 @@ def _no_more(table: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: unknown setting {sorted(table)[0]!r}")
 
 
-def _destination(table: dict[str, Any], n: int) -> Destination:
+def _destination(table: dict[str, Any], n: int, base: Path, listen: dict[str, Any]) -> Destination:
     where = f"destination {n}"
     name = _take(table, "name", str, None, where)
     if not name:
@@ -132,7 +136,9 @@ def _destination(table: dict[str, Any], n: int) -> Destination:
     destination = Destination(
         name=name,
         tls=_take(table, "tls", bool, False, where),
-        tls_ca=_take(table, "tls_ca", str, None, where),
+        tls_ca=_path(base, _take(table, "tls_ca", str, None, where)),
+        tls_cert=_path(base, _take(table, "tls_cert", str, listen.get("tls_cert"), where)),
+        tls_key=_path(base, _take(table, "tls_key", str, listen.get("tls_key"), where)),
         associations=_take(table, "associations", int, 2, where),
         window=_take(table, "window", int, 1, where),
         attempts=_take(table, "attempts", int, 10, where),
@@ -170,7 +176,9 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     listen = data.pop("listen", {})
     queue = data.pop("queue", {})
-    destinations = [_destination(dict(t), n) for n, t in enumerate(data.pop("destination", []), 1)]
+    destinations = [
+        _destination(dict(t), n, base, listen) for n, t in enumerate(data.pop("destination", []), 1)
+    ]
     names = [d.name for d in destinations]
     if len(set(names)) != len(names):
         raise ConfigError("two destinations have the same name")
@@ -182,7 +190,7 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
     allow = _take(listen, "allow", list, None, "listen")
 
     def path(value: str | None) -> str | None:
-        return None if value is None else str(base / value)
+        return _path(base, value)
 
     config = RouteConfig(
         host=_take(listen, "host", str, "127.0.0.1", "listen"),
@@ -212,6 +220,10 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
     if config.require_user and config.users is None:
         raise ConfigError("listen.require_user needs listen.users")
     return config
+
+
+def _path(base: Path, value: str | None) -> str | None:
+    return None if value is None else str(base / value)
 
 
 def load_config(path: str | Path) -> RouteConfig:
