@@ -1095,3 +1095,27 @@ def test_time_is_only_what_the_calls_say() -> None:
     assert ul.state == State.STA2
     ul.handle_timer(530.0)  # Evt18 in Sta2: AA-2, closed
     assert ul.state == State.STA1
+
+
+@PARTIAL
+@given(st.integers(1, 40), st.integers(2_000, 70_000))
+def test_after_a_pdu_that_straddles_two_chunks_the_rest_are_not_copied(
+    count: int, chunk: int
+) -> None:
+    """16 KiB P-DATA-TFs (DCMTK's default) read in chunks that cut them anywhere: only the
+    PDU cut by a chunk's end is copied; the others point into the chunk they came in."""
+    pdus = [build_p_data(bytes([n % 251]) * 16_372, 1, is_command=False) for n in range(count)]
+    stream = b"".join(p.encode() for p in pdus)
+    d = drive(State.STA6, ACCEPTOR)
+    events: list[ULEvent] = []
+    chunks = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
+    pointing = 0
+    for piece in chunks:
+        for event in feed(d.ul, piece):
+            assert isinstance(event, DataReceived)
+            (value,) = [pdv.data for pdv in event.pdu.values]
+            pointing += isinstance(value, memoryview) and value.obj is piece
+            events.append(event)
+    assert events == [DataReceived(p) for p in pdus]
+    cut = sum(1 for n in range(1, len(chunks)) if (n * chunk) % len(pdus[0].encode()))
+    assert pointing >= count - cut  # at most the PDUs cut by a chunk boundary were copied

@@ -498,11 +498,14 @@ class UpperLayer:
                     self._complete.append((self._body_type, memoryview(body).toreadonly()))
                     self._body = None
                 continue
-            if (
-                self._start == len(self._buffer)
-                and len(view) >= PDU_HEADER_LENGTH
-                and view[0] == _P_DATA_TF
-            ):
+            if self._start != len(self._buffer):
+                taken = self._complete_begun(view)
+                if taken < 0:
+                    self._append(view)
+                    break
+                view = view[taken:]
+                continue
+            if len(view) >= PDU_HEADER_LENGTH and view[0] == _P_DATA_TF:
                 length = int.from_bytes(view[2:PDU_HEADER_LENGTH], "big")
                 end = PDU_HEADER_LENGTH + length
                 if length <= self._pdu_limit(_P_DATA_TF):
@@ -522,6 +525,31 @@ class UpperLayer:
                         continue
             self._append(view)
             break
+
+    def _complete_begun(self, view: memoryview) -> int:
+        """A P-DATA-TF begun in an earlier chunk, the only thing in the buffer: complete it
+        from `view`, so that the PDUs after it in this chunk are not copied through the
+        buffer too. The bytes taken from `view`, or -1 when this does not apply."""
+        buffer, start = self._buffer, self._start
+        begun = len(buffer) - start
+        if begun < PDU_HEADER_LENGTH:
+            need = PDU_HEADER_LENGTH - begun
+            if len(view) < need:
+                return -1
+            buffer += view[:need]  # the header first, to know the length
+            return need
+        pdu_type, length = parse_pdu_header(buffer, start)
+        missing = PDU_HEADER_LENGTH + length - begun
+        if pdu_type != _P_DATA_TF or length > self._pdu_limit(_P_DATA_TF):
+            return -1  # for `_parse_one` to refuse
+        if missing <= 0 or missing > len(view) or length >= _OWN_BUFFER_MIN:
+            return -1  # more than one PDU buffered, the PDU goes on, or a large one
+        buffer += view[:missing]
+        body = memoryview(bytes(buffer[start + PDU_HEADER_LENGTH :]))  # the one copy
+        self._complete.append((_P_DATA_TF, body))
+        buffer.clear()
+        self._start = 0
+        return missing
 
     def _start_own_buffer(self, pdu_type: int, length: int, received: memoryview | bytes) -> None:
         """Receive a large PDU's body into a buffer of its own, each byte copied once."""
