@@ -314,16 +314,19 @@ def write_atomic(
     fsync: bool = True,
     *,
     replace: bool = True,
+    sync_folder: bool = True,
 ) -> None:
     """Write `chunks` to `path` atomically: the complete file (fsynced first, if asked)
     appears under its name at once, replacing any file of that name; unless not
-    `replace`: then `FileExistsError` if there is one, and nothing is left behind."""
+    `replace`: then `FileExistsError` if there is one, and nothing is left behind. With
+    `fsync`, the folder is fsynced too (the name made durable) unless not `sync_folder`:
+    for a file that a caller links elsewhere and makes durable there."""
     # Plain strings here: this runs once per stored instance, and pathlib costs more
     # than the system calls around it.
     path = os.fspath(path)
     folder = os.path.dirname(path)
     _with_folder(folder, fsync, lambda: _write_file(path, chunks, fsync, replace))
-    if fsync:
+    if fsync and sync_folder:
         _fsync_directory(Path(folder or "."))
 
 
@@ -546,16 +549,23 @@ class Spool:
             f.seek(len(self.header))
             return walk_encoded(_FileSource(f, self.size), transfer_syntax)
 
-    def save_now(self, path: str, *, fsync: bool = True, replace: bool = True) -> str:
+    def save_now(
+        self, path: str, *, fsync: bool = True, replace: bool = True, sync_folder: bool = True
+    ) -> str:
         """`save_to()`, blocking (for a caller already in a worker thread). Not
-        `replace`: `FileExistsError` if `path` exists, which is left as it is."""
+        `replace`: `FileExistsError` if `path` exists, which is left as it is. Not
+        `sync_folder`: the file is fsynced, its folder not (see `write_atomic`)."""
         if self.error is not None:
             raise self.error
-        return self._save_sync(path, fsync, replace)
+        return self._save_sync(path, fsync, replace, sync_folder)
 
-    def _save_sync(self, path: str, fsync: bool, replace: bool = True) -> str:
+    def _save_sync(
+        self, path: str, fsync: bool, replace: bool = True, sync_folder: bool = True
+    ) -> str:
         if self._memory is not None:
-            write_atomic(path, [self.header, *self._memory], fsync, replace=replace)
+            write_atomic(
+                path, [self.header, *self._memory], fsync, replace=replace, sync_folder=sync_folder
+            )
             return path
         assert self._path is not None and self._file is not None
         self._file.flush()
@@ -572,10 +582,10 @@ class Spool:
                 chunks: list[bytes | memoryview] = []
                 while block := src.read(1 << 20):
                     chunks.append(block)
-            write_atomic(path, chunks, fsync, replace=replace)
+            write_atomic(path, chunks, fsync, replace=replace, sync_folder=sync_folder)
             return path
         saved = Path(path)
-        if fsync:
+        if fsync and sync_folder:
             _fsync_directory(saved.parent)
         # The spool now lives at `path`; keep reading from there.
         self._path = saved

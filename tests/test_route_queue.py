@@ -80,3 +80,17 @@ def test_status_says_how_old_the_oldest_copy_is(tmp_path: Path) -> None:
     assert status.oldest_age == pytest.approx(90)
     assert status.queued_bytes == 5
     assert Queue(tmp_path / "empty", ["archive"]).status()["archive"].oldest_age is None
+
+
+def test_removals_are_made_durable_together(tmp_path: Path) -> None:
+    queue = Queue(tmp_path, ["archive", "ai"], fsync=True)
+    entries = []
+    for content in (b"one", b"two", b"three"):
+        path = queue.temp_path()
+        path.write_bytes(content)
+        entries += queue.put({"archive": path, "ai": path})
+    for entry in entries:
+        queue.done(entry)
+    assert queue.pending("archive") == [] and queue.pending("ai") == []
+    assert queue.sync_removals() == 2  # one fsync per folder, for three removals each
+    assert queue.sync_removals() == 0

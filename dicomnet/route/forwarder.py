@@ -131,6 +131,7 @@ class Forwarder:
         slots = anyio.Semaphore(self.destination.associations * self.destination.window)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._rescanning, rescan_every)
+            tg.start_soon(self._syncing_removals)
             if self.groups is not None:
                 tg.start_soon(self._releasing, self.groups, tg)
             while True:
@@ -203,6 +204,16 @@ class Forwarder:
         self.retried += 1
         tg.start_soon(self._later, again, pause)
         return True
+
+    async def _syncing_removals(self, every: float = 1.0) -> None:
+        """Make the removals of confirmed copies durable, a folder fsync for many."""
+        try:
+            while True:
+                await anyio.sleep(every)
+                await anyio.to_thread.run_sync(self.queue.sync_removals)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.queue.sync_removals)
 
     async def _rescanning(self, every: float) -> None:
         while True:

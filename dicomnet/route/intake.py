@@ -128,7 +128,9 @@ class Intake:
         as_received = [name for name, coercion in decided.destinations.items() if not coercion]
         if as_received:
             path = self.queue.temp_path()
-            request.spool.save_now(str(path), fsync=fsync)
+            # The file is fsynced; its name in `.tmp` need not be: `Queue.put` links it
+            # into the destinations' folders and fsyncs those.
+            request.spool.save_now(str(path), fsync=fsync, sync_folder=False)
             copies.update(dict.fromkeys(as_received, path))
         written: dict[Coercion, Path] = {}
         for name, coercion in decided.destinations.items():

@@ -96,6 +96,7 @@ class Queue:
             destinations = sorted(p.parent.name for p in self.root.glob("*/pending"))
         self._queued: dict[str, int] = {}
         self._lock = threading.Lock()  # the counts, from the threads that put and remove
+        self._removed_from: set[Path] = set()  # folders with removals not yet fsynced
         for name in destinations:
             for sub in ("pending", "dead"):
                 (self.root / name / sub).mkdir(parents=True, exist_ok=True)
@@ -145,12 +146,23 @@ class Queue:
         return entries
 
     def done(self, entry: Entry) -> None:
-        """The destination confirmed `entry`: it goes, durably."""
+        """The destination confirmed `entry`: it goes. The removal is made durable by the
+        next `sync_removals()` (a forwarder calls it every second): a process killed
+        loses nothing of it, and after a crash of the system itself only copies removed
+        in that last moment can be sent again. One folder fsync serves many removals."""
         entry.path.unlink(missing_ok=True)
-        if self.fsync:
-            _fsync_folder(entry.path.parent)
         with self._lock:
             self._queued[entry.destination] -= 1
+            if self.fsync:
+                self._removed_from.add(entry.path.parent)
+
+    def sync_removals(self) -> int:
+        """Make the removals so far durable (fsync their folders); how many folders."""
+        with self._lock:
+            folders, self._removed_from = self._removed_from, set()
+        for folder in folders:
+            _fsync_folder(folder)
+        return len(folders)
 
     def failed(self, entry: Entry) -> Entry:
         """One more attempt of `entry` failed: the count is kept in its name."""
