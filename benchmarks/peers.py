@@ -118,10 +118,16 @@ def _loop_env(env: dict[str, str], loop: str) -> dict[str, str]:
 
 
 def dicomnet_scp(
-    *, fsync: bool, workers: int = 1, loop: str = "uvloop", tls: bool = False
+    *,
+    fsync: bool,
+    workers: int = 1,
+    loop: str = "uvloop",
+    tls: bool = False,
+    max_pdu: int | None = None,
 ) -> SCPSpec:
     """`dicomnet serve`; `loop="asyncio"` runs it without uvloop; `tls`: with
-    `--tls-cert/--tls-key --tls-ca` (client certificates required, as storescp +tls)."""
+    `--tls-cert/--tls-key --tls-ca` (client certificates required, as storescp +tls);
+    `max_pdu`: `--max-pdu` (the PDU size the SCU sends)."""
 
     def build(port: int, storage: Path, _count: int) -> tuple[list[str], dict[str, str]]:
         argv = [
@@ -144,6 +150,8 @@ def dicomnet_scp(
             certs = pki()
             argv += ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)]
             argv += ["--tls-ca", str(certs.ca)]
+        if max_pdu is not None:
+            argv += ["--max-pdu", str(max_pdu)]
         return argv, _loop_env(_base_env(nodelay=False), loop)
 
     # `dicomnet serve` also records every instance in its SQLite index (Q/R), after the
@@ -161,6 +169,9 @@ def dicomnet_scp(
     if tls:
         key += "-tls"
         label += " --tls-cert/--tls-key --tls-ca"
+    if max_pdu is not None:
+        key += f"-pdu{max_pdu}"
+        label += f" --max-pdu {max_pdu}"
     if fsync:
         durability = "unnamed file (O_TMPFILE), fsync, linked in place, fsync of the folder" + index
     else:
@@ -208,9 +219,11 @@ def pynetdicom_scp() -> SCPSpec:
     )
 
 
-def storescp_scp(*, nodelay: bool = True, fork: bool = False, tls: bool = False) -> SCPSpec:
+def storescp_scp(
+    *, nodelay: bool = True, fork: bool = False, tls: bool = False, max_pdu: int | None = None
+) -> SCPSpec:
     """storescp; `tls`: `+tls KEY CERT +cf CA` (its default profile, non-downgrading BCP 195,
-    and its default -rc: client certificates required)."""
+    and its default -rc: client certificates required); `max_pdu`: `--max-pdu`."""
 
     def build(port: int, storage: Path, _count: int) -> tuple[list[str], dict[str, str]]:
         argv = [dcmtk("storescp"), "+B", "-od", str(storage), "-aet", "STORESCP"]
@@ -219,6 +232,8 @@ def storescp_scp(*, nodelay: bool = True, fork: bool = False, tls: bool = False)
         if tls:
             certs = pki()
             argv += ["+tls", str(certs.server_key), str(certs.server_cert), "+cf", str(certs.ca)]
+        if max_pdu is not None:
+            argv += ["--max-pdu", str(max_pdu)]
         argv.append(str(port))
         return argv, _base_env(nodelay=nodelay)
 
@@ -227,6 +242,9 @@ def storescp_scp(*, nodelay: bool = True, fork: bool = False, tls: bool = False)
     if tls:
         label += " +tls"
         key += "-tls"
+    if max_pdu is not None:
+        label += f" --max-pdu {max_pdu}"
+        key += f"-pdu{max_pdu}"
     return SCPSpec(key, label, "bit-preserving write, no fsync (page cache)", build)
 
 

@@ -50,6 +50,8 @@ SCENARIOS: dict[str, Scenario] = {
                  "store/s", "sc2k"),
         Scenario("S4", "300 x 512 KB CT C-STORE on one association", "store-one", 300, 20,
                  "store/s", "ct512k", megabytes=True),
+        Scenario("S4-16K", "S4 with the SCP's maximum PDU at 16 KiB (DCMTK's default)",
+                 "store-one", 300, 20, "store/s", "ct512k", megabytes=True),
         Scenario("S5", "one 256 MiB multi-frame C-STORE (quick: 32 MiB)", "store-one", 1, 1,
                  "store/s", "big", megabytes=True, size_mib=256, quick_size_mib=32,
                  extras=("scp_rss_growth_mib",)),
@@ -110,6 +112,11 @@ PYNETDICOM = {"S2": 1000, "S3": 500}
 PYNETDICOM_S8 = {"S8": 200}
 PYNETDICOM_S8_QUICK = {"S8": 50}
 
+# P-DATA-TF PDUs of 16 KiB, DCMTK's default maximum: a 512 KB instance in 32 of them, each
+# cut by the receive chunks more often than 256 KiB ones.
+PDU16K = 16384
+SMALL_PDU = ("S4-16K",)
+
 PAIRINGS: tuple[Pairing, ...] = (
     Pairing("dicomnet>dicomnet", peers.DicomnetSCU, peers.dicomnet_scp(fsync=True),
             (*ALL, "S5", "S6", "S8")),
@@ -119,6 +126,12 @@ PAIRINGS: tuple[Pairing, ...] = (
             peers.dicomnet_scp(fsync=True, workers=2), ("S6",)),
     Pairing("dicomnet>dicomnet(workers 2, no-fsync)", peers.DicomnetSCU,
             peers.dicomnet_scp(fsync=False, workers=2), ("S6",)),
+    Pairing("dicomnet>dicomnet(no-fsync, 16K PDU)", peers.DicomnetSCU,
+            peers.dicomnet_scp(fsync=False, max_pdu=PDU16K), SMALL_PDU),
+    Pairing("dcmtk>dicomnet(no-fsync, 16K PDU)", peers.DcmtkSCU,
+            peers.dicomnet_scp(fsync=False, max_pdu=PDU16K), SMALL_PDU),
+    Pairing("dcmtk>dcmtk(16K PDU)", peers.DcmtkSCU, peers.storescp_scp(max_pdu=PDU16K),
+            SMALL_PDU),
     # Both sides on asyncio's own loop (the rows above use uvloop, installed with .[speed]).
     Pairing("dicomnet>dicomnet(asyncio, no-fsync)", lambda: peers.DicomnetSCU(loop="asyncio"),
             peers.dicomnet_scp(fsync=False, loop="asyncio"), ("S2", *STORES, "S6")),
@@ -213,6 +226,10 @@ RATIOS: tuple[Ratio, ...] = (
     Ratio("dicomnet pair: TLS / plain (no fsync)", TLS_DICOMNET, "dicomnet>dicomnet(no-fsync)",
           only=TLS, denominators={"S2": "dicomnet>dicomnet"}),
     Ratio("DCMTK pair: TLS / plain", TLS_DCMTK, "dcmtk>dcmtk", only=TLS),
+    Ratio("16 KiB PDUs: dicomnet pair / DCMTK pair (neither fsyncs)",
+          "dicomnet>dicomnet(no-fsync, 16K PDU)", "dcmtk>dcmtk(16K PDU)", only=SMALL_PDU),
+    Ratio("16 KiB PDUs, DCMTK SCU: dicomnet SCP / storescp (neither fsyncs)",
+          "dcmtk>dicomnet(no-fsync, 16K PDU)", "dcmtk>dcmtk(16K PDU)", only=SMALL_PDU),
     Ratio("dicomnet pair: asyncio / uvloop (no fsync)", "dicomnet>dicomnet(asyncio, no-fsync)",
           "dicomnet>dicomnet(no-fsync)", denominators={"S2": "dicomnet>dicomnet"}),
 )  # fmt: skip

@@ -51,3 +51,32 @@ def test_a_relational_query_only_when_negotiated(
     with pytest.raises(dicomnet.DimseError) as refused:  # baseline: unique keys above
         anyio.run(series_of, server.port, str(ct.PatientName), False)
     assert refused.value.status == 0xA900
+
+
+@pytest.mark.dcmtk
+def test_max_pdu_is_what_the_peer_is_told_and_sends(
+    dicomnet_server: Callable[..., DicomnetServer], tmp_path: Path
+) -> None:
+    """`serve --max-pdu 16384` (storescp's option, DCMTK's default size): the A-ASSOCIATE-AC
+    says so, and storescu's P-DATA-TF PDUs are cut to it, the data set arriving intact."""
+    from peers import dataset_bytes, storescu
+
+    server = dicomnet_server(extra_args=["--max-pdu", "16384"])
+    files = []
+    for path in FILES:  # without the Data Set Trailing Padding storescu leaves out
+        ds = dcmread(path)
+        del ds[0xFFFCFFFC]
+        files.append(tmp_path / path.name)
+        ds.save_as(files[-1], enforce_file_format=True)
+
+    async def told() -> int:
+        async with dicomnet.connect("127.0.0.1", server.port, aec="PACS") as assoc:
+            return assoc.peer_max_pdu_length
+
+    assert anyio.run(told) == 16384
+    result = storescu(server.port, files, extra_args=["-d"])
+    assert result.returncode == 0, result
+    assert "Max Send PDV: 16372" in result.output  # 16384 less the PDV item header
+    stored = server.wait_stored([str(dcmread(p).SOPInstanceUID) for p in files], timeout=30)
+    for path in files:
+        assert dataset_bytes(stored[str(dcmread(path).SOPInstanceUID)]) == dataset_bytes(path)

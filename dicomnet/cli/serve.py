@@ -78,6 +78,14 @@ def add_parser(sub: Any) -> None:
         "--max-associations", type=int, default=None, help="refuse associations past N"
     )
     serve.add_argument(
+        "--max-pdu",
+        type=int,
+        default=262_144,
+        metavar="BYTES",
+        help="the largest P-DATA-TF PDU we receive, told to the peer (PS3.8 D.1; default "
+        "262144; storescp's --max-pdu; 0: no limit)",
+    )
+    serve.add_argument(
         "--fsync",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -175,6 +183,7 @@ def _apply_limits(ae: Any, args: argparse.Namespace) -> None:
         message_timeout=args.message_timeout,
         min_receive_rate=args.min_receive_rate,
         max_dataset_size=args.max_dataset_size,
+        max_pdu_length=args.max_pdu,
     )
     ae.max_associations_per_ae = args.max_associations_per_ae
 
@@ -305,6 +314,9 @@ async def run(args: argparse.Namespace) -> int:
     is_worker = args.worker_of is not None
     security = _security(args)
     observer = metrics_observer(args, "serve")
+    if args.max_pdu != 0 and not 1024 <= args.max_pdu <= 2**31 - 1:
+        print("dicomnet serve: --max-pdu is 0 (no limit) or 1024 to 2147483647", file=sys.stderr)
+        return 2
     if workers > 1 and args.port == 0:
         print("dicomnet serve: --workers needs a fixed --port", file=sys.stderr)
         return 2
