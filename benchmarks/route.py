@@ -409,7 +409,7 @@ def hop(
             dest.settle()
             quiet_page_cache()
             scu = peers.DcmtkSCU(aec=aec)
-            alive = router.alive if router is not None else dest.alive
+            servers = [dest] if router is None else [dest, router]
             with Arrivals(storage) as arrivals:
                 t0 = time.perf_counter()
                 result = scu.store_one(port, instances, timeout)
@@ -418,12 +418,19 @@ def hop(
                 record.errors.extend(result.errors)
                 # After a failed storescu, whatever made it through arrives soon or never.
                 deadline = t0 + timeout if record.storescu_ok else time.perf_counter() + 10
-                done = arrivals.wait(count, deadline, give_up=lambda: not alive())
+                done = arrivals.wait(
+                    count, deadline, give_up=lambda: not all(s.alive() for s in servers)
+                )
                 record.delivered = arrivals.count
             if done is not None:
                 record.delivered_s = done - t0
             else:
                 record.errors.append(f"{arrivals.count} of {count} delivered")
+                record.errors.extend(
+                    f"{s.name} ended during the run, exit status {s.returncode()}"
+                    for s in servers
+                    if not s.alive()
+                )
             if router is not None:
                 router.wait_quiet()
                 record.router_cpu_s, record.router_peak_rss_kib = router.measure()
@@ -536,7 +543,7 @@ class ManyResult:
 
     def error(self, text: str, *, expected: bool = False) -> None:
         kept = self.notes if expected else self.errors
-        if len(kept) < 5:
+        if len(kept) < 5 and text not in kept:
             kept.append(text)
 
 
@@ -659,7 +666,9 @@ def many(
                     except TimeoutError:
                         out.error(f"timed out after {timeout:g} s")
                     done = arrivals.wait(
-                        out.stored, time.perf_counter() + 120, give_up=lambda: not router.alive()
+                        out.stored,
+                        time.perf_counter() + 120,
+                        give_up=lambda: not (router.alive() and dest.alive()),
                     )
                     out.delivered = arrivals.count
                     if done is not None and out.store_started:
@@ -746,7 +755,9 @@ def queued(workdir: Path, instances: InstanceSet, timeout: float) -> QueuedResul
             dest, storage = storescp(workdir, "queued", down_port)
             with Arrivals(storage) as arrivals, dest:
                 t0 = time.perf_counter()
-                done = arrivals.wait(out.queued, t0 + timeout, give_up=lambda: not router.alive())
+                done = arrivals.wait(
+                    out.queued, t0 + timeout, give_up=lambda: not (router.alive() and dest.alive())
+                )
                 out.delivered = arrivals.count
                 if done is not None:
                     out.drain_s = done - t0
@@ -915,7 +926,8 @@ def failure_lines(
     lines += [f"{m.label} (expected): " + " | ".join(m.notes[:3]) for m in manys if m.notes]
     if q is not None and q.errors:
         lines.append("queued: " + " | ".join(q.errors[:3]))
-    return lines
+    # One line each: a server's log tail spans several.
+    return [" / ".join(p.strip() for p in line.splitlines() if p.strip()) for line in lines]
 
 
 def render(
@@ -961,7 +973,7 @@ def render(
             "",
         ]
     failures = failure_lines(hops, manys, q, again)
-    parts.append("Failures, errors and refusals: " + ("none" if not failures else ""))
+    parts.append("Failures, errors and refusals: " + ("none" if not failures else "\n"))
     parts += [f"- {line}" for line in failures]
     return "\n".join(parts) + "\n"
 
