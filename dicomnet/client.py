@@ -235,7 +235,7 @@ def _closed_early(
     if tls is None:
         return AssociationAborted(
             f"the connection to {host}:{port} closed before the association was answered "
-            "(does the peer expect TLS?)"
+            "(does the peer expect TLS, or is it at its limit of connections?)"
         )
     error = getattr(stream, "error", None)
     if isinstance(error, ssl.SSLError):  # TLS 1.3: a client certificate refused after

@@ -141,3 +141,31 @@ async def test_dead_letters_put_back_are_taken_by_a_running_forwarder(tmp_path: 
             tg.cancel_scope.cancel()
     assert sender.sent == [b"later"]
     assert queue.pending("archive") == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_long_queue_waits_on_disk_not_in_memory(tmp_path: Path) -> None:
+    queue = Queue(tmp_path, ["archive"], fsync=False)
+    contents = [b"copy-%03d" % n for n in range(40)]
+    queued(queue, *contents[:25])  # before the start: only 6 are taken in memory
+    sender = ScriptedSender({})
+    forwarder = Forwarder(queue, destination(associations=2), sender, memory_limit=6)
+    most_in_memory = 0
+
+    async def watch() -> None:
+        nonlocal most_in_memory
+        while True:
+            most_in_memory = max(most_in_memory, len(forwarder._known))
+            await anyio.sleep(0.001)
+
+    assert len(forwarder._known) == 6
+    forwarder.add(queued(queue, *contents[25:]))  # type: ignore[arg-type]
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            tg.start_soon(forwarder.run)
+            while forwarder.sent < 40:
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert sorted(sender.sent) == contents  # each once
+    assert most_in_memory <= 6 and queue.pending("archive") == []

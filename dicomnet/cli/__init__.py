@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging(args)
     prepare_tls(args)
-    if args.command in ("serve", "bench", "store"):
+    if args.command in ("serve", "route", "bench", "store"):
         _raise_open_file_limit()
     try:
         if hasattr(args, "level") and hasattr(args, "model"):

@@ -41,6 +41,10 @@ __all__ = ["Forwarder", "Sender"]
 
 _GROUP_TAGS = [0x0020000D, 0x0020000E]  # Study and Series Instance UID
 
+# Copies of one destination held in memory at most (~0.5 KB each); a longer queue waits
+# in its folder, read again as these go: a backlog grows on disk, not in memory.
+MEMORY_LIMIT = 10_000
+
 log = logging.getLogger("dicomnet")
 
 
@@ -73,8 +77,12 @@ class Forwarder:
         *,
         dedicated: Callable[[], AbstractAsyncContextManager[Sender]] | None = None,
         jitter: Callable[[], float] = random.random,
+        memory_limit: int = MEMORY_LIMIT,
     ) -> None:
         self.queue = queue
+        self.memory_limit = memory_limit
+        self._on_disk = False  # copies in the pending folder not taken in memory
+        self._refilling = False
         self.destination = destination
         self.sender = sender
         self.dedicated = dedicated  # a sender of its own for each series / study
@@ -107,10 +115,19 @@ class Forwarder:
         return len(self._arriving) + (len(self.groups) if self.groups is not None else 0)
 
     def add(self, entries: list[Entry]) -> None:
-        mine = [e for e in entries if e.destination == self.destination.name]
+        """Take new copies, as many as `memory_limit` allows in memory; the others wait in
+        the pending folder and are read from there as these go."""
+        known = self._known
+        mine = [
+            e for e in entries if e.destination == self.destination.name and e.sequence not in known
+        ]
+        room = self.memory_limit - len(known)
+        if len(mine) > room:
+            self._on_disk = True
+            mine = mine[: max(0, room)]
         if not mine:
             return
-        self._known.update(e.sequence for e in mine)
+        known.update(e.sequence for e in mine)
         if self.groups is None:
             self._ready.extend(mine)
             self._more.set()
@@ -119,11 +136,16 @@ class Forwarder:
             self._arrived.set()
 
     async def rescan(self) -> int:
-        """Take copies put in the pending folder from outside (`route retry`)."""
+        """Take copies put in the pending folder from outside (`route retry`), or left
+        there for want of room in memory."""
         pending = await anyio.to_thread.run_sync(self.queue.pending, self.destination.name)
-        new = [e for e in pending if e.sequence not in self._known]
+        # A copy sent while the folder was listed is gone now (its removal comes before
+        # it leaves `_known`, here on the event loop): it must not be taken again.
+        known = self._known
+        new = [e for e in pending if e.sequence not in known and os.path.exists(e.path)]
+        before = len(known)
         self.add(new)
-        return len(new)
+        return len(known) - before
 
     async def run(self, rescan_every: float = 30.0) -> None:
         """Until cancelled; the pending folder is looked at again every `rescan_every` s."""
@@ -168,6 +190,9 @@ class Forwarder:
         self._known.discard(entry.sequence)
         self.sent += 1
         log.info("sent %s to %s", entry.path.name, self.destination.name)
+        if self._on_disk and not self._refilling and len(self._known) <= self.memory_limit // 2:
+            self._refilling = True
+            tg.start_soon(self._refill)
         if self._down:
             log.info("destination %s reachable again", self.destination.name)
             self._down = 0
@@ -204,6 +229,14 @@ class Forwarder:
         self.retried += 1
         tg.start_soon(self._later, again, pause)
         return True
+
+    async def _refill(self) -> None:
+        """Take in memory copies that waited in the pending folder, oldest first."""
+        try:
+            self._on_disk = False
+            await self.rescan()
+        finally:
+            self._refilling = False
 
     async def _syncing_removals(self, every: float = 1.0) -> None:
         """Make the removals of confirmed copies durable, a folder fsync for many."""
