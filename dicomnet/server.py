@@ -67,6 +67,30 @@ __all__ = ["AE", "AssociationRequest", "Server", "commitment_listener", "retriev
 
 log = logging.getLogger("dicomnet")
 
+
+def security_settings(
+    *,
+    users: str | Path | None = None,
+    require_user: bool = False,
+    access: str | Path | None = None,
+    audit: str | Path | None = None,
+) -> dict[str, Any]:
+    """The `AE` keyword arguments of who may do what, from files: a users file
+    (`dicomnet passwd`) checking user identities, whether one is required, an access
+    policy (`dicomnet.access`) and an audit log (JSON lines). Raises `OSError` or
+    `ValueError` for a file that cannot be read or used."""
+    from dicomnet.access import load_access
+    from dicomnet.audit import AuditLog
+    from dicomnet.identity import PasswordFile
+
+    return {
+        "authenticator": PasswordFile(users) if users else None,
+        "require_user_identity": require_user,
+        "access": load_access(access) if access else None,
+        "audit": AuditLog(audit) if audit else None,
+    }
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -217,20 +217,15 @@ def _add_security(serve: argparse.ArgumentParser) -> None:
 
 def _security(args: argparse.Namespace) -> dict[str, Any]:
     """The AE's authenticator, access policy and audit log from the command line."""
-    from dicomnet.access import load_access
-    from dicomnet.audit import AuditLog
-    from dicomnet.identity import PasswordFile
+    from dicomnet.server import security_settings
 
     if args.require_user and args.users is None:
         print("dicomnet serve: --require-user needs --users", file=sys.stderr)
         raise SystemExit(2)
     try:
-        return {
-            "authenticator": PasswordFile(args.users) if args.users else None,
-            "require_user_identity": args.require_user,
-            "access": load_access(args.access) if args.access else None,
-            "audit": AuditLog(args.audit) if args.audit else None,
-        }
+        return security_settings(
+            users=args.users, require_user=args.require_user, access=args.access, audit=args.audit
+        )
     except (OSError, ValueError) as exc:
         raise SystemExit(f"dicomnet serve: {exc}") from None
 

@@ -16,7 +16,7 @@ from dicomnet.route.config import ConfigError, Destination, RouteConfig
 from dicomnet.route.forwarder import Forwarder, Sender
 from dicomnet.route.intake import Intake
 from dicomnet.route.queue import Entry, Queue
-from dicomnet.server import AE, Server
+from dicomnet.server import AE, Server, security_settings
 from dicomnet.stream import TCP, NetworkBackend
 
 __all__ = ["Router"]
@@ -28,17 +28,13 @@ SenderFactory = Callable[[Destination], AbstractAsyncContextManager[Sender]]
 
 def _security(config: RouteConfig) -> dict[str, Any]:
     """Who may send: the AE's authenticator, access policy and audit log."""
-    from dicomnet.access import load_access
-    from dicomnet.audit import AuditLog
-    from dicomnet.identity import PasswordFile
-
     try:
-        return {
-            "authenticator": PasswordFile(config.users) if config.users else None,
-            "require_user_identity": config.require_user,
-            "access": load_access(config.access) if config.access else None,
-            "audit": AuditLog(config.audit) if config.audit else None,
-        }
+        return security_settings(
+            users=config.users,
+            require_user=config.require_user,
+            access=config.access,
+            audit=config.audit,
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"listen: {exc}") from None
 
