@@ -172,7 +172,7 @@ async def test_the_indexer_pipe_is_watched_once_and_let_go_when_the_process_ends
         process = indexer._process
         assert process is not None
         process.kill()
-        await anyio.to_thread.run_sync(process.join, 10)
+        await anyio.to_thread.run_sync(process.wait, 10)
         with anyio.fail_after(5):
             while indexer._watching is not None:  # the end of the pipe is noticed
                 await anyio.sleep(0.01)
@@ -202,7 +202,7 @@ async def main(folder):
             for path in paths:
                 indexer.add(path)
             await indexer.drain()
-            print(len(index), indexer._connection is not None, indexer._process.is_alive())
+            print(len(index), indexer._connection is not None, indexer._process.poll() is None)
             tg.cancel_scope.cancel()
 
 # This process stays to report (a handler, as `serve` has: unlike an ignored signal, a
