@@ -15,13 +15,13 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.abc
 
-from dicomnet.access import AccessPolicy
+from dicomnet.access import AccessPolicy, load_access
 from dicomnet.admission import Admission
 from dicomnet.association import AssociationSettings, ExtendedResults, Handlers
-from dicomnet.audit import NODE_AUTHENTICATION, AuditHook, security_alert
+from dicomnet.audit import NODE_AUTHENTICATION, AuditHook, AuditLog, security_alert
 from dicomnet.client import connect
 from dicomnet.errors import Reject
-from dicomnet.identity import Authenticator
+from dicomnet.identity import Authenticator, PasswordFile
 from dicomnet.observe import ACCEPTOR, Observer, observe_rejection
 from dicomnet.proto.contexts import ContextAnswers, PresentationContext, negotiate_as_acceptor
 from dicomnet.proto.extended import (
@@ -79,10 +79,6 @@ def security_settings(
     (`dicomnet passwd`) checking user identities, whether one is required, an access
     policy (`dicomnet.access`) and an audit log (JSON lines). Raises `OSError` or
     `ValueError` for a file that cannot be read or used."""
-    from dicomnet.access import load_access
-    from dicomnet.audit import AuditLog
-    from dicomnet.identity import PasswordFile
-
     return {
         "authenticator": PasswordFile(users) if users else None,
         "require_user_identity": require_user,

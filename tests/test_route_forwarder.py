@@ -169,3 +169,19 @@ async def test_a_long_queue_waits_on_disk_not_in_memory(tmp_path: Path) -> None:
             tg.cancel_scope.cancel()
     assert sorted(sender.sent) == contents  # each once
     assert most_in_memory <= 6 and queue.pending("archive") == []
+
+
+@pytest.mark.timeout(30)
+async def test_copies_left_on_disk_are_read_in_as_others_go_to_the_dead_letters(
+    tmp_path: Path,
+) -> None:
+    """Room in memory freed by dead letters, not only by deliveries, brings in what waited
+    in the folder, without waiting for the periodic rescan."""
+    queue = Queue(tmp_path, ["archive"], fsync=False)
+    contents = [b"bad-%d" % n for n in range(6)]
+    queued(queue, *contents)
+    sender = ScriptedSender({c: [DimseError(0xA900, "not this class")] for c in contents})
+    forwarder = Forwarder(queue, destination(), sender, memory_limit=2)
+    await run_until(forwarder, lambda: forwarder.dead == 6)
+    assert queue.pending("archive") == [] and len(queue.status()) == 1
+    assert queue.status()["archive"].dead == 6

@@ -145,17 +145,19 @@ def _spawn_indexer(database: str, root: str) -> tuple[subprocess.Popen[bytes], C
     interpreter starts up stays pending instead of killing it (it ignores them, then
     unblocks them)."""
     ours, theirs = socket.socketpair()
+    # Where this `dicomnet` was imported from, looked at last: a checkout run in place.
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     argv = [sys.executable, "-c", _INDEXER_MAIN, str(theirs.fileno()), database, root]
     previous = (
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _HAVE_SIGNAL_MASK else None
     )
     try:
         process = subprocess.Popen(
-            argv, pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL
+            [*argv, package_parent], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL
         )
+    except BaseException:
+        ours.close()
+        raise
     finally:
         if previous is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
@@ -164,7 +166,8 @@ def _spawn_indexer(database: str, root: str) -> tuple[subprocess.Popen[bytes], C
 
 
 _INDEXER_MAIN = (
-    "import sys; from multiprocessing.connection import Connection; "
+    "import sys; sys.path.append(sys.argv[4]); "
+    "from multiprocessing.connection import Connection; "
     "from dicomnet.pacs.scp import _index_worker; "
     "_index_worker(sys.argv[2], sys.argv[3], Connection(int(sys.argv[1])))"
 )

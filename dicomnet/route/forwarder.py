@@ -184,15 +184,12 @@ class Forwarder:
         except DicomNetError as exc:
             return await self._failed(entry, exc, tg)
         except FileNotFoundError:  # removed by hand
-            self._known.discard(entry.sequence)
+            self._forget(entry, tg)
             return True
         await anyio.to_thread.run_sync(self.queue.done, entry)
-        self._known.discard(entry.sequence)
+        self._forget(entry, tg)
         self.sent += 1
         log.info("sent %s to %s", entry.path.name, self.destination.name)
-        if self._on_disk and not self._refilling and len(self._known) <= self.memory_limit // 2:
-            self._refilling = True
-            tg.start_soon(self._refill)
         if self._down:
             log.info("destination %s reachable again", self.destination.name)
             self._down = 0
@@ -220,7 +217,7 @@ class Forwarder:
             reason = f"after {attempts} attempt(s): {exc}"
             log.warning("gave up sending %s to %s %s", entry.path.name, name, reason)
             await anyio.to_thread.run_sync(self.queue.give_up, entry, reason)
-            self._known.discard(entry.sequence)
+            self._forget(entry, tg)
             self.dead += 1
             return True
         again = await anyio.to_thread.run_sync(self.queue.failed, entry)
@@ -229,6 +226,14 @@ class Forwarder:
         self.retried += 1
         tg.start_soon(self._later, again, pause)
         return True
+
+    def _forget(self, entry: Entry, tg: anyio.abc.TaskGroup) -> None:
+        """`entry` left the queue (sent, given up, removed): once half the room in memory
+        is free, copies that waited in the folder are read in."""
+        self._known.discard(entry.sequence)
+        if self._on_disk and not self._refilling and len(self._known) <= self.memory_limit // 2:
+            self._refilling = True
+            tg.start_soon(self._refill)
 
     async def _refill(self) -> None:
         """Take in memory copies that waited in the pending folder, oldest first."""

@@ -59,6 +59,7 @@ class Router:
         self.tls = tls
         self.client_tls = client_tls
         self.backend = backend
+        self._given_senders = senders
         self.senders = senders or self._pool
         names = [d.name for d in config.destinations]
         self.queue = Queue(config.queue, names, fsync=config.fsync, max_queued=config.max_queued)
@@ -103,9 +104,10 @@ class Router:
         """What makes the association of one series / study (`association_per`)."""
         if destination.association_per is None:
             return None
-        if self.senders == self._pool:
+        given = self._given_senders
+        if given is None:
             return lambda: self._pool(destination, single=True)
-        return lambda: self.senders(destination)
+        return lambda: given(destination)
 
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[Server]:
