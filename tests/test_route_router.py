@@ -211,3 +211,40 @@ async def test_who_may_send_users_and_an_access_policy(tmp_path: Path) -> None:
             ) as assoc:
                 assert await assoc.store(CT) == 0
             await wait_for(lambda: len(archive.received) == 1)
+
+
+async def test_pynetdicom_sends_through_the_router_to_pynetdicom(
+    tmp_path: Path, pynetdicom_scp: Callable[..., Any]
+) -> None:
+    """pynetdicom on both sides: its SCU into the router, the router's pool into its SCP,
+    the CT's data set as pynetdicom sent it (Explicit VR Little Endian, as the file)."""
+    from peers import free_port
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE as PynetdicomAE
+
+    destination = pynetdicom_scp()
+    research = free_port()  # down: its MR copy waits in the queue
+    routed = config(tmp_path, {"archive": destination.port, "research": research})
+    routed = replace(
+        routed, destinations=tuple(replace(d, aet=destination.aet) for d in routed.destinations)
+    )
+    paths = [CT, MR]
+
+    def send(port: int) -> list[int]:
+        scu = PynetdicomAE(ae_title="PYNSCU")
+        for path in paths:
+            scu.add_requested_context(str(dcmread(path).SOPClassUID), ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", port, ae_title="ROUTER")
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(dcmread(p)).Status) for p in paths]
+        finally:
+            assoc.release()
+
+    async with Router(routed).serve() as server:
+        assert await anyio.to_thread.run_sync(send, server.port) == [0, 0]
+        await wait_for(lambda: len(destination.received) == 2)  # the CT, the MR (coerced)
+    by_uid = {str(dcmread(p).SOPInstanceUID): p for p in paths}
+    ct_uid = str(dcmread(CT).SOPInstanceUID)
+    assert set(destination.received) == set(by_uid) and not destination.errors
+    assert destination.received[ct_uid].path.read_bytes() == dataset_bytes(CT)
