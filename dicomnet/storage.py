@@ -277,23 +277,50 @@ def _with_folder(folder: str, fsync: bool, write: Callable[[], None]) -> None:
 
 # At most this many buffers per gathering write (POSIX guarantees IOV_MAX >= 16).
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+# At most this many bytes per write system call. One 512 KB write costs several times the
+# system time of eight 64 KiB ones on Linux 6.x (ext4 takes large page-cache folios for a
+# large write, and these come cold from the page allocator); benchmarks/RESULTS.md.
+_WRITE_BYTES = 64 * 1024
 
 
 def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
-    """Write every chunk, in order: one writev() for many when the platform has it."""
-    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    """Write every chunk, in order, in system calls of at most `_WRITE_BYTES`: small chunks
+    gathered into one writev(), large ones cut."""
+    batch: list[memoryview] = []
+    size = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view:
+            piece, view = view[: _WRITE_BYTES - size], view[_WRITE_BYTES - size :]
+            batch.append(piece)
+            size += len(piece)
+            if size == _WRITE_BYTES or len(batch) == _IOV_MAX:
+                _write_batch(fd, batch)
+                batch, size = [], 0
+    if batch:
+        _write_batch(fd, batch)
+
+
+def _write_pieces(file: BinaryIO, data: bytes | memoryview) -> None:
+    """`file.write(data)` in writes of at most `_WRITE_BYTES`."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), _WRITE_BYTES):
+        file.write(view[start : start + _WRITE_BYTES])
+
+
+def _write_batch(fd: int, views: list[memoryview]) -> None:
+    """Write `views` in order, however short the system's writes are."""
     if not hasattr(os, "writev"):  # pragma: no cover - Windows
         for view in views:
             while view:
                 view = view[os.write(fd, view) :]
         return
     while views:
-        batch = views[:_IOV_MAX]
-        written = os.writev(fd, batch)
+        written = os.writev(fd, views)
         # Drop what was written; a partial write leaves the rest of a buffer.
         done = 0
-        while done < len(batch) and written >= len(batch[done]):
-            written -= len(batch[done])
+        while done < len(views) and written >= len(views[done]):
+            written -= len(views[done])
             done += 1
         views = views[done:]
         if written:
@@ -463,7 +490,7 @@ class Spool:
         self.size += len(data)
         assert self._file is not None
         try:
-            self._file.write(data)
+            _write_pieces(self._file, data)
         except OSError as exc:
             self._failed(exc)
 
@@ -489,7 +516,7 @@ class Spool:
         self._file.write(self.header)
         assert memory is not None
         for chunk in memory:
-            self._file.write(chunk)
+            _write_pieces(self._file, chunk)
 
     def finish(self) -> None:
         """The last fragment has arrived."""

@@ -4,6 +4,7 @@ reading a file's data set into the PDUs being sent."""
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import shutil
@@ -54,6 +55,69 @@ def test_write_atomic_survives_short_writes(
     write_atomic(target, list(data), fsync=False)
     assert target.read_bytes() == b"".join(data)
     assert calls == -(-len(b"".join(data)) // 3)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=300_000), max_size=12),
+)
+@settings(max_examples=40, deadline=None)
+def test_writes_are_cut_to_at_most_write_bytes_and_keep_every_byte(sizes: list[int]) -> None:
+    """Large chunks are cut and small ones gathered, so that no system call writes more
+    than `_WRITE_BYTES` (large writes cost several times the system time on Linux)."""
+    chunks: list[bytes | memoryview] = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    written: list[int] = []
+    read_fd, write_fd = os.pipe()
+    received = bytearray()
+    real_writev = os.writev
+
+    def recording_writev(fd: int, buffers: list[memoryview]) -> int:
+        written.append(sum(len(b) for b in buffers))
+        return real_writev(fd, buffers)
+
+    def drain() -> None:
+        while block := os.read(read_fd, 1 << 20):
+            received.extend(block)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "writev", recording_writev)
+            storage._write_all(write_fd, chunks)
+    finally:
+        os.close(write_fd)
+        reader.join(timeout=10)
+        os.close(read_fd)
+    assert bytes(received) == b"".join(chunks)
+    assert all(0 < n <= storage._WRITE_BYTES for n in written)
+    # Cut only where needed: one call per full _WRITE_BYTES, and one for the rest.
+    assert len(written) == -(-sum(sizes) // storage._WRITE_BYTES)
+
+
+def test_spooled_fragments_are_written_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pieces: list[int] = []
+    real = storage._write_pieces
+
+    def recording(file: io.BufferedWriter, data: bytes | memoryview) -> None:
+        class Recorder:
+            def write(self, piece: memoryview) -> int:
+                pieces.append(len(piece))
+                return file.write(piece)
+
+        real(Recorder(), data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage, "_write_pieces", recording)
+    spool = Spool(b"H", threshold=10, directory=tmp_path)
+    spool.write(b"a" * 5)
+    spool.write(memoryview(b"b" * (3 * storage._WRITE_BYTES + 7)).toreadonly())
+    spool.finish()
+    assert spool.on_disk
+    with spool.open_part10() as f:
+        assert f.read() == b"H" + b"a" * 5 + b"b" * (3 * storage._WRITE_BYTES + 7)
+    assert pieces == [5, *[storage._WRITE_BYTES] * 3, 7]
+    spool.discard()
 
 
 @pytest.mark.parametrize("unnamed", [True, False])
