@@ -99,6 +99,30 @@ async def test_indexer_indexes_everything_before_drain_returns(
     assert indexer._process is None  # the indexer process is stopped with the task
 
 
+async def test_the_indexer_process_starts_for_work_and_stops_when_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle `serve` is one process: the indexer process is started for the first
+    batch, stopped after `INDEXER_IDLE` seconds without one, and started again."""
+    monkeypatch.setattr(pacs, "INDEXER_IDLE", 0.5)
+    paths = files(tmp_path, 4)
+    async with running_indexer(tmp_path, use_process=True) as (index, indexer, _):
+        assert indexer._process is None  # nothing to index yet
+        indexer.add(paths[0])
+        await indexer.drain()
+        first = indexer._process
+        assert first is not None and len(index) == 1
+        with anyio.fail_after(5):
+            while indexer._process is not None or first.poll() is None:
+                await anyio.sleep(0.05)
+        assert first.returncode == 0  # it ended cleanly, told by the serving process
+        for path in paths[1:]:
+            indexer.add(path)
+        await indexer.drain()
+        assert len(index) == 4
+        assert indexer._process is not None and indexer._process.pid != first.pid
+
+
 async def test_stores_of_the_next_moments_share_a_batch_and_a_query_does_not_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,5 +1,19 @@
 """What `dicomnet serve` is: a storage folder, an SQLite index and the SCP over them."""
 
-from dicomnet.pacs.scp import StorageSCP
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicomnet.pacs.scp import StorageSCP
 
 __all__ = ["StorageSCP"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported when first used: the indexer process imports `dicomnet.pacs.index` alone.
+    if name == "StorageSCP":
+        from dicomnet.pacs.scp import StorageSCP
+
+        return StorageSCP
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,12 +8,9 @@ import asyncio
 import logging
 import mmap
 import os
-import signal
-import socket
 import ssl
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -29,6 +26,7 @@ from pydicom.dataset import Dataset
 
 from dicomnet.pacs.commitments import COMMITMENTS_FOLDER, FolderReportStore, check_stored
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
+from dicomnet.pacs.indexer_process import spawn_indexer
 from dicomnet.pacs.mpps import MPPSRecords
 from dicomnet.pacs.worklist import WorklistFolder
 from dicomnet.server import AE, Server
@@ -48,14 +46,14 @@ __all__ = ["StorageSCP"]
 
 log = logging.getLogger("dicomnet")
 
-# The indexer process runs at this lower priority (nice(2) increment).
-INDEXER_NICENESS = 10
-
 # A stored file waits up to this long (seconds) for others to join its indexing batch:
 # one trip to the indexer and one SQLite transaction then cover many stores. Queries
 # do not wait for it (they drain the queue first).
 INDEX_LINGER = 0.02
 INDEX_BATCH = 1024  # a batch this long goes at once
+# The indexer process is started for the first batch and stopped after this many seconds
+# without one: an idle `serve` is one process.
+INDEXER_IDLE = 30.0
 # A batch whose indexing failed (a full disk) is tried again after this many seconds,
 # doubling up to RETRY_MAX.
 RETRY_FIRST = 1.0
@@ -93,84 +91,6 @@ async def _batches(make: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
         close = getattr(iterator, "close", None)
         if close is not None:
             await anyio.to_thread.run_sync(close)
-
-
-# Signals that stop `serve` (Ctrl-C, SIGTERM to the process group), not its indexer.
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-_HAVE_SIGNAL_MASK = hasattr(signal, "pthread_sigmask")  # not on Windows
-
-
-def _index_worker(database: str, root: str, connection: Connection) -> None:
-    """The indexer process: index each batch of paths it is sent, answer with the count.
-
-    It ignores SIGINT/SIGTERM (a Ctrl-C or a signal to the process group): the serving
-    process stops it by closing the pipe, after the last batch. It starts with both
-    blocked (see `_spawn_indexer`), so one sent while it was starting up is
-    dropped here.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if _HAVE_SIGNAL_MASK:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    try:
-        # Background work: on a busy machine, answering associations comes first.
-        os.nice(INDEXER_NICENESS)
-    except (AttributeError, OSError):  # pragma: no cover - Windows, or not permitted
-        pass
-    with Index(database, root=root) as index:
-        while True:
-            try:
-                batch = connection.recv()
-            except (EOFError, OSError):  # the serving process is gone
-                return
-            if batch is None:
-                return
-            try:
-                count = index.add_many(batch)
-            except Exception as exc:  # answer anyway: the files stay, the batch is retried
-                log.error("could not index %d stored file(s): %s", len(batch), exc)
-                count = -1
-            try:
-                connection.send(count)
-            except OSError:  # the serving process is gone; the batch is indexed
-                return
-
-
-def _spawn_indexer(database: str, root: str) -> tuple[subprocess.Popen[bytes], Connection]:
-    """Start the indexer process (`_index_worker`) and connect to it.
-
-    A plain subprocess on a socket pair, not `multiprocessing`: its spawning starts a
-    resource tracker, one more interpreter (~13 MiB) for nothing here. The child starts
-    with the stop signals blocked, so that one reaching the process group while the new
-    interpreter starts up stays pending instead of killing it (it ignores them, then
-    unblocks them)."""
-    ours, theirs = socket.socketpair()
-    # Where this `dicomnet` was imported from, looked at last: a checkout run in place.
-    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    argv = [sys.executable, "-c", _INDEXER_MAIN, str(theirs.fileno()), database, root]
-    previous = (
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _HAVE_SIGNAL_MASK else None
-    )
-    try:
-        process = subprocess.Popen(
-            [*argv, package_parent], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL
-        )
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        theirs.close()
-    return process, Connection(ours.detach())
-
-
-_INDEXER_MAIN = (
-    "import sys; sys.path.append(sys.argv[4]); "
-    "from multiprocessing.connection import Connection; "
-    "from dicomnet.pacs.scp import _index_worker; "
-    "_index_worker(sys.argv[2], sys.argv[3], Connection(int(sys.argv[1])))"
-)
 
 
 class IndexProgress:
@@ -265,7 +185,8 @@ class Indexer:
     milliseconds. Queries first `drain()` the queue, so a query sees every instance
     whose C-STORE was answered before it. The parsing runs in a process of its own
     (`use_process`), so it does not compete with the event loop for the GIL; in a
-    worker thread when that process cannot be started. A batch gathers for
+    worker thread when that process cannot be started. The process is started for the
+    first batch and stopped after `INDEXER_IDLE` seconds without one. A batch gathers for
     `INDEX_LINGER` (from its first file, or from the end of the batch before it under
     steady load), less once `INDEX_BATCH` long, and not at all while a query drains
     the queue.
@@ -286,6 +207,7 @@ class Indexer:
         self._running = False
         self._process: subprocess.Popen[bytes] | None = None
         self._connection: Connection | None = None
+        self._process_failed = False  # then in a thread from now on
         self._answer: asyncio.Future[None] | None = None  # the batch awaiting its answer
         self._watching: asyncio.AbstractEventLoop | None = None  # reading the pipe's answers
         # False once a stored file could not be indexed (a damaged file): it is kept, and
@@ -340,17 +262,23 @@ class Indexer:
         )
 
     def _start_process(self) -> None:
-        if not self.use_process:
+        """Start the indexer process for a batch to index (unless it failed before)."""
+        if not self.use_process or self._process_failed:
             return
         try:
-            self._process, self._connection = _spawn_indexer(
+            self._process, self._connection = spawn_indexer(
                 str(self.index.path), str(self.index.root)
             )
         except Exception as exc:
+            self._process_failed = True
             log.warning("indexing in a thread: could not start the indexer process: %s", exc)
+            return
+        log.debug("indexer process %d started", self._process.pid)
 
     async def _index_in_process(self, batch: list[str]) -> int | None:
         """How many of `batch` the indexer process indexed; None if there is none."""
+        if self._connection is None:
+            self._start_process()
         connection = self._connection
         if connection is None:
             return None
@@ -375,6 +303,7 @@ class Indexer:
             log.warning("the indexer process stopped (%s): indexing in a thread", exc)
             self._unwatch()
             self._connection = None
+            self._process_failed = True
             return None
 
     def _answered(self) -> None:
@@ -444,12 +373,12 @@ class Indexer:
         self._idle.set()
 
     async def run(self) -> None:
-        self._start_process()
         self._running = True
         loop = asyncio.get_running_loop()
         try:
             while True:
-                await self._wake.wait()
+                if not await self._woken():
+                    continue
                 self._wake.clear()
                 if self._retry and time.monotonic() >= self._retry_at:
                     await self._retry_failed()
@@ -478,6 +407,19 @@ class Indexer:
                 if self._retry:
                     await self._retry_failed()  # a last try; else the next start does it
                 await self._stop_process()
+
+    async def _woken(self) -> bool:
+        """Wait for work; False if the indexer process was stopped instead, after
+        `INDEXER_IDLE` seconds without any (the next batch starts one again)."""
+        if self._process is None:
+            await self._wake.wait()
+            return True
+        with anyio.move_on_after(INDEXER_IDLE):
+            await self._wake.wait()
+            return True
+        log.debug("indexer process idle for %g s: stopped", INDEXER_IDLE)
+        await self._stop_process()
+        return False
 
     async def _stop_process(self) -> None:
         self._unwatch()
