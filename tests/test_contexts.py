@@ -17,6 +17,7 @@ from dicomnet.proto.contexts import (
     ContextCount,
     Negotiated,
     PresentationContext,
+    build_requestor_contexts,
     contexts_for_instances,
     negotiate_as_acceptor,
 )
@@ -164,3 +165,17 @@ def test_an_ae_answers_with_its_handlers_as_they_are_now() -> None:
     assert STUDY_ROOT_FIND in ae.supported_contexts()
     ae.contexts = [PresentationContext(MR)]
     assert list(ae.supported_contexts()) == [MR]
+
+
+def test_equal_proposals_are_built_once_and_lists_still_work() -> None:
+    """A requestor proposing the same contexts again (the defaults, a pool's) gets the same
+    items, so their encoding is remembered too; transfer syntaxes given as a list (not
+    hashable) are built each time."""
+    proposal = dicomnet.default_contexts()
+    first = build_requestor_contexts(proposal)
+    again = build_requestor_contexts(list(dicomnet.default_contexts()))
+    assert again[0] is first[0] and again[1] is first[1]
+    listed = [PresentationContext("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])]  # type: ignore[arg-type]
+    items, roles = build_requestor_contexts(listed)
+    assert items == (PresentationContextRQ(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",)),)
+    assert roles == ()

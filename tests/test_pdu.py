@@ -209,6 +209,52 @@ def test_associate_rq_bytes() -> None:
     assert expected.encode() == raw
 
 
+def test_a_repeated_proposal_is_decoded_once_and_a_changed_one_anew() -> None:
+    """Context and role items are remembered by their bytes: a peer proposing the same
+    contexts again gets the same (immutable) objects, which the negotiation and the
+    encoding of the answer remember in turn; one byte changed is decoded afresh."""
+    roles = (RoleSelection("1.2.840.10008.5.1.4.1.1.2", True, True),)
+    rq = AAssociateRQ(
+        "ANY-SCP",
+        "ECHOSCU",
+        tuple(
+            PresentationContextRQ(2 * i + 1, f"1.2.3.{i}", ("1.2.840.10008.1.2.1",))
+            for i in range(40)
+        ),
+        UserInformation(
+            max_length=16384, implementation_class_uid="1.2.3.4", role_selections=roles
+        ),
+    )
+    raw = rq.encode()
+    first, second = decode_pdu_bytes(raw), decode_pdu_bytes(bytes(raw))
+    assert first == second == rq
+    assert isinstance(first, AAssociateRQ) and isinstance(second, AAssociateRQ)
+    assert first.presentation_contexts is second.presentation_contexts
+    assert first.user_information.role_selections is second.user_information.role_selections
+    changed = bytearray(raw)
+    at = bytes(changed).index(b"1.2.3.39")
+    changed[at + 7] = ord("8")  # 1.2.3.39 -> 1.2.3.38
+    third = decode_pdu_bytes(bytes(changed))
+    assert isinstance(third, AAssociateRQ)
+    assert third.presentation_contexts[-1].abstract_syntax == "1.2.3.38"
+    assert first.presentation_contexts[-1].abstract_syntax == "1.2.3.39"
+
+
+def test_context_items_of_the_other_kind_are_refused_even_when_remembered() -> None:
+    """The memo is keyed by item type and bytes: an A-ASSOCIATE-AC's context item in an
+    A-ASSOCIATE-RQ is refused whatever was decoded before."""
+    ac_item = PresentationContextAC(1, 0, "1.2.840.10008.1.2").encode()
+    user = UserInformation(max_length=16384, implementation_class_uid="1.2.3.4").encode()
+    head = struct.pack(">HH16s16s32s", 1, 0, b"A".ljust(16), b"B".ljust(16), bytes(32))
+    app = bytes.fromhex("10 00 0015") + b"1.2.840.10008.3.1.1.1"
+    body = head + app + ac_item + user
+    good_ac = decode_pdu_bytes(struct.pack(">BBI", 2, 0, len(body)) + body)
+    assert isinstance(good_ac, AAssociateAC)
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="A-ASSOCIATE-AC context item"):
+            decode_pdu_bytes(struct.pack(">BBI", 1, 0, len(body)) + body)
+
+
 def test_associate_ac_bytes() -> None:
     raw = (
         bytes.fromhex("02 00 0000008E")  # A-ASSOCIATE-AC, length 142

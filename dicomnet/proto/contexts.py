@@ -283,10 +283,38 @@ class ContextCount:
             self._classes.add(sop_class_uid)
 
 
+# The proposals built for recent associations, by what was proposed: a requestor that
+# proposes the same contexts each time (the defaults, a pool's) builds them once, and the
+# same tuple lets the Upper Layer reuse their encoding too.
+_built: dict[
+    tuple[PresentationContext, ...],
+    tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]],
+] = {}
+_BUILT_LIMIT = 32
+
+
 def build_requestor_contexts(
     contexts: Sequence[PresentationContext],
 ) -> tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]]:
     """Number the proposed contexts 1, 3, 5, ... (PS3.8 §9.3.2.2) with their role items."""
+    key: tuple[PresentationContext, ...] | None = tuple(contexts)
+    try:
+        known = _built.get(key)  # type: ignore[arg-type]
+    except TypeError:  # transfer syntaxes given as a list: not hashable, not remembered
+        known = key = None
+    if known is not None:
+        return known
+    built = _build_requestor_contexts(contexts)
+    if key is not None:
+        if len(_built) >= _BUILT_LIMIT:
+            _built.clear()
+        _built[key] = built
+    return built
+
+
+def _build_requestor_contexts(
+    contexts: Sequence[PresentationContext],
+) -> tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]]:
     if len(contexts) > 128:
         raise ValueError(f"{len(contexts)} presentation contexts proposed; at most 128 fit")
     items = tuple(

@@ -8,9 +8,10 @@ the enclosing one; trailing or missing bytes are errors.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 from dicomnet.errors import ProtocolError
 
@@ -442,8 +443,7 @@ class UserInformation:
             )
         if self.async_operations_window is not None:
             body += self.async_operations_window.encode()
-        for sub in self.role_selections:
-            body += sub.encode()
+        body += _encoded_items(self.role_selections)
         for ext in self.sop_class_extended:
             body += ext.encode()
         for common in self.sop_class_common_extended:
@@ -462,7 +462,7 @@ class UserInformation:
         impl_uid: str | None = None
         impl_version: str | None = None
         window: AsyncOperationsWindow | None = None
-        roles: list[RoleSelection] = []
+        roles: list[tuple[int, memoryview]] = []  # decoded together
         extended: list[SOPClassExtendedNegotiation] = []
         common: list[SOPClassCommonExtendedNegotiation] = []
         identity_rq: UserIdentityRQ | None = None
@@ -481,7 +481,7 @@ class UserInformation:
             elif item_type == ItemType.ASYNCHRONOUS_OPERATIONS_WINDOW:
                 window = AsyncOperationsWindow.decode(value)
             elif item_type == ItemType.ROLE_SELECTION:
-                roles.append(RoleSelection.decode(value))
+                roles.append((item_type, value))
             elif item_type == ItemType.SOP_CLASS_EXTENDED:
                 extended.append(SOPClassExtendedNegotiation.decode(value))
             elif item_type == ItemType.SOP_CLASS_COMMON_EXTENDED:
@@ -497,7 +497,7 @@ class UserInformation:
             impl_uid,
             impl_version,
             window,
-            tuple(roles),
+            _decoded_items(roles, RoleSelection.decode),
             tuple(extended),
             tuple(common),
             identity_rq,
@@ -560,30 +560,72 @@ def _encode_associate(
         )
     )
     body += _item(ItemType.APPLICATION_CONTEXT, _encode_uid(app_context))
-    body += _encoded_contexts(contexts)
+    body += _encoded_items(contexts)
     body += user_information.encode()
     return _PDU_HEADER.pack(pdu_type, len(body)) + body
 
 
-# The presentation context items of recent A-ASSOCIATE PDUs, by the identity of their
-# tuple (kept here, so an id is not reused meanwhile): an acceptor that answers a
-# repeated request with the same (remembered) answer encodes it once.
-_contexts_memo: dict[int, tuple[object, bytes]] = {}
-_CONTEXTS_MEMO_LIMIT = 64
+# The presentation context and role selection items of recent A-ASSOCIATE PDUs encoded,
+# by the identity of their tuple (kept here, so an id is not reused meanwhile): a
+# requestor proposing the same (remembered) contexts, or an acceptor answering a repeated
+# request with the same (remembered) answer, encodes them once.
+_encoded_memo: dict[int, tuple[object, bytes]] = {}
+_ENCODED_MEMO_LIMIT = 64
 
 
-def _encoded_contexts(
-    contexts: Sequence[PresentationContextRQ] | Sequence[PresentationContextAC],
-) -> bytes:
-    known = _contexts_memo.get(id(contexts))
-    if known is not None and known[0] is contexts:
+def _encoded_items(items: Sequence[Any]) -> bytes:
+    """The items (objects with `encode()`) one after the other."""
+    known = _encoded_memo.get(id(items))
+    if known is not None and known[0] is items:
         return known[1]
-    encoded = b"".join([context.encode() for context in contexts])
-    if isinstance(contexts, tuple):  # immutable: safe to remember
-        if len(_contexts_memo) >= _CONTEXTS_MEMO_LIMIT:
-            _contexts_memo.clear()
-        _contexts_memo[id(contexts)] = (contexts, encoded)
+    encoded = b"".join([item.encode() for item in items])
+    if isinstance(items, tuple):  # immutable: safe to remember
+        if len(_encoded_memo) >= _ENCODED_MEMO_LIMIT:
+            _encoded_memo.clear()
+        _encoded_memo[id(items)] = (items, encoded)
     return encoded
+
+
+# The presentation context and role selection items of recent A-ASSOCIATE PDUs decoded,
+# by their bytes: a peer that proposes (or answers) the same contexts each time is
+# decoded once, and the same tuple then finds the negotiation and encoding remembered.
+_decoded_memo: dict[bytes, tuple[Any, ...]] = {}
+_DECODED_MEMO_LIMIT = 128
+_DECODED_MEMO_MAX_BYTES = 16384  # larger ones are decoded each time
+
+
+def _decoded_items(
+    items: list[tuple[int, memoryview]], decode: Callable[[memoryview], Any]
+) -> tuple[Any, ...]:
+    """`decode` of each item's value, all of one type. Equal bytes give the same tuple."""
+    if not items:
+        return ()
+    # The items as they were on the wire (header and value): equal bytes, equal items.
+    key = b"".join([b for t, v in items for b in (_ITEM_HEADER.pack(t, len(v)), v)])
+    known = _decoded_memo.get(key)
+    if known is not None:
+        return known
+    decoded = tuple([decode(value) for _, value in items])
+    if len(key) <= _DECODED_MEMO_MAX_BYTES:
+        if len(_decoded_memo) >= _DECODED_MEMO_LIMIT:
+            _decoded_memo.clear()
+        _decoded_memo[key] = decoded
+    return decoded
+
+
+def _decoded_contexts(items: list[tuple[int, memoryview]], item_type: int) -> tuple[Any, ...]:
+    """The context items of an A-ASSOCIATE-RQ or -AC (`item_type`), decoded."""
+    rq = item_type == ItemType.PRESENTATION_CONTEXT_RQ
+    for found, _ in items:
+        if found != item_type:
+            raise ProtocolError(
+                "A-ASSOCIATE-RQ carries an A-ASSOCIATE-AC context item"
+                if rq
+                else "A-ASSOCIATE-AC carries an A-ASSOCIATE-RQ context item"
+            )
+    return _decoded_items(
+        items, PresentationContextRQ.decode if rq else PresentationContextAC.decode
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,12 +657,8 @@ class AAssociateRQ:
         version, called, calling, app, items, user_info = _decode_associate_body(
             data, "A-ASSOCIATE-RQ"
         )
-        contexts = []
-        for item_type, value in items:
-            if item_type != ItemType.PRESENTATION_CONTEXT_RQ:
-                raise ProtocolError("A-ASSOCIATE-RQ carries an A-ASSOCIATE-AC context item")
-            contexts.append(PresentationContextRQ.decode(value))
-        return cls(called, calling, tuple(contexts), user_info, app, version)
+        contexts = _decoded_contexts(items, ItemType.PRESENTATION_CONTEXT_RQ)
+        return cls(called, calling, contexts, user_info, app, version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -652,12 +690,8 @@ class AAssociateAC:
         version, called, calling, app, items, user_info = _decode_associate_body(
             data, "A-ASSOCIATE-AC"
         )
-        contexts = []
-        for item_type, value in items:
-            if item_type != ItemType.PRESENTATION_CONTEXT_AC:
-                raise ProtocolError("A-ASSOCIATE-AC carries an A-ASSOCIATE-RQ context item")
-            contexts.append(PresentationContextAC.decode(value))
-        return cls(called, calling, tuple(contexts), user_info, app, version)
+        contexts = _decoded_contexts(items, ItemType.PRESENTATION_CONTEXT_AC)
+        return cls(called, calling, contexts, user_info, app, version)
 
 
 class RejectResult(IntEnum):
