@@ -26,7 +26,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -713,6 +713,9 @@ class Part10File:
     sop_instance_uid: str
     offset: int
     size: int
+    # The whole file when `open` read it all with its head (a small file): sent from
+    # memory then, without opening the file again.
+    contents: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def dataset_length(self) -> int:
@@ -733,7 +736,8 @@ class Part10File:
                 return cls._open_without_meta(p, f, head, size)
             scanned = scan_part10_head(head)
             if scanned is not None and scanned[1] and scanned[2]:
-                return cls(p, scanned[0], scanned[1], scanned[2], scanned[3], size)
+                contents = head if len(head) == size else None
+                return cls(p, scanned[0], scanned[1], scanned[2], scanned[3], size, contents)
             f.seek(132)
             return cls._open_with_pydicom(p, f, size)
 
@@ -813,12 +817,17 @@ class DatasetReader:
 
     def __init__(self, part10: Part10File) -> None:
         self.path = part10.path
-        self._file = open(part10.path, "rb", buffering=0)
-        self._fd = self._file.fileno()
-        self._positional = hasattr(os, "preadv")
-        self._cached_reads = _READ_NOWAIT is not None
         self.position = part10.offset
         self._end = part10.offset + part10.dataset_length
+        # A small file `Part10File.open` read whole is not opened again.
+        self._contents = part10.contents
+        self._file: io.FileIO | None = None
+        self._positional = hasattr(os, "preadv")
+        self._cached_reads = _READ_NOWAIT is not None
+        if self._contents is not None:
+            return
+        self._file = open(part10.path, "rb", buffering=0)
+        self._fd = self._file.fileno()
         if not self._positional:  # pragma: no cover - Windows, macOS
             self._file.seek(self.position)
 
@@ -831,7 +840,8 @@ class DatasetReader:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def fill(self, views: list[memoryview]) -> None:
         """Fill `views` in order with the next bytes; past the end of the data set they
@@ -842,6 +852,9 @@ class DatasetReader:
     def fill_cached(self, views: list[memoryview]) -> list[memoryview]:
         """Fill `views` in order from the page cache, never waiting for the disk; returns
         what is left to `fill()` (in a worker thread): nothing when all was cached."""
+        if self._contents is not None:
+            self.fill(views)
+            return []
         if not self._cached_reads:
             return views
         assert _READ_NOWAIT is not None
@@ -859,6 +872,11 @@ class DatasetReader:
 
     def _fill(self, view: memoryview, flags: int) -> None:
         want = min(len(view), self._end - self.position)
+        if self._contents is not None:
+            view[:want] = self._contents[self.position : self.position + want]
+            self.position += want
+            return
+        assert self._file is not None
         while want:
             part = view[:want]
             if self._positional:

@@ -16,6 +16,7 @@ import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom.dataset import Dataset, FileMetaDataset
 
 from dicomnet import storage
 from dicomnet.storage import DatasetReader, Part10File, Spool, write_atomic
@@ -286,6 +287,45 @@ def test_dataset_reader_reads_the_data_set_range_and_leaves_the_rest(tmp_path: P
     with DatasetReader(_part10(tmp_path, data)) as reader:
         reader.fill(slots)
     assert out == data + b"\x00"
+
+
+def _written_instance(path: Path, pixels: int) -> Path:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.BitsAllocated = 8
+    ds.PixelData = b"\x01" * pixels
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_small_file_is_read_once_and_sent_from_memory(tmp_path: Path) -> None:
+    """`Part10File.open` reads a small file whole with its head: its data set is then
+    sent from memory, without opening the file again (here: after it was deleted)."""
+    path = _written_instance(tmp_path / "small.dcm", 2000)
+    whole = path.read_bytes()
+    part10 = Part10File.open(path)
+    assert part10.contents == whole
+    path.unlink()
+    out, slots = _slots(part10.dataset_length, 700)
+    with DatasetReader(part10) as reader:
+        assert reader.fill_cached(slots[:1]) == []
+        reader.fill(slots[1:])
+    assert out == whole[part10.offset :]
+
+
+def test_a_file_larger_than_its_head_is_read_from_disk(tmp_path: Path) -> None:
+    path = _written_instance(tmp_path / "large.dcm", 20_000)
+    part10 = Part10File.open(path)
+    assert part10.contents is None
+    out, slots = _slots(part10.dataset_length, 4096)
+    with DatasetReader(part10) as reader:
+        reader.fill(slots)
+    assert out == path.read_bytes()[part10.offset :]
 
 
 @pytest.mark.skipif(storage._READ_NOWAIT is None, reason="no preadv2(RWF_NOWAIT) here")
