@@ -420,6 +420,10 @@ class ContextAnswers:
         self._known: dict[
             tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]], _Answers
         ] = {}
+        # The same, by the identity of the tuples (kept here, so an id is not reused
+        # meanwhile): the Upper Layer gives equal proposals as the same tuples, and
+        # hashing a hundred contexts is skipped.
+        self._same: dict[tuple[int, int], tuple[object, object, _Answers]] = {}
 
     def answer(
         self,
@@ -427,14 +431,19 @@ class ContextAnswers:
         roles: tuple[RoleSelection, ...],
         supported: dict[str, PresentationContext],
     ) -> _Answers:
+        same = self._same.get((id(proposed), id(roles)))
+        if same is not None and same[0] is proposed and same[1] is roles:
+            return same[2]
         key = (proposed, roles)
-        known = self._known.get(key)
-        if known is not None:
-            return known
-        answers = _answer_contexts(proposed, roles, supported)
-        if len(self._known) >= self.LIMIT:
-            self._known = {}
-        self._known[key] = answers
+        answers = self._known.get(key)
+        if answers is None:
+            answers = _answer_contexts(proposed, roles, supported)
+            if len(self._known) >= self.LIMIT:
+                self._known = {}
+            self._known[key] = answers
+        if len(self._same) >= self.LIMIT:
+            self._same = {}
+        self._same[(id(proposed), id(roles))] = (proposed, roles, answers)
         return answers
 
 
