@@ -132,10 +132,11 @@ def test_a_repeated_request_is_answered_once_and_alike() -> None:
     remembered = [negotiate(answers)]
     first = again  # the same proposal in another object: answered from memory
     remembered.append(negotiate(answers))
+    remembered.append(negotiate(answers))  # the same objects again: found by identity
     for negotiated in remembered:
         assert negotiated == afresh
     results = [n.response.presentation_contexts for n in remembered]
-    assert results[0] is results[1]  # answered from memory the second time
+    assert results[0] is results[1] is results[2]  # answered from memory after the first
     assert remembered[0].contexts is not remembered[1].contexts  # each its own mapping
     assert [c.result for c in afresh.response.presentation_contexts] == [0, 0, 3]
     assert afresh.contexts[3].we_are_scp and not afresh.contexts[3].we_are_scu
