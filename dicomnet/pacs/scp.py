@@ -51,8 +51,8 @@ log = logging.getLogger("dicomnet")
 # do not wait for it (they drain the queue first).
 INDEX_LINGER = 0.02
 INDEX_BATCH = 1024  # a batch this long goes at once
-# The indexer process is started for the first batch and stopped after this many seconds
-# without one: an idle `serve` is one process.
+# The indexer process is stopped after this many seconds without a batch to index, and
+# started again for the next one: an idle `serve` is one process.
 INDEXER_IDLE = 30.0
 # A batch whose indexing failed (a full disk) is tried again after this many seconds,
 # doubling up to RETRY_MAX.
@@ -185,8 +185,8 @@ class Indexer:
     milliseconds. Queries first `drain()` the queue, so a query sees every instance
     whose C-STORE was answered before it. The parsing runs in a process of its own
     (`use_process`), so it does not compete with the event loop for the GIL; in a
-    worker thread when that process cannot be started. The process is started for the
-    first batch and stopped after `INDEXER_IDLE` seconds without one. A batch gathers for
+    worker thread when that process cannot be started. The process is stopped after
+    `INDEXER_IDLE` seconds without a batch, and started again for the next one. A batch gathers for
     `INDEX_LINGER` (from its first file, or from the end of the batch before it under
     steady load), less once `INDEX_BATCH` long, and not at all while a query drains
     the queue.
@@ -262,7 +262,7 @@ class Indexer:
         )
 
     def _start_process(self) -> None:
-        """Start the indexer process for a batch to index (unless it failed before)."""
+        """Start the indexer process (unless it could not be started or died before)."""
         if not self.use_process or self._process_failed:
             return
         try:
@@ -373,6 +373,7 @@ class Indexer:
         self._idle.set()
 
     async def run(self) -> None:
+        self._start_process()
         self._running = True
         loop = asyncio.get_running_loop()
         try:
