@@ -159,7 +159,9 @@ def __getattr__(name: str) -> Any:
     if module is None:
         try:  # a submodule (`dicomnet.storage`), as after an eager import of the package
             return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise  # the submodule is there, but something it imports is not
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
