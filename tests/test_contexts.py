@@ -17,13 +17,16 @@ from dicomnet.proto.contexts import (
     ContextCount,
     Negotiated,
     PresentationContext,
+    accepted_as_requestor,
     build_requestor_contexts,
     contexts_for_instances,
     negotiate_as_acceptor,
 )
 from dicomnet.proto.pdu import (
+    AAssociateAC,
     AAssociateRQ,
     PDUType,
+    PresentationContextAC,
     PresentationContextRQ,
     RoleSelection,
     UserInformation,
@@ -180,3 +183,17 @@ def test_equal_proposals_are_built_once_and_lists_still_work() -> None:
     items, roles = build_requestor_contexts(listed)
     assert items == (PresentationContextRQ(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",)),)
     assert roles == ()
+
+
+def test_the_same_answer_is_read_once_and_each_caller_gets_its_own_mapping() -> None:
+    items, roles = build_requestor_contexts(
+        [PresentationContext(VERIFICATION), PresentationContext("1.2.840.10008.5.1.4.1.1.2")]
+    )
+    user = UserInformation(max_length=16384, implementation_class_uid="1.2")
+    one = (PresentationContextAC(1, 0, "1.2.840.10008.1.2"), PresentationContextAC(3, 3, ""))
+    first = accepted_as_requestor(items, AAssociateAC("A", "B", one, user), roles)
+    second = accepted_as_requestor(items, AAssociateAC("A", "B", one, user), roles)
+    assert first == second and first is not second  # remembered, and a copy each time
+    assert list(first) == [1]
+    both = (one[0], PresentationContextAC(3, 0, "1.2.840.10008.1.2.1"))
+    assert sorted(accepted_as_requestor(items, AAssociateAC("A", "B", both, user), roles)) == [1, 3]

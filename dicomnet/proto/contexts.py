@@ -330,12 +330,43 @@ def _build_requestor_contexts(
     return items, tuple(roles.values())
 
 
+# Recent outcomes of `accepted_as_requestor`, by the identity of the tuples they came from
+# (kept here, so an id is not reused meanwhile): the same proposal answered with the same
+# bytes is given as the same tuples by the Upper Layer.
+_accepted: dict[tuple[int, ...], tuple[tuple[object, ...], dict[int, AcceptedContext]]] = {}
+_ACCEPTED_LIMIT = 32
+
+
 def accepted_as_requestor(
     proposed: Iterable[PresentationContextRQ],
     response: AAssociateAC,
     requested_roles: Iterable[RoleSelection],
 ) -> dict[int, AcceptedContext]:
     """The contexts the acceptor accepted, with the roles it granted (PS3.7 Table D.3-10)."""
+    sources = (
+        proposed,
+        response.presentation_contexts,
+        requested_roles,
+        response.user_information.role_selections,
+    )
+    if not all(isinstance(source, tuple) for source in sources):
+        return _accepted_as_requestor(proposed, response, requested_roles)
+    key = tuple(id(source) for source in sources)
+    known = _accepted.get(key)
+    if known is not None and all(a is b for a, b in zip(known[0], sources, strict=True)):
+        return dict(known[1])
+    accepted = _accepted_as_requestor(proposed, response, requested_roles)
+    if len(_accepted) >= _ACCEPTED_LIMIT:
+        _accepted.clear()
+    _accepted[key] = (sources, accepted)
+    return dict(accepted)
+
+
+def _accepted_as_requestor(
+    proposed: Iterable[PresentationContextRQ],
+    response: AAssociateAC,
+    requested_roles: Iterable[RoleSelection],
+) -> dict[int, AcceptedContext]:
     by_id = {ctx.context_id: ctx for ctx in proposed}
     asked = {role.sop_class_uid: role for role in requested_roles}
     granted = {role.sop_class_uid: role for role in response.user_information.role_selections}
