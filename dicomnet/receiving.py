@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import anyio.to_thread
+
 from dicomnet.errors import ProtocolError
 from dicomnet.invoking import Invoker
 from dicomnet.performing import Performer, Received
@@ -117,6 +119,11 @@ class MessageReceiver:
         if incoming is None:  # pragma: no cover - the assembler guarantees order
             raise ProtocolError("data set fragment without a command")
         incoming.write(event.data)
+        spool = incoming.spool
+        if spool is not None and (spool.needs_writing or (event.is_last and spool.on_disk)):
+            # A data set spooled to disk is written off the event loop, a batch at a time:
+            # this reader waits (and so does its peer: backpressure), no other does.
+            await anyio.to_thread.run_sync(spool.write_pending)
         if event.is_last:
             self._incoming = None
             self._ended()

@@ -447,8 +447,12 @@ class Spool:
     The temp file (in `directory`, created lazily) starts with `header` (preamble + file
     meta), so `save()` on the same file system renames it into place without a copy.
     In memory, read-only fragments (the received PDUs' own buffers) are kept as they are,
-    not copied, and written out with one gathering write.
+    not copied, and written out with one gathering write. On disk, fragments gather up
+    to `WRITE_BATCH` bytes and `write_pending` (which a caller on an event loop runs in a
+    worker thread, see `needs_writing`) writes them: the loop never waits for the disk.
     """
+
+    WRITE_BATCH = 1 << 20
 
     def __init__(self, header: bytes, threshold: int, directory: Path | None = None) -> None:
         self.header = header
@@ -459,6 +463,8 @@ class Spool:
         self._file: BinaryIO | None = None
         self._path: Path | None = None
         self._owned = True  # False once the temp file was renamed to a saved file
+        self._pending: list[bytes | memoryview] = []  # on disk: not written yet
+        self._pending_size = 0
         self.complete = False
         # Why the data set could not be kept (e.g. ENOSPC while spooling to disk): the rest
         # of it is then only counted, and the C-STORE is answered with a failure.
@@ -472,12 +478,10 @@ class Spool:
         if self.error is not None:
             self.size += len(data)
             return
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)  # kept for a while: a buffer its owner may change is copied
         if self._memory is not None:
             if self.size + len(data) <= self.threshold:
-                if not isinstance(data, bytes) and not (
-                    isinstance(data, memoryview) and data.readonly
-                ):
-                    data = bytes(data)  # a buffer its owner may change: copy it
                 self._memory.append(data)
                 self.size += len(data)
                 return
@@ -488,9 +492,22 @@ class Spool:
                 self.size += len(data)
                 return
         self.size += len(data)
-        assert self._file is not None
+        self._pending.append(data)
+        self._pending_size += len(data)
+
+    @property
+    def needs_writing(self) -> bool:
+        """Whether `WRITE_BATCH` bytes or more wait for `write_pending`."""
+        return self._pending_size >= self.WRITE_BATCH
+
+    def write_pending(self) -> None:
+        """Write to the temp file what `write` gathered (blocking: may wait for the disk)."""
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if self._file is None or self.error is not None:
+            return
         try:
-            _write_pieces(self._file, data)
+            for chunk in pending:
+                _write_pieces(self._file, chunk)
         except OSError as exc:
             self._failed(exc)
 
@@ -515,12 +532,14 @@ class Spool:
         memory, self._memory = self._memory, None
         self._file.write(self.header)
         assert memory is not None
-        for chunk in memory:
-            _write_pieces(self._file, chunk)
+        self._pending = memory  # written by `write_pending`, with what follows
+        self._pending_size = sum(len(chunk) for chunk in memory)
 
     def finish(self) -> None:
         """The last fragment has arrived."""
         self.complete = True
+        if self._pending:
+            self.write_pending()  # what a caller did not write in a thread is written now
         if self._file is not None and self.error is None:
             try:
                 self._file.flush()
@@ -530,6 +549,7 @@ class Spool:
     def discard(self) -> None:
         """Drop everything; no file is left behind."""
         self._memory = None
+        self._pending, self._pending_size = [], 0
         if self._file is not None:
             file, self._file = self._file, None
             try:

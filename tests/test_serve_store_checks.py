@@ -8,6 +8,8 @@ import dataclasses
 import errno
 import os
 import subprocess
+import threading
+import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -31,6 +33,7 @@ from pydicom.uid import (
 )
 
 import dicomnet
+from dicomnet import storage as storage_module
 from dicomnet.pacs import scp as scp_module
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index
 from dicomnet.pacs.scp import StorageSCP
@@ -347,6 +350,47 @@ async def test_no_space_is_out_of_resources_and_the_server_recovers(
                 assert await assoc.store(ct()) == 0  # space is back
                 await scp.indexer.drain()
     assert len(stored_files(storage)) == 1
+
+
+async def test_a_data_set_spooled_to_disk_is_written_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the spool threshold a data set is written to disk in a worker thread, a
+    batch at a time: a disk that takes 0.1 s per write does not stop the event loop."""
+    real = storage_module._write_pieces
+    loop_thread = threading.get_ident()
+    on_loop: list[bool] = []
+
+    def slow(file: object, data: bytes | memoryview) -> None:
+        on_loop.append(threading.get_ident() == loop_thread)
+        time.sleep(0.1)
+        real(file, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage_module, "_write_pieces", slow)
+    monkeypatch.setattr(Spool, "WRITE_BATCH", 64 * 1024)
+    storage = tmp_path / "storage"
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    dataset = ct(PixelData=b"\x01\x02" * 150_000)  # 300 KB
+    async with serving(storage, spool_threshold=1024) as (scp, port):
+        async with dicomnet.connect("127.0.0.1", port, contexts=CONTEXTS) as assoc:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tick)
+                with anyio.fail_after(20):
+                    assert await assoc.store(dataset) == 0
+                tg.cancel_scope.cancel()
+            await scp.indexer.drain()
+    assert on_loop and not any(on_loop)  # every spool write ran in a worker thread
+    assert ticks >= 5 * len(on_loop)  # the loop went on meanwhile (0.1 s each: ~10 ticks)
+    saved = [p for p in storage.rglob("*.dcm")]
+    assert len(saved) == 1
+    assert dcmread(saved[0]).PixelData == dataset.PixelData
 
 
 def _mount_tmpfs(folder: Path, size: str) -> bool:
