@@ -733,8 +733,8 @@ class Part10File:
     sop_instance_uid: str
     offset: int
     size: int
-    # The whole file when `open` read it all with its head (a small file): sent from
-    # memory then, without opening the file again.
+    # The whole file, when `open(keep_contents=True)` read it all with its head (a small
+    # file): sent from memory then, without opening the file again.
     contents: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -742,10 +742,14 @@ class Part10File:
         return self.size - self.offset
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Part10File:
+    def open(cls, path: str | os.PathLike[str], *, keep_contents: bool = False) -> Part10File:
         """Read only the file meta and the SOP Class/Instance UIDs of the data set.
 
-        Raises `InvalidDatasetError` (a `ValueError`) for a file that is not Part-10.
+        `keep_contents`: for a file about to be sent, keep it whole when the head read
+        it all (at most 8 KiB), so that it is sent without opening it again. (Not for
+        files opened ahead of sending, e.g. to choose the contexts: a million small
+        files would stay in memory.) Raises `InvalidDatasetError` (a `ValueError`) for a
+        file that is not Part-10.
         """
         p = Path(path)
         with open(p, "rb") as f:
@@ -756,7 +760,7 @@ class Part10File:
                 return cls._open_without_meta(p, f, head, size)
             scanned = scan_part10_head(head)
             if scanned is not None and scanned[1] and scanned[2]:
-                contents = head if len(head) == size else None
+                contents = head if keep_contents and len(head) == size else None
                 return cls(p, scanned[0], scanned[1], scanned[2], scanned[3], size, contents)
             f.seek(132)
             return cls._open_with_pydicom(p, f, size)

@@ -320,6 +320,25 @@ async def test_drain_without_the_background_task_indexes_inline(tmp_path: Path) 
             indexer.add(path)
         await indexer.drain()
         assert len(index) == 3
+        # In a thread: only the background task starts (and stops) the indexer process.
+        assert indexer._process is None and indexer._connection is None
+
+
+async def test_concurrent_drains_without_the_background_task_all_return(tmp_path: Path) -> None:
+    paths = files(tmp_path, 4)
+    with Index(tmp_path / INDEX_FILE_NAME, root=tmp_path) as index:
+        indexer = Indexer(index)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for path in paths[:2]:
+                    indexer.add(path)
+                tg.start_soon(indexer.drain)
+                await anyio.sleep(0)
+                for path in paths[2:]:
+                    indexer.add(path)
+                tg.start_soon(indexer.drain)
+        assert len(index) == 4
+        assert indexer._process is None
 
 
 @pytest.mark.parametrize("use_process", [True, False])

@@ -308,7 +308,8 @@ def test_a_small_file_is_read_once_and_sent_from_memory(tmp_path: Path) -> None:
     sent from memory, without opening the file again (here: after it was deleted)."""
     path = _written_instance(tmp_path / "small.dcm", 2000)
     whole = path.read_bytes()
-    part10 = Part10File.open(path)
+    assert Part10File.open(path).contents is None  # opened ahead of sending: not kept
+    part10 = Part10File.open(path, keep_contents=True)
     assert part10.contents == whole
     path.unlink()
     out, slots = _slots(part10.dataset_length, 700)
@@ -320,7 +321,7 @@ def test_a_small_file_is_read_once_and_sent_from_memory(tmp_path: Path) -> None:
 
 def test_a_file_larger_than_its_head_is_read_from_disk(tmp_path: Path) -> None:
     path = _written_instance(tmp_path / "large.dcm", 20_000)
-    part10 = Part10File.open(path)
+    part10 = Part10File.open(path, keep_contents=True)
     assert part10.contents is None
     out, slots = _slots(part10.dataset_length, 4096)
     with DatasetReader(part10) as reader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,4 +17,9 @@ def __getattr__(name: str) -> Any:
         from dicomnet.pacs.scp import StorageSCP
 
         return StorageSCP
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:  # a submodule (`dicomnet.pacs.index`), as after an eager import of the package
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # the submodule is there, but something it imports is not
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -263,7 +263,7 @@ class Indexer:
 
     def _start_process(self) -> None:
         """Start the indexer process (unless it could not be started or died before)."""
-        if not self.use_process or self._process_failed:
+        if not self.use_process or self._process_failed or self._process is not None:
             return
         try:
             self._process, self._connection = spawn_indexer(
@@ -277,7 +277,10 @@ class Indexer:
 
     async def _index_in_process(self, batch: list[str]) -> int | None:
         """How many of `batch` the indexer process indexed; None if there is none."""
-        if self._connection is None:
+        if self._connection is None and self._running:
+            # Only `run()` starts (and stops) the process, and only its loop sends
+            # batches meanwhile: one batch in flight at a time. A `drain()` without
+            # `run()` indexes in a thread.
             self._start_process()
         connection = self._connection
         if connection is None:
@@ -437,6 +440,11 @@ class Indexer:
                 await anyio.to_thread.run_sync(process.wait, 5)
             except subprocess.TimeoutExpired:
                 process.terminate()
+                try:
+                    await anyio.to_thread.run_sync(process.wait, 5)
+                except subprocess.TimeoutExpired:  # pragma: no cover - ignores SIGTERM
+                    process.kill()
+                    await anyio.to_thread.run_sync(process.wait)
 
 
 class StorageSCP:

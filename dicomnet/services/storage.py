@@ -221,7 +221,7 @@ class StorageUser(BaseAssociation):
             return await self._store_dataset(dataset_or_path, progress, options, transfer_syntax)
         path = Path(dataset_or_path)
         try:
-            part10 = Part10File.open(path)
+            part10 = Part10File.open(path, keep_contents=True)  # sent now
         except ValueError:
             part10 = None
         if part10 is not None:
