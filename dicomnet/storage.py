@@ -301,13 +301,6 @@ def _write_all(fd: int, chunks: list[bytes | memoryview]) -> None:
         _write_batch(fd, batch)
 
 
-def _write_pieces(file: BinaryIO, data: bytes | memoryview) -> None:
-    """`file.write(data)` in writes of at most `_WRITE_BYTES`."""
-    view = memoryview(data).cast("B")
-    for start in range(0, len(view), _WRITE_BYTES):
-        file.write(view[start : start + _WRITE_BYTES])
-
-
 def _write_batch(fd: int, views: list[memoryview]) -> None:
     """Write `views` in order, however short the system's writes are."""
     if not hasattr(os, "writev"):  # pragma: no cover - Windows
@@ -506,8 +499,7 @@ class Spool:
         if self._file is None or self.error is not None:
             return
         try:
-            for chunk in pending:
-                _write_pieces(self._file, chunk)
+            _write_all(self._file.fileno(), pending)
         except OSError as exc:
             self._failed(exc)
 
@@ -530,10 +522,11 @@ class Spool:
         self._file = os.fdopen(fd, "wb")
         os.fchmod(fd, _FILE_MODE)
         memory, self._memory = self._memory, None
-        self._file.write(self.header)
         assert memory is not None
-        self._pending = memory  # written by `write_pending`, with what follows
-        self._pending_size = sum(len(chunk) for chunk in memory)
+        # Written by `write_pending` (to the descriptor: nothing goes through the file
+        # object's buffer), with what follows.
+        self._pending = [self.header, *memory]
+        self._pending_size = sum(len(chunk) for chunk in self._pending)
 
     def finish(self) -> None:
         """The last fragment has arrived."""

@@ -357,16 +357,16 @@ async def test_a_data_set_spooled_to_disk_is_written_off_the_event_loop(
 ) -> None:
     """Past the spool threshold a data set is written to disk in a worker thread, a
     batch at a time: a disk that takes 0.1 s per write does not stop the event loop."""
-    real = storage_module._write_pieces
+    real = storage_module._write_all
     loop_thread = threading.get_ident()
     on_loop: list[bool] = []
 
-    def slow(file: object, data: bytes | memoryview) -> None:
+    def slow(fd: int, chunks: list[bytes | memoryview]) -> None:
         on_loop.append(threading.get_ident() == loop_thread)
         time.sleep(0.1)
-        real(file, data)  # type: ignore[arg-type]
+        real(fd, chunks)
 
-    monkeypatch.setattr(storage_module, "_write_pieces", slow)
+    monkeypatch.setattr(storage_module, "_write_all", slow)
     monkeypatch.setattr(Spool, "WRITE_BATCH", 64 * 1024)
     storage = tmp_path / "storage"
     ticks = 0

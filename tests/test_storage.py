@@ -4,7 +4,6 @@ reading a file's data set into the PDUs being sent."""
 from __future__ import annotations
 
 import errno
-import io
 import os
 import re
 import shutil
@@ -98,18 +97,14 @@ def test_writes_are_cut_to_at_most_write_bytes_and_keep_every_byte(sizes: list[i
 def test_spooled_fragments_are_written_in_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pieces: list[int] = []
-    real = storage._write_pieces
+    written: list[int] = []
+    real_writev = os.writev
 
-    def recording(file: io.BufferedWriter, data: bytes | memoryview) -> None:
-        class Recorder:
-            def write(self, piece: memoryview) -> int:
-                pieces.append(len(piece))
-                return file.write(piece)
+    def recording_writev(fd: int, buffers: list[memoryview]) -> int:
+        written.append(sum(len(b) for b in buffers))
+        return real_writev(fd, buffers)
 
-        real(Recorder(), data)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(storage, "_write_pieces", recording)
+    monkeypatch.setattr(os, "writev", recording_writev)
     spool = Spool(b"H", threshold=10, directory=tmp_path)
     spool.write(b"a" * 5)
     spool.write(memoryview(b"b" * (3 * storage._WRITE_BYTES + 7)).toreadonly())
@@ -117,7 +112,8 @@ def test_spooled_fragments_are_written_in_pieces(
     assert spool.on_disk
     with spool.open_part10() as f:
         assert f.read() == b"H" + b"a" * 5 + b"b" * (3 * storage._WRITE_BYTES + 7)
-    assert pieces == [5, *[storage._WRITE_BYTES] * 3, 7]
+    # Header, memory and the rest gathered and cut: no write over _WRITE_BYTES.
+    assert written == [*[storage._WRITE_BYTES] * 3, 1 + 5 + 7]
     spool.discard()
 
 
