@@ -16,6 +16,7 @@ from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import AllTransferSyntaxes
 
 from dicomnet.proto.extended import ExtendedNegotiation
+from dicomnet.proto.memo import BoundedMemo, IdentityMemo
 from dicomnet.proto.pdu import (
     AAssociateAC,
     AAssociateRQ,
@@ -286,30 +287,21 @@ class ContextCount:
 # The proposals built for recent associations, by what was proposed: a requestor that
 # proposes the same contexts each time (the defaults, a pool's) builds them once, and the
 # same tuple lets the Upper Layer reuse their encoding too.
-_built: dict[
-    tuple[PresentationContext, ...],
-    tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]],
-] = {}
-_BUILT_LIMIT = 32
+_built: BoundedMemo[tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]]] = (
+    BoundedMemo(32)
+)
 
 
 def build_requestor_contexts(
     contexts: Sequence[PresentationContext],
 ) -> tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]]:
     """Number the proposed contexts 1, 3, 5, ... (PS3.8 §9.3.2.2) with their role items."""
-    key: tuple[PresentationContext, ...] | None = tuple(contexts)
+    key = tuple(contexts)
     try:
-        known = _built.get(key)  # type: ignore[arg-type]
+        known = _built.get(key)
     except TypeError:  # transfer syntaxes given as a list: not hashable, not remembered
-        known = key = None
-    if known is not None:
-        return known
-    built = _build_requestor_contexts(contexts)
-    if key is not None:
-        if len(_built) >= _BUILT_LIMIT:
-            _built.clear()
-        _built[key] = built
-    return built
+        return _build_requestor_contexts(contexts)
+    return known if known is not None else _built.put(key, _build_requestor_contexts(contexts))
 
 
 def _build_requestor_contexts(
@@ -330,11 +322,9 @@ def _build_requestor_contexts(
     return items, tuple(roles.values())
 
 
-# Recent outcomes of `accepted_as_requestor`, by the identity of the tuples they came from
-# (kept here, so an id is not reused meanwhile): the same proposal answered with the same
-# bytes is given as the same tuples by the Upper Layer.
-_accepted: dict[tuple[int, ...], tuple[tuple[object, ...], dict[int, AcceptedContext]]] = {}
-_ACCEPTED_LIMIT = 32
+# Recent outcomes of `accepted_as_requestor`, by the tuples they came from: the same
+# proposal answered with the same bytes is given as the same tuples by the Upper Layer.
+_accepted: IdentityMemo[dict[int, AcceptedContext]] = IdentityMemo(32)
 
 
 def accepted_as_requestor(
@@ -351,15 +341,11 @@ def accepted_as_requestor(
     )
     if not all(isinstance(source, tuple) for source in sources):
         return _accepted_as_requestor(proposed, response, requested_roles)
-    key = tuple(id(source) for source in sources)
-    known = _accepted.get(key)
-    if known is not None and all(a is b for a, b in zip(known[0], sources, strict=True)):
-        return dict(known[1])
-    accepted = _accepted_as_requestor(proposed, response, requested_roles)
-    if len(_accepted) >= _ACCEPTED_LIMIT:
-        _accepted.clear()
-    _accepted[key] = (sources, accepted)
-    return dict(accepted)
+    accepted = _accepted.get(*sources)
+    if accepted is None:
+        accepted = _accepted_as_requestor(proposed, response, requested_roles)
+        _accepted.put(sources, accepted)
+    return dict(accepted)  # the caller's own
 
 
 def _accepted_as_requestor(
@@ -448,13 +434,10 @@ class ContextAnswers:
     LIMIT = 64
 
     def __init__(self) -> None:
-        self._known: dict[
-            tuple[tuple[PresentationContextRQ, ...], tuple[RoleSelection, ...]], _Answers
-        ] = {}
-        # The same, by the identity of the tuples (kept here, so an id is not reused
-        # meanwhile): the Upper Layer gives equal proposals as the same tuples, and
-        # hashing a hundred contexts is skipped.
-        self._same: dict[tuple[int, int], tuple[object, object, _Answers]] = {}
+        self._known: BoundedMemo[_Answers] = BoundedMemo(self.LIMIT)
+        # The same by the tuples' identity: the Upper Layer gives equal proposals as the
+        # same tuples, and hashing a hundred contexts is skipped.
+        self._same: IdentityMemo[_Answers] = IdentityMemo(self.LIMIT)
 
     def answer(
         self,
@@ -462,19 +445,14 @@ class ContextAnswers:
         roles: tuple[RoleSelection, ...],
         supported: dict[str, PresentationContext],
     ) -> _Answers:
-        same = self._same.get((id(proposed), id(roles)))
-        if same is not None and same[0] is proposed and same[1] is roles:
-            return same[2]
-        key = (proposed, roles)
-        answers = self._known.get(key)
+        answers = self._same.get(proposed, roles)
         if answers is None:
-            answers = _answer_contexts(proposed, roles, supported)
-            if len(self._known) >= self.LIMIT:
-                self._known = {}
-            self._known[key] = answers
-        if len(self._same) >= self.LIMIT:
-            self._same = {}
-        self._same[(id(proposed), id(roles))] = (proposed, roles, answers)
+            answers = self._known.get((proposed, roles))
+            if answers is None:
+                answers = self._known.put(
+                    (proposed, roles), _answer_contexts(proposed, roles, supported)
+                )
+            self._same.put((proposed, roles), answers)
         return answers
 
 

@@ -14,6 +14,7 @@ from enum import IntEnum
 from typing import Any
 
 from dicomnet.errors import ProtocolError
+from dicomnet.proto.memo import BoundedMemo, IdentityMemo
 
 __all__ = [
     "APPLICATION_CONTEXT_NAME",
@@ -566,31 +567,26 @@ def _encode_associate(
 
 
 # The presentation context and role selection items of recent A-ASSOCIATE PDUs encoded,
-# by the identity of their tuple (kept here, so an id is not reused meanwhile): a
-# requestor proposing the same (remembered) contexts, or an acceptor answering a repeated
-# request with the same (remembered) answer, encodes them once.
-_encoded_memo: dict[int, tuple[object, bytes]] = {}
-_ENCODED_MEMO_LIMIT = 64
+# by their tuple: a requestor proposing the same (remembered) contexts, or an acceptor
+# answering a repeated request with the same (remembered) answer, encodes them once.
+_encoded_memo: IdentityMemo[bytes] = IdentityMemo(64)
 
 
 def _encoded_items(items: Sequence[Any]) -> bytes:
     """The items (objects with `encode()`) one after the other."""
-    known = _encoded_memo.get(id(items))
-    if known is not None and known[0] is items:
-        return known[1]
+    known = _encoded_memo.get(items)
+    if known is not None:
+        return known
     encoded = b"".join([item.encode() for item in items])
     if isinstance(items, tuple):  # immutable: safe to remember
-        if len(_encoded_memo) >= _ENCODED_MEMO_LIMIT:
-            _encoded_memo.clear()
-        _encoded_memo[id(items)] = (items, encoded)
+        _encoded_memo.put((items,), encoded)
     return encoded
 
 
 # The presentation context and role selection items of recent A-ASSOCIATE PDUs decoded,
 # by their bytes: a peer that proposes (or answers) the same contexts each time is
 # decoded once, and the same tuple then finds the negotiation and encoding remembered.
-_decoded_memo: dict[bytes, tuple[Any, ...]] = {}
-_DECODED_MEMO_LIMIT = 128
+_decoded_memo: BoundedMemo[tuple[Any, ...]] = BoundedMemo(128)
 _DECODED_MEMO_MAX_BYTES = 16384  # larger ones are decoded each time
 
 
@@ -607,9 +603,7 @@ def _decoded_items(
         return known
     decoded = tuple([decode(value) for _, value in items])
     if len(key) <= _DECODED_MEMO_MAX_BYTES:
-        if len(_decoded_memo) >= _DECODED_MEMO_LIMIT:
-            _decoded_memo.clear()
-        _decoded_memo[key] = decoded
+        _decoded_memo.put(key, decoded)
     return decoded
 
 
