@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from benchmarks.scenarios import PAIRINGS, RATIOS, SCENARIOS
@@ -77,6 +79,20 @@ def _extras(basis: list[RunRecord], runs: list[RunRecord]) -> dict[str, float]:
 def _median_or_none(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
+
+
+def run_config(
+    started: datetime, load: str, quick: bool, repetitions: int, elapsed: float
+) -> dict[str, Any]:
+    """How a benchmark run was made, for its JSON."""
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "load": load,
+        "quick": quick,
+        "repetitions": repetitions,
+        "elapsed_seconds": round(elapsed, 1),
+        "argv": sys.argv,
+    }
 
 
 def summarise(records: list[RunRecord]) -> list[Summary]:

@@ -47,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/route.py`: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import peers
+from benchmarks import peers, report
 from benchmarks.data import InstanceSet, make_ct_512k, make_sc_2k, subset
 from benchmarks.find_scp import backend_options
 from benchmarks.procs import HOST, ProcSample, ServerError, ServerProcess, free_port
@@ -1117,14 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         data = {
             "machine": info,
-            "config": {
-                "date": started.isoformat(timespec="seconds"),
-                "load": load,
-                "quick": args.quick,
-                "repetitions": repetitions,
-                "elapsed_seconds": round(elapsed, 1),
-                "argv": sys.argv,
-            },
+            "config": report.run_config(started, load, args.quick, repetitions, elapsed),
             "hop": {
                 "summaries": [asdict(s) for s in hops],
                 "ratios": [{"label": lb, "values": v} for lb, v in hop_ratios(hops)],

@@ -435,14 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(records)} runs in {elapsed:.0f} s ({date})")
     load = f"load average {info['loadavg_at_start']} at start, {_loadavg()} at end"
     print(load)
-    config = {
-        "date": started.isoformat(timespec="seconds"),
-        "load": load,
-        "quick": args.quick,
-        "repetitions": repetitions,
-        "elapsed_seconds": round(elapsed, 1),
-        "argv": sys.argv,
-    }
+    config = report.run_config(started, load, args.quick, repetitions, elapsed)
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_json(info, config, records), indent=2) + "\n")
         print(f"wrote {args.json}")
