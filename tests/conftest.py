@@ -1,7 +1,7 @@
 """Fixtures for the end-to-end tests: the corpus, and real peers that are always stopped.
 
 Set ``DICOMNET_REQUIRE_DCMTK=1`` (CI may) to make a missing DCMTK a failure
-instead of a skip.
+instead of a skip; ``DICOMNET_REQUIRE_POSTGRESQL=1`` the same for PostgreSQL.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import corpus as corpus_mod
 import peers
+import postgres
 
 log = logging.getLogger("dicomnet.tests")
 
@@ -74,6 +75,22 @@ def _failed(request: pytest.FixtureRequest) -> bool:
     return any(
         getattr(getattr(node, f"rep_{when}", None), "failed", False) for when in ("setup", "call")
     )
+
+
+@pytest.fixture(scope="session")
+def postgresql_server() -> Iterator[postgres.Server]:
+    """A private PostgreSQL server for the whole run (tests/postgres.py)."""
+    why = postgres.missing()
+    if why is not None:
+        if os.environ.get("DICOMNET_REQUIRE_POSTGRESQL"):
+            pytest.fail(why)
+        pytest.skip(why)
+    server = postgres.Server()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

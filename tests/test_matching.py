@@ -1,10 +1,12 @@
-"""Attribute matching (PS3.4 §C.2.2.2): every kind, in Python and in SQLite, agreeing."""
+"""Attribute matching (PS3.4 §C.2.2.2): every kind, in Python, in SQLite and in PostgreSQL,
+agreeing."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, time
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -14,8 +16,11 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from dicomnet.pacs.matching import (
+    POSTGRESQL,
+    SQLITE,
     MatchError,
     MatchKind,
+    SqlDialect,
     candidate_keys,
     json_keys,
     match_key,
@@ -27,32 +32,56 @@ from dicomnet.pacs.matching import (
 )
 
 
-@pytest.fixture(scope="module")
-def db() -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(":memory:")
-    conn.execute("CREATE TABLE t (k TEXT, mv TEXT)")
-    yield conn
-    conn.close()
+class Table:
+    """A one-row table `t (k, mv)` in SQLite or PostgreSQL, and its SQL dialect."""
+
+    def __init__(self, dialect: SqlDialect, conn: Any) -> None:
+        self.dialect = dialect
+        self.conn = conn
+        p = dialect.placeholder
+        self._insert = f"INSERT INTO t VALUES ({p}, {p})"
+
+    def hold(self, key: str | None, keys: str | None) -> None:
+        self.conn.execute("DELETE FROM t")
+        self.conn.execute(self._insert, (key, keys))
+
+    def count(self, where: str, params: Sequence[str]) -> int:
+        row = self.conn.execute(f"SELECT COUNT(*) FROM t WHERE {where}", tuple(params)).fetchone()
+        return int(row[0])
 
 
-def sql_matches(conn: sqlite3.Connection, query: object, vr: str, candidate: object) -> bool:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest) -> Iterator[Table]:
+    if request.param == "sqlite":
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (k TEXT, mv TEXT)")
+        yield Table(SQLITE, conn)
+        conn.close()
+        return
+    import psycopg
+
+    server = request.getfixturevalue("postgresql_server")
+    with psycopg.connect(server.dsn, autocommit=True) as pg:
+        pg.execute('CREATE TEMPORARY TABLE t (k TEXT COLLATE "C", mv TEXT)')
+        yield Table(POSTGRESQL, pg)
+
+
+def sql_matches(db: Table, query: object, vr: str, candidate: object) -> bool:
     """Match through `sql_condition` on a one-row table holding the candidate's key."""
     keys = candidate_keys(vr, candidate)
-    conn.execute("DELETE FROM t")
-    conn.execute("INSERT INTO t VALUES (?, NULL)", (keys[0] if keys else None,))
-    cond = sql_condition("k", vr, query)
+    db.hold(keys[0] if keys else None, None)
+    cond = sql_condition("k", vr, query, dialect=db.dialect)
     if cond is None:
-        return conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
-    return conn.execute(f"SELECT COUNT(*) FROM t WHERE {cond.sql}", cond.params).fetchone()[0] == 1
+        return db.count("TRUE", ()) == 1
+    return db.count(cond.sql, cond.params) == 1
 
 
-def sql_matches_multi(conn: sqlite3.Connection, query: object, vr: str, candidate: object) -> bool:
-    conn.execute("DELETE FROM t")
-    conn.execute("INSERT INTO t VALUES (NULL, ?)", (json_keys(vr, candidate),))
-    cond = sql_condition("mv", vr, query, multi_valued=True)
+def sql_matches_multi(db: Table, query: object, vr: str, candidate: object) -> bool:
+    db.hold(None, json_keys(vr, candidate))
+    cond = sql_condition("mv", vr, query, multi_valued=True, dialect=db.dialect)
     if cond is None:
         return True
-    return conn.execute(f"SELECT COUNT(*) FROM t WHERE {cond.sql}", cond.params).fetchone()[0] == 1
+    return db.count(cond.sql, cond.params) == 1
 
 
 CASES: list[tuple[object, str, object, bool]] = [
@@ -206,7 +235,7 @@ CASES: list[tuple[object, str, object, bool]] = [
 
 @pytest.mark.parametrize(("query", "vr", "candidate", "expected"), CASES)
 def test_matching_kinds(
-    db: sqlite3.Connection, query: object, vr: str, candidate: object, expected: bool
+    db: Table, query: object, vr: str, candidate: object, expected: bool
 ) -> None:
     assert matches(query, vr, candidate) is expected
     assert sql_matches(db, query, vr, candidate) is expected
@@ -233,7 +262,7 @@ def test_matching_kinds(
     ],
 )
 def test_multi_valued_candidates(
-    db: sqlite3.Connection, query: object, vr: str, candidate: object, expected: bool
+    db: Table, query: object, vr: str, candidate: object, expected: bool
 ) -> None:
     assert matches(query, vr, candidate) is expected
     assert sql_matches_multi(db, query, vr, candidate) is expected
@@ -316,15 +345,40 @@ def test_empty_value_condition() -> None:
     assert parse_query("CS", '""').without_empty() is None
 
 
-def test_long_uid_list_is_one_parameter(db: sqlite3.Connection) -> None:
+def test_long_uid_list_is_one_parameter(db: Table) -> None:
     uids = [f"1.2.{n}" for n in range(5000)]
-    cond = sql_condition("k", "UI", uids)
+    cond = sql_condition("k", "UI", uids, dialect=db.dialect)
     assert cond is not None
-    assert len(cond.params) == 1 and "json_each" in cond.sql
+    assert len(cond.params) == 1 and "json" in cond.sql
     assert sql_matches(db, uids, "UI", "1.2.4999")
     assert not sql_matches(db, uids, "UI", "1.2.5000")
-    short = sql_condition("k", "UI", uids[:3])
-    assert short is not None and short.sql == "k IN (?, ?, ?)"
+    short = sql_condition("k", "UI", uids[:3], dialect=db.dialect)
+    p = db.dialect.placeholder
+    assert short is not None and short.sql == f"k IN ({p}, {p}, {p})"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "hits"),
+    [
+        ("a%b", ["a%b"]),  # LIKE's own wild cards stand for themselves
+        ("a_b", ["a_b"]),
+        ("[ab]*", ["[ab]c"]),  # GLOB's class bracket stands for itself
+        ("*%*", ["a%b", "x%"]),
+        ("?_?", ["a_b"]),
+        ("a*", ["a%b", "a_b", "aXb", "ab"]),
+    ],
+)
+def test_special_characters_of_each_database_match_themselves(
+    db: Table, pattern: str, hits: list[str]
+) -> None:
+    """The wild cards of SQL (%, _) and of GLOB ([) are plain characters in a DICOM
+    pattern: the same rows match in Python and in the database."""
+    cond = sql_condition("k", "LO", pattern, dialect=db.dialect)
+    assert cond is not None
+    for row in ["a%b", "a_b", "aXb", "[ab]c", "x%", "ab"]:
+        db.hold(match_key("LO", row), None)
+        in_sql = db.count(cond.sql, cond.params) == 1
+        assert in_sql is matches(pattern, "LO", row) is (row in hits), row
 
 
 def test_keys() -> None:
@@ -467,7 +521,7 @@ def query_and_candidate(draw: st.DrawFn) -> tuple[object, str, object]:
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(query_and_candidate())
-def test_python_and_sql_agree(db: sqlite3.Connection, case: tuple[object, str, object]) -> None:
+def test_python_and_sql_agree(db: Table, case: tuple[object, str, object]) -> None:
     query, vr, candidate = case
     try:
         expected = matches(query, vr, candidate)

@@ -4,10 +4,11 @@ A key attribute value of a C-FIND / C-MOVE / C-GET identifier is parsed once
 (`parse_query`) into a `ParsedQuery`: universal, or a set of alternatives, each an
 exact key, a wild card pattern or a range. From it come both
 
-- `sql_condition(column, vr, value)`: a WHERE fragment and its parameters for an
-  SQLite column that holds the candidates' *match keys* (`match_key`, or a JSON
-  array of them for a multi-valued column, `json_keys`), so matching happens
-  inside SQLite, on indexes, streaming; and
+- `sql_condition(column, vr, value)`: a WHERE fragment and its parameters for a
+  column that holds the candidates' *match keys* (`match_key`, or a JSON array of
+  them for a multi-valued column, `json_keys`), so matching happens inside the
+  database, on indexes, streaming; in SQLite's SQL or, with `dialect=POSTGRESQL`,
+  PostgreSQL's (the same rows match in both); and
 - `matches(value, vr, candidate)`: the same decision in Python, for attributes
   read from the stored files (post-filtering).
 
@@ -73,7 +74,7 @@ from __future__ import annotations
 import calendar
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -86,13 +87,16 @@ from pydicom.sequence import Sequence as DicomSequence
 __all__ = [
     "EMPTY_VALUE",
     "KEYED_VRS",
+    "POSTGRESQL",
     "RANGE_VRS",
+    "SQLITE",
     "WILDCARD_VRS",
     "Alternative",
     "MatchError",
     "MatchKind",
     "ParsedQuery",
     "SqlCondition",
+    "SqlDialect",
     "candidate_keys",
     "copy_dataset",
     "glob_matches",
@@ -189,7 +193,7 @@ class ParsedQuery:
 
 @dataclass(frozen=True, slots=True)
 class SqlCondition:
-    """A WHERE fragment with ``?`` placeholders and its parameters, in order."""
+    """A WHERE fragment with its dialect's placeholders and its parameters, in order."""
 
     sql: str
     params: tuple[str, ...]
@@ -534,31 +538,69 @@ def _glob_escape(pattern: str) -> str:
     return pattern.replace("[", "[[]")
 
 
-def _conditions(column: str, parsed: ParsedQuery) -> tuple[list[str], list[str]]:
+def _like_pattern(pattern: str) -> str:
+    """A DICOM ``*``/``?`` pattern as a LIKE pattern with ``\\`` as its escape
+    character: ``%``, ``_`` and ``\\`` stand for themselves."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class SqlDialect:
+    """What differs between the SQL of the index's databases, for matching: the
+    placeholder, the wild card test (case-sensitive in both: PN keys are lower case
+    already), and how a JSON array of keys is read as rows of one ``value`` column.
+    Range and exact matching compare strings in code point order: SQLite's default,
+    PostgreSQL's ``COLLATE "C"``, which the columns matched on must have."""
+
+    name: str
+    placeholder: str
+    glob: str  # "{column} ... {p}": true when the column matches the pattern parameter
+    glob_pattern: Callable[[str], str]  # a DICOM pattern as that parameter
+    json_rows: str  # "... {array} ... {alias}": a FROM item `alias` with a column value
+
+
+SQLITE = SqlDialect(
+    "sqlite", "?", "{column} GLOB {p}", _glob_escape, "json_each({array}) AS {alias}"
+)
+POSTGRESQL = SqlDialect(
+    "postgresql",
+    "%s",
+    "{column} LIKE {p} ESCAPE '\\'",
+    _like_pattern,
+    "jsonb_array_elements_text(({array})::jsonb) AS {alias}(value)",
+)
+
+
+def _conditions(
+    column: str, parsed: ParsedQuery, dialect: SqlDialect
+) -> tuple[list[str], list[str]]:
+    p = dialect.placeholder
     sql: list[str] = []
     params: list[str] = []
     exact = [alt.low for alt in parsed.alternatives if alt.op == "eq" and alt.low is not None]
     if len(exact) == 1:
-        sql.append(f"{column} = ?")
+        sql.append(f"{column} = {p}")
         params.append(exact[0])
     elif len(exact) <= _MAX_INLINE_VALUES and exact:
-        sql.append(f"{column} IN ({', '.join('?' * len(exact))})")
+        sql.append(f"{column} IN ({', '.join([p] * len(exact))})")
         params.extend(exact)
     elif exact:
-        sql.append(f"{column} IN (SELECT value FROM json_each(?))")
+        rows = dialect.json_rows.format(array=p, alias="_list")
+        sql.append(f"{column} IN (SELECT _list.value FROM {rows})")
         params.append(json.dumps(exact, ensure_ascii=False))
     for alt in parsed.alternatives:
         if alt.op == "glob":
             assert alt.low is not None
-            sql.append(f"{column} GLOB ?")
-            params.append(_glob_escape(alt.low))
+            sql.append(dialect.glob.format(column=column, p=p))
+            params.append(dialect.glob_pattern(alt.low))
         elif alt.op == "range":
             ends: list[str] = []
             if alt.low is not None:
-                ends.append(f"{column} >= ?")
+                ends.append(f"{column} >= {p}")
                 params.append(alt.low)
             if alt.high is not None:
-                ends.append(f"{column} <= ?")
+                ends.append(f"{column} <= {p}")
                 params.append(alt.high)
             sql.append("(" + " AND ".join(ends) + ")")
     return sql, params
@@ -571,6 +613,7 @@ def sql_condition(
     *,
     multi_valued: bool = False,
     keyword: str = "",
+    dialect: SqlDialect = SQLITE,
 ) -> SqlCondition | None:
     """A WHERE fragment matching the key attribute value `query_value` of VR `vr`
     against `column` (any SQL expression), or None for Universal Matching (no
@@ -579,11 +622,12 @@ def sql_condition(
     `column` must hold the candidates' `match_key` (NULL for no value; ``''`` is
     taken as no value too), or, with `multi_valued`, a JSON array of their keys
     (`json_keys`), in which case a row matches when any of its values does.
-    `keyword` only names the attribute in a `MatchError`."""
+    `keyword` only names the attribute in a `MatchError`; `dialect` is the database's
+    (`SQLITE` or `POSTGRESQL`)."""
     parsed = parse_query(vr, query_value, keyword)
     if parsed.universal:
         return None
-    return sql_condition_of(column, parsed, multi_valued=multi_valued)
+    return sql_condition_of(column, parsed, multi_valued=multi_valued, dialect=dialect)
 
 
 def _any(parts: list[str]) -> str:
@@ -591,7 +635,7 @@ def _any(parts: list[str]) -> str:
 
 
 def sql_condition_of(
-    column: str, parsed: ParsedQuery, *, multi_valued: bool = False
+    column: str, parsed: ParsedQuery, *, multi_valued: bool = False, dialect: SqlDialect = SQLITE
 ) -> SqlCondition:
     """`sql_condition` of an already parsed, not universal key value."""
     parts: list[str] = []
@@ -599,10 +643,11 @@ def sql_condition_of(
     valued = parsed.without_empty()
     if valued is not None:
         target = "_mv.value" if multi_valued else column
-        conditions, params = _conditions(target, valued)
+        conditions, params = _conditions(target, valued, dialect)
         sql = _any(conditions)
         if multi_valued:
-            sql = f"EXISTS (SELECT 1 FROM json_each({column}) AS _mv WHERE {sql})"
+            rows = dialect.json_rows.format(array=column, alias="_mv")
+            sql = f"EXISTS (SELECT 1 FROM {rows} WHERE {sql})"
         parts.append(sql)
     if parsed.has_empty:
         parts.append(f"({column} IS NULL OR {column} = '')")
