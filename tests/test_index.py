@@ -27,15 +27,15 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 
 from dicomnet.errors import DicomNetError
 from dicomnet.pacs.index import (
-    _INDEXED_TAGS,
     INDEX_FILE_NAME,
     SCHEMA_VERSION,
     STATUS_IDENTIFIER_DOES_NOT_MATCH,
     Index,
     IndexCounts,
     QueryError,
-    _quick_values,
 )
+from dicomnet.pacs.index_files import quick_values
+from dicomnet.pacs.index_schema import INDEXED_TAGS
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -1007,7 +1007,7 @@ def _in_subquery(node: int, detail: dict[int, str], parent: dict[int, int]) -> b
 def test_query_plans_do_not_sort(big: tuple[Index, str, str]) -> None:
     """SQLite streams the rows: no query materialises its result in a temporary
     b-tree (per-row subqueries, such as the DISTINCT modalities of one study, may)."""
-    from dicomnet.pacs.index import _plan_find
+    from dicomnet.pacs.index_plan import plan_find
 
     idx, study_uid, series_uid = big
     identifiers = [
@@ -1019,7 +1019,7 @@ def test_query_plans_do_not_sort(big: tuple[Index, str, str]) -> None:
     conn = sqlite3.connect(idx.path)
     try:
         for model, q in identifiers:
-            plan = _plan_find(model, None, q)  # type: ignore[arg-type]
+            plan = plan_find(model, None, q)  # type: ignore[arg-type]
             steps = conn.execute(f"EXPLAIN QUERY PLAN {plan.sql}", plan.params).fetchall()
             detail = {step[0]: str(step[3]) for step in steps}
             parent = {step[0]: step[1] for step in steps}
@@ -1130,7 +1130,7 @@ def _both_ways(index: Index, path: Path) -> tuple[object, object]:
             return type(exc)
 
     try:
-        dataset = dcmread(path, stop_before_pixels=True, specific_tags=_INDEXED_TAGS)
+        dataset = dcmread(path, stop_before_pixels=True, specific_tags=INDEXED_TAGS)
     except Exception as exc:
         return attempt(None), type(exc)
     return attempt(None), attempt(dataset)
@@ -1144,7 +1144,7 @@ def test_quick_indexing_agrees_with_pydicom_on_its_test_files(tmp_path: Path) ->
             if isinstance(pydicoms, type):
                 continue  # pydicom cannot read it either way: `add` logs and skips it
             assert ours == pydicoms, path
-            quick += _quick_values(path) is not None
+            quick += quick_values(path) is not None
     assert quick > len(PYDICOM_TEST_FILES) // 2
 
 
@@ -1216,7 +1216,7 @@ def test_quick_indexing_agrees_with_pydicom_on_odd_values(
             ours, pydicoms = _both_ways(index, path)
     assert ours == pydicoms
     if sequence:
-        assert _quick_values(path) is not None  # sequences are skipped, not given up on
+        assert quick_values(path) is not None  # sequences are skipped, not given up on
 
 
 @pytest.mark.parametrize("size", [100, 30_000, 300_000])
@@ -1240,6 +1240,6 @@ def test_quick_indexing_reads_further_into_a_long_header(tmp_path: Path, size: i
     with Index(tmp_path / "index.sqlite", root=tmp_path) as index:
         ours, pydicoms = _both_ways(index, path)
         assert ours == pydicoms
-        assert (_quick_values(path) is not None) == (size < 200_000)
+        assert (quick_values(path) is not None) == (size < 200_000)
         index.add(path)
         assert index.counts().instances == 1
