@@ -23,7 +23,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dicomnet.pacs.matching import MatchKind, ParsedQuery, SqlCondition, candidate_keys
+from dicomnet.pacs.matching import (
+    SQLITE,
+    MatchKind,
+    ParsedQuery,
+    SqlCondition,
+    SqlDialect,
+    candidate_keys,
+)
 
 __all__ = [
     "CombinedRange",
@@ -87,16 +94,19 @@ def combined_matches(span: CombinedRange, date_value: object, time_value: object
     return (span.low is None or key >= span.low) and (span.high is None or key <= span.high)
 
 
-def combined_sql(span: CombinedRange, date_column: str, time_column: str) -> SqlCondition:
+def combined_sql(
+    span: CombinedRange, date_column: str, time_column: str, dialect: SqlDialect = SQLITE
+) -> SqlCondition:
     """A WHERE fragment for `span` on columns holding the DA and TM match keys. The
     date alone is compared too, so that an index on `date_column` can be used."""
     point = f"({date_column} || COALESCE({time_column}, '{_MIDNIGHT}'))"
+    p = dialect.placeholder
     parts: list[str] = []
     params: list[str] = []
     if span.low is not None:
-        parts += [f"{date_column} >= ?", f"{point} >= ?"]
+        parts += [f"{date_column} >= {p}", f"{point} >= {p}"]
         params += [span.low[:8], span.low]
     if span.high is not None:
-        parts += [f"{date_column} <= ?", f"{point} <= ?"]
+        parts += [f"{date_column} <= {p}", f"{point} <= {p}"]
         params += [span.high[:8], span.high]
     return SqlCondition("(" + " AND ".join(parts) + ")", tuple(params))

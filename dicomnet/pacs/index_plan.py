@@ -34,10 +34,13 @@ from dicomnet.pacs.index_schema import (
     Level,
     Model,
     QueryAttribute,
+    attributes,
 )
 from dicomnet.pacs.matching import (
+    SQLITE,
     MatchError,
     ParsedQuery,
+    SqlDialect,
     normalize,
     parse_query,
     query_values,
@@ -100,6 +103,7 @@ class FindPlan:
     where: list[str] = field(default_factory=list)
     #: Combined date-time ranges checked on each response: (DA tag, TM tag, range).
     pairs: list[tuple[int, int, CombinedRange]] = field(default_factory=list)
+    dialect: SqlDialect = SQLITE
 
 
 def _keyword(elem: DataElement) -> str:
@@ -207,18 +211,20 @@ def _parse(vr: str, value: object, keyword: str, tag: int) -> ParsedQuery:
 
 
 def _condition(
-    keyword: str, attr: QueryAttribute, value: object
+    keyword: str, attr: QueryAttribute, value: object, dialect: SqlDialect
 ) -> tuple[str, tuple[str, ...]] | None:
     parsed = _parse(attr.vr, value, keyword, tag_for_keyword(keyword) or 0)
     if parsed.universal:
         return None
     if attr.exists is None:
-        cond = sql_condition_of(attr.match_sql, parsed)
+        cond = sql_condition_of(attr.match_sql, parsed, dialect=dialect)
         return cond.sql, cond.params
-    return _exists_condition(attr, parsed)
+    return _exists_condition(attr, parsed, dialect)
 
 
-def _exists_condition(attr: QueryAttribute, parsed: ParsedQuery) -> tuple[str, tuple[str, ...]]:
+def _exists_condition(
+    attr: QueryAttribute, parsed: ParsedQuery, dialect: SqlDialect
+) -> tuple[str, tuple[str, ...]]:
     """A condition on an attribute derived from the entities below (ModalitiesInStudy,
     ...): some of them match, or, for Empty Value Matching, none has a value."""
     assert attr.exists is not None
@@ -226,7 +232,7 @@ def _exists_condition(attr: QueryAttribute, parsed: ParsedQuery) -> tuple[str, t
     params: tuple[str, ...] = ()
     valued = parsed.without_empty()
     if valued is not None:
-        cond = sql_condition_of(attr.match_sql, valued)
+        cond = sql_condition_of(attr.match_sql, valued, dialect=dialect)
         parts.append(attr.exists.format(cond=cond.sql))
         params = cond.params
     if parsed.has_empty:
@@ -255,7 +261,7 @@ def _plan_pairs(plan: FindPlan, keys: list[DataElement]) -> frozenset[int]:
         if date_attr is None or time_attr is None or date_attr.exists or time_attr.exists:
             plan.pairs.append((int(date.tag), int(time.tag), span))
             continue
-        cond = combined_sql(span, date_attr.match_sql, time_attr.match_sql)
+        cond = combined_sql(span, date_attr.match_sql, time_attr.match_sql, plan.dialect)
         plan.where.append(cond.sql)
         plan.params.extend(cond.params)
     return frozenset(paired)
@@ -267,12 +273,14 @@ def plan_find(
     identifier: Dataset,
     relational: bool = False,
     combined_datetime: bool = False,
+    dialect: SqlDialect = SQLITE,
 ) -> FindPlan:
+    """The SQL of a C-FIND and how its rows become responses, in `dialect`."""
     chosen = _check_level(model, level, identifier)
     elements = list(identifier)
     keys = [elem for elem in elements if _is_key(elem.tag)]
     _check_hierarchy(model, chosen, identifier, keys, relational)
-    plan = FindPlan(chosen, "", [])
+    plan = FindPlan(chosen, "", [], dialect=dialect)
     paired = _plan_pairs(plan, keys) if combined_datetime else frozenset()
     for elem in elements:
         _plan_element(plan, elem, int(elem.tag) in paired)
@@ -304,9 +312,9 @@ def _plan_element(plan: FindPlan, elem: DataElement, paired: bool) -> None:
 
 def _plan_key(plan: FindPlan, elem: DataElement, paired: bool) -> None:
     tag = int(elem.tag)
-    attr = ATTRIBUTES.get(elem.keyword) if elem.keyword else None
+    attr = attributes(plan.dialect).get(elem.keyword) if elem.keyword else None
     if attr is not None and elem.VR != "SQ":
-        condition = None if paired else _condition(elem.keyword, attr, elem.value)
+        condition = None if paired else _condition(elem.keyword, attr, elem.value, plan.dialect)
         if condition is not None:
             plan.where.append(condition[0])
             plan.params.extend(condition[1])
@@ -321,7 +329,12 @@ def _plan_key(plan: FindPlan, elem: DataElement, paired: bool) -> None:
 
 
 def plan_retrieve(
-    model: Model, level: Level | None, identifier: Dataset, select: str, relational: bool = False
+    model: Model,
+    level: Level | None,
+    identifier: Dataset,
+    select: str,
+    relational: bool = False,
+    dialect: SqlDialect = SQLITE,
 ) -> tuple[str, list[str]]:
     """The instances a C-MOVE / C-GET retrieves (PS3.4 §C.4.2.2.1, §C.4.3.2.1): the unique
     keys of the levels above the retrieve level each a single value (with relational
@@ -335,11 +348,11 @@ def plan_retrieve(
         tag = tag_for_keyword(keyword)
         assert tag is not None
         elem = identifier.get(tag)
-        attr = ATTRIBUTES[keyword]
+        attr = attributes(dialect)[keyword]
         values = query_values(attr.vr, elem.value) if elem is not None else []
         if not _retrieve_key(keyword, tag, values, current, chosen, relational):
             continue
-        condition = _condition(keyword, attr, values)
+        condition = _condition(keyword, attr, values, dialect)
         assert condition is not None
         where.append(condition[0])
         params.extend(condition[1])
