@@ -93,6 +93,15 @@ def postgresql_server() -> Iterator[postgres.Server]:
         server.stop()
 
 
+def index_location(request: pytest.FixtureRequest, backend: str, sqlite_file: Path) -> str:
+    """Where a test's index lives: `sqlite_file`, or a fresh schema of the test server's
+    PostgreSQL database (a URL whose ``search_path`` is that schema)."""
+    if backend == "sqlite":
+        return str(sqlite_file)
+    server = request.getfixturevalue("postgresql_server")
+    return postgres.fresh_schema(server)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> corpus_mod.Corpus:
     """The full corpus (pydicom's files in subfolders + one instance over 100 MB)."""

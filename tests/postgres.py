@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -108,3 +109,13 @@ class Server:
                 )  # fmt: skip
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def fresh_schema(server: Server) -> str:
+    """A new, empty schema in `server`'s database: the URL of a connection that uses it."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{server.dsn}?options=-csearch_path%3D{schema}"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pydicom.data
 import pytest
+from conftest import index_location
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
@@ -199,9 +200,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     return Corpus(root, instances)
 
 
-@pytest.fixture(scope="module")
-def index(corpus: Corpus) -> Iterator[Index]:
-    with Index(corpus.root / INDEX_FILE_NAME) as idx:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, corpus: Corpus) -> Iterator[Index]:
+    location = index_location(request, request.param, corpus.root / INDEX_FILE_NAME)
+    with Index(location, root=corpus.root) as idx:
         assert idx.created
         assert idx.rebuild(corpus.root) == len(corpus.instances)
         yield idx
@@ -235,6 +237,16 @@ def test_rebuild_indexes_every_instance(corpus: Corpus, index: Index) -> None:
 
 
 def test_schema_and_wal(corpus: Corpus, index: Index) -> None:
+    if index.path is None:  # PostgreSQL
+        import psycopg
+
+        with psycopg.connect(index.location) as pg:
+            assert pg.execute("SELECT version FROM dicomnet_schema").fetchall() == [
+                (SCHEMA_VERSION,)
+            ]
+            paths = [r[0] for r in pg.execute("SELECT path FROM instance")]
+        assert set(paths) == {i.path.relative_to(corpus.root).as_posix() for i in corpus.instances}
+        return
     conn = sqlite3.connect(corpus.root / INDEX_FILE_NAME)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -685,10 +697,11 @@ def test_closed_index(corpus: Corpus, tmp_path: Path) -> None:
 # -- updating --
 
 
-@pytest.fixture
-def fresh(corpus: Corpus, tmp_path: Path) -> Iterator[Index]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh(request: pytest.FixtureRequest, corpus: Corpus, tmp_path: Path) -> Iterator[Index]:
     """An index of the corpus in a database of its own (tests that change it)."""
-    with Index(tmp_path / "index.sqlite", root=corpus.root) as idx:
+    location = index_location(request, request.param, tmp_path / "index.sqlite")
+    with Index(location, root=corpus.root) as idx:
         idx.add_many(i.path for i in corpus.instances)
         yield idx
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import index_location
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -61,9 +62,10 @@ class Store:
         return str(ds.StudyInstanceUID)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Index(tmp_path / "index.sqlite", root=tmp_path) as index:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    location = index_location(request, request.param, tmp_path / "index.sqlite")
+    with Index(location, root=tmp_path) as index:
         yield Store(tmp_path, index)
 
 

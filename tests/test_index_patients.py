@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom.data
 import pytest
+from conftest import index_location
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -59,9 +60,10 @@ def write(
     return path
 
 
-@pytest.fixture
-def idx(tmp_path: Path) -> Iterator[Index]:
-    with Index(tmp_path / "index.sqlite", root=tmp_path) as index:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def idx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Index]:
+    location = index_location(request, request.param, tmp_path / "index.sqlite")
+    with Index(location, root=tmp_path) as index:
         yield index
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import index_location
 from test_index import Corpus, build_corpus, ident
 
 from dicomnet.pacs.index import (
@@ -25,9 +26,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     return Corpus(root, build_corpus(root))
 
 
-@pytest.fixture(scope="module")
-def index(corpus: Corpus) -> Iterator[Index]:
-    with Index(corpus.root / INDEX_FILE_NAME) as idx:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, corpus: Corpus) -> Iterator[Index]:
+    location = index_location(request, request.param, corpus.root / INDEX_FILE_NAME)
+    with Index(location, root=corpus.root) as idx:
         idx.rebuild(corpus.root)
         yield idx
 

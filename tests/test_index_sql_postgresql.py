@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sqlite3
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
+from test_index_matching import ident
 
 from dicomnet.pacs.index import Index, Level, Model
 from dicomnet.pacs.index_plan import plan_find, plan_retrieve
@@ -109,16 +109,6 @@ def both(tmp_path_factory: pytest.TempPathFactory, postgresql_server: Any) -> It
         yield Both(lite, pg)
         pg.execute(f"DROP SCHEMA {schema} CASCADE")
     lite.close()
-
-
-def ident(level: str, **keys: object) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for keyword, value in keys.items():
-            setattr(ds, keyword, value)
-    return ds
 
 
 FINDS: list[tuple[Model, Level, dict[str, object], dict[str, bool]]] = [

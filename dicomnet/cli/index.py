@@ -19,6 +19,11 @@ log = logging.getLogger("dicomnet")
 def add_parser(sub: Any) -> None:
     index = sub.add_parser("index", help="rebuild the query/retrieve index of a storage folder")
     index.add_argument("storage", metavar="DIR", help="the folder `dicomnet serve` stores to")
+    index.add_argument(
+        "--index",
+        metavar="URL",
+        help="build the index in PostgreSQL (postgresql://...) instead of the SQLite file in DIR",
+    )
     index.add_argument("-v", "--verbose", action="store_true", help="log progress")
     index.add_argument("--debug", action="store_true", help="log in detail")
     index.set_defaults(run=run)
@@ -33,7 +38,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
 
     def rebuild() -> int:
-        with Index(storage / INDEX_FILE_NAME, root=storage) as index:
+        with Index(args.index or storage / INDEX_FILE_NAME, root=storage) as index:
             return index.rebuild(storage)
 
     count = await anyio.to_thread.run_sync(rebuild)

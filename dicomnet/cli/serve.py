@@ -59,6 +59,12 @@ def add_parser(sub: Any) -> None:
         "--storage", default="./dicomnet-storage", help="folder for received instances"
     )
     serve.add_argument(
+        "--index",
+        metavar="URL",
+        help="keep the query/retrieve index in PostgreSQL (postgresql://user@host/db; "
+        "needs dicomnet[postgresql]) instead of the SQLite file in --storage",
+    )
+    serve.add_argument(
         "--peer",
         action="append",
         default=[],
@@ -333,6 +339,7 @@ async def run(args: argparse.Namespace) -> int:
         process_slot=args.worker_slot if is_worker else 0,
         worklist=args.worklist,
         on_duplicate=args.on_duplicate,
+        index=args.index,
     )
     for name, value in security.items():
         setattr(scp.ae, name, value)

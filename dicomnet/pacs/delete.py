@@ -21,13 +21,13 @@ import contextlib
 import errno
 import os
 import shutil
-import sqlite3
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from dicomnet.pacs.index import Index
+from dicomnet.pacs.index_db import Executor
 from dicomnet.pacs.matching import normalize
 
 __all__ = ["Deleted", "Selection", "delete"]
@@ -137,7 +137,8 @@ def delete(index: Index, selection: Selection, *, dry_run: bool = False) -> Dele
     moved: list[tuple[Path, Path]] = []
     committed = False
     try:
-        with index._write() as conn:
+        with index._write() as written:
+            conn = _InDialect(written, index.dialect.placeholder)
             rows = _select(conn, selection)
             if not rows:
                 return result
@@ -155,7 +156,8 @@ def delete(index: Index, selection: Selection, *, dry_run: bool = False) -> Dele
                     result.missing.append(path)
                     continue
                 moved.append((path, aside))
-            conn.executemany("DELETE FROM instance WHERE pk = ?", [(row.pk,) for row in rows])
+            for row in rows:
+                conn.execute("DELETE FROM instance WHERE pk = ?", (row.pk,))
             for table, child, column in _PARENTS:
                 for pk in sorted({int(getattr(row, column)) for row in rows}):
                     conn.execute(
@@ -178,6 +180,20 @@ def delete(index: Index, selection: Selection, *, dry_run: bool = False) -> Dele
                     trash.rmdir()  # empty once every file is back
     result.files = [path for path, _ in moved]
     return result
+
+
+class _InDialect:
+    """The SQL here written with ``?`` placeholders, run in the index's dialect (it holds
+    no other question mark)."""
+
+    def __init__(self, conn: Executor, placeholder: str) -> None:
+        self._conn = conn
+        self._placeholder = placeholder
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if self._placeholder != "?":
+            sql = sql.replace("?", self._placeholder)
+        return self._conn.execute(sql, params)
 
 
 # The parents of a deleted instance, as (table, child table, its column naming the parent,
@@ -204,7 +220,7 @@ def _put_back(moved: list[tuple[Path, Path]]) -> None:
                 raise
 
 
-def _select(conn: sqlite3.Connection, selection: Selection) -> list[_Row]:
+def _select(conn: Executor, selection: Selection) -> list[_Row]:
     where, params = selection.where()
     return [_Row(*row) for row in conn.execute(_SELECT + where + " ORDER BY i.pk", params)]
 
@@ -219,7 +235,7 @@ _HOLDS = {
 }
 
 
-def _count(conn: sqlite3.Connection, rows: list[_Row], result: Deleted) -> None:
+def _count(conn: Executor, rows: list[_Row], result: Deleted) -> None:
     """The counts of what goes: instances, and the series, studies and patients all of
     whose instances go."""
     result.instances = len(rows)

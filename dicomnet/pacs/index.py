@@ -106,10 +106,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sqlite3
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -122,6 +120,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 
+from dicomnet.pacs.index_db import (
+    Database,
+    Executor,
+    PostgreSQLDatabase,
+    SQLiteDatabase,
+    is_database_url,
+)
 from dicomnet.pacs.index_files import (
     META_KEYWORDS,
     NeedsPydicom,
@@ -145,24 +150,21 @@ from dicomnet.pacs.index_plan import (
 )
 from dicomnet.pacs.index_schema import (
     INDEXED_TAGS,
-    INSERT_INSTANCE,
     LEVELS,
     PARENT_TABLES,
     RECORD_PLAN,
     SOP_CLASS,
     SPECIFIC_CHARACTER_SET,
     STORED_TAG_SET,
-    STUDY_PATIENT,
     TABLES,
     TRUSTED,
     UNIQUE_KEY,
-    UPSERT_PATIENT_BY_PK,
-    UPSERTS,
     Level,
     Model,
-    schema_statements,
+    statements,
 )
 from dicomnet.pacs.matching import (
+    SqlDialect,
     match_sequence,
     matches,
     normalize,
@@ -210,14 +212,16 @@ class _Record:
 
 
 class Index:
-    """The SQLite index of a storage folder (see the module docstring).
+    """The index of a storage folder (see the module docstring), in SQLite or PostgreSQL.
 
-    `path` is the database file (conventionally ``<storage>/.dicomnet-index.sqlite``,
-    `INDEX_FILE_NAME`); `root`, the folder instance paths are stored relative to,
-    defaults to the database's folder. `timeout` is how long a writer waits for
-    another process's write transaction (seconds). `created` is True when this
-    opening created the schema (a new database, or one of another schema version
-    that was dropped): the caller should `rebuild` it from the files."""
+    `path` is the SQLite database file (conventionally
+    ``<storage>/.dicomnet-index.sqlite``, `INDEX_FILE_NAME`), or a ``postgresql://`` URL
+    (`dicomnet.pacs.index_db`); `root`, the folder instance paths are stored relative
+    to, defaults to the database file's folder (a URL needs it). `timeout` is how long
+    a writer waits for another process's write transaction (seconds; with PostgreSQL,
+    for the connection). `created` is True when this opening created the schema (a new
+    database, or one of another schema version that was dropped): the caller should
+    `rebuild` it from the files."""
 
     def __init__(
         self,
@@ -226,10 +230,22 @@ class Index:
         root: str | os.PathLike[str] | None = None,
         timeout: float = 30.0,
     ) -> None:
-        self.path = Path(path)
-        self.root = Path(root) if root is not None else self.path.parent
+        location = os.fspath(path)
+        self._db: Database
+        if is_database_url(location):
+            if root is None:
+                raise ValueError("an index in PostgreSQL needs the storage folder (root)")
+            #: The SQLite file (None for PostgreSQL).
+            self.path: Path | None = None
+            self._db = PostgreSQLDatabase(location, SCHEMA_VERSION, timeout)
+        else:
+            self.path = Path(location)
+            self._db = SQLiteDatabase(self.path, SCHEMA_VERSION, timeout)
+        self.root = Path(root) if root is not None else Path(location).parent
         self.timeout = timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = self._db.created
+        self._statements = statements(self._db.dialect)
+        self._p = self._db.dialect.placeholder
         root_abs = os.path.abspath(self.root)
         self._root_prefix = root_abs if root_abs.endswith(os.sep) else root_abs + os.sep
         self._raw_texts = RawTexts()
@@ -237,43 +253,22 @@ class Index:
         # them: the instances of a series come in a row and share the patient, study
         # and series attributes.
         self._parent_rows: dict[str, tuple[tuple[bytes | None, ...], list[str | int | None]]] = {}
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=timeout, check_same_thread=False, isolation_level=None
-        )
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self.created = False
-        with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {
-                row[0]
-                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-            if version != SCHEMA_VERSION or not tables:
-                if tables:
-                    log.warning(
-                        "index %s has schema version %d, not %d: recreating it",
-                        self.path,
-                        version,
-                        SCHEMA_VERSION,
-                    )
-                for name in reversed([t.name for t in TABLES]):
-                    conn.execute(f"DROP TABLE IF EXISTS {name}")
-                for statement in schema_statements():
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                self.created = True
+
+    @property
+    def location(self) -> str:
+        """The SQLite file's path or the PostgreSQL database's URL."""
+        return self._db.location
+
+    @property
+    def dialect(self) -> SqlDialect:
+        """The SQL dialect of the database (`dicomnet.pacs.matching.SQLITE` or `POSTGRESQL`)."""
+        return self._db.dialect
 
     # -- lifetime --
 
     def close(self) -> None:
         """Close the write connection (running query iterators keep their own)."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._db.close()
 
     def __enter__(self) -> Index:
         return self
@@ -287,35 +282,14 @@ class Index:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Index({str(self.path)!r})"
+        return f"Index({self.location!r})"
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise RuntimeError("the index is closed")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[Executor]:
+        return self._db.write()
 
-    def _read_connection(self) -> sqlite3.Connection:
-        """A connection for one query iterator (never creates the database file)."""
-        if self._conn is None:
+    def _check_open(self) -> None:
+        if self._db.closed:
             raise RuntimeError("the index is closed")
-        conn = sqlite3.connect(
-            f"{Path(os.path.abspath(self.path)).as_uri()}?mode=rw",
-            uri=True,
-            timeout=self.timeout,
-            check_same_thread=False,
-            isolation_level=None,
-        )
-        conn.execute("PRAGMA query_only = ON")
-        return conn
 
     # -- counts --
 
@@ -324,10 +298,8 @@ class Index:
         return self.counts().instances
 
     def counts(self) -> IndexCounts:
-        with self._lock:
-            if self._conn is None:
-                raise RuntimeError("the index is closed")
-            row = self._conn.execute(
+        with self._db.read() as conn:
+            row = conn.execute(
                 "SELECT (SELECT COUNT(*) FROM patient), (SELECT COUNT(*) FROM study),"
                 " (SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instance)"
             ).fetchone()
@@ -368,7 +340,7 @@ class Index:
 
     def _store_all(
         self,
-        conn: sqlite3.Connection,
+        conn: Executor,
         items: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], Dataset | None]],
     ) -> int:
         count = 0
@@ -391,12 +363,12 @@ class Index:
             row = conn.execute(
                 "SELECT i.pk, i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
                 " JOIN series AS se ON se.pk = i.series_pk JOIN study AS st ON st.pk = se.study_pk"
-                " WHERE i.sop_instance_uid = ?",
+                " WHERE i.sop_instance_uid = " + self._p,
                 (normalize("UI", sop_instance_uid),),
             ).fetchone()
             if row is None:
                 return False
-            conn.execute("DELETE FROM instance WHERE pk = ?", (row[0],))
+            conn.execute(f"DELETE FROM instance WHERE pk = {self._p}", (row[0],))
             self._prune(conn, {row[1]}, {row[2]}, {row[3]})
             return True
 
@@ -416,11 +388,8 @@ class Index:
         `RECONCILE_BATCH`: what a crash left stored but not indexed. Returns how many
         were indexed."""
         folder = Path(storage_folder) if storage_folder is not None else self.root
-        conn = self._read_connection()
-        try:
+        with self._db.read() as conn:
             known = dict(conn.execute("SELECT path, size FROM instance").fetchall())
-        finally:
-            conn.close()
         missing: list[str] = []
         for path in walk_files(folder):
             size = known.get(self._relative(str(path)))
@@ -503,9 +472,7 @@ class Index:
         rows["instance"] += [self._relative(path), transfer_syntax or None, size]
         return _Record(rows, cast(str, rows["instance"][0]))
 
-    def _store(
-        self, conn: sqlite3.Connection, record: _Record, cache: dict[str, tuple[object, int]]
-    ) -> None:
+    def _store(self, conn: Executor, record: _Record, cache: dict[str, tuple[object, int]]) -> None:
         """Upsert one instance and its parents, then prune what it left empty.
 
         `cache` (per transaction) remembers the last patient / study / series row
@@ -533,54 +500,55 @@ class Index:
                 continue
             if table.name == "study":  # the study may move to another patient
                 for (old,) in conn.execute(
-                    "SELECT patient_pk FROM study WHERE study_instance_uid = ?", (values[0],)
+                    f"SELECT patient_pk FROM study WHERE study_instance_uid = {self._p}",
+                    (values[0],),
                 ):
                     old_patients.add(old)
             elif table.name == "series":  # the series may move to another study
                 for old_study, old_patient in conn.execute(
                     "SELECT se.study_pk, st.patient_pk FROM series AS se"
-                    " JOIN study AS st ON st.pk = se.study_pk WHERE se.series_instance_uid = ?",
+                    " JOIN study AS st ON st.pk = se.study_pk WHERE se.series_instance_uid = "
+                    + self._p,
                     (values[0],),
                 ):
                     old_studies.add(old_study)
                     old_patients.add(old_patient)
-            sql, _ = UPSERTS[table.name]
+            sql, _ = self._statements.upserts[table.name]
             params = [parent, *values] if table.parent else values
             parent = conn.execute(sql, params).fetchone()[0]
             cache[table.name] = (key, cast(int, parent))
         instance = [parent, *record.rows["instance"]]
-        if conn.execute(INSERT_INSTANCE, instance).fetchone() is None:
+        if conn.execute(self._statements.insert_instance, instance).fetchone() is None:
             # Indexed before: it may leave its series (and their parents) empty.
             row = conn.execute(
                 "SELECT i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
                 " JOIN series AS se ON se.pk = i.series_pk"
-                " JOIN study AS st ON st.pk = se.study_pk WHERE i.sop_instance_uid = ?",
+                " JOIN study AS st ON st.pk = se.study_pk WHERE i.sop_instance_uid = " + self._p,
                 (record.sop_instance_uid,),
             ).fetchone()
             if row is not None:
                 old_series.add(row[0])
                 old_studies.add(row[1])
                 old_patients.add(row[2])
-            conn.execute(UPSERTS["instance"][0], instance)
+            conn.execute(self._statements.upserts["instance"][0], instance)
         if self._prune(conn, old_series, old_studies, old_patients):
             cache.clear()  # a remembered row may be gone
 
-    @staticmethod
     def _patient_without_id(
-        conn: sqlite3.Connection, values: list[str | int | None], study_uid: str
+        self, conn: Executor, values: list[str | int | None], study_uid: str
     ) -> int:
         """The patient of an instance without Patient ID: the patient of its study if
         that is indexed (updated with the instance's values unless it has an ID, of
         which the instance says nothing), else a new patient of its own."""
-        row = conn.execute(STUDY_PATIENT, (study_uid,)).fetchone()
+        row = conn.execute(self._statements.study_patient, (study_uid,)).fetchone()
         if row is not None and row[1]:
             return int(row[0])
         pk = None if row is None else row[0]
-        return int(conn.execute(UPSERT_PATIENT_BY_PK, [pk, *values]).fetchone()[0])
+        upsert = self._statements.upsert_patient_by_pk
+        return int(conn.execute(upsert, [pk, *values]).fetchone()[0])
 
-    @staticmethod
     def _prune(
-        conn: sqlite3.Connection, series: set[int], studies: set[int], patients: set[int]
+        self, conn: Executor, series: set[int], studies: set[int], patients: set[int]
     ) -> int:
         """Delete the given entities that no longer have children, bottom up; returns
         how many rows went."""
@@ -592,8 +560,8 @@ class Index:
         ):
             for pk in pks:
                 deleted += conn.execute(
-                    f"DELETE FROM {table} WHERE pk = ?"
-                    f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {parent_column} = ?)",
+                    f"DELETE FROM {table} WHERE pk = {self._p}"
+                    f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {parent_column} = {self._p})",
                     (pk, pk),
                 ).rowcount
         return deleted
@@ -625,21 +593,16 @@ class Index:
         The identifier is checked now (`QueryError`); the rows are read as the returned
         iterator is advanced, on a connection of its own that closing the iterator
         closes."""
-        plan = plan_find(model, level, identifier, relational, combined_datetime)
-        if self._conn is None:
-            raise RuntimeError("the index is closed")
+        plan = plan_find(model, level, identifier, relational, combined_datetime, self._db.dialect)
+        self._check_open()
         return self._run_find(plan)
 
     def _run_find(self, plan: FindPlan) -> Iterator[Dataset]:
-        conn = self._read_connection()
-        try:
-            cursor = conn.execute(plan.sql, plan.params)
-            for row in cursor:
+        with self._db.read() as conn:
+            for row in conn.execute(plan.sql, plan.params):
                 response = self._response(plan, row)
                 if response is not None:
                     yield response
-        finally:
-            conn.close()
 
     def _read_file(self, stored: str | None, tags: list[int]) -> Dataset | None:
         if stored is None:
@@ -719,26 +682,22 @@ class Index:
             identifier,
             "i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax",
             relational,
+            self._db.dialect,
         )
-        if self._conn is None:
-            raise RuntimeError("the index is closed")
+        self._check_open()
         return self._run_files(sql, params)
 
     def count_files(
         self, model: Model, level: Level | None, identifier: Dataset, *, relational: bool = False
     ) -> int:
         """How many instances `files` would yield (for the C-MOVE / C-GET counts)."""
-        sql, params = plan_retrieve(model, level, identifier, "COUNT(*)", relational)
-        conn = self._read_connection()
-        try:
+        sql, params = plan_retrieve(
+            model, level, identifier, "COUNT(*)", relational, self._db.dialect
+        )
+        with self._db.read() as conn:
             return int(conn.execute(sql, params).fetchone()[0])
-        finally:
-            conn.close()
 
     def _run_files(self, sql: str, params: list[str]) -> Iterator[tuple[Path, str, str, str]]:
-        conn = self._read_connection()
-        try:
+        with self._db.read() as conn:
             for path, sop_class, sop_instance, transfer_syntax in conn.execute(sql, params):
                 yield self._absolute(path), sop_class or "", sop_instance, transfer_syntax or ""
-        finally:
-            conn.close()

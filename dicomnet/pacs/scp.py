@@ -267,7 +267,7 @@ class Indexer:
             return
         try:
             self._process, self._connection = spawn_indexer(
-                str(self.index.path), str(self.index.root)
+                self.index.location, str(self.index.root)
             )
         except Exception as exc:
             self._process_failed = True
@@ -492,6 +492,7 @@ class StorageSCP:
         process_slot: int = 0,
         worklist: Path | None = None,
         on_duplicate: str = "keep",
+        index: str | None = None,
     ) -> None:
         if on_duplicate not in DUPLICATE_POLICIES:
             raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}")
@@ -507,7 +508,8 @@ class StorageSCP:
                 leftover.unlink(missing_ok=True)
             for leftover in storage.glob(".*.part"):
                 leftover.unlink(missing_ok=True)
-        self.index = Index(storage / INDEX_FILE_NAME, root=storage)
+        # `index`: a PostgreSQL URL (`dicomnet.pacs.index_db`); the SQLite file by default.
+        self.index = Index(index or storage / INDEX_FILE_NAME, root=storage)
         stale = sorted(spool.glob(SERVING_MARKER + "*")) if clean_spool else []
         if reindex or self.index.created:
             count = self.index.rebuild(storage)
@@ -619,6 +621,11 @@ class StorageSCP:
         if outcome is not None:
             return outcome
         self.indexer.add(path)
+        if self.index.path is None:
+            # A database other nodes query too: answered once indexed, so that a query
+            # on any node after this answer finds the instance (it joins the batch in
+            # flight or the next one: concurrent stores share a transaction).
+            await self.indexer.drain(others=False)
         log.info("stored %s.dcm from %r (%d bytes)", uid, request.calling_ae_title, request.size)
         return 0x0000
 

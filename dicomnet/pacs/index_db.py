@@ -1,0 +1,253 @@
+"""The database under the index: SQLite (a file, the embedded default) or PostgreSQL (a
+``postgresql://`` URL, through psycopg 3, the ``postgresql`` extra), behind one small
+interface: write transactions on one shared connection, reads on connections of their
+own, and the schema created (or recreated, when of another version) on opening.
+
+SQLite: WAL mode, so a query reads one snapshot and never blocks writers; writers in
+several processes wait for each other (busy timeout); ``synchronous = NORMAL`` (a
+commit survives a crash of the process; the files are the truth, `Index.rebuild`
+restores the index from them). PostgreSQL: every node of an archive connects to the
+same database; a committed write is seen by every later query on any node, and a query
+streams its rows through a server-side cursor. The schema is created under an advisory
+lock, so nodes starting at once create it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from dicomnet.pacs.index_schema import TABLES, schema_statements
+from dicomnet.pacs.matching import POSTGRESQL, SQLITE, SqlDialect
+
+__all__ = ["Database", "Executor", "PostgreSQLDatabase", "SQLiteDatabase", "is_database_url"]
+
+log = logging.getLogger("dicomnet.index")
+
+
+def is_database_url(location: str) -> bool:
+    """Whether `location` names a PostgreSQL database rather than an SQLite file."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+class Executor(Protocol):
+    """What the index runs its SQL on (a connection of either database)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
+
+
+class Database(Protocol):
+    dialect: SqlDialect
+    #: True when opening created the schema: the caller rebuilds the index from files.
+    created: bool
+    #: The file's path or the database's URL.
+    location: str
+
+    def write(self) -> AbstractContextManager[Executor]:
+        """One write transaction (serialised with the other writes of this process)."""
+        ...
+
+    def read(self) -> AbstractContextManager[Executor]:
+        """A connection of its own for one query, closed after."""
+        ...
+
+    def close(self) -> None: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+
+class _Connected:
+    """One write connection, shared by the threads of a process under a lock."""
+
+    _conn: Any
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _open(self) -> Any:
+        """The write connection (the caller holds the lock)."""
+        if self._conn is None:
+            raise RuntimeError("the index is closed")
+        return self._conn
+
+
+class SQLiteDatabase(_Connected):
+    """The index's SQLite file (created with its folder if missing)."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: Path, version: int, timeout: float) -> None:
+        super().__init__()
+        self.path = path
+        self.location = str(path)
+        self.timeout = timeout
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            path, timeout=timeout, check_same_thread=False, isolation_level=None
+        )
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self.created = False
+        with self.write() as conn:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if found != version or not tables:
+                if tables:
+                    log.warning(
+                        "index %s has schema version %d, not %d: recreating it",
+                        path,
+                        found,
+                        version,
+                    )
+                for name in reversed([t.name for t in TABLES]):
+                    conn.execute(f"DROP TABLE IF EXISTS {name}")
+                for statement in schema_statements(SQLITE):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+                self.created = True
+
+    @contextmanager
+    def write(self) -> Iterator[Executor]:
+        with self._lock:
+            conn = self._open()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[Executor]:
+        # check_same_thread=False: successive next() calls of a query iterator may run
+        # on different worker threads (never two at once). mode=rw: never creates the file.
+        self._open()
+        conn = sqlite3.connect(
+            f"{Path(os.path.abspath(self.path)).as_uri()}?mode=rw",
+            uri=True,
+            timeout=self.timeout,
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        try:
+            conn.execute("PRAGMA query_only = ON")
+            yield conn
+        finally:
+            conn.close()
+
+
+#: Rows fetched per round trip by a query's server-side cursor.
+_FETCH_ROWS = 2000
+#: The advisory lock under which a node creates (or recreates) the schema.
+_SCHEMA_LOCK = 0x44434D4E  # "DCMN"
+
+
+class _Reader:
+    """A PostgreSQL connection for one query: each statement on a server-side cursor."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._cursors = 0
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        self._cursors += 1
+        cursor = self._conn.cursor(name=f"dicomnet_{self._cursors}")
+        cursor.itersize = _FETCH_ROWS
+        cursor.execute(sql, params)
+        return cursor
+
+
+class PostgreSQLDatabase(_Connected):
+    """The index in a PostgreSQL database (and schema: the URL's ``search_path``)."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, url: str, version: int, timeout: float) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise RuntimeError(
+                "an index in PostgreSQL needs psycopg: pip install 'dicomnet[postgresql]'"
+            ) from None
+        super().__init__()
+        self._psycopg = psycopg
+        self.location = url
+        self._timeout = timeout
+        self._conn = self._connect(autocommit=True)
+        self.created = self._create_schema(version)
+
+    def _connect(self, autocommit: bool) -> Any:
+        return self._psycopg.connect(
+            self.location,
+            autocommit=autocommit,
+            connect_timeout=max(1, int(self._timeout)),
+            # Statements are sent as they are: behind a pooler too.
+            prepare_threshold=None,
+        )
+
+    def _create_schema(self, version: int) -> bool:
+        with self.write() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            kept = conn.execute("SELECT to_regclass('dicomnet_schema')").fetchone()[0]
+            found = conn.execute("SELECT version FROM dicomnet_schema").fetchone() if kept else None
+            tables = [
+                name
+                for name in (t.name for t in TABLES)
+                if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None
+            ]
+            if found is not None and found[0] == version and len(tables) == len(TABLES):
+                return False
+            if tables:
+                log.warning(
+                    "index %s has schema version %s, not %d: recreating it",
+                    self.location,
+                    None if found is None else found[0],
+                    version,
+                )
+            for name in reversed([t.name for t in TABLES]):
+                conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
+            for statement in schema_statements(POSTGRESQL):
+                conn.execute(statement)
+            conn.execute("DROP TABLE IF EXISTS dicomnet_schema")
+            conn.execute("CREATE TABLE dicomnet_schema (version INTEGER NOT NULL)")
+            conn.execute("INSERT INTO dicomnet_schema VALUES (%s)", (version,))
+            return True
+
+    @contextmanager
+    def write(self) -> Iterator[Executor]:
+        with self._lock:
+            conn = self._open()
+            with conn.transaction():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Executor]:
+        self._open()
+        conn = self._connect(autocommit=False)
+        try:
+            with conn.transaction():
+                yield _Reader(conn)
+        finally:
+            conn.close()

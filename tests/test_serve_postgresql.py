@@ -1,0 +1,156 @@
+"""`dicomnet serve --index postgresql://...`: two nodes sharing one storage folder and
+one PostgreSQL index answer as one archive. What one node acknowledged, the other finds
+and retrieves (read-your-writes: a store is answered once it is indexed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import postgres
+import pytest
+from peers import HOST, ServerFactory, describe_cli, run_dicomnet, storescu
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+from qr_peers import findscu, movescu
+
+from dicomnet.pacs.index import Index
+
+
+def _instances(folder: Path, studies: int, per_study: int) -> dict[str, tuple[str, str]]:
+    """SOP Instance UID -> (Study, Series Instance UID) of new CT instances in `folder`."""
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    written: dict[str, tuple[str, str]] = {}
+    folder.mkdir()
+    for s in range(studies):
+        source.StudyInstanceUID = generate_uid()
+        source.SeriesInstanceUID = generate_uid()
+        for i in range(per_study):
+            source.SOPInstanceUID = generate_uid()
+            source.file_meta.MediaStorageSOPInstanceUID = source.SOPInstanceUID
+            source.save_as(folder / f"{s}-{i}.dcm")
+            study, series = str(source.StudyInstanceUID), str(source.SeriesInstanceUID)
+            written[str(source.SOPInstanceUID)] = (study, series)
+    return written
+
+
+@pytest.mark.dcmtk
+@pytest.mark.timeout(180)
+def test_two_nodes_answer_as_one_archive(
+    tmp_path: Path, dicomnet_server: ServerFactory, storescp: Any, postgresql_server: Any
+) -> None:
+    url = postgres.fresh_schema(postgresql_server)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    dest = storescp(aet="DEST")
+    common = ["--storage", str(shared), "--index", url, "--no-fsync"]
+    node_a = dicomnet_server(aet="PACS", extra_args=common)
+    node_b = dicomnet_server(aet="PACS", extra_args=[*common, "--peer", f"DEST={HOST}:{dest.port}"])
+    written = _instances(tmp_path / "in", studies=2, per_study=6)
+
+    stored = storescu(node_a.port, [tmp_path / "in"], aec="PACS")
+    assert stored.returncode == 0, stored
+
+    # On node B, at once: every instance node A acknowledged.
+    uids: set[str] = set()
+    for number, (study, series) in enumerate(sorted(set(written.values()))):
+        found = findscu(
+            node_b.port,
+            {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": ""},
+            level="IMAGE",
+            model="study",
+            out_dir=tmp_path / f"found-{number}",
+            aec="PACS",
+        )
+        uids |= {str(ds.SOPInstanceUID) for ds in found.identifiers}
+    assert uids == set(written)
+
+    study = next(iter(written.values()))[0]
+    moved = movescu(
+        node_b.port,
+        {"StudyInstanceUID": study},
+        level="STUDY",
+        model="study",
+        dest="DEST",
+        aec="PACS",
+    )
+    assert moved.final is not None and moved.final.status == 0x0000, moved.result
+    expected = {uid for uid, (of, _) in written.items() if of == study}
+    assert set(dest.received()) == expected
+
+
+@pytest.mark.timeout(120)
+def test_a_query_on_one_node_sees_what_the_other_just_acknowledged(
+    tmp_path: Path, dicomnet_server: ServerFactory, postgresql_server: Any
+) -> None:
+    """Store on node A, then at once C-FIND on node B (an association open to each),
+    again and again, pynetdicom as the SCU: every query finds the instance acknowledged
+    just before, though node A indexes in batches that gather for a while."""
+    url = postgres.fresh_schema(postgresql_server)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    common = ["--storage", str(shared), "--index", url, "--no-fsync"]
+    node_a = dicomnet_server(aet="PACS", extra_args=common)
+    node_b = dicomnet_server(aet="PACS", extra_args=common)
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    store = ae.associate(HOST, node_a.port, ae_title="PACS")
+    find = ae.associate(HOST, node_b.port, ae_title="PACS")
+    assert store.is_established and find.is_established
+    missed = []
+    try:
+        for i in range(20):
+            source.SOPInstanceUID = generate_uid()
+            assert store.send_c_store(source).Status == 0x0000
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = source.StudyInstanceUID
+            query.SeriesInstanceUID = source.SeriesInstanceUID
+            query.SOPInstanceUID = source.SOPInstanceUID
+            model = StudyRootQueryRetrieveInformationModelFind
+            answers = [
+                ds
+                for status, ds in find.send_c_find(query, model)
+                if status is not None and status.Status in (0xFF00, 0xFF01)
+            ]
+            if len(answers) != 1:
+                missed.append(i)
+    finally:
+        store.release()
+        find.release()
+    assert missed == []
+
+
+@pytest.mark.timeout(120)
+def test_dicomnet_index_builds_the_index_in_postgresql(
+    tmp_path: Path, postgresql_server: Any
+) -> None:
+    url = postgres.fresh_schema(postgresql_server)
+    written = _instances(tmp_path / "storage", studies=2, per_study=3)
+    done = run_dicomnet(["index", "--index", url, tmp_path / "storage"])
+    assert done.returncode == 0, describe_cli(done)
+    assert "indexed 6 instance(s)" in done.stdout
+    with Index(url, root=tmp_path / "storage") as index:
+        assert index.counts() == (1, 2, 2, 6)
+        query = _image(written)
+        found = {uid for _, _, uid, _ in index.files("study", "IMAGE", query)}
+    assert found == set(query.SOPInstanceUID) and len(found) == 3
+
+
+def _image(written: dict[str, tuple[str, str]]) -> Dataset:
+    """A relational-free IMAGE-level retrieve of the first series written."""
+    study, series = next(iter(written.values()))
+    query = Dataset()
+    query.StudyInstanceUID = study
+    query.SeriesInstanceUID = series
+    query.SOPInstanceUID = [uid for uid, at in written.items() if at == (study, series)]
+    return query
