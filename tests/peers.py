@@ -1210,7 +1210,7 @@ def stray_files(root: Path, keep: Iterable[Path] = ()) -> list[Path]:
         for p in all_files(root)
         if p not in keep
         and not p.name.endswith(INDEX_SUFFIXES)
-        and not (p.parent.name == ".tmp" and p.name.startswith("serving-"))
+        and not (".tmp" in p.parent.parts and p.name.startswith("serving-"))
     )
 
 

@@ -22,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from qr_peers import findscu, movescu
 
 from dicomnet.pacs.index import Index
+from dicomnet.pacs.scp import SERVING_MARKER, SPOOL_FOLDER, StorageSCP
 
 
 def _instances(folder: Path, studies: int, per_study: int) -> dict[str, tuple[str, str]]:
@@ -154,3 +155,32 @@ def _image(written: dict[str, tuple[str, str]]) -> Dataset:
     query.SeriesInstanceUID = series
     query.SOPInstanceUID = [uid for uid, at in written.items() if at == (study, series)]
     return query
+
+
+def test_each_node_spools_in_a_folder_of_its_own(
+    tmp_path: Path, postgresql_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node that starts clears its own spool folder only: another node's partial file
+    and serving marker stay, and it does not take that marker for a crash of its own.
+    A node killed leaves its marker, which its own next start finds."""
+    url = postgres.fresh_schema(postgresql_server)
+    storage = tmp_path / "storage"
+    node_a = StorageSCP(storage, fsync=False, index=url, node="a:11112")
+    spool_a = node_a.ae.settings.spool_dir
+    assert spool_a is not None
+    partial = spool_a / "incoming.part"
+    partial.write_bytes(b"a data set arriving")
+    node_b = StorageSCP(storage, fsync=False, index=url, node="b:11112")
+    try:
+        assert spool_a != node_b.ae.settings.spool_dir
+        assert partial.exists()
+        assert "did not stop cleanly" not in caplog.text
+    finally:
+        node_b.close()
+    node_a.index.close()  # as if killed: its marker stays
+    caplog.clear()
+    again = StorageSCP(storage, fsync=False, index=url, node="a:11112")
+    again.close()
+    assert "did not stop cleanly" in caplog.text
+    assert not partial.exists()  # its own leftovers, cleared
+    assert list((storage / SPOOL_FOLDER).rglob(SERVING_MARKER + "*")) == []

@@ -9,6 +9,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -340,6 +341,7 @@ async def run(args: argparse.Namespace) -> int:
         worklist=args.worklist,
         on_duplicate=args.on_duplicate,
         index=args.index,
+        node=f"{socket.gethostname()}-{args.port}",
     )
     for name, value in security.items():
         setattr(scp.ae, name, value)

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import mmap
 import os
+import socket
 import ssl
 import struct
 import subprocess
@@ -64,6 +65,15 @@ SPOOL_FOLDER = ".tmp"
 # with everything indexed: one left at start says what was stored may not all be indexed.
 SERVING_MARKER = "serving-"
 PROGRESS_FILE = "index-progress"  # in SPOOL_FOLDER, with `serve --workers N`
+# With an index in PostgreSQL, SPOOL_FOLDER/NODES_FOLDER/<node> is each node's spool.
+NODES_FOLDER = "nodes"
+
+
+def _folder_name(node: str) -> str:
+    """`node` as one folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in node).strip(".") or "node"
+
+
 # A query waits at most this long (seconds) for another serving process's stores to be
 # indexed: a process that hangs must not stop every query.
 PROGRESS_WAIT = 10.0
@@ -468,6 +478,11 @@ class StorageSCP:
     `worklist`: a folder of worklist items (`WorklistFolder`); the AE then also accepts the
     Modality Worklist model, and its C-FINDs are answered from the folder.
 
+    `index`: a PostgreSQL URL for the index instead of the SQLite file; several nodes
+    (named by `node`, the host name by default) may then share `storage` and the
+    database: each spools in `<storage>/.tmp/nodes/<node>`, and a C-STORE is answered
+    once its instance is indexed.
+
     Each data set is walked before it is answered (`StoreRequest.check`): one that does
     not parse is refused (C000), one whose SOP Class / Instance UIDs are not the
     request's too (A900). `on_duplicate` says what happens to an instance whose file
@@ -493,6 +508,7 @@ class StorageSCP:
         worklist: Path | None = None,
         on_duplicate: str = "keep",
         index: str | None = None,
+        node: str | None = None,
     ) -> None:
         if on_duplicate not in DUPLICATE_POLICIES:
             raise ValueError(f"on_duplicate must be one of {DUPLICATE_POLICIES}")
@@ -502,11 +518,15 @@ class StorageSCP:
         self._storage_folder = str(storage)
         storage.mkdir(parents=True, exist_ok=True)
         spool = storage / SPOOL_FOLDER
-        spool.mkdir(exist_ok=True)
+        if index is not None:
+            # Nodes sharing the storage folder and the database: each spools, and keeps
+            # its serving markers, in a folder of its own, and clears only that.
+            spool = spool / NODES_FOLDER / _folder_name(node or socket.gethostname())
+        spool.mkdir(parents=True, exist_ok=True)
         if clean_spool:  # not in a worker: the others may be writing there
             for leftover in spool.glob("*.part"):
                 leftover.unlink(missing_ok=True)
-            for leftover in storage.glob(".*.part"):
+            for leftover in storage.glob(".*.part") if index is None else ():
                 leftover.unlink(missing_ok=True)
         # `index`: a PostgreSQL URL (`dicomnet.pacs.index_db`); the SQLite file by default.
         self.index = Index(index or storage / INDEX_FILE_NAME, root=storage)
