@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anyio
 import postgres
 import pytest
 from peers import HOST, ServerFactory, describe_cli, run_dicomnet, storescu
@@ -21,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from qr_peers import findscu, movescu
 
+import dicomnet
 from dicomnet.pacs.index import Index
 from dicomnet.pacs.scp import SERVING_MARKER, SPOOL_FOLDER, StorageSCP
 
@@ -184,3 +186,39 @@ def test_each_node_spools_in_a_folder_of_its_own(
     assert "did not stop cleanly" in caplog.text
     assert not partial.exists()  # its own leftovers, cleared
     assert list((storage / SPOOL_FOLDER).rglob(SERVING_MARKER + "*")) == []
+
+
+@pytest.mark.timeout(120)
+def test_read_your_writes_across_nodes_without_delay(
+    tmp_path: Path, dicomnet_server: ServerFactory, postgresql_server: Any
+) -> None:
+    """The same with dicomnet's SCU, whose C-FIND follows the C-STORE's answer within a
+    millisecond or so, well inside the indexer's batching time: only a store answered
+    once indexed makes every query find its instance."""
+    url = postgres.fresh_schema(postgresql_server)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    common = ["--storage", str(shared), "--index", url, "--no-fsync"]
+    node_a = dicomnet_server(aet="PACS", extra_args=common)
+    node_b = dicomnet_server(aet="PACS", extra_args=common)
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+
+    async def store_then_find(rounds: int) -> list[int]:
+        missed = []
+        async with (
+            dicomnet.connect(HOST, node_a.port, aec="PACS") as store,
+            dicomnet.connect(HOST, node_b.port, aec="PACS") as find,
+        ):
+            for i in range(rounds):
+                source.SOPInstanceUID = generate_uid()
+                assert await store.store(source) == 0x0000
+                query = Dataset()
+                query.StudyInstanceUID = source.StudyInstanceUID
+                query.SeriesInstanceUID = source.SeriesInstanceUID
+                query.SOPInstanceUID = source.SOPInstanceUID
+                found = [m async for m in find.find(query, model="study", level="IMAGE")]
+                if len(found) != 1:
+                    missed.append(i)
+        return missed
+
+    assert anyio.run(store_then_find, 30) == []
