@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import index_location
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom_n import mpps_final, mpps_in_progress
@@ -154,8 +155,11 @@ async def test_an_incomplete_create_is_refused(
     assert store.steps == {}
 
 
-def test_mpps_records_share_the_index_database(tmp_path: Path) -> None:
-    database = tmp_path / INDEX_FILE_NAME
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_mpps_records_share_the_index_database(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+) -> None:
+    database = index_location(request, backend, tmp_path / INDEX_FILE_NAME)
     with Index(database, root=tmp_path):
         records = MPPSRecords(database)
         step = new_step()

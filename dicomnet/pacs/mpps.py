@@ -1,10 +1,10 @@
 """MPPS instances of `dicomnet serve`, kept in the index database (PS3.4 Annex F).
 
-Each instance is one row of table `mpps` in the index's SQLite file (a table of its
-own: rebuilding the index from the stored files leaves it alone), with its data set
-as DICOM JSON (PS3.18 §F.2) and the attributes one looks for as columns. Several
-`--workers` processes share it; an N-SET is a compare-and-set on the status, so two
-at once cannot both pass the IN PROGRESS check.
+Each instance is one row of table `mpps` in the index's database, its SQLite file or
+its PostgreSQL database (a table of its own: rebuilding the index from the stored files
+leaves it alone), with its data set as DICOM JSON (PS3.18 §F.2) and the attributes one
+looks for as columns. Several `--workers` processes, or nodes, share it; an N-SET is a
+compare-and-set on the status, so two at once cannot both pass the IN PROGRESS check.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
+
+from dicomnet.pacs.index_db import is_database_url
 
 __all__ = ["MPPSRecords"]
 
@@ -29,7 +32,7 @@ CREATE TABLE IF NOT EXISTS mpps (
     modality TEXT,
     station_ae_title TEXT,
     start_date TEXT,
-    updated REAL NOT NULL,
+    updated {real} NOT NULL,
     dataset TEXT NOT NULL
 )
 """
@@ -48,48 +51,68 @@ def _columns(dataset: Dataset) -> tuple[str, str, str, str, str, str]:
 
 
 class MPPSRecords:
-    """The `mpps` table of an index database: an `MPPSStore`, and queries on it."""
+    """The `mpps` table of an index database (an SQLite file, or a ``postgresql://``
+    URL): an `MPPSStore`, and queries on it."""
 
-    def __init__(self, database: Path, *, timeout: float = 30.0) -> None:
+    def __init__(self, database: Path | str, *, timeout: float = 30.0) -> None:
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            database, timeout=timeout, check_same_thread=False, isolation_level=None
-        )
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute(_SCHEMA)
+        self._conn: Any
+        location = str(database)
+        if is_database_url(location):
+            import psycopg
+
+            self._conn = psycopg.connect(location, autocommit=True, prepare_threshold=None)
+            self._duplicate: type[Exception] = psycopg.errors.UniqueViolation
+            self._p = "%s"
+            self._conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
+        else:
+            self._conn = sqlite3.connect(
+                database, timeout=timeout, check_same_thread=False, isolation_level=None
+            )
+            self._duplicate = sqlite3.IntegrityError
+            self._p = "?"
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute(_SCHEMA.format(real="REAL"))
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
     @contextmanager
-    def _cursor(self) -> Iterator[sqlite3.Connection]:
+    def _cursor(self) -> Iterator[Any]:
         with self._lock:
             yield self._conn
+
+    def _sql(self, sql: str) -> str:
+        """`sql`, written with ``?`` placeholders, in this database's."""
+        return sql if self._p == "?" else sql.replace("?", self._p)
 
     def create(self, sop_instance_uid: str, dataset: Dataset) -> bool:
         row = (sop_instance_uid, *_columns(dataset), time.time(), dataset.to_json())
         with self._cursor() as conn:
             try:
-                conn.execute("INSERT INTO mpps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-            except sqlite3.IntegrityError:
+                conn.execute(self._sql("INSERT INTO mpps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"), row)
+            except self._duplicate:
                 return False
         return True
 
     def get(self, sop_instance_uid: str) -> Dataset | None:
         with self._cursor() as conn:
             row = conn.execute(
-                "SELECT dataset FROM mpps WHERE sop_instance_uid = ?", (sop_instance_uid,)
+                self._sql("SELECT dataset FROM mpps WHERE sop_instance_uid = ?"),
+                (sop_instance_uid,),
             ).fetchone()
         return None if row is None else Dataset.from_json(row[0])
 
     def replace(self, sop_instance_uid: str, dataset: Dataset, status_was: str) -> bool:
         status, patient, study, modality, station, start = _columns(dataset)
         with self._cursor() as conn:
-            changed = conn.execute(
-                "UPDATE mpps SET status = ?, patient_id = ?, study_instance_uid = ?,"
-                " modality = ?, station_ae_title = ?, start_date = ?, updated = ?, dataset = ?"
-                " WHERE sop_instance_uid = ? AND status = ?",
+            changed: int = conn.execute(
+                self._sql(
+                    "UPDATE mpps SET status = ?, patient_id = ?, study_instance_uid = ?,"
+                    " modality = ?, station_ae_title = ?, start_date = ?, updated = ?,"
+                    " dataset = ? WHERE sop_instance_uid = ? AND status = ?"
+                ),
                 (
                     status,
                     patient,
@@ -103,7 +126,7 @@ class MPPSRecords:
                     status_was,
                 ),
             ).rowcount
-        return changed == 1
+        return bool(changed == 1)
 
     def find(
         self,
@@ -120,7 +143,7 @@ class MPPSRecords:
             ("study_instance_uid", study_instance_uid),
         ):
             if value is not None:
-                conditions.append(f"{column} = ?")
+                conditions.append(f"{column} = {self._p}")
                 values.append(value)
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._cursor() as conn:

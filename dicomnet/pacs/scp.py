@@ -586,7 +586,7 @@ class StorageSCP:
         )
         self.commitment.install(self.ae.handlers)
         # MPPS instances, in a table of the index database (PS3.4 Annex F).
-        self.mpps = MPPSRecords(storage / INDEX_FILE_NAME)
+        self.mpps = MPPSRecords(index or storage / INDEX_FILE_NAME)
         MPPSSCP(self.mpps).install(self.ae.handlers)
 
     def _report_association(self, ae_title: str) -> Any:
