@@ -160,6 +160,8 @@ class SQLiteDatabase(_Connected):
 
 #: Rows fetched per round trip by a query's server-side cursor.
 _FETCH_ROWS = 2000
+#: Reader connections kept open between queries (PostgreSQL starts a process for each).
+_IDLE_READERS = 8
 #: The advisory lock under which a node creates (or recreates) the schema.
 _SCHEMA_LOCK = 0x44434D4E  # "DCMN"
 
@@ -192,6 +194,7 @@ class PostgreSQLDatabase(_Connected):
                 "an index in PostgreSQL needs psycopg: pip install 'dicomnet[postgresql]'"
             ) from None
         super().__init__()
+        self._idle: list[Any] = []  # reader connections between queries
         self._psycopg = psycopg
         self.location = url
         self._timeout = timeout
@@ -245,9 +248,26 @@ class PostgreSQLDatabase(_Connected):
     @contextmanager
     def read(self) -> Iterator[Executor]:
         self._open()
-        conn = self._connect(autocommit=False)
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect(autocommit=False)
         try:
             with conn.transaction():
                 yield _Reader(conn)
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        with self._lock:  # kept for the next query: a new connection costs milliseconds
+            if self._conn is not None and len(self._idle) < _IDLE_READERS and not conn.closed:
+                self._idle.append(conn)
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+        super().close()
