@@ -44,18 +44,29 @@ def _instances(folder: Path, studies: int, per_study: int) -> dict[str, tuple[st
     return written
 
 
+def _two_nodes(
+    tmp_path: Path, dicomnet_server: ServerFactory, server: Any, *b_args: str
+) -> tuple[Any, Any]:
+    """Two `serve` nodes (AE title PACS) on one storage folder and one fresh schema of
+    `server`'s database; node B also gets `b_args`."""
+    url = postgres.fresh_schema(server)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    common = ["--storage", str(shared), "--index", url, "--no-fsync"]
+    node_a = dicomnet_server(aet="PACS", extra_args=common)
+    node_b = dicomnet_server(aet="PACS", extra_args=[*common, *b_args])
+    return node_a, node_b
+
+
 @pytest.mark.dcmtk
 @pytest.mark.timeout(180)
 def test_two_nodes_answer_as_one_archive(
     tmp_path: Path, dicomnet_server: ServerFactory, storescp: Any, postgresql_server: Any
 ) -> None:
-    url = postgres.fresh_schema(postgresql_server)
-    shared = tmp_path / "shared"
-    shared.mkdir()
     dest = storescp(aet="DEST")
-    common = ["--storage", str(shared), "--index", url, "--no-fsync"]
-    node_a = dicomnet_server(aet="PACS", extra_args=common)
-    node_b = dicomnet_server(aet="PACS", extra_args=[*common, "--peer", f"DEST={HOST}:{dest.port}"])
+    node_a, node_b = _two_nodes(
+        tmp_path, dicomnet_server, postgresql_server, "--peer", f"DEST={HOST}:{dest.port}"
+    )
     written = _instances(tmp_path / "in", studies=2, per_study=6)
 
     stored = storescu(node_a.port, [tmp_path / "in"], aec="PACS")
@@ -96,12 +107,7 @@ def test_a_query_on_one_node_sees_what_the_other_just_acknowledged(
     """Store on node A, then at once C-FIND on node B (an association open to each),
     again and again, pynetdicom as the SCU: every query finds the instance acknowledged
     just before, though node A indexes in batches that gather for a while."""
-    url = postgres.fresh_schema(postgresql_server)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    common = ["--storage", str(shared), "--index", url, "--no-fsync"]
-    node_a = dicomnet_server(aet="PACS", extra_args=common)
-    node_b = dicomnet_server(aet="PACS", extra_args=common)
+    node_a, node_b = _two_nodes(tmp_path, dicomnet_server, postgresql_server)
     source = dcmread(get_testdata_file("CT_small.dcm"))
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage)
@@ -195,12 +201,7 @@ def test_read_your_writes_across_nodes_without_delay(
     """The same with dicomnet's SCU, whose C-FIND follows the C-STORE's answer within a
     millisecond or so, well inside the indexer's batching time: only a store answered
     once indexed makes every query find its instance."""
-    url = postgres.fresh_schema(postgresql_server)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    common = ["--storage", str(shared), "--index", url, "--no-fsync"]
-    node_a = dicomnet_server(aet="PACS", extra_args=common)
-    node_b = dicomnet_server(aet="PACS", extra_args=common)
+    node_a, node_b = _two_nodes(tmp_path, dicomnet_server, postgresql_server)
     source = dcmread(get_testdata_file("CT_small.dcm"))
 
     async def store_then_find(rounds: int) -> list[int]:
