@@ -44,8 +44,10 @@ value that cannot be matched (a DA range that is not a date range, ...).
 
 The parts: `dicomnet.pacs.index_schema` (the tables and how each key reads in SQL),
 `dicomnet.pacs.index_plan` (identifiers checked and planned into SQL, `QueryError`),
-`dicomnet.pacs.index_files` (the values stored, read from data sets and files), and
-`Index` here (the database: connections, transactions, adding, querying).
+`dicomnet.pacs.index_files` and `index_records` (the values stored and the rows of an
+instance, read from data sets and files), `dicomnet.pacs.index_responses` (C-FIND
+responses from rows), `dicomnet.pacs.index_db` (SQLite or PostgreSQL), and `Index` here
+(adding, removing, querying, retrieving).
 
 Threads: nothing here is async (the async SCP runs these calls in worker threads,
 ``anyio.to_thread.run_sync``). Writes go through one connection opened with
@@ -103,22 +105,17 @@ or Patient Root with relational queries), or, in Patient Root, with Patient ID
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple, cast
 
 from pydicom import dcmread
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
-from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnet.pacs.index_db import (
     Database,
@@ -128,45 +125,29 @@ from dicomnet.pacs.index_db import (
     is_database_url,
 )
 from dicomnet.pacs.index_files import (
-    META_KEYWORDS,
-    NeedsPydicom,
-    RawTexts,
-    encodable,
-    from_text,
-    has_non_ascii,
-    pairs_match,
-    quick_values,
-    stored_text,
     walk_files,
 )
 from dicomnet.pacs.index_plan import (
     STATUS_IDENTIFIER_DOES_NOT_MATCH,
     STATUS_UNABLE_TO_PROCESS,
     FindPlan,
-    Output,
     QueryError,
     plan_find,
     plan_retrieve,
 )
+from dicomnet.pacs.index_records import Record, RecordReader
+from dicomnet.pacs.index_responses import find_response
 from dicomnet.pacs.index_schema import (
-    INDEXED_TAGS,
     LEVELS,
     PARENT_TABLES,
-    RECORD_PLAN,
-    SOP_CLASS,
     SPECIFIC_CHARACTER_SET,
-    STORED_TAG_SET,
     TABLES,
-    TRUSTED,
-    UNIQUE_KEY,
     Level,
     Model,
     statements,
 )
 from dicomnet.pacs.matching import (
     SqlDialect,
-    match_sequence,
-    matches,
     normalize,
 )
 
@@ -198,14 +179,6 @@ class IndexCounts(NamedTuple):
 
 
 RECONCILE_BATCH = 1024  # files indexed per transaction by `Index.reconcile`
-
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    """The rows `add` writes for one instance (table name -> values, in upsert order)."""
-
-    rows: dict[str, list[str | int | None]]
-    sop_instance_uid: str
 
 
 # -- the index ---------------------------------------------------------------------------------
@@ -248,11 +221,7 @@ class Index:
         self._p = self._db.dialect.placeholder
         root_abs = os.path.abspath(self.root)
         self._root_prefix = root_abs if root_abs.endswith(os.sep) else root_abs + os.sep
-        self._raw_texts = RawTexts()
-        # Per parent table, the raw values of the last instance read and the row made of
-        # them: the instances of a series come in a row and share the patient, study
-        # and series attributes.
-        self._parent_rows: dict[str, tuple[tuple[bytes | None, ...], list[str | int | None]]] = {}
+        self._records = RecordReader(self._relative)
 
     @property
     def location(self) -> str:
@@ -404,75 +373,10 @@ class Index:
             count += self.add_many(missing[start : start + RECONCILE_BATCH])
         return count
 
-    def _record(self, path: str, dataset: Dataset | None) -> _Record:
-        if dataset is None:
-            quick = quick_values(path)
-            if quick is not None:
-                values, meta, size = quick
-                # A partial, not a lambda: no Python frame per attribute.
-                text_of = functools.partial(self._raw_texts.text, values)
-                try:
-                    return self._build_record(path, size, text_of, meta.get, values)
-                except NeedsPydicom:
-                    pass
-            dataset = dcmread(path, stop_before_pixels=True, specific_tags=INDEXED_TAGS)
-        file_meta = getattr(dataset, "file_meta", None)
-        if file_meta is None or "TransferSyntaxUID" not in file_meta:
-            file_meta = read_file_meta_info(path)
-        present = STORED_TAG_SET.intersection(dataset.keys())
-        meta = {
-            keyword: normalize("UI", str(file_meta.get(keyword, ""))) for keyword in META_KEYWORDS
-        }
-        return self._build_record(
-            path,
-            os.stat(path).st_size,
-            lambda tag, vr: stored_text(dataset, tag, vr, present),
-            meta.get,
-        )
+    def _record(self, path: str, dataset: Dataset | None) -> Record:
+        return self._records.read(path, dataset)
 
-    def _build_record(
-        self,
-        path: str,
-        size: int,
-        text_of: Callable[[int, str], tuple[str | None, str | None]],
-        meta: Callable[[str], str | None],
-        raw_values: dict[int, bytes] | None = None,
-    ) -> _Record:
-        """The rows of one instance; `raw_values` (the raw values `text_of` reads) lets a
-        patient, study or series row read from the same bytes before be reused."""
-        rows: dict[str, list[str | int | None]] = {}
-        for table, tags, plan in RECORD_PLAN:
-            raw: tuple[bytes | None, ...] | None = None
-            if raw_values is not None and table != "instance":
-                raw = tuple(map(raw_values.get, tags))
-                last = self._parent_rows.get(table)
-                if last is not None and last[0] == raw:
-                    rows[table] = last[1]
-                    continue
-            values: list[str | int | None] = []
-            for tag, vr, keyword, role, keyed in plan:
-                text, key = text_of(tag, vr)
-                if role == UNIQUE_KEY:
-                    if not text and keyword == "SOPInstanceUID":
-                        text = meta("MediaStorageSOPInstanceUID") or ""
-                    if not text and keyword != "PatientID":
-                        raise ValueError(f"{keyword} is missing")
-                    values.append(text or "")
-                    continue
-                if role == SOP_CLASS and not text:
-                    text = meta("MediaStorageSOPClassUID") or None
-                    key = text
-                values.append(text)
-                if keyed:
-                    values.append(key)
-            rows[table] = values
-            if raw is not None:
-                self._parent_rows[table] = (raw, values)
-        transfer_syntax = meta("TransferSyntaxUID")
-        rows["instance"] += [self._relative(path), transfer_syntax or None, size]
-        return _Record(rows, cast(str, rows["instance"][0]))
-
-    def _store(self, conn: Executor, record: _Record, cache: dict[str, tuple[object, int]]) -> None:
+    def _store(self, conn: Executor, record: Record, cache: dict[str, tuple[object, int]]) -> None:
         """Upsert one instance and its parents, then prune what it left empty.
 
         `cache` (per transaction) remembers the last patient / study / series row
@@ -600,7 +504,8 @@ class Index:
     def _run_find(self, plan: FindPlan) -> Iterator[Dataset]:
         with self._db.read() as conn:
             for row in conn.execute(plan.sql, plan.params):
-                response = self._response(plan, row)
+                source = self._read_file(row[0], plan.file_tags) if plan.file_tags else None
+                response = find_response(plan, row, source)
                 if response is not None:
                     yield response
 
@@ -615,55 +520,6 @@ class Index:
         except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
             log.warning("cannot read %s for a query: %s", path, exc)
             return None
-
-    def _response(self, plan: FindPlan, row: tuple[str | None, ...]) -> Dataset | None:
-        source = self._read_file(row[0], plan.file_tags) if plan.file_tags else None
-        out = Dataset()
-        for output in plan.outputs:
-            if output.source == "column":
-                value = from_text(output.vr, row[output.index])
-                out.add(DataElement(output.tag, output.vr, value, validation_mode=TRUSTED))
-            elif output.source == "level":
-                out.add(DataElement(output.tag, "CS", plan.level))
-            elif output.source == "online":
-                out.add(DataElement(output.tag, "CS", "ONLINE"))
-            elif output.source == "echo":
-                assert output.key is not None
-                out.add(DataElement(output.tag, output.key.VR, output.key.value))
-            else:
-                elem = self._file_value(output, source)
-                if elem is None:
-                    return None
-                out.add(elem)
-        if not pairs_match(plan.pairs, out):
-            return None
-        if has_non_ascii(out):
-            if plan.charset is not None and encodable(out, plan.charset):
-                out.SpecificCharacterSet = plan.charset[0]
-            else:
-                out.SpecificCharacterSet = "ISO_IR 192"
-        elif plan.charset is not None:
-            out.SpecificCharacterSet = plan.charset if len(plan.charset) > 1 else plan.charset[0]
-        return out
-
-    @staticmethod
-    def _file_value(output: Output, source: Dataset | None) -> DataElement | None:
-        """The response element of a key read from the file, or None if it does not match."""
-        key = output.key
-        assert key is not None
-        found = source.get(output.tag) if source is not None else None
-        if key.VR == "SQ":
-            candidate = found.value if found is not None and found.VR == "SQ" else None
-            items = match_sequence(key.value, candidate)
-            if items is None:
-                return None
-            return DataElement(output.tag, "SQ", DicomSequence(items))
-        value = None if found is None else found.value
-        if output.filter and not matches(key.value, key.VR, value):
-            return None
-        if found is None:
-            return DataElement(output.tag, key.VR, None)
-        return DataElement(output.tag, found.VR, value)
 
     # -- C-MOVE / C-GET --
 
