@@ -518,10 +518,13 @@ class StorageSCP:
         self._storage_folder = str(storage)
         storage.mkdir(parents=True, exist_ok=True)
         spool = storage / SPOOL_FOLDER
+        commitments = storage / COMMITMENTS_FOLDER
         if index is not None:
-            # Nodes sharing the storage folder and the database: each spools, and keeps
-            # its serving markers, in a folder of its own, and clears only that.
-            spool = spool / NODES_FOLDER / _folder_name(node or socket.gethostname())
+            # Nodes sharing the storage folder and the database: each spools, keeps its
+            # serving markers and its undelivered storage commitment reports in folders
+            # of its own, and clears or resends only those.
+            own = Path(NODES_FOLDER, _folder_name(node or socket.gethostname()))
+            spool, commitments = spool / own, commitments / own
         spool.mkdir(parents=True, exist_ok=True)
         if clean_spool:  # not in a worker: the others may be writing there
             for leftover in spool.glob("*.part"):
@@ -580,7 +583,7 @@ class StorageSCP:
         self._first_process = process_slot == 0
         self.commitment = CommitmentSCP(
             lambda references: check_stored(storage, references),
-            FolderReportStore(storage / COMMITMENTS_FOLDER, fsync=fsync),
+            FolderReportStore(commitments, fsync=fsync),
             ae_title=ae_title,
             connect=self._report_association,
         )
