@@ -100,6 +100,11 @@ class Server:
             "-w", "-t", "60", "-o", options, "start",
         )  # fmt: skip
 
+    def restart(self) -> None:
+        """Stop and start again (what a failover looks like to a client)."""
+        data, log = str(self.folder / "data"), str(self.folder / "server.log")
+        self._run(str(self.bin / "pg_ctl"), "-D", data, "-l", log, "-m", "fast", "-w", "restart")
+
     def stop(self) -> None:
         try:
             if (self.folder / "data" / "postmaster.pid").exists():

@@ -227,3 +227,26 @@ def test_read_your_writes_across_nodes_without_delay(
         return missed
 
     assert anyio.run(store_then_find, 30) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_store_kept_as_stored_before_is_indexed(
+    tmp_path: Path, dicomnet_server: ServerFactory, postgresql_server: Any
+) -> None:
+    """A file already in the folder but not in the index (its node died between saving
+    and indexing it): the sender's retry, answered "kept", indexes it."""
+    node, _ = _two_nodes(tmp_path, dicomnet_server, postgresql_server)
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    source.SOPInstanceUID = generate_uid()
+    source.save_as(tmp_path / "shared" / f"{source.SOPInstanceUID}.dcm")  # not indexed
+
+    async def store_then_find() -> int:
+        async with dicomnet.connect(HOST, node.port, aec="PACS") as assoc:
+            assert await assoc.store(source) == 0x0000
+            query = Dataset()
+            query.StudyInstanceUID = source.StudyInstanceUID
+            query.SeriesInstanceUID = source.SeriesInstanceUID
+            query.SOPInstanceUID = source.SOPInstanceUID
+            return len([m async for m in assoc.find(query, model="study", level="IMAGE")])
+
+    assert anyio.run(store_then_find) == 1

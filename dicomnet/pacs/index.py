@@ -123,6 +123,7 @@ from dicomnet.pacs.index_db import (
     PostgreSQLDatabase,
     SQLiteDatabase,
     is_database_url,
+    redacted,
 )
 from dicomnet.pacs.index_files import (
     walk_files,
@@ -251,7 +252,7 @@ class Index:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Index({self.location!r})"
+        return f"Index({redacted(self.location)!r})"
 
     def _write(self) -> AbstractContextManager[Executor]:
         return self._db.write()
@@ -321,7 +322,13 @@ class Index:
             except Exception as exc:  # a damaged file must not stop a rebuild
                 log.warning("not indexed: %s: %s", path, exc)
                 continue
-            self._store(conn, record, cache)
+            try:
+                with self._db.one_record(conn):
+                    self._store(conn, record, cache)
+            except self._db.refused_value as exc:  # the others of the batch go in
+                log.warning("not indexed: %s: %s", path, exc)
+                cache.clear()
+                continue
             count += 1
         return count
 

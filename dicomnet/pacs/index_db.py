@@ -14,10 +14,12 @@ lock, so nodes starting at once create it once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -26,7 +28,15 @@ from typing import Any, Protocol
 from dicomnet.pacs.index_schema import TABLES, schema_statements
 from dicomnet.pacs.matching import POSTGRESQL, SQLITE, SqlDialect
 
-__all__ = ["Database", "Executor", "PostgreSQLDatabase", "SQLiteDatabase", "is_database_url"]
+__all__ = [
+    "SCHEMA_LOCK",
+    "Database",
+    "Executor",
+    "PostgreSQLDatabase",
+    "SQLiteDatabase",
+    "is_database_url",
+    "redacted",
+]
 
 log = logging.getLogger("dicomnet.index")
 
@@ -34,6 +44,17 @@ log = logging.getLogger("dicomnet.index")
 def is_database_url(location: str) -> bool:
     """Whether `location` names a PostgreSQL database rather than an SQLite file."""
     return location.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(location: str) -> str:
+    """`location` without the password a database URL may hold (for logs and reprs)."""
+    if not is_database_url(location):
+        return location
+    parts = urllib.parse.urlsplit(location)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 class Executor(Protocol):
@@ -44,6 +65,8 @@ class Executor(Protocol):
 
 class Database(Protocol):
     dialect: SqlDialect
+    #: What the database raises for a value it cannot hold (only that record is lost).
+    refused_value: type[Exception] | tuple[type[Exception], ...]
     #: True when opening created the schema: the caller rebuilds the index from files.
     created: bool
     #: The file's path or the database's URL.
@@ -55,6 +78,11 @@ class Database(Protocol):
 
     def read(self) -> AbstractContextManager[Executor]:
         """A connection of its own for one query, closed after."""
+        ...
+
+    def one_record(self, conn: Executor) -> AbstractContextManager[object]:
+        """Around the statements of one record in a write transaction: undone alone
+        when it raises `refused_value`."""
         ...
 
     def close(self) -> None: ...
@@ -88,10 +116,18 @@ class _Connected:
         return self._conn
 
 
+class _NeverRaised(Exception):
+    pass
+
+
 class SQLiteDatabase(_Connected):
     """The index's SQLite file (created with its folder if missing)."""
 
     dialect = SQLITE
+    refused_value: type[Exception] | tuple[type[Exception], ...] = _NeverRaised  # any value fits
+
+    def one_record(self, conn: Executor) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
 
     def __init__(self, path: Path, version: int, timeout: float) -> None:
         super().__init__()
@@ -163,7 +199,9 @@ _FETCH_ROWS = 2000
 #: Reader connections kept open between queries (PostgreSQL starts a process for each).
 _IDLE_READERS = 8
 #: The advisory lock under which a node creates (or recreates) the schema.
-_SCHEMA_LOCK = 0x44434D4E  # "DCMN"
+SCHEMA_LOCK = 0x44434D4E  # "DCMN"
+#: The advisory lock each write transaction holds to its end (writers take turns).
+_WRITE_LOCK = 0x44434D57  # "DCMW"
 
 
 class _Reader:
@@ -195,6 +233,11 @@ class PostgreSQLDatabase(_Connected):
             ) from None
         super().__init__()
         self._idle: list[Any] = []  # reader connections between queries
+        self._idle_lock = threading.Lock()
+        self.refused_value: type[Exception] | tuple[type[Exception], ...] = (
+            psycopg.DataError,
+            UnicodeEncodeError,
+        )
         self._psycopg = psycopg
         self.location = url
         self._timeout = timeout
@@ -212,7 +255,7 @@ class PostgreSQLDatabase(_Connected):
 
     def _create_schema(self, version: int) -> bool:
         with self.write() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             kept = conn.execute("SELECT to_regclass('dicomnet_schema')").fetchone()[0]
             found = conn.execute("SELECT version FROM dicomnet_schema").fetchone() if kept else None
             tables = [
@@ -225,7 +268,7 @@ class PostgreSQLDatabase(_Connected):
             if tables:
                 log.warning(
                     "index %s has schema version %s, not %d: recreating it",
-                    self.location,
+                    redacted(self.location),
                     None if found is None else found[0],
                     version,
                 )
@@ -240,33 +283,64 @@ class PostgreSQLDatabase(_Connected):
 
     @contextmanager
     def write(self) -> Iterator[Executor]:
+        """One write transaction. Writers of every node take turns (an advisory lock held
+        to the commit), as SQLite's writers do: pruning a parent that another node's
+        transaction is giving a child cannot delete that child. A connection lost (the
+        server restarted, a failover) is opened again for the next write."""
         with self._lock:
-            conn = self._open()
+            conn = self._live(self._open())
             with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                 yield conn
+
+    def _live(self, conn: Any) -> Any:
+        """The write connection, opened again if the server dropped it (one round trip;
+        a write transaction is a whole batch)."""
+        if not (conn.broken or conn.closed):
+            try:
+                conn.execute("SELECT 1")
+                return conn
+            except self._psycopg.OperationalError:
+                conn.close()
+        self._conn = self._connect(autocommit=True)
+        return self._conn
+
+    def one_record(self, conn: Executor) -> AbstractContextManager[object]:
+        transaction: AbstractContextManager[object] = conn.transaction()  # type: ignore[attr-defined]
+        return transaction  # a savepoint
 
     @contextmanager
     def read(self) -> Iterator[Executor]:
         self._open()
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = self._connect(autocommit=False)
+        conn = self._idle_reader() or self._connect(autocommit=False)
         try:
             with conn.transaction():
                 yield _Reader(conn)
         except BaseException:
             conn.close()
             raise
-        with self._lock:  # kept for the next query: a new connection costs milliseconds
-            if self._conn is not None and len(self._idle) < _IDLE_READERS and not conn.closed:
+        with self._idle_lock:  # kept for the next query: a new connection costs milliseconds
+            if self._conn is not None and len(self._idle) < _IDLE_READERS:
                 self._idle.append(conn)
-                conn = None
-        if conn is not None:
-            conn.close()
+                return
+        conn.close()
+
+    def _idle_reader(self) -> Any:
+        """A kept reader connection that still answers, or None."""
+        while True:
+            with self._idle_lock:
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            try:
+                conn.execute("SELECT 1")
+                conn.rollback()
+                return conn
+            except self._psycopg.Error:  # lost meanwhile: the server restarted
+                conn.close()
 
     def close(self) -> None:
-        with self._lock:
+        with self._idle_lock:
             for conn in self._idle:
                 conn.close()
             self._idle.clear()

@@ -102,6 +102,9 @@ class RecordReader:
             values: list[str | int | None] = []
             for tag, vr, keyword, role, keyed in plan:
                 text, key = text_of(tag, vr)
+                if text and "\x00" in text:  # no NUL in a text value (PostgreSQL refuses it)
+                    text = text.replace("\x00", "")
+                    key = key.replace("\x00", "") if key else key
                 if role == UNIQUE_KEY:
                     if not text and keyword == "SOPInstanceUID":
                         text = meta("MediaStorageSOPInstanceUID") or ""

@@ -76,7 +76,9 @@ def spawn_indexer(database: str, root: str) -> tuple[subprocess.Popen[bytes], Co
     ours, theirs = socket.socketpair()
     # Where this `dicomnet` was imported from, looked at last: a checkout run in place.
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-    argv = [sys.executable, "-c", _INDEXER_MAIN, str(theirs.fileno()), database, root]
+    # The database in the environment, not on the command line, which every user of the
+    # host can read: a PostgreSQL URL may hold a password.
+    argv = [sys.executable, "-c", _INDEXER_MAIN, str(theirs.fileno()), root]
     previous = (
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _HAVE_SIGNAL_MASK else None
     )
@@ -85,7 +87,7 @@ def spawn_indexer(database: str, root: str) -> tuple[subprocess.Popen[bytes], Co
             [*argv, package_parent],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
-            env=_INDEXER_ENVIRONMENT | dict(os.environ),
+            env=_INDEXER_ENVIRONMENT | dict(os.environ) | {_DATABASE_VARIABLE: database},
         )
     except BaseException:
         ours.close()
@@ -102,9 +104,11 @@ def spawn_indexer(database: str, root: str) -> tuple[subprocess.Popen[bytes], Co
 # 0.1 s of CPU per start here). Set in the environment, the user's setting wins.
 _INDEXER_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1"}
 
+_DATABASE_VARIABLE = "DICOMNET_INDEXER_DATABASE"
 _INDEXER_MAIN = (
-    "import sys; sys.path.append(sys.argv[4]); "
+    "import os, sys; sys.path.append(sys.argv[3]); "
     "from multiprocessing.connection import Connection; "
     "from dicomnet.pacs.indexer_process import index_worker; "
-    "index_worker(sys.argv[2], sys.argv[3], Connection(int(sys.argv[1])))"
+    f"index_worker(os.environ.pop({_DATABASE_VARIABLE!r}), sys.argv[2],"
+    " Connection(int(sys.argv[1])))"
 )

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnet.pacs.index_db import is_database_url
+from dicomnet.pacs.index_db import SCHEMA_LOCK, is_database_url
 
 __all__ = ["MPPSRecords"]
 
@@ -58,13 +58,16 @@ class MPPSRecords:
         self._lock = threading.Lock()
         self._conn: Any
         location = str(database)
+        self._location = location
         if is_database_url(location):
             import psycopg
 
-            self._conn = psycopg.connect(location, autocommit=True, prepare_threshold=None)
+            self._conn = self._connect()
             self._duplicate: type[Exception] = psycopg.errors.UniqueViolation
             self._p = "%s"
-            self._conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
+            with self._conn.transaction():  # nodes starting at once create it once
+                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                self._conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
         else:
             self._conn = sqlite3.connect(
                 database, timeout=timeout, check_same_thread=False, isolation_level=None
@@ -78,10 +81,29 @@ class MPPSRecords:
         with self._lock:
             self._conn.close()
 
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self._location, autocommit=True, prepare_threshold=None)
+
     @contextmanager
     def _cursor(self) -> Iterator[Any]:
         with self._lock:
+            if self._p != "?":
+                self._conn = self._live()
             yield self._conn
+
+    def _live(self) -> Any:
+        """The PostgreSQL connection, opened again if the server dropped it."""
+        import psycopg
+
+        if not (self._conn.broken or self._conn.closed):
+            try:
+                self._conn.execute("SELECT 1")
+                return self._conn
+            except psycopg.OperationalError:
+                self._conn.close()
+        return self._connect()
 
     def _sql(self, sql: str) -> str:
         """`sql`, written with ``?`` placeholders, in this database's."""

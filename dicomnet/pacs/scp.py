@@ -642,6 +642,10 @@ class StorageSCP:
         else:  # small, in memory, no fsync: quicker here than a trip to a worker thread
             outcome = self._keep(request, path)
         if outcome is not None:
+            if outcome == 0x0000 and self.index.path is None:
+                # Kept as stored before: by a node that may have died before indexing it.
+                self.indexer.add(path)
+                await self.indexer.drain(others=False)
             return outcome
         self.indexer.add(path)
         if self.index.path is None:

@@ -1,0 +1,115 @@
+"""The index on PostgreSQL when things go wrong: the server restarts, a value the
+database cannot hold, two nodes writing at once, a password in the URL."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import postgres
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicomnet.pacs import indexer_process
+from dicomnet.pacs.index import Index
+from dicomnet.pacs.index_db import redacted
+from dicomnet.pacs.mpps import MPPSRecords
+
+
+def _write(folder: Path, **attrs: object) -> Path:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path)
+    return path
+
+
+def _patients(index: Index, name: str = "*") -> list[str]:
+    query = Dataset()
+    query.PatientID = ""
+    query.PatientName = name
+    return [str(m.PatientName) for m in index.query("patient", "PATIENT", query)]
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[postgres.Server]:
+    """A server of this module's own: one test restarts it."""
+    why = postgres.missing()
+    if why is not None:
+        pytest.skip(why)
+    server = postgres.Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_index_and_mpps_go_on_after_the_server_restarts(
+    tmp_path: Path, own_server: postgres.Server
+) -> None:
+    url = postgres.fresh_schema(own_server)
+    with Index(url, root=tmp_path) as index:
+        mpps = MPPSRecords(url)
+        index.add(_write(tmp_path, PatientName="Before^Restart"))
+        assert _patients(index) == ["Before^Restart"]  # a reader is kept for later
+        own_server.restart()
+        index.add(_write(tmp_path, PatientName="After^Restart", PatientID="P2"))
+        assert sorted(_patients(index)) == ["After^Restart", "Before^Restart"]
+        assert mpps.get("1.2.3") is None
+        mpps.close()
+
+
+def test_a_nul_in_a_value_is_dropped_and_the_batch_goes_in(
+    tmp_path: Path, postgresql_server: Any
+) -> None:
+    url = postgres.fresh_schema(postgresql_server)
+    paths = [_write(tmp_path, PatientID=f"P{i}", PatientName=f"Good^{i}") for i in range(3)]
+    paths.append(_write(tmp_path, PatientID="P9", PatientName="Nul\x00^Name"))
+    with Index(url, root=tmp_path) as index:
+        assert index.add_many(paths) == 4
+        assert _patients(index, "nul*") == ["Nul^Name"]
+
+
+def test_writers_of_two_nodes_take_turns(tmp_path: Path, postgresql_server: Any) -> None:
+    """A node's write waits for another node's open write transaction (an advisory
+    lock): pruning an emptied patient cannot delete what the other is adding to it."""
+    url = postgres.fresh_schema(postgresql_server)
+    path = _write(tmp_path)
+    with Index(url, root=tmp_path) as node_a, Index(url, root=tmp_path) as node_b:
+        done = threading.Event()
+        with node_a._write():
+            writer = threading.Thread(target=lambda: (node_b.add(path), done.set()))
+            writer.start()
+            time.sleep(0.5)
+            assert not done.is_set(), "node B wrote while node A's transaction was open"
+        writer.join(10)
+        assert done.is_set() and node_b.counts().instances == 1
+
+
+def test_no_password_in_logs_or_on_a_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "postgresql://pacs:s3cret@db.example:5432/archive?options=-csearch_path%3Dx"
+    assert (
+        redacted(url) == "postgresql://pacs:***@db.example:5432/archive?options=-csearch_path%3Dx"
+    )
+    assert redacted("postgresql://pacs@db/archive") == "postgresql://pacs@db/archive"
+    started: list[Any] = []
+
+    class Popen:
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            started.append((argv, kwargs["env"]))
+
+    monkeypatch.setattr(indexer_process.subprocess, "Popen", Popen)
+    indexer_process.spawn_indexer(url, "/storage")
+    ((argv, env),) = started
+    assert all("s3cret" not in arg for arg in argv)
+    assert url in env.values()
