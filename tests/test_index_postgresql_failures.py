@@ -16,10 +16,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+import dicomnet
 from dicomnet.pacs import indexer_process
 from dicomnet.pacs.index import Index
 from dicomnet.pacs.index_db import redacted
 from dicomnet.pacs.mpps import MPPSRecords
+from dicomnet.pacs.scp import StorageSCP
 
 
 def _write(folder: Path, **attrs: object) -> Path:
@@ -113,3 +115,43 @@ def test_no_password_in_logs_or_on_a_command_line(monkeypatch: pytest.MonkeyPatc
     ((argv, env),) = started
     assert all("s3cret" not in arg for arg in argv)
     assert url in env.values()
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_a_store_whose_indexing_failed_is_not_answered_success(
+    tmp_path: Path, postgresql_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a database other nodes query, success means findable on every node: a store
+    whose indexing fails is refused (0xA700, the file kept), and the sender's retry,
+    answered "kept", indexes it."""
+    url = postgres.fresh_schema(postgresql_server)
+    scp = StorageSCP(tmp_path / "storage", fsync=False, index=url, node="n1")
+    scp.indexer.use_process = False  # indexing in this process, where it can fail
+    add_many = scp.index.add_many
+    failures = [RuntimeError("connection lost mid-batch")]
+
+    def failing_once(items: Any) -> int:
+        if failures:
+            raise failures.pop()
+        return add_many(items)
+
+    monkeypatch.setattr(scp.index, "add_many", failing_once)
+    source = dcmread(get_testdata_file("CT_small.dcm"))
+    source.SOPInstanceUID = generate_uid()
+    query = Dataset()
+    query.StudyInstanceUID = source.StudyInstanceUID
+    query.SeriesInstanceUID = source.SeriesInstanceUID
+    query.SOPInstanceUID = source.SOPInstanceUID
+    try:
+        async with scp.serve("127.0.0.1", 0) as server:
+            async with dicomnet.connect("127.0.0.1", server.port, aec="DICOMNET") as assoc:
+                with pytest.raises(dicomnet.DimseError) as refused:
+                    await assoc.store(source)
+                assert refused.value.status == 0xA700
+                assert (tmp_path / "storage" / f"{source.SOPInstanceUID}.dcm").exists()
+                assert await assoc.store(source) == 0x0000  # kept, and indexed now
+                found = [m async for m in assoc.find(query, model="study", level="IMAGE")]
+                assert len(found) == 1
+    finally:
+        scp.close()

@@ -250,3 +250,24 @@ def test_a_store_kept_as_stored_before_is_indexed(
             return len([m async for m in assoc.find(query, model="study", level="IMAGE")])
 
     assert anyio.run(store_then_find) == 1
+
+
+def test_dicomnet_delete_with_the_index_in_postgresql(
+    tmp_path: Path, postgresql_server: Any
+) -> None:
+    url = postgres.fresh_schema(postgresql_server)
+    storage = tmp_path / "storage"
+    written = _instances(storage, studies=2, per_study=3)
+    with Index(url, root=storage) as index:
+        index.rebuild(storage)
+    study = next(iter(written.values()))[0]
+    done = run_dicomnet(["delete", "--storage", storage, "--index", url, "--study-uid", study])
+    assert done.returncode == 0, describe_cli(done)
+    assert "1 study" in done.stdout and "3 instances" in done.stdout
+    with Index(url, root=storage) as index:
+        assert index.counts().instances == 3
+    left = {str(dcmread(p).SOPInstanceUID) for p in storage.glob("*.dcm")}
+    assert left == {uid for uid, (of, _) in written.items() if of != study}
+    refused = run_dicomnet(["delete", "--storage", storage, "--index", url + "x", "--bench"])
+    assert refused.returncode == 2 and "holds no index" in refused.stderr  # not made empty
+    assert len(list(storage.glob("*.dcm"))) == 3

@@ -34,6 +34,11 @@ def add_parser(sub: Any) -> None:
     delete.add_argument(
         "--storage", required=True, metavar="DIR", help="the folder `dicomnet serve` stores to"
     )
+    delete.add_argument(
+        "--index",
+        metavar="URL",
+        help="the index is in PostgreSQL (postgresql://...), as for `serve --index`",
+    )
     delete.add_argument("--patient-id", metavar="ID", help="the patient's Patient ID")
     delete.add_argument("--study-uid", metavar="UID", help="the Study Instance UID")
     delete.add_argument("--series-uid", metavar="UID", help="the Series Instance UID")
@@ -93,6 +98,31 @@ def _check_index(database: Path) -> None:
         )
 
 
+def _check_database(url: str) -> None:
+    """The same check, for an index in PostgreSQL."""
+    import psycopg
+
+    from dicomnet.pacs.index import SCHEMA_VERSION
+    from dicomnet.pacs.index_db import redacted
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        (kept,) = conn.execute("SELECT to_regclass('dicomnet_schema')").fetchall()
+        row = conn.execute("SELECT version FROM dicomnet_schema").fetchone() if kept[0] else None
+    if row is None or row[0] != SCHEMA_VERSION:
+        raise UsageError(
+            f"{redacted(url)} holds no index of version {SCHEMA_VERSION}: let `dicomnet serve` "
+            "or `dicomnet index --index URL` build it first"
+        )
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:
+        return (OSError, sqlite3.Error)
+    return (OSError, sqlite3.Error, psycopg.Error)
+
+
 async def run(args: argparse.Namespace) -> int:
     from dicomnet.pacs.delete import delete
     from dicomnet.pacs.index import INDEX_FILE_NAME, Index
@@ -101,16 +131,25 @@ async def run(args: argparse.Namespace) -> int:
     storage = Path(args.storage)
     if not storage.is_dir():
         raise UsageError(f"{storage} is not a folder")
-    database = storage / INDEX_FILE_NAME
-    _check_index(database)
+    location: str | Path
+    try:
+        if args.index:
+            _check_database(args.index)
+            location = args.index
+        else:
+            location = storage / INDEX_FILE_NAME
+            _check_index(location)
+    except _database_errors() as exc:
+        print(f"dicomnet delete: nothing removed: {exc}", file=sys.stderr)
+        return 1
 
     def remove() -> Any:
-        with Index(database, root=storage) as index:
+        with Index(location, root=storage) as index:
             return delete(index, selection, dry_run=args.dry_run)
 
     try:
         result = await anyio.to_thread.run_sync(remove)
-    except (OSError, sqlite3.Error) as exc:
+    except _database_errors() as exc:
         print(f"dicomnet delete: nothing removed: {exc}", file=sys.stderr)
         return 1
     if not result.instances:

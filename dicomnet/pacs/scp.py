@@ -234,7 +234,10 @@ class Indexer:
         return self.complete and not self._pending and not self._retry
 
     def add(self, path: str | os.PathLike[str]) -> None:
-        self._pending.append(os.fspath(path))
+        path = os.fspath(path)
+        if self._retry and path in self._retry:  # indexed with this batch instead
+            self._retry.remove(path)
+        self._pending.append(path)
         if self.progress is not None:
             self.progress.handed()
         self._idle.clear()
@@ -357,6 +360,10 @@ class Indexer:
             raise
         if self.progress is not None:
             self.progress.indexed(len(batch))
+
+    def failed(self, path: str) -> bool:
+        """Whether indexing `path` failed (it is tried again later)."""
+        return path in self._retry
 
     def _retry_later(self, batch: list[str]) -> None:
         """Index `batch` again later (backing off): e.g. once disk space is back."""
@@ -644,17 +651,28 @@ class StorageSCP:
         if outcome is not None:
             if outcome == 0x0000 and self.index.path is None:
                 # Kept as stored before: by a node that may have died before indexing it.
-                self.indexer.add(path)
-                await self.indexer.drain(others=False)
+                return await self._indexed_now(path) or outcome
             return outcome
         self.indexer.add(path)
         if self.index.path is None:
-            # A database other nodes query too: answered once indexed, so that a query
-            # on any node after this answer finds the instance (it joins the batch in
-            # flight or the next one: concurrent stores share a transaction).
-            await self.indexer.drain(others=False)
+            refused = await self._indexed_now(path, added=True)
+            if refused is not None:
+                return refused
         log.info("stored %s.dcm from %r (%d bytes)", uid, request.calling_ae_title, request.size)
         return 0x0000
+
+    async def _indexed_now(self, path: str, added: bool = False) -> tuple[int, str] | None:
+        """With a database other nodes query too, a C-STORE is answered once its instance
+        is indexed, so that a query on any node after the answer finds it (it joins the
+        batch in flight or the next one: concurrent stores share a transaction). None
+        once indexed; a failure status (the file is kept) when indexing failed, so that
+        the sender tries again (PS3.4 Annex C: Refused, Out of Resources)."""
+        if not added:
+            self.indexer.add(path)
+        await self.indexer.drain(others=False)
+        if self.indexer.failed(path):
+            return 0xA700, "stored, but not indexed yet: send it again"
+        return None
 
     def _keep(self, request: StoreRequest, path: str) -> int | tuple[int, str] | None:
         """Check and save (blocking); None when saved, else the response to send."""
