@@ -54,8 +54,10 @@ def _two_nodes(
     shared = tmp_path / "shared"
     shared.mkdir()
     common = ["--storage", str(shared), "--index", url, "--no-fsync"]
-    node_a = dicomnet_server(aet="PACS", extra_args=common)
-    node_b = dicomnet_server(aet="PACS", extra_args=[*common, *b_args])
+    node_a = dicomnet_server(aet="PACS", extra_args=[*common, "--node", "node-a"])
+    node_b = dicomnet_server(aet="PACS", extra_args=[*common, "--node", "node-b", *b_args])
+    nodes = shared / ".tmp" / "nodes"
+    assert sorted(p.name for p in nodes.iterdir()) == ["node-a", "node-b"]
     return node_a, node_b
 
 

@@ -66,6 +66,12 @@ def add_parser(sub: Any) -> None:
         "needs dicomnet[postgresql]) instead of the SQLite file in --storage",
     )
     serve.add_argument(
+        "--node",
+        metavar="NAME",
+        help="with --index: this node's name among those sharing the storage folder "
+        "(default HOST-PORT); a stable one where host names change, as in containers",
+    )
+    serve.add_argument(
         "--peer",
         action="append",
         default=[],
@@ -341,7 +347,7 @@ async def run(args: argparse.Namespace) -> int:
         worklist=args.worklist,
         on_duplicate=args.on_duplicate,
         index=args.index,
-        node=f"{socket.gethostname()}-{args.port}",
+        node=args.node or f"{socket.gethostname()}-{args.port}",
     )
     for name, value in security.items():
         setattr(scp.ae, name, value)
