@@ -49,7 +49,7 @@ def instances(count: int, file_meta: FileMetaDataset) -> Iterator[Dataset]:
     rng = random.Random(1452)
     for p in range(count // PER_PATIENT + 1):
         name = f"{rng.choice(FAMILY)}^{rng.choice(GIVEN)}"
-        birth = _date(rng)[:4] and f"19{rng.randrange(30, 99)}0101"
+        birth = f"19{rng.randrange(30, 99)}0101"
         for s in range(STUDIES):
             study, day, accession = f"{ROOT}.{p}.{s}", _date(rng), f"A{p:07d}{s}"
             for e in range(SERIES):
@@ -107,7 +107,7 @@ def queries(count: int) -> dict[str, Callable[[random.Random], tuple[str, str, D
                                          PatientName=f"{r.choice(FAMILY)[:6]}*")),
         "STUDY by StudyDate range (one month)": lambda r: (
             "study", "STUDY", _query("STUDY", StudyInstanceUID="",
-                                     StudyDate=f"{_month(r)}01-{_month(r, same=True)}28")),
+                                     StudyDate=_one_month(r))),
         "STUDY by AccessionNumber": lambda r: (
             "study", "STUDY", _query("STUDY", StudyInstanceUID="",
                                      AccessionNumber=f"A{some_patient(r):07d}1")),
@@ -128,13 +128,10 @@ def _image_of_a_series(patient: int) -> tuple[str, str, Dataset]:
     return "study", "IMAGE", query
 
 
-_LAST_MONTH: list[str] = [""]
-
-
-def _month(rng: random.Random, same: bool = False) -> str:
-    if not same:
-        _LAST_MONTH[0] = f"{2015 + rng.randrange(10)}{1 + rng.randrange(12):02d}"
-    return _LAST_MONTH[0]
+def _one_month(rng: random.Random) -> str:
+    """A DA range over the first 28 days of a month in the ten years of the data."""
+    month = f"{2015 + rng.randrange(10)}{1 + rng.randrange(12):02d}"
+    return f"{month}01-{month}28"
 
 
 def latencies(index: Index, count: int, repeat: int = 30) -> dict[str, dict[str, float]]:

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 
 from dicomnet.pacs.index import Index
 from dicomnet.pacs.index_db import Executor
-from dicomnet.pacs.matching import normalize
+from dicomnet.pacs.index_schema import statements
+from dicomnet.pacs.matching import SqlDialect, normalize
 
 __all__ = ["Deleted", "Selection", "delete"]
 
@@ -138,7 +139,7 @@ def delete(index: Index, selection: Selection, *, dry_run: bool = False) -> Dele
     committed = False
     try:
         with index._write() as written:
-            conn = _InDialect(written, index.dialect.placeholder)
+            conn = _InDialect(written, index.dialect)
             rows = _select(conn, selection)
             if not rows:
                 return result
@@ -156,15 +157,12 @@ def delete(index: Index, selection: Selection, *, dry_run: bool = False) -> Dele
                     result.missing.append(path)
                     continue
                 moved.append((path, aside))
+            done = statements(index.dialect)
             for row in rows:
-                conn.execute("DELETE FROM instance WHERE pk = ?", (row.pk,))
-            for table, child, column in _PARENTS:
+                written.execute(done.delete_instance, (row.pk,))
+            for prune, column in zip(done.prune, _PARENTS, strict=True):
                 for pk in sorted({int(getattr(row, column)) for row in rows}):
-                    conn.execute(
-                        f"DELETE FROM {table} WHERE pk = ?"
-                        f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {column} = ?)",
-                        (pk, pk),
-                    )
+                    written.execute(prune, (pk, pk))
         committed = True
     except _DryRun:
         return result
@@ -183,26 +181,19 @@ def delete(index: Index, selection: Selection, *, dry_run: bool = False) -> Dele
 
 
 class _InDialect:
-    """The SQL here written with ``?`` placeholders, run in the index's dialect (it holds
-    no other question mark)."""
+    """The SQL here, written with ``?`` placeholders, run in the index's dialect."""
 
-    def __init__(self, conn: Executor, placeholder: str) -> None:
+    def __init__(self, conn: Executor, dialect: SqlDialect) -> None:
         self._conn = conn
-        self._placeholder = placeholder
+        self._dialect = dialect
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        if self._placeholder != "?":
-            sql = sql.replace("?", self._placeholder)
-        return self._conn.execute(sql, params)
+        return self._conn.execute(self._dialect.sql(sql), params)
 
 
-# The parents of a deleted instance, as (table, child table, its column naming the parent,
-# also the parent's field in `_Row`), bottom up: each goes once it has no child.
-_PARENTS = (
-    ("series", "instance", "series_pk"),
-    ("study", "series", "study_pk"),
-    ("patient", "study", "patient_pk"),
-)
+# The columns of `_Row` naming a deleted instance's parents, bottom up, as the index's
+# prune statements take them: each parent goes once it has no child.
+_PARENTS = ("series_pk", "study_pk", "patient_pk")
 
 
 def _trash_parent(root: Path) -> Path:

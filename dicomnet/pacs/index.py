@@ -219,7 +219,6 @@ class Index:
         self.timeout = timeout
         self.created = self._db.created
         self._statements = statements(self._db.dialect)
-        self._p = self._db.dialect.placeholder
         root_abs = os.path.abspath(self.root)
         self._root_prefix = root_abs if root_abs.endswith(os.sep) else root_abs + os.sep
         self._records = RecordReader(self._relative)
@@ -337,14 +336,11 @@ class Index:
         left empty go too. Returns whether it was indexed."""
         with self._write() as conn:
             row = conn.execute(
-                "SELECT i.pk, i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
-                " JOIN series AS se ON se.pk = i.series_pk JOIN study AS st ON st.pk = se.study_pk"
-                " WHERE i.sop_instance_uid = " + self._p,
-                (normalize("UI", sop_instance_uid),),
+                self._statements.instance_parents, (normalize("UI", sop_instance_uid),)
             ).fetchone()
             if row is None:
                 return False
-            conn.execute(f"DELETE FROM instance WHERE pk = {self._p}", (row[0],))
+            conn.execute(self._statements.delete_instance, (row[0],))
             self._prune(conn, {row[1]}, {row[2]}, {row[3]})
             return True
 
@@ -410,18 +406,11 @@ class Index:
                 cache[table.name] = (key, parent)
                 continue
             if table.name == "study":  # the study may move to another patient
-                for (old,) in conn.execute(
-                    f"SELECT patient_pk FROM study WHERE study_instance_uid = {self._p}",
-                    (values[0],),
-                ):
+                for (old,) in conn.execute(self._statements.parent_of["study"], (values[0],)):
                     old_patients.add(old)
             elif table.name == "series":  # the series may move to another study
-                for old_study, old_patient in conn.execute(
-                    "SELECT se.study_pk, st.patient_pk FROM series AS se"
-                    " JOIN study AS st ON st.pk = se.study_pk WHERE se.series_instance_uid = "
-                    + self._p,
-                    (values[0],),
-                ):
+                parents = conn.execute(self._statements.parent_of["series"], (values[0],))
+                for old_study, old_patient in parents:
                     old_studies.add(old_study)
                     old_patients.add(old_patient)
             sql, _ = self._statements.upserts[table.name]
@@ -432,15 +421,12 @@ class Index:
         if conn.execute(self._statements.insert_instance, instance).fetchone() is None:
             # Indexed before: it may leave its series (and their parents) empty.
             row = conn.execute(
-                "SELECT i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
-                " JOIN series AS se ON se.pk = i.series_pk"
-                " JOIN study AS st ON st.pk = se.study_pk WHERE i.sop_instance_uid = " + self._p,
-                (record.sop_instance_uid,),
+                self._statements.instance_parents, (record.sop_instance_uid,)
             ).fetchone()
             if row is not None:
-                old_series.add(row[0])
-                old_studies.add(row[1])
-                old_patients.add(row[2])
+                old_series.add(row[1])
+                old_studies.add(row[2])
+                old_patients.add(row[3])
             conn.execute(self._statements.upserts["instance"][0], instance)
         if self._prune(conn, old_series, old_studies, old_patients):
             cache.clear()  # a remembered row may be gone
@@ -464,17 +450,9 @@ class Index:
         """Delete the given entities that no longer have children, bottom up; returns
         how many rows went."""
         deleted = 0
-        for table, child, parent_column, pks in (
-            ("series", "instance", "series_pk", series),
-            ("study", "series", "study_pk", studies),
-            ("patient", "study", "patient_pk", patients),
-        ):
+        for sql, pks in zip(self._statements.prune, (series, studies, patients), strict=True):
             for pk in pks:
-                deleted += conn.execute(
-                    f"DELETE FROM {table} WHERE pk = {self._p}"
-                    f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {parent_column} = {self._p})",
-                    (pk, pk),
-                ).rowcount
+                deleted += conn.execute(sql, (pk, pk)).rowcount
         return deleted
 
     # -- C-FIND --

@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ __all__ = [
     "SQLiteDatabase",
     "is_database_url",
     "redacted",
+    "reopened_if_dropped",
 ]
 
 log = logging.getLogger("dicomnet.index")
@@ -204,6 +206,19 @@ SCHEMA_LOCK = 0x44434D4E  # "DCMN"
 _WRITE_LOCK = 0x44434D57  # "DCMW"
 
 
+def reopened_if_dropped(conn: Any, connect: Callable[[], Any]) -> Any:
+    """The idle psycopg connection `conn`, or a new one from `connect` when the server
+    dropped it (a restart, a failover). An idle connection expects nothing from the
+    server: a socket with something to read is a server that said goodbye, or closed it
+    (one system call, no round trip)."""
+    if not (conn.broken or conn.closed):
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        if not readable:
+            return conn
+    conn.close()
+    return connect()
+
+
 class _Reader:
     """A PostgreSQL connection for one query: each statement on a server-side cursor."""
 
@@ -288,22 +303,16 @@ class PostgreSQLDatabase(_Connected):
         transaction is giving a child cannot delete that child. A connection lost (the
         server restarted, a failover) is opened again for the next write."""
         with self._lock:
-            conn = self._live(self._open())
+            conn = self._conn = reopened_if_dropped(self._open(), self._connect_writer)
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                 yield conn
 
-    def _live(self, conn: Any) -> Any:
-        """The write connection, opened again if the server dropped it (one round trip;
-        a write transaction is a whole batch)."""
-        if not (conn.broken or conn.closed):
-            try:
-                conn.execute("SELECT 1")
-                return conn
-            except self._psycopg.OperationalError:
-                conn.close()
-        self._conn = self._connect(autocommit=True)
-        return self._conn
+    def _connect_writer(self) -> Any:
+        return self._connect(autocommit=True)
+
+    def _connect_reader(self) -> Any:
+        return self._connect(autocommit=False)
 
     def one_record(self, conn: Executor) -> AbstractContextManager[object]:
         transaction: AbstractContextManager[object] = conn.transaction()  # type: ignore[attr-defined]
@@ -312,7 +321,12 @@ class PostgreSQLDatabase(_Connected):
     @contextmanager
     def read(self) -> Iterator[Executor]:
         self._open()
-        conn = self._idle_reader() or self._connect(autocommit=False)
+        with self._idle_lock:
+            kept = self._idle.pop() if self._idle else None
+        if kept is None:
+            conn = self._connect_reader()
+        else:
+            conn = reopened_if_dropped(kept, self._connect_reader)
         try:
             with conn.transaction():
                 yield _Reader(conn)
@@ -324,20 +338,6 @@ class PostgreSQLDatabase(_Connected):
                 self._idle.append(conn)
                 return
         conn.close()
-
-    def _idle_reader(self) -> Any:
-        """A kept reader connection that still answers, or None."""
-        while True:
-            with self._idle_lock:
-                if not self._idle:
-                    return None
-                conn = self._idle.pop()
-            try:
-                conn.execute("SELECT 1")
-                conn.rollback()
-                return conn
-            except self._psycopg.Error:  # lost meanwhile: the server restarted
-                conn.close()
 
     def close(self) -> None:
         with self._idle_lock:

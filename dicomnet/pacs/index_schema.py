@@ -25,7 +25,6 @@ __all__ = [
     "FILE_OF_LEVEL",
     "FROM_LEVEL",
     "INDEXED_TAGS",
-    "INSERT_INSTANCE",
     "INSTANCE_AVAILABILITY",
     "LEVELS",
     "PARENT_TABLES",
@@ -36,14 +35,11 @@ __all__ = [
     "SOP_CLASS",
     "SPECIFIC_CHARACTER_SET",
     "STORED_TAG_SET",
-    "STUDY_PATIENT",
     "TABLES",
     "TEXT_VRS",
     "TRUSTED",
     "UNIQUE_KEY",
     "UNIQUE_KEYS",
-    "UPSERTS",
-    "UPSERT_PATIENT_BY_PK",
     "Level",
     "Model",
     "QueryAttribute",
@@ -266,6 +262,24 @@ def _upsert_sql(table: _Table, p: str, by_pk: bool = False) -> tuple[str, list[s
     return sql, columns
 
 
+_INSTANCE_PARENTS = (
+    "SELECT i.pk, i.series_pk, se.study_pk, st.patient_pk FROM instance AS i"
+    " JOIN series AS se ON se.pk = i.series_pk JOIN study AS st ON st.pk = se.study_pk"
+    " WHERE i.sop_instance_uid = {p}"
+)
+# The parents of a series or study, and the children a parent must have left to be pruned.
+_PARENT_OF = {
+    "study": "SELECT patient_pk FROM study WHERE study_instance_uid = {p}",
+    "series": "SELECT se.study_pk, st.patient_pk FROM series AS se"
+    " JOIN study AS st ON st.pk = se.study_pk WHERE se.series_instance_uid = {p}",
+}
+_CHILDREN = (
+    ("series", "instance", "series_pk"),
+    ("study", "series", "study_pk"),
+    ("patient", "study", "patient_pk"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Statements:
     """The statements that write the index, in one database's dialect."""
@@ -277,6 +291,13 @@ class Statements:
     study_patient: str
     #: A new instance (the usual case) is one INSERT; a conflict leaves the row as it was.
     insert_instance: str
+    #: An instance's pk and its series', study's and patient's, by SOP Instance UID.
+    instance_parents: str
+    delete_instance: str
+    #: "study" / "series": the parent keys of the row of that unique key.
+    parent_of: dict[str, str]
+    #: Bottom up (series, study, patient): delete the row (pk, pk) if no child is left.
+    prune: tuple[str, ...]
 
 
 @functools.cache
@@ -292,13 +313,17 @@ def statements(dialect: SqlDialect = SQLITE) -> Statements:
         f"INSERT INTO instance ({', '.join(instance_columns)})"
         f" VALUES ({', '.join([p] * len(instance_columns))})"
         f" ON CONFLICT({_TABLE['instance'].unique.column}) DO NOTHING RETURNING pk",
+        _INSTANCE_PARENTS.format(p=p),
+        f"DELETE FROM instance WHERE pk = {p}",
+        {table: sql.format(p=p) for table, sql in _PARENT_OF.items()},
+        tuple(
+            f"DELETE FROM {table} WHERE pk = {p}"
+            f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {column} = {p})"
+            for table, child, column in _CHILDREN
+        ),
     )
 
 
-UPSERTS = statements().upserts
-UPSERT_PATIENT_BY_PK = statements().upsert_patient_by_pk
-STUDY_PATIENT = statements().study_patient
-INSERT_INSTANCE = statements().insert_instance
 PARENT_TABLES = tuple(table for table in TABLES if table.name != "instance")
 _STORED_TAGS: dict[str, BaseTag] = {
     attr.keyword: Tag(attr.keyword) for table in TABLES for attr in table.attributes

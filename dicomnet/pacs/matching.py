@@ -559,6 +559,11 @@ class SqlDialect:
     glob_pattern: Callable[[str], str]  # a DICOM pattern as that parameter
     json_rows: str  # "... {array} ... {alias}": a FROM item `alias` with a column value
 
+    def sql(self, text: str) -> str:
+        """`text`, written with ``?`` placeholders (and no other question mark), in this
+        dialect."""
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
 
 SQLITE = SqlDialect(
     "sqlite", "?", "{column} GLOB {p}", _glob_escape, "json_each({array}) AS {alias}"

@@ -19,7 +19,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnet.pacs.index_db import SCHEMA_LOCK, is_database_url
+from dicomnet.pacs.index_db import SCHEMA_LOCK, is_database_url, reopened_if_dropped
+from dicomnet.pacs.matching import POSTGRESQL, SQLITE
 
 __all__ = ["MPPSRecords"]
 
@@ -64,7 +65,7 @@ class MPPSRecords:
 
             self._conn = self._connect()
             self._duplicate: type[Exception] = psycopg.errors.UniqueViolation
-            self._p = "%s"
+            self._dialect = POSTGRESQL
             with self._conn.transaction():  # nodes starting at once create it once
                 self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 self._conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
@@ -73,7 +74,7 @@ class MPPSRecords:
                 database, timeout=timeout, check_same_thread=False, isolation_level=None
             )
             self._duplicate = sqlite3.IntegrityError
-            self._p = "?"
+            self._dialect = SQLITE
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute(_SCHEMA.format(real="REAL"))
 
@@ -89,31 +90,17 @@ class MPPSRecords:
     @contextmanager
     def _cursor(self) -> Iterator[Any]:
         with self._lock:
-            if self._p != "?":
-                self._conn = self._live()
+            if self._dialect is POSTGRESQL:
+                self._conn = reopened_if_dropped(self._conn, self._connect)
             yield self._conn
-
-    def _live(self) -> Any:
-        """The PostgreSQL connection, opened again if the server dropped it."""
-        import psycopg
-
-        if not (self._conn.broken or self._conn.closed):
-            try:
-                self._conn.execute("SELECT 1")
-                return self._conn
-            except psycopg.OperationalError:
-                self._conn.close()
-        return self._connect()
-
-    def _sql(self, sql: str) -> str:
-        """`sql`, written with ``?`` placeholders, in this database's."""
-        return sql if self._p == "?" else sql.replace("?", self._p)
 
     def create(self, sop_instance_uid: str, dataset: Dataset) -> bool:
         row = (sop_instance_uid, *_columns(dataset), time.time(), dataset.to_json())
         with self._cursor() as conn:
             try:
-                conn.execute(self._sql("INSERT INTO mpps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"), row)
+                conn.execute(
+                    self._dialect.sql("INSERT INTO mpps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"), row
+                )
             except self._duplicate:
                 return False
         return True
@@ -121,7 +108,7 @@ class MPPSRecords:
     def get(self, sop_instance_uid: str) -> Dataset | None:
         with self._cursor() as conn:
             row = conn.execute(
-                self._sql("SELECT dataset FROM mpps WHERE sop_instance_uid = ?"),
+                self._dialect.sql("SELECT dataset FROM mpps WHERE sop_instance_uid = ?"),
                 (sop_instance_uid,),
             ).fetchone()
         return None if row is None else Dataset.from_json(row[0])
@@ -130,7 +117,7 @@ class MPPSRecords:
         status, patient, study, modality, station, start = _columns(dataset)
         with self._cursor() as conn:
             changed: int = conn.execute(
-                self._sql(
+                self._dialect.sql(
                     "UPDATE mpps SET status = ?, patient_id = ?, study_instance_uid = ?,"
                     " modality = ?, station_ae_title = ?, start_date = ?, updated = ?,"
                     " dataset = ? WHERE sop_instance_uid = ? AND status = ?"
@@ -165,7 +152,7 @@ class MPPSRecords:
             ("study_instance_uid", study_instance_uid),
         ):
             if value is not None:
-                conditions.append(f"{column} = {self._p}")
+                conditions.append(f"{column} = {self._dialect.placeholder}")
                 values.append(value)
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._cursor() as conn:
