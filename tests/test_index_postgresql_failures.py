@@ -155,3 +155,19 @@ async def test_a_store_whose_indexing_failed_is_not_answered_success(
                 assert len(found) == 1
     finally:
         scp.close()
+
+
+def test_a_value_the_database_refuses_costs_only_its_record(
+    tmp_path: Path, postgresql_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch holding a value PostgreSQL cannot take (here text that is not valid
+    Unicode) is stored again record by record: the others go in."""
+    url = postgres.fresh_schema(postgresql_server)
+    good = [_write(tmp_path, PatientID=f"P{i}", PatientName=f"Good^{i}") for i in range(3)]
+    bad = _write(tmp_path, PatientID="P9")
+    dataset = dcmread(bad, stop_before_pixels=True)
+    dataset.PatientName = "Bad\udcff^Name"  # a lone surrogate: no UTF-8 for it
+    with Index(url, root=tmp_path) as index:
+        assert index.add_many([*good, (bad, dataset)]) == 3
+        assert sorted(_patients(index)) == ["Good^0", "Good^1", "Good^2"]
+    assert "not indexed" in caplog.text

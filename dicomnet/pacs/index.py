@@ -304,22 +304,38 @@ class Index:
     ) -> int:
         """`add` each of `items` (paths, or (path, dataset) pairs) in one transaction;
         files that cannot be indexed are logged and skipped. Returns how many were."""
-        with self._write() as conn:
-            return self._store_all(conn, items)
+        records = list(self._readable(items))  # read before the writers' turn is taken
+        try:
+            with self._write() as conn:
+                return self._store_all(conn, records)
+        except self._db.refused_value:  # a value the database cannot hold: one by one
+            with self._write() as conn:
+                return self._store_all(conn, records, guarded=True)
 
-    def _store_all(
+    def _readable(
         self,
-        conn: Executor,
         items: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], Dataset | None]],
-    ) -> int:
-        count = 0
-        cache: dict[str, tuple[object, int]] = {}
+    ) -> Iterator[tuple[str, Record]]:
+        """(path, record) of each item that can be read; the others are logged."""
         for item in items:
             path, dataset = item if isinstance(item, tuple) else (item, None)
             try:
-                record = self._record(os.fspath(path), dataset)
+                yield os.fspath(path), self._record(os.fspath(path), dataset)
             except Exception as exc:  # a damaged file must not stop a rebuild
                 log.warning("not indexed: %s: %s", path, exc)
+
+    def _store_all(
+        self, conn: Executor, records: Iterable[tuple[str, Record]], guarded: bool = False
+    ) -> int:
+        """Store `records`; `guarded`: each in a savepoint of its own, so that one the
+        database refuses is logged and left out (a round trip more per record, so taken
+        only when a batch was refused)."""
+        count = 0
+        cache: dict[str, tuple[object, int]] = {}
+        for path, record in records:
+            if not guarded:
+                self._store(conn, record, cache)
+                count += 1
                 continue
             try:
                 with self._db.one_record(conn):
@@ -352,7 +368,7 @@ class Index:
         with self._write() as conn:
             for table in reversed(TABLES):
                 conn.execute(f"DELETE FROM {table.name}")
-            return self._store_all(conn, walk_files(folder))
+            return self._store_all(conn, self._readable(walk_files(folder)), guarded=True)
 
     def reconcile(self, storage_folder: str | os.PathLike[str] | None = None) -> int:
         """Index the ``*.dcm`` files under `storage_folder` (default: `root`) that the
