@@ -31,7 +31,7 @@ def anyio_backend() -> str:
 
 
 def held(n: int, study: str, series: str) -> Held:
-    return Held(Entry("archive", Path(f"{n:020d}0000-0.dcm")), study, series)
+    return Held(Entry.named("archive", Path(f"{n:020d}0000-0.dcm")), study, series)
 
 
 # --- Groups, without a clock ---------------------------------------------------------------

@@ -23,6 +23,7 @@ log = logging.getLogger("dicomnet")
 
 # Written by a running router next to its queue, read by `route status`.
 STATUS_FILE = ".status.json"
+STATUS_FOLDER = ".status"  # one file a node, when nodes share the queue
 STATUS_EVERY = 2.0  # seconds
 
 
@@ -63,25 +64,41 @@ def _config(args: argparse.Namespace) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def _queue_folder(args: argparse.Namespace) -> Path:
-    if args.queue:
-        folder = Path(args.queue)
-    elif args.config:
-        folder = _config(args).queue
-    else:
+def _queue(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The queue folder, and the queue to look at: --config's (its database too, if it
+    has one), or the folder of --queue."""
+    from dicomnet.route.queue import Queue
+
+    if args.config:
+        from dataclasses import replace
+
+        from dicomnet.route.config import ConfigError
+        from dicomnet.route.router import open_queue
+
+        config = _config(args)
+        if args.queue:
+            config = replace(config, queue=Path(args.queue))
+        if not config.queue.is_dir():
+            raise UsageError(f"{config.queue}: no such queue folder")
+        try:
+            return config.queue, open_queue(config, running=False)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    if not args.queue:
         raise UsageError(f"route {args.action}: give --queue DIR (or --config FILE)")
+    folder = Path(args.queue)
     if not folder.is_dir():
         raise UsageError(f"{folder}: no such queue folder")
-    return folder
+    return folder, Queue(folder, recover=False)
 
 
 async def run(args: argparse.Namespace) -> int:
     if args.action == "status":
-        return status(_queue_folder(args), as_json=args.json)
+        return status(*_queue(args), as_json=args.json)
     if args.action == "retry":
         if not args.destination:
             raise UsageError("route retry: which destination? (route retry DEST --queue DIR)")
-        return retry(_queue_folder(args), args.destination)
+        return retry(*_queue(args), args.destination)
     if args.destination:
         raise UsageError(f"unexpected {args.destination!r} (route status, route retry DEST)")
     if not args.config:
@@ -89,26 +106,26 @@ async def run(args: argparse.Namespace) -> int:
     return await serve(_config(args), args)
 
 
-def status(folder: Path, *, as_json: bool = False) -> int:
-    from dicomnet.route.queue import Queue
-
-    queue = Queue(folder, recover=False)
+def status(folder: Path, queue: Any, *, as_json: bool = False) -> int:
     live = _live_counts(folder)
     rows: dict[str, dict[str, Any]] = {}
     for name, state in queue.status().items():
+        counts = live.get(name, {})
         rows[name] = {
             "queued": state.queued,
-            "in_flight": live.get(name, {}).get("in_flight") if live else None,
-            "held": live.get(name, {}).get("held") if live else None,
+            "in_flight": counts.get("in_flight") if live else None,
+            "held": counts.get("held") if live else None,
             "dead": state.dead,
             "oldest_age_s": None if state.oldest_age is None else round(state.oldest_age, 1),
             "queued_bytes": state.queued_bytes,
-            "last_error": live.get(name, {}).get("last_error") or _last_dead_reason(folder / name),
+            "last_error": counts.get("last_error") or queue.last_reason(name),
         }
+    queue.close()
+    running = f"{len(live_nodes(folder))} router(s) running on it" if live else "no router running"
     if as_json:
         print(json.dumps({"queue": str(folder), "running": bool(live), "destinations": rows}))
         return 0
-    print(f"queue {folder}: {'a router is running on it' if live else 'no router running'}")
+    print(f"queue {folder}: {running}")
     for name, row in rows.items():
         age = "-" if row["oldest_age_s"] is None else f"{row['oldest_age_s']:.0f} s"
         flight = "-" if row["in_flight"] is None else row["in_flight"]
@@ -122,32 +139,46 @@ def status(folder: Path, *, as_json: bool = False) -> int:
     return 0
 
 
-def _last_dead_reason(destination: Path) -> str | None:
-    """Why the latest dead letter was given up (None: there is none)."""
-    reasons = sorted((destination / "dead").glob("*.reason"))
-    try:
-        return reasons[-1].read_text().strip() if reasons else None
-    except OSError:
-        return None
+def status_file(folder: Path, node: str | None) -> Path:
+    """Where a running router writes its counts: beside its queue, or, for one of the
+    nodes sharing a queue, in a file of its own."""
+    if node is None:
+        return folder / STATUS_FILE
+    from dicomnet.pacs.index_db import node_folder
+
+    return folder / STATUS_FOLDER / f"{node_folder(node)}.json"
+
+
+def live_nodes(folder: Path) -> list[dict[str, Any]]:
+    """The counts of the routers running on the queue in `folder` (fresh status files)."""
+    found = []
+    for path in [folder / STATUS_FILE, *sorted((folder / STATUS_FOLDER).glob("*.json"))]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if time.time() - float(data.get("time", 0)) <= 5 * STATUS_EVERY:
+            found.append(data)
+    return found
 
 
 def _live_counts(folder: Path) -> dict[str, dict[str, Any]]:
-    """A running router's counts, when its status file is fresh."""
-    try:
-        data = json.loads((folder / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    if time.time() - float(data.get("time", 0)) > 5 * STATUS_EVERY:
-        return {}
-    return dict(data.get("destinations", {}))
+    """Per destination, the running routers' counts summed (the latest error of any)."""
+    out: dict[str, dict[str, Any]] = {}
+    for data in live_nodes(folder):
+        for name, counts in dict(data.get("destinations", {})).items():
+            row = out.setdefault(name, {"in_flight": 0, "held": 0, "last_error": None})
+            row["in_flight"] += counts.get("in_flight") or 0
+            row["held"] += counts.get("held") or 0
+            row["last_error"] = counts.get("last_error") or row["last_error"]
+    return out
 
 
-def retry(folder: Path, destination: str) -> int:
-    from dicomnet.route.queue import Queue
-
-    if not (folder / destination / "dead").is_dir():
+def retry(folder: Path, queue: Any, destination: str) -> int:
+    if destination not in queue.status():
         raise UsageError(f"{folder}: no destination {destination!r} in this queue")
-    moved = Queue(folder, recover=False).retry_dead(destination)
+    moved = queue.retry_dead(destination)
+    queue.close()
     print(f"{destination}: {moved} dead letter(s) back in the queue")
     return 0
 
@@ -209,7 +240,8 @@ async def _run(router: Any, config: Any, metrics: str) -> int:
 
             tg.start_soon(on_signals)
             async with router.serve() as server:
-                tg.start_soon(_write_status, router, config.queue)
+                path = status_file(config.queue, router.node)
+                tg.start_soon(_write_status, router, path)
                 names = ", ".join(d.name for d in config.destinations)
                 print(
                     f"dicomnet route: {config.aet} listening on {server.host}:{server.port}, "
@@ -222,8 +254,8 @@ async def _run(router: Any, config: Any, metrics: str) -> int:
     return 0
 
 
-async def _write_status(router: Any, folder: Path) -> None:
-    path = folder / STATUS_FILE
+async def _write_status(router: Any, path: Path) -> None:
+    path.parent.mkdir(exist_ok=True)
     while True:
         data = {
             "time": time.time(),

@@ -36,6 +36,7 @@ __all__ = [
     "PostgreSQLDatabase",
     "SQLiteDatabase",
     "is_database_url",
+    "node_folder",
     "redacted",
     "reopened_if_dropped",
 ]
@@ -57,6 +58,11 @@ def redacted(location: str) -> str:
         return location
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def node_folder(node: str) -> str:
+    """A node's name (of those sharing a folder and a database) as one folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in node).strip(".") or "node"
 
 
 class Executor(Protocol):

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 
 from dicomnet.pacs.commitments import COMMITMENTS_FOLDER, FolderReportStore, check_stored
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
+from dicomnet.pacs.index_db import node_folder
 from dicomnet.pacs.indexer_process import spawn_indexer
 from dicomnet.pacs.mpps import MPPSRecords
 from dicomnet.pacs.worklist import WorklistFolder
@@ -67,11 +68,6 @@ SERVING_MARKER = "serving-"
 PROGRESS_FILE = "index-progress"  # in SPOOL_FOLDER, with `serve --workers N`
 # With an index in PostgreSQL, SPOOL_FOLDER/NODES_FOLDER/<node> is each node's spool.
 NODES_FOLDER = "nodes"
-
-
-def _folder_name(node: str) -> str:
-    """`node` as one folder name."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in node).strip(".") or "node"
 
 
 # A query waits at most this long (seconds) for another serving process's stores to be
@@ -530,7 +526,7 @@ class StorageSCP:
             # Nodes sharing the storage folder and the database: each spools, keeps its
             # serving markers and its undelivered storage commitment reports in folders
             # of its own, and clears or resends only those.
-            own = Path(NODES_FOLDER, _folder_name(node or socket.gethostname()))
+            own = Path(NODES_FOLDER, node_folder(node or socket.gethostname()))
             spool, commitments = spool / own, commitments / own
         spool.mkdir(parents=True, exist_ok=True)
         if clean_spool:  # not in a worker: the others may be writing there

@@ -18,6 +18,12 @@ fsync = true
 max_queued = 100000        # copies per destination before 0xA700 (default: no limit)
 unrouted = "refuse"        # an instance no rule sends anywhere: "refuse" (0xC000,
                            # default) or "accept" (acknowledged and not kept)
+database = "postgresql://route@db/route"  # the queue's state in PostgreSQL, shared with
+                           # other route nodes on the same folder (a shared mount);
+                           # needs dicomnet[postgresql] (default: the folder alone)
+node = "route-1"           # with database: this node's name (default HOST-PORT)
+lease = 30.0               # with database: seconds before another node takes the copies
+                           # of a node that stopped renewing them (killed, cut off)
 
 [[destination]]
 name = "archive"           # what rules forward to
@@ -99,6 +105,9 @@ class RouteConfig:
     fsync: bool = True
     max_queued: int | None = None
     unrouted: str = "refuse"
+    database: str | None = None
+    node: str | None = None
+    lease: float = 30.0
     destinations: tuple[Destination, ...] = ()
     rules: tuple[RouteRule, ...] = field(default_factory=tuple)
 
@@ -208,6 +217,9 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
         fsync=_take(queue, "fsync", bool, True, "queue"),
         max_queued=_take(queue, "max_queued", int, None, "queue"),
         unrouted=_take(queue, "unrouted", str, "refuse", "queue"),
+        database=_take(queue, "database", str, None, "queue"),
+        node=_take(queue, "node", str, None, "queue"),
+        lease=_take(queue, "lease", float, 30.0, "queue"),
         destinations=tuple(destinations),
         rules=tuple(rules),
     )
@@ -217,9 +229,21 @@ def parse_config(data: dict[str, Any], base: Path = Path(".")) -> RouteConfig:
         raise ConfigError(f"queue.unrouted: 'refuse' or 'accept', not {config.unrouted!r}")
     if not destinations:
         raise ConfigError("no [[destination]]: nothing to route to")
+    _check_shared(config)
     if config.require_user and config.users is None:
         raise ConfigError("listen.require_user needs listen.users")
     return config
+
+
+def _check_shared(config: RouteConfig) -> None:
+    if config.database is not None and not config.database.startswith(
+        ("postgresql://", "postgres://")
+    ):
+        raise ConfigError("queue.database: a postgresql:// URL")
+    if config.lease <= 0:
+        raise ConfigError("queue.lease: seconds, more than 0")
+    if config.database is None and config.node is not None:
+        raise ConfigError("queue.node: only with queue.database")
 
 
 def _path(base: Path, value: str | None) -> str | None:

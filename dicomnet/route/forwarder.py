@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from typing import Protocol
 
 import anyio
@@ -33,7 +34,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicomnet.errors import DicomNetError, DimseError, NotNegotiatedError
 from dicomnet.route.config import Destination
-from dicomnet.route.queue import Entry, Queue
+from dicomnet.route.queue import Entry, RouteQueue
 from dicomnet.route.triggers import Group, Groups, Held
 from dicomnet.status import Status
 
@@ -71,7 +72,7 @@ class Forwarder:
 
     def __init__(
         self,
-        queue: Queue,
+        queue: RouteQueue,
         destination: Destination,
         sender: Sender,
         *,
@@ -82,6 +83,7 @@ class Forwarder:
         self.queue = queue
         self.memory_limit = memory_limit
         self._on_disk = False  # copies in the pending folder not taken in memory
+        self._lost = False  # copies let go of (their leases had ended): to be taken again
         self._refilling = False
         self.destination = destination
         self.sender = sender
@@ -95,7 +97,7 @@ class Forwarder:
         self._arrived = anyio.Event()  # wakes the releasing of held copies
         if destination.trigger != "instance":
             self.groups = Groups(destination.trigger, destination.stable_after)
-        self.add(queue.pending(destination.name))
+        self.add(queue.pending(destination.name, memory_limit))
         self._down = 0  # connection failures in a row
         self._resume = 0.0  # no sending before this (anyio.current_time())
         self.in_flight = 0
@@ -135,10 +137,12 @@ class Forwarder:
             self._arriving.extend(mine)
             self._arrived.set()
 
-    async def rescan(self) -> int:
-        """Take copies put in the pending folder from outside (`route retry`), or left
-        there for want of room in memory."""
-        pending = await anyio.to_thread.run_sync(self.queue.pending, self.destination.name)
+    async def rescan(self, own: bool = True) -> int:
+        """Take copies put in the queue from outside (`route retry`, a node that stopped),
+        and (`own`) those left there for want of room in memory."""
+        pending = await anyio.to_thread.run_sync(
+            partial(self.queue.pending, self.destination.name, self.memory_limit, own=own)
+        )
         # A copy sent while the folder was listed is gone now (its removal comes before
         # it leaves `_known`, here on the event loop): it must not be taken again.
         known = self._known
@@ -147,8 +151,11 @@ class Forwarder:
         self.add(new)
         return len(known) - before
 
-    async def run(self, rescan_every: float = 30.0) -> None:
-        """Until cancelled; the pending folder is looked at again every `rescan_every` s."""
+    async def run(self, rescan_every: float | None = None) -> None:
+        """Until cancelled; the queue is looked at again every `rescan_every` s (default:
+        the queue's: 30 s for a folder, under a second when shared with other nodes)."""
+        if rescan_every is None:
+            rescan_every = self.queue.rescan_every
         # As many copies in flight as the associations and their windows can carry.
         slots = anyio.Semaphore(self.destination.associations * self.destination.window)
         async with anyio.create_task_group() as tg:
@@ -179,6 +186,10 @@ class Forwarder:
     async def _deliver(self, sender: Sender, entry: Entry, tg: anyio.abc.TaskGroup) -> bool:
         """Send one copy; False when the destination could not be reached (the copy was
         not charged an attempt and is to be sent again)."""
+        if not self.queue.holds():  # its lease may have ended: taken again if still ours
+            self._forget(entry, tg)
+            self._lost = True
+            return True
         try:
             await sender.store(entry.path)
         except DicomNetError as exc:
@@ -256,7 +267,8 @@ class Forwarder:
     async def _rescanning(self, every: float) -> None:
         while True:
             await anyio.sleep(every)
-            await self.rescan()
+            own, self._lost = self._lost, False
+            await self.rescan(own)
 
     async def _later(self, entry: Entry, pause: float) -> None:
         await anyio.sleep(pause)

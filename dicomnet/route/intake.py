@@ -19,7 +19,7 @@ import anyio.to_thread
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from dicomnet.route.queue import Entry, Queue
+from dicomnet.route.queue import Entry, QueueFull, RouteQueue
 from dicomnet.route.rules import Arrival, Coercion, Route, RouteRule, route
 from dicomnet.services.storage import StoreRequest
 
@@ -57,7 +57,7 @@ class Intake:
     def __init__(
         self,
         rules: Sequence[RouteRule],
-        queue: Queue,
+        queue: RouteQueue,
         hand_over: Callable[[list[Entry]], None],
         *,
         refuse_unrouted: bool = True,
@@ -96,11 +96,13 @@ class Intake:
                 log.warning("refused %s from %r: no rule routes it", uid, request.calling_ae_title)
                 return "unrouted", (0xC000, "no routing rule sends this instance anywhere"), []
             return "unrouted", 0x0000, []
-        if not self.queue.has_room(decided.destinations):
+        try:
+            if not self.queue.has_room(decided.destinations):  # before writing anything
+                raise QueueFull
+            entries = self.queue.put(self._copies(request, decided))
+        except QueueFull:  # or filled up (by another node) since
             log.warning("refused %s: a destination's queue is full", uid)
             return "full", (0xA700, "out of resources: a destination's queue is full"), []
-        try:
-            entries = self.queue.put(self._copies(request, decided))
         except OSError as exc:
             log.error("could not queue %s: %s", uid, exc)
             return "failed", (0xA700, f"out of resources: {exc.strerror or exc}"[:64]), []

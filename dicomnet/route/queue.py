@@ -23,8 +23,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-__all__ = ["DestinationStatus", "Entry", "Queue", "QueueFull"]
+__all__ = ["DestinationStatus", "Entry", "Queue", "QueueFull", "RouteQueue"]
 
 _sequence = itertools.count()
 
@@ -35,18 +36,20 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One copy waiting for a destination."""
+    """One copy waiting for a destination: its file, its place in arrival order, the
+    attempts that failed so far, and its row when the queue is in a database."""
 
     destination: str
     path: Path
+    sequence: str
+    attempts: int = 0
+    row: int | None = None
 
-    @property
-    def sequence(self) -> str:
-        return self.path.stem.rpartition("-")[0]
-
-    @property
-    def attempts(self) -> int:
-        return int(self.path.stem.rpartition("-")[2])
+    @classmethod
+    def named(cls, destination: str, path: Path) -> Entry:
+        """The copy of a queue folder at `path` (`<sequence>-<attempts>.dcm`)."""
+        sequence, _, attempts = path.stem.rpartition("-")
+        return cls(destination, path, sequence, int(attempts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,41 @@ class DestinationStatus:
     queued_bytes: int
 
 
-def _fsync_folder(folder: Path) -> None:
+class RouteQueue(Protocol):
+    """What the intake and the forwarders need of a queue: this folder's `Queue`, or
+    `SharedQueue` (`dicomnet.route.shared_queue`), whose state is in PostgreSQL so that
+    several route nodes share it. Blocking: called from worker threads."""
+
+    @property
+    def fsync(self) -> bool: ...
+    @property
+    def rescan_every(self) -> float:
+        """Seconds between looks for copies put in the queue from outside (or let go)."""
+
+    @property
+    def lease(self) -> float | None:
+        """Seconds a node keeps the copies it took without renewing them (None: no
+        leases, the queue is this process's alone)."""
+
+    def temp_path(self) -> Path: ...
+    def has_room(self, destinations: Iterable[str]) -> bool: ...
+    def put(self, copies: Mapping[str, Path]) -> list[Entry]: ...
+    def pending(
+        self, destination: str, limit: int | None = None, *, own: bool = True
+    ) -> list[Entry]: ...
+    def done(self, entry: Entry) -> None: ...
+    def sync_removals(self) -> int: ...
+    def failed(self, entry: Entry) -> Entry: ...
+    def give_up(self, entry: Entry, reason: str) -> Entry: ...
+    def retry_dead(self, destination: str) -> int: ...
+    def status(self, now: float | None = None) -> dict[str, DestinationStatus]: ...
+    def last_reason(self, destination: str) -> str | None: ...
+    def renew(self) -> None: ...
+    def holds(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+def fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -65,7 +102,7 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _new_sequence() -> str:
+def new_sequence() -> str:
     """Names that sort in arrival order, across restarts too."""
     return f"{time.time_ns():020d}{next(_sequence) % 10_000:04d}"
 
@@ -73,6 +110,9 @@ def _new_sequence() -> str:
 class Queue:
     """The queue folder (module docstring). `max_queued`: copies a destination may hold
     before `put` refuses (None: no limit but the disk)."""
+
+    rescan_every = 30.0
+    lease = None  # one process has the folder: nothing to lease
 
     def __init__(
         self,
@@ -107,7 +147,7 @@ class Queue:
 
     def temp_path(self) -> Path:
         """Where to write an instance (or a coerced copy) before `put`."""
-        return self.tmp / f"{_new_sequence()}.dcm"
+        return self.tmp / f"{new_sequence()}.dcm"
 
     def has_room(self, destinations: Iterable[str]) -> bool:
         return self.max_queued is None or all(
@@ -121,15 +161,15 @@ class Queue:
         if not self.has_room(copies):
             full = [n for n in copies if self.max_queued and self._queued[n] >= self.max_queued]
             raise QueueFull(f"the queue of {', '.join(full)} is full ({self.max_queued})")
-        sequence = _new_sequence()
+        sequence = new_sequence()
         entries = []
         for name, source in copies.items():
             target = self.root / name / "pending" / f"{sequence}-0.dcm"
             os.link(source, target)
-            entries.append(Entry(name, target))
+            entries.append(Entry(name, target, sequence))
         if self.fsync:
             for name in copies:
-                _fsync_folder(self.root / name / "pending")
+                fsync_folder(self.root / name / "pending")
         for source in set(copies.values()):
             source.unlink()
         with self._lock:
@@ -137,10 +177,13 @@ class Queue:
                 self._queued[name] += 1
         return entries
 
-    def pending(self, destination: str) -> list[Entry]:
-        """The copies still to send to `destination`, oldest first (the count kept for
-        `has_room` is taken again: copies may have been put back from outside)."""
-        entries = [Entry(destination, p) for p in sorted(self._pending_files(destination))]
+    def pending(
+        self, destination: str, limit: int | None = None, *, own: bool = True
+    ) -> list[Entry]:
+        """The copies still to send to `destination`, oldest first, all of them (one
+        process has the folder: all are its own; the count kept for `has_room` is taken
+        again: copies may have been put back from outside)."""
+        entries = [Entry.named(destination, p) for p in sorted(self._pending_files(destination))]
         with self._lock:
             self._queued[destination] = len(entries)
         return entries
@@ -161,14 +204,14 @@ class Queue:
         with self._lock:
             folders, self._removed_from = self._removed_from, set()
         for folder in folders:
-            _fsync_folder(folder)
+            fsync_folder(folder)
         return len(folders)
 
     def failed(self, entry: Entry) -> Entry:
         """One more attempt of `entry` failed: the count is kept in its name."""
         again = entry.path.with_name(f"{entry.sequence}-{entry.attempts + 1}.dcm")
         os.replace(entry.path, again)
-        return Entry(entry.destination, again)
+        return Entry.named(entry.destination, again)
 
     def give_up(self, entry: Entry, reason: str) -> Entry:
         """Move `entry` to its destination's dead-letter folder, with the reason beside it."""
@@ -176,10 +219,10 @@ class Queue:
         dead.with_suffix(".reason").write_text(reason + "\n")
         os.replace(entry.path, dead)
         if self.fsync:
-            _fsync_folder(dead.parent)
+            fsync_folder(dead.parent)
         with self._lock:
             self._queued[entry.destination] -= 1
-        return Entry(entry.destination, dead)
+        return Entry.named(entry.destination, dead)
 
     def retry_dead(self, destination: str) -> int:
         """Put `destination`'s dead letters back in its queue (attempts from zero)."""
@@ -192,6 +235,24 @@ class Queue:
         with self._lock:
             self._queued[destination] += moved
         return moved
+
+    def last_reason(self, destination: str) -> str | None:
+        """Why the latest dead letter of `destination` was given up (None: there is none)."""
+        reasons = sorted((self.root / destination / "dead").glob("*.reason"))
+        try:
+            return reasons[-1].read_text().strip() if reasons else None
+        except OSError:
+            return None
+
+    def renew(self) -> None:
+        """Nothing to renew: no other process takes this folder's copies."""
+
+    def holds(self) -> bool:
+        """Whether the copies taken are still this process's: always, here."""
+        return True
+
+    def close(self) -> None:
+        """Nothing held open."""
 
     def status(self, now: float | None = None) -> dict[str, DestinationStatus]:
         """Per destination: copies queued, dead letters, the oldest one's age."""

@@ -4,26 +4,63 @@ queue, and a forwarder per destination sending through a pool of associations.""
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
 from dicomnet.observe import Observer
 from dicomnet.route.config import ConfigError, Destination, RouteConfig
 from dicomnet.route.forwarder import Forwarder, Sender
 from dicomnet.route.intake import Intake
-from dicomnet.route.queue import Entry, Queue
+from dicomnet.route.queue import Entry, Queue, RouteQueue
 from dicomnet.server import AE, Server, security_settings
 from dicomnet.stream import TCP, NetworkBackend
 
-__all__ = ["Router"]
+__all__ = ["Router", "node_name", "open_queue"]
 
 log = logging.getLogger("dicomnet")
 
 SenderFactory = Callable[[Destination], AbstractAsyncContextManager[Sender]]
+
+
+def node_name(config: RouteConfig) -> str | None:
+    """This node's name among those sharing a queue (None: the queue is not shared)."""
+    if config.database is None:
+        return None
+    return config.node or f"{socket.gethostname()}-{config.port}"
+
+
+def open_queue(config: RouteConfig, *, running: bool = True) -> RouteQueue:
+    """The queue of `config`: its folder, or its folder and database (shared with other
+    route nodes). `running`: for the router itself (not to look at the queue from
+    outside: then what is being written is left alone)."""
+    names = [d.name for d in config.destinations]
+    if config.database is None:
+        return Queue(
+            config.queue, names, fsync=config.fsync, max_queued=config.max_queued, recover=running
+        )
+    from dicomnet.route.shared_queue import SharedQueue
+
+    node = node_name(config)
+    assert node is not None
+    try:
+        return SharedQueue(
+            config.queue,
+            config.database,
+            node,
+            names,
+            lease=config.lease,
+            fsync=config.fsync,
+            max_queued=config.max_queued,
+            recover=running,
+        )
+    except (OSError, RuntimeError) as exc:  # the database not there, or psycopg missing
+        raise ConfigError(f"queue: {exc}") from None
 
 
 def _security(config: RouteConfig) -> dict[str, Any]:
@@ -61,8 +98,8 @@ class Router:
         self.backend = backend
         self._given_senders = senders
         self.senders = senders or self._pool
-        names = [d.name for d in config.destinations]
-        self.queue = Queue(config.queue, names, fsync=config.fsync, max_queued=config.max_queued)
+        self.queue = open_queue(config)
+        self.node = node_name(config)
         self.forwarders: dict[str, Forwarder] = {}
         self.ae = AE(
             config.aet,
@@ -109,6 +146,12 @@ class Router:
             return lambda: self._pool(destination, single=True)
         return lambda: given(destination)
 
+    async def _renewing(self, every: float) -> None:
+        """Renew the leases of the copies this node holds in a shared queue."""
+        while True:
+            await anyio.sleep(every)
+            await anyio.to_thread.run_sync(self.queue.renew)
+
     @asynccontextmanager
     async def serve(self) -> AsyncIterator[Server]:
         """Listen and forward until the block ends; the queue stays for the next start."""
@@ -118,7 +161,10 @@ class Router:
                 self.forwarders[destination.name] = Forwarder(
                     self.queue, destination, sender, dedicated=self._dedicated(destination)
                 )
+            stack.callback(self.queue.close)  # a shared queue's copies let go at once
             async with anyio.create_task_group() as tg:
+                if self.queue.lease is not None:
+                    tg.start_soon(self._renewing, self.queue.lease / 3)
                 for forwarder in self.forwarders.values():
                     tg.start_soon(forwarder.run)
                 async with self.ae.serve(

@@ -1,0 +1,163 @@
+"""The queue of `route` in PostgreSQL (`SharedQueue`): nodes sharing one queue folder and
+one database take each copy once; a node's copies go to another when its lease ends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import postgres
+import pytest
+
+from dicomnet.route.queue import Entry, QueueFull
+from dicomnet.route.shared_queue import QueueUnavailable, SharedQueue
+
+
+@pytest.fixture
+def url(postgresql_server: Any) -> str:
+    return postgres.fresh_schema(postgresql_server)
+
+
+def node(tmp_path: Path, url: str, name: str, **kwargs: Any) -> SharedQueue:
+    kwargs.setdefault("fsync", False)
+    return SharedQueue(tmp_path / "queue", url, name, ["archive", "ai"], **kwargs)
+
+
+def put(queue: SharedQueue, *destinations: str, data: bytes = b"DICM") -> list[Entry]:
+    source = queue.temp_path()
+    source.write_bytes(data)
+    return queue.put(dict.fromkeys(destinations or ("archive",), source))
+
+
+def test_a_copy_is_its_queuing_node_s_until_it_lets_go(tmp_path: Path, url: str) -> None:
+    a, b = node(tmp_path, url, "a"), node(tmp_path, url, "b")
+    entries = put(a, "archive", "ai")
+    assert [e.destination for e in entries] == ["archive", "ai"]
+    assert entries[0].path == entries[1].path.parent.parent / "archive" / entries[0].path.name
+    assert all(e.path.read_bytes() == b"DICM" for e in entries)
+    assert not list(a.tmp.iterdir())  # linked into the destinations' folders, then gone
+    assert b.pending("archive") == []  # a's lease holds
+    assert a.pending("archive", own=False) == []
+    assert [e.row for e in a.pending("archive")] == [entries[0].row]  # a takes its own again
+    a.close()  # lets go: b takes both at once
+    assert [e.row for e in b.pending("archive")] == [entries[0].row]
+    assert [e.row for e in b.pending("ai")] == [entries[1].row]
+
+
+def test_nodes_taking_at_once_never_take_the_same_copy(tmp_path: Path, url: str) -> None:
+    putter = node(tmp_path, url, "putter")
+    rows = {e.row for _ in range(300) for e in put(putter)}
+    putter.close()
+    takers = [node(tmp_path, url, f"taker-{n}") for n in range(4)]
+    taken: list[list[Entry]] = [[] for _ in takers]
+
+    def take(n: int) -> None:
+        for _ in range(1000):
+            if not (batch := takers[n].pending("archive", 7, own=False)):
+                return
+            taken[n].extend(batch)
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in range(len(takers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [e.row for batch in taken for e in batch]
+    assert sorted(every) == sorted(rows)  # each once, none left
+    assert sum(1 for batch in taken if batch) >= 2  # they did take turns
+
+
+def test_a_node_that_stops_renewing_loses_its_copies_to_another(tmp_path: Path, url: str) -> None:
+    a = node(tmp_path, url, "a", lease=0.5)
+    b = node(tmp_path, url, "b", lease=0.5)
+    entries = put(a) + put(a)
+    assert a.holds()
+    assert b.pending("archive") == []
+    time.sleep(0.6)  # a is killed, or cut off: its leases end
+    assert not a.holds()  # a would send nothing now
+    taken = b.pending("archive")
+    assert [e.row for e in taken] == [e.row for e in entries]
+    a.done(entries[0])  # too late: b has it now, its file stays for b
+    assert entries[0].path.exists()
+    b.done(taken[0])
+    assert not taken[0].path.exists()
+    a.renew()  # a is back: it holds nothing of b's
+    assert a.pending("archive") == []
+    assert a.holds()
+
+
+def test_renewed_leases_keep_a_node_s_copies(tmp_path: Path, url: str) -> None:
+    a = node(tmp_path, url, "a", lease=0.6)
+    b = node(tmp_path, url, "b", lease=0.6)
+    put(a)
+    for _ in range(4):
+        time.sleep(0.2)
+        a.renew()
+        assert b.pending("archive") == []
+        assert a.holds()
+
+
+def test_a_restarted_node_takes_back_its_own_copies_at_once(tmp_path: Path, url: str) -> None:
+    a = node(tmp_path, url, "a", lease=60)
+    entries = put(a)
+    again = node(tmp_path, url, "a", lease=60)  # same name, its lease not ended
+    assert [e.row for e in again.pending("archive")] == [entries[0].row]
+
+
+def test_attempts_dead_letters_and_retry(tmp_path: Path, url: str) -> None:
+    a = node(tmp_path, url, "a")
+    entry = a.failed(a.failed(put(a)[0]))
+    assert entry.attempts == 2
+    a.close()
+    b = node(tmp_path, url, "b")
+    [taken] = b.pending("archive")
+    assert taken.attempts == 2
+    b.give_up(taken, "after 3 attempt(s): refused")
+    status = b.status()["archive"]
+    assert (status.queued, status.dead) == (0, 1)
+    assert b.last_reason("archive") == "after 3 attempt(s): refused"
+    assert b.pending("archive") == []
+    assert b.retry_dead("archive") == 1
+    [back] = b.pending("archive")
+    assert (back.row, back.attempts) == (taken.row, 0)
+    assert back.path.read_bytes() == b"DICM"
+
+
+def test_status_counts_copies_bytes_and_age(tmp_path: Path, url: str) -> None:
+    a = node(tmp_path, url, "a")
+    put(a, "archive", data=b"x" * 100)
+    put(a, "archive", "ai", data=b"y" * 10)
+    status = a.status(now=time.time() + 5)
+    assert (status["archive"].queued, status["archive"].queued_bytes) == (2, 110)
+    assert (status["ai"].queued, status["ai"].queued_bytes) == (1, 10)
+    age = status["archive"].oldest_age
+    assert age is not None and 5 <= age < 60
+
+
+def test_max_queued_refuses_across_nodes(tmp_path: Path, url: str) -> None:
+    a = node(tmp_path, url, "a", max_queued=2)
+    b = node(tmp_path, url, "b", max_queued=2)
+    put(a)
+    put(b)
+    assert not a.has_room(["archive"]) and a.has_room(["ai"])
+    with pytest.raises(QueueFull):
+        put(b)
+
+
+def test_without_its_database_nothing_is_queued(tmp_path: Path, url: str) -> None:
+    a = node(tmp_path, url, "a")
+    a.url = "postgresql://nobody@127.0.0.1:1/none"  # the server is gone
+    a._conn.close()
+    with pytest.raises(QueueUnavailable):
+        put(a)
+    assert not list((tmp_path / "queue" / "archive").glob("*.dcm"))  # no copy left behind
+    assert a.pending("archive") == []  # logged, not raised
+    a.renew()
+    assert not a.holds() or time.monotonic() < a._renewed + a.lease  # the last renewal stands
+
+
+def test_without_a_database_at_start_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(QueueUnavailable, match="the database at postgresql://u:\\*\\*\\*@"):
+        SharedQueue(tmp_path, "postgresql://u:secret@127.0.0.1:1/db", "a", ["archive"])
