@@ -48,6 +48,10 @@ class CountingSCP(PynetdicomSCP):
             )
         return status
 
+    def __enter__(self) -> CountingSCP:
+        self.start()
+        return self
+
 
 def start_node(
     workdir: Path, name: str, url: str, destination: int, lease: float = 30.0
