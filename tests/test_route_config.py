@@ -53,6 +53,7 @@ def test_a_configuration_with_defaults(tmp_path: Path) -> None:
     assert (archive.window, archive.backoff, archive.attempts) == (4, 1.0, 10)
     assert (ai.associations, ai.window) == (2, 1)
     assert config.rules[0].forward == ("archive", "ai")
+    assert (config.database, config.node, config.lease) == (None, None, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -65,6 +66,9 @@ def test_a_configuration_with_defaults(tmp_path: Path) -> None:
         (("window = 4", "window = 0"), "at least 1"),
         (('aet = "AI"\n', ""), "destination 'ai': aet is needed"),
         (('aet = "ROUTER"\n', 'aet = "ROUTER"\nrequire_user = true\n'), "needs listen.users"),
+        (("max_queued = 50", 'database = "q.sqlite"'), "queue.database: a postgresql:// URL"),
+        (("max_queued = 50", 'node = "n1"'), "queue.node: only with queue.database"),
+        (("max_queued = 50", 'database = "postgresql://db/r"\nlease = 0'), "queue.lease"),
     ],
 )
 def test_what_is_wrong_in_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -98,10 +102,14 @@ def test_the_guide_s_example_is_a_valid_configuration() -> None:
 
     guide = (Path(__file__).resolve().parent.parent / "docs" / "commands.md").read_text()
     section = guide.split("## route\n", 1)[1].split("\n## ", 1)[0]
-    (block,) = re.findall(r"```toml\n(.*?)```", section, flags=re.S)
+    block, shared = re.findall(r"```toml\n(.*?)```", section, flags=re.S)
     config = parse_config(tomllib.loads(block))
     assert [d.name for d in config.destinations] == ["archive", "ai"]
     assert len(config.rules) == 2
+    # The queue shared by several nodes: its [queue] in place of the first's.
+    config = parse_config({**tomllib.loads(block), **tomllib.loads(shared)})
+    assert config.database == "postgresql://route@db.example/route"
+    assert (config.node, config.lease) == ("route-1", 30.0)
 
 
 def test_a_destination_presents_the_listen_certificate_unless_it_has_its_own(
