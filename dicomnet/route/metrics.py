@@ -21,6 +21,7 @@ Needs the `prometheus_client` package (`dicomnet[metrics]`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
     from dicomnet.route.router import Router
+
+log = logging.getLogger("dicomnet")
 
 __all__ = ["RouteCollector"]
 
@@ -86,7 +89,12 @@ class RouteCollector(Collector):
             ),
         }
         forwarders = self.router.forwarders
-        for name, state in self.router.queue.status().items():
+        try:
+            statuses = self.router.queue.status()
+        except OSError as exc:  # a shared queue's database not there: no queue figures
+            log.warning("metrics: the queue's status: %s", exc)
+            return
+        for name, state in statuses.items():
             forwarder = forwarders.get(name)
             figures = {
                 "queued": state.queued,

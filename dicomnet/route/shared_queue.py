@@ -339,8 +339,11 @@ class SharedQueue:
     def status(self, now: float | None = None) -> dict[str, DestinationStatus]:
         """Per destination: copies queued, dead letters, the oldest one's age."""
         now = time.time() if now is None else now
-        with self._connection() as conn:
-            rows = conn.execute(_STATUS).fetchall()
+        try:
+            with self._connection() as conn:
+                rows = conn.execute(_STATUS).fetchall()
+        except self._error as exc:
+            raise QueueUnavailable(f"the queue's database: {exc}") from None
         out = {name: DestinationStatus(0, 0, None, 0) for name in self.destinations}
         for name, queued, dead, oldest, size in rows:
             age = None if oldest is None else max(0.0, now - float(oldest))
