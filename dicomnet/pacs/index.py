@@ -62,9 +62,12 @@ timeout), readers never wait. ``synchronous = NORMAL``: a commit is atomic and
 survives a crash of the process, but a power loss may lose the last few additions
 (the files are the truth; `rebuild` restores the index from them).
 
-Schema (version `SCHEMA_VERSION`, in ``PRAGMA user_version``; a database of
-another version is dropped and recreated empty, with `Index.created` set so the
-caller rebuilds it from the files)::
+Schema (version `SCHEMA_VERSION`, in ``PRAGMA user_version`` or PostgreSQL's
+``dicomnet_schema``): an index of an older version is migrated in place by the steps
+of `index_schema.MIGRATIONS`, or, older than any step, dropped and recreated empty,
+with `Index.created` set so the caller rebuilds it from the files. A newer version is
+recreated in SQLite (one archive's own file) and refused in PostgreSQL (`SchemaTooNew`:
+nodes of a newer dicomnet use it)::
 
     patient (pk, patient_id NOT NULL (UNIQUE where not ''), patient_name,
              issuer_of_patient_id, patient_birth_date, patient_sex)

@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from dicomnet.pacs import index_schema
 from dicomnet.pacs.index_schema import TABLES, schema_statements
 from dicomnet.pacs.matching import POSTGRESQL, SQLITE, SqlDialect
 
@@ -35,6 +36,7 @@ __all__ = [
     "Executor",
     "PostgreSQLDatabase",
     "SQLiteDatabase",
+    "SchemaTooNew",
     "is_database_url",
     "node_folder",
     "redacted",
@@ -63,6 +65,36 @@ def redacted(location: str) -> str:
 def node_folder(node: str) -> str:
     """A node's name (of those sharing a folder and a database) as one folder name."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in node).strip(".") or "node"
+
+
+class SchemaTooNew(RuntimeError):
+    """The index was written by a newer dicomnet (a later schema version): a node of an
+    older one must not recreate what the newer nodes use."""
+
+
+def _bring_to(conn: Any, found: int | None, version: int, dialect: SqlDialect, where: str) -> bool:
+    """Make the index of `conn`, of schema version `found` (None: none there, or not
+    whole), one of `version`: migrated (`index_schema.MIGRATIONS`), or dropped and
+    created empty. Whether it was created (to be rebuilt from the files)."""
+    if found is not None:
+        steps = index_schema.migration_statements(found, version, dialect)
+        if steps is not None:
+            for statement in steps:
+                conn.execute(statement)
+            log.info("index %s: schema version %d migrated to %d", where, found, version)
+            return False
+        if found > version and dialect is POSTGRESQL:  # nodes of a newer dicomnet use it
+            raise SchemaTooNew(
+                f"the index at {where} has schema version {found}, newer than this "
+                f"dicomnet's ({version}): upgrade dicomnet on this node"
+            )
+        log.warning("index %s has schema version %s, not %d: recreating it", where, found, version)
+    cascade = " CASCADE" if dialect is POSTGRESQL else ""
+    for name in reversed([t.name for t in TABLES]):
+        conn.execute(f"DROP TABLE IF EXISTS {name}{cascade}")
+    for statement in schema_statements(dialect):
+        conn.execute(statement)
+    return True
 
 
 class Executor(Protocol):
@@ -152,24 +184,12 @@ class SQLiteDatabase(_Connected):
         self.created = False
         with self.write() as conn:
             found = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {
-                row[0]
-                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-            if found != version or not tables:
-                if tables:
-                    log.warning(
-                        "index %s has schema version %d, not %d: recreating it",
-                        path,
-                        found,
-                        version,
-                    )
-                for name in reversed([t.name for t in TABLES]):
-                    conn.execute(f"DROP TABLE IF EXISTS {name}")
-                for statement in schema_statements(SQLITE):
-                    conn.execute(statement)
+            tables = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone()
+            if found != version or tables is None:
+                self.created = _bring_to(
+                    conn, found if tables else None, version, SQLITE, str(path)
+                )
                 conn.execute(f"PRAGMA user_version = {version}")
-                self.created = True
 
     @contextmanager
     def write(self) -> Iterator[Executor]:
@@ -202,8 +222,8 @@ class SQLiteDatabase(_Connected):
             conn.close()
 
 
-#: Rows fetched per round trip by a query's server-side cursor.
-_FETCH_ROWS = 2000
+#: Rows a query fetches from its server-side cursor per round trip (about 0.5 KB each).
+_FETCH_ROWS = 500
 #: Reader connections kept open between queries (PostgreSQL starts a process for each).
 _IDLE_READERS = 8
 #: The advisory lock under which a node creates (or recreates) the schema.
@@ -263,7 +283,11 @@ class PostgreSQLDatabase(_Connected):
         self.location = url
         self._timeout = timeout
         self._conn = self._connect(autocommit=True)
-        self.created = self._create_schema(version)
+        try:
+            self.created = self._create_schema(version)
+        except BaseException:
+            self._conn.close()
+            raise
 
     def _connect(self, autocommit: bool) -> Any:
         return self._psycopg.connect(
@@ -284,23 +308,17 @@ class PostgreSQLDatabase(_Connected):
                 for name in (t.name for t in TABLES)
                 if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None
             ]
-            if found is not None and found[0] == version and len(tables) == len(TABLES):
+            whole = len(tables) == len(TABLES)
+            if found is not None and found[0] == version and whole:
                 return False
-            if tables:
-                log.warning(
-                    "index %s has schema version %s, not %d: recreating it",
-                    redacted(self.location),
-                    None if found is None else found[0],
-                    version,
-                )
-            for name in reversed([t.name for t in TABLES]):
-                conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
-            for statement in schema_statements(POSTGRESQL):
-                conn.execute(statement)
+            # A version without its tables, or tables without a version: made anew.
+            known = found[0] if found is not None and (whole or found[0] != version) else None
+            where = redacted(self.location)
+            created = _bring_to(conn, known if tables else None, version, POSTGRESQL, where)
             conn.execute("DROP TABLE IF EXISTS dicomnet_schema")
             conn.execute("CREATE TABLE dicomnet_schema (version INTEGER NOT NULL)")
             conn.execute("INSERT INTO dicomnet_schema VALUES (%s)", (version,))
-            return True
+            return created
 
     @contextmanager
     def write(self) -> Iterator[Executor]:

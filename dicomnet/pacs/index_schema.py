@@ -5,6 +5,7 @@ query time), and the levels of the keys it does not hold. See `dicomnet.pacs.ind
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ __all__ = [
     "INDEXED_TAGS",
     "INSTANCE_AVAILABILITY",
     "LEVELS",
+    "MIGRATIONS",
     "PARENT_TABLES",
     "PLAIN",
     "QUERY_RETRIEVE_LEVEL",
@@ -45,6 +47,7 @@ __all__ = [
     "QueryAttribute",
     "Statements",
     "attributes",
+    "migration_statements",
     "schema_statements",
     "statements",
 ]
@@ -180,6 +183,28 @@ def _column_types(dialect: SqlDialect) -> tuple[str, str, str]:
             'TEXT COLLATE "C"',
         )
     return "pk INTEGER PRIMARY KEY", "INTEGER", "TEXT"
+
+
+#: How an index of version v becomes one of version v + 1: v -> the statements (per
+#: dialect) that change it, run in one transaction with the new version number by the
+#: first node that opens it (rows kept). A change of schema adds a step here along with
+#: the new version; an index older than the oldest step is recreated empty (and rebuilt
+#: from the files). None so far: version 2 is the first schema in either database.
+MIGRATIONS: dict[int, Callable[[SqlDialect], list[str]]] = {}
+
+
+def migration_statements(found: int, version: int, dialect: SqlDialect) -> list[str] | None:
+    """The statements that take an index of version `found` to `version`, in order;
+    None when there is no way there (an older version than any step, or a newer one)."""
+    if found > version:
+        return None
+    statements: list[str] = []
+    for step in range(found, version):
+        migrate = MIGRATIONS.get(step)
+        if migrate is None:
+            return None
+        statements += migrate(dialect)
+    return statements
 
 
 def schema_statements(dialect: SqlDialect = SQLITE) -> list[str]:
