@@ -37,6 +37,7 @@ __all__ = [
     "PostgreSQLDatabase",
     "SQLiteDatabase",
     "SchemaTooNew",
+    "SharedConnection",
     "is_database_url",
     "node_folder",
     "redacted",
@@ -243,6 +244,50 @@ def reopened_if_dropped(conn: Any, connect: Callable[[], Any]) -> Any:
             return conn
     conn.close()
     return connect()
+
+
+class SharedConnection:
+    """One psycopg connection (autocommit) to the database at `url`, for the threads of
+    a process in turn, opened again when the server dropped it. Raises `RuntimeError`
+    when psycopg is not installed."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise RuntimeError(
+                "a database in PostgreSQL needs psycopg: pip install 'dicomnet[postgresql]'"
+            ) from None
+        self.url = url
+        self.error: type[Exception] = psycopg.Error
+        self._psycopg = psycopg
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._conn: Any = None
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(
+            self.url,
+            autocommit=True,
+            connect_timeout=max(1, int(self._timeout)),
+            prepare_threshold=None,
+        )
+
+    @contextmanager
+    def use(self) -> Iterator[Any]:
+        """The connection, to the caller alone until the block ends."""
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+            else:
+                self._conn = reopened_if_dropped(self._conn, self._connect)
+            yield self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
 
 class _Reader:

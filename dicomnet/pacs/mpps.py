@@ -19,7 +19,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnet.pacs.index_db import SCHEMA_LOCK, is_database_url, reopened_if_dropped
+from dicomnet.pacs.index_db import SCHEMA_LOCK, SharedConnection, is_database_url
 from dicomnet.pacs.matching import POSTGRESQL, SQLITE
 
 __all__ = ["MPPSRecords"]
@@ -59,16 +59,16 @@ class MPPSRecords:
         self._lock = threading.Lock()
         self._conn: Any
         location = str(database)
-        self._location = location
+        self._shared: SharedConnection | None = None
         if is_database_url(location):
             import psycopg
 
-            self._conn = self._connect()
+            self._shared = SharedConnection(location)
             self._duplicate: type[Exception] = psycopg.errors.UniqueViolation
             self._dialect = POSTGRESQL
-            with self._conn.transaction():  # nodes starting at once create it once
-                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                self._conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
+            with self._shared.use() as conn, conn.transaction():  # nodes starting at
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))  # once: once
+                conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
         else:
             self._conn = sqlite3.connect(
                 database, timeout=timeout, check_same_thread=False, isolation_level=None
@@ -79,19 +79,19 @@ class MPPSRecords:
             self._conn.execute(_SCHEMA.format(real="REAL"))
 
     def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+            return
         with self._lock:
             self._conn.close()
 
-    def _connect(self) -> Any:
-        import psycopg
-
-        return psycopg.connect(self._location, autocommit=True, prepare_threshold=None)
-
     @contextmanager
     def _cursor(self) -> Iterator[Any]:
+        if self._shared is not None:
+            with self._shared.use() as conn:
+                yield conn
+            return
         with self._lock:
-            if self._dialect is POSTGRESQL:
-                self._conn = reopened_if_dropped(self._conn, self._connect)
             yield self._conn
 
     def create(self, sop_instance_uid: str, dataset: Dataset) -> bool:

@@ -27,12 +27,12 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from dicomnet.pacs.index_db import node_folder, redacted, reopened_if_dropped
+from dicomnet.pacs.index_db import SharedConnection, node_folder, redacted
 from dicomnet.route.queue import DestinationStatus, Entry, QueueFull, fsync_folder, new_sequence
 
 __all__ = ["QueueUnavailable", "SharedQueue"]
@@ -101,14 +101,8 @@ class SharedQueue:
         max_queued: int | None = None,
         recover: bool = True,
     ) -> None:
-        try:
-            import psycopg
-        except ImportError:
-            raise RuntimeError(
-                "a queue in PostgreSQL needs psycopg: pip install 'dicomnet[postgresql]'"
-            ) from None
-        self._error: type[Exception] = psycopg.Error
-        self._psycopg = psycopg
+        self._db = SharedConnection(url)
+        self._error = self._db.error
         self.root = Path(root)
         self.url = url
         self.node = node
@@ -121,10 +115,9 @@ class SharedQueue:
         if recover:
             shutil.rmtree(self.tmp, ignore_errors=True)  # never acknowledged
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # one connection, for the threads of the node
+        self._lock = threading.Lock()  # the removals, from the forwarders' threads
         self._removed_from: set[Path] = set()
         self._renewed = -float("inf")  # time.monotonic() of the last renewal sent
-        self._conn: Any = None
         try:
             self._create_table()
             names = list(destinations) if destinations is not None else self._known_destinations()
@@ -145,20 +138,9 @@ class SharedQueue:
     def __repr__(self) -> str:
         return f"SharedQueue({str(self.root)!r}, {redacted(self.url)!r}, node={self.node!r})"
 
-    def _connect(self) -> Any:
-        return self._psycopg.connect(
-            self.url, autocommit=True, connect_timeout=10, prepare_threshold=None
-        )
-
-    @contextmanager
-    def _connection(self) -> Iterator[Any]:
+    def _connection(self) -> AbstractContextManager[Any]:
         """The node's connection (opened again when the server dropped it), to itself."""
-        with self._lock:
-            if self._conn is None:
-                self._conn = self._connect()
-            else:
-                self._conn = reopened_if_dropped(self._conn, self._connect)
-            yield self._conn
+        return self._db.use()
 
     def _known_destinations(self) -> list[str]:
         with self._connection() as conn:
@@ -359,7 +341,4 @@ class SharedQueue:
             )
         except self._error as exc:
             log.warning("queue: could not let go of this node's copies: %s", exc)
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._db.close()
