@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import index_location
 from peers import DicomnetServer, describe_cli, free_port, run_dicomnet, wait_until
 from pydicom.data import get_testdata_file
 
@@ -38,14 +39,23 @@ def test_commit_reports_stored_and_missing_instances(
     assert "failure reason 0x0112" in both.stdout, describe_cli(both)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_report_waiting_for_its_requestor_survives_a_restart(
-    dicomnet_server: Callable[..., DicomnetServer], tmp_path: Path
+    dicomnet_server: Callable[..., DicomnetServer],
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """`serve` cannot reach the requestor: the report stays on disk; a new `serve` on
-    the same storage sends it when the requestor (a listener) is there."""
+    """`serve` cannot reach the requestor: the report stays on disk (or in the index's
+    PostgreSQL database); a new `serve` on the same storage (the same node) sends it when
+    the requestor (a listener) is there."""
     listen_port = free_port()
     peer = f"MODALITY=127.0.0.1:{listen_port}"
-    first = dicomnet_server(aet="PACS", extra_args=["--peer", peer])
+    shared: list[str] = []
+    if backend == "postgresql":
+        url = index_location(request, backend, tmp_path / "unused")
+        shared = ["--index", url, "--node", "node-1"]
+    first = dicomnet_server(aet="PACS", extra_args=["--peer", peer, *shared])
     stored = run_dicomnet(["store", "127.0.0.1", first.port, "--aec", "PACS", CT_FILE])
     assert stored.returncode == 0, describe_cli(stored)
     # Ask, then go away at once: the report must go to MODALITY, which is not listening.
@@ -62,10 +72,19 @@ def test_a_report_waiting_for_its_requestor_survives_a_restart(
     asked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert asked.returncode == 0, asked.stderr
     transaction = asked.stdout.strip()
-    pending = first.storage / ".commitments" / f"{transaction}.json"
-    assert wait_until(pending.exists, 10), list((first.storage / ".commitments").iterdir())
+
+    def pending() -> bool:
+        if backend == "sqlite":
+            return (first.storage / ".commitments" / f"{transaction}.json").exists()
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            sql = "SELECT 1 FROM commitment_report WHERE transaction_uid = %s"
+            return conn.execute(sql, (transaction,)).fetchone() is not None
+
+    assert wait_until(pending, 10)
     first.stop()
-    assert pending.exists()
+    assert pending()
     # A listener for MODALITY, then `serve` again on the same storage.
     listener_script = (
         "import anyio, dicomnet\n"
@@ -87,10 +106,11 @@ def test_a_report_waiting_for_its_requestor_survives_a_restart(
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "listening"
         # The last --storage wins: the first server's folder, not the fixture's new one.
-        dicomnet_server(aet="PACS", extra_args=["--peer", peer, "--storage", first.storage])
+        again = ["--peer", peer, "--storage", first.storage, *shared]
+        dicomnet_server(aet="PACS", extra_args=again)
         out, _ = listener.communicate(timeout=90)
         assert out.strip() == "1 0", out
-        assert wait_until(lambda: not pending.exists(), 10)
+        assert wait_until(lambda: not pending(), 10)
     finally:
         listener.kill()
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
+import postgres
 import pytest
 from pydicom.dataset import Dataset
 
 import dicomnet
-from dicomnet.pacs.commitments import FolderReportStore, check_stored
+from dicomnet.pacs.commitments import DatabaseReportStore, FolderReportStore, check_stored
 from dicomnet.services.commitment import (
     STORAGE_COMMITMENT,
     STORAGE_COMMITMENT_INSTANCE,
     CommitmentListener,
+    CommitmentResult,
     PendingReport,
     Reference,
     report_contexts,
@@ -262,3 +265,31 @@ def test_the_folder_store_round_trips_and_checks_files(tmp_path: Path) -> None:
     store.delete("2.25.5")
     assert [p.transaction_uid for p in store.load()] == []
     assert check_stored is not None
+
+
+def test_reports_kept_in_the_database_are_each_node_s_own(postgresql_server: Any) -> None:
+    """With an index in PostgreSQL, a node's undelivered reports are rows marked with
+    the node: it finds its own again after a restart, and only its own."""
+    url = postgres.fresh_schema(postgresql_server)
+    node_a = DatabaseReportStore(url, "a")
+    pending = PendingReport("2.25.5", "MOD", [(CT, "1.2")], 12.5)
+    node_a.save(pending)
+    pending.result = CommitmentResult("2.25.5", ((CT, "1.2"),), ((MR, "3", 0x0112),), "PACS")
+    pending.attempts = 3
+    node_a.save(pending)
+    node_b = DatabaseReportStore(url, "b")
+    node_b.save(PendingReport("2.25.6", "MOD", [(CT, "1.3")], 13.0))
+    node_a.close()
+    again = DatabaseReportStore(url, "a")  # a restarted
+    assert again.load() == [pending]
+    assert [p.transaction_uid for p in node_b.load()] == ["2.25.6"]
+    again.delete("2.25.5")
+    again.delete("2.25.5")
+    assert again.load() == []
+    again.close()
+    node_b.close()
+
+
+def test_a_report_store_out_of_reach_is_an_os_error(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="storage commitment reports"):
+        DatabaseReportStore("postgresql://nobody@127.0.0.1:1/none", "a")

@@ -6,7 +6,7 @@ An instance is committed when its file `<storage>/<SOPInstanceUID>.dcm` is there
 readable, and of the SOP class the request names (PS3.4 §J.3.3.1.2 Failure Reasons:
 0x0112 no such object instance, 0x0119 class/instance conflict, 0x0110 processing
 failure). Pending reports are one JSON file each in `<storage>/.commitments/`,
-written atomically.
+written atomically; with an index in PostgreSQL, one row each in its database.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio.to_thread
 
+from dicomnet.pacs.index_db import SCHEMA_LOCK, SharedConnection
 from dicomnet.services.commitment import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT_INSTANCE,
@@ -30,7 +31,7 @@ from dicomnet.services.commitment import (
 )
 from dicomnet.storage import Part10File, is_valid_uid, write_atomic
 
-__all__ = ["COMMITMENTS_FOLDER", "FolderReportStore", "check_stored"]
+__all__ = ["COMMITMENTS_FOLDER", "DatabaseReportStore", "FolderReportStore", "check_stored"]
 
 log = logging.getLogger("dicomnet")
 
@@ -146,3 +147,63 @@ class FolderReportStore:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.error("storage commitment: %s is unreadable, skipped: %s", path, exc)
         return pending
+
+    def close(self) -> None:
+        """Nothing held open."""
+
+
+_REPORTS = """CREATE TABLE IF NOT EXISTS commitment_report (
+    transaction_uid TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    report TEXT NOT NULL)"""
+
+
+class DatabaseReportStore:
+    """Pending storage commitment reports as rows of `commitment_report` in the index's
+    PostgreSQL database (at `url`), each with the node that owes it: a node resends its
+    own when it starts again, as with a folder of its own. `OSError` when the database
+    cannot be reached."""
+
+    def __init__(self, url: str, node: str) -> None:
+        self._db = SharedConnection(url)
+        self.node = node
+        try:
+            with self._db.use() as conn, conn.transaction():  # nodes starting at once
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                conn.execute(_REPORTS)
+        except self._db.error as exc:
+            raise OSError(f"storage commitment reports: {exc}") from None
+
+    def _run(self, sql: str, params: tuple[object, ...]) -> list[tuple[str]]:
+        try:
+            with self._db.use() as conn:
+                cursor = conn.execute(sql, params)
+                return list(cursor.fetchall()) if cursor.description else []
+        except self._db.error as exc:
+            raise OSError(f"storage commitment reports: {exc}") from None
+
+    def save(self, pending: PendingReport) -> None:
+        self._run(
+            "INSERT INTO commitment_report VALUES (%s, %s, %s) ON CONFLICT (transaction_uid)"
+            " DO UPDATE SET node = EXCLUDED.node, report = EXCLUDED.report",
+            (pending.transaction_uid, self.node, json.dumps(_to_json(pending))),
+        )
+
+    def delete(self, transaction_uid: str) -> None:
+        self._run("DELETE FROM commitment_report WHERE transaction_uid = %s", (transaction_uid,))
+
+    def load(self) -> list[PendingReport]:
+        pending = []
+        rows = self._run(
+            "SELECT report FROM commitment_report WHERE node = %s ORDER BY transaction_uid",
+            (self.node,),
+        )
+        for (report,) in rows:
+            try:
+                pending.append(_from_json(json.loads(report)))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("storage commitment: a report is unreadable, skipped: %s", exc)
+        return pending
+
+    def close(self) -> None:
+        self._db.close()

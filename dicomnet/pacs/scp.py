@@ -25,7 +25,12 @@ import anyio
 import anyio.to_thread
 from pydicom.dataset import Dataset
 
-from dicomnet.pacs.commitments import COMMITMENTS_FOLDER, FolderReportStore, check_stored
+from dicomnet.pacs.commitments import (
+    COMMITMENTS_FOLDER,
+    DatabaseReportStore,
+    FolderReportStore,
+    check_stored,
+)
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
 from dicomnet.pacs.index_db import node_folder
 from dicomnet.pacs.indexer_process import spawn_indexer
@@ -521,13 +526,17 @@ class StorageSCP:
         self._storage_folder = str(storage)
         storage.mkdir(parents=True, exist_ok=True)
         spool = storage / SPOOL_FOLDER
-        commitments = storage / COMMITMENTS_FOLDER
+        reports: DatabaseReportStore | FolderReportStore
         if index is not None:
-            # Nodes sharing the storage folder and the database: each spools, keeps its
-            # serving markers and its undelivered storage commitment reports in folders
-            # of its own, and clears or resends only those.
-            own = Path(NODES_FOLDER, node_folder(node or socket.gethostname()))
-            spool, commitments = spool / own, commitments / own
+            # Nodes sharing the storage folder and the database: each spools and keeps
+            # its serving markers in a folder of its own, and its undelivered storage
+            # commitment reports as rows of its own, and clears or resends only those.
+            node = node or socket.gethostname()
+            spool = spool / NODES_FOLDER / node_folder(node)
+            reports = DatabaseReportStore(index, node)
+        else:
+            reports = FolderReportStore(storage / COMMITMENTS_FOLDER, fsync=fsync)
+        self._reports = reports
         spool.mkdir(parents=True, exist_ok=True)
         if clean_spool:  # not in a worker: the others may be writing there
             for leftover in spool.glob("*.part"):
@@ -586,7 +595,7 @@ class StorageSCP:
         self._first_process = process_slot == 0
         self.commitment = CommitmentSCP(
             lambda references: check_stored(storage, references),
-            FolderReportStore(commitments, fsync=fsync),
+            reports,
             ae_title=ae_title,
             connect=self._report_association,
         )
@@ -630,6 +639,7 @@ class StorageSCP:
             self._marker.unlink(missing_ok=True)  # a clean stop: everything is indexed
         self.index.close()
         self.mpps.close()
+        self._reports.close()
         if self.progress is not None:
             self.progress.close()
 

@@ -353,7 +353,8 @@ class PendingReport:
 
 
 class ReportStore(Protocol):
-    """Where pending reports survive a restart."""
+    """Where pending reports survive a restart; `OSError` when it cannot be reached (a
+    request then fails; a report already accepted is still delivered)."""
 
     def save(self, pending: PendingReport) -> None: ...
 
@@ -441,13 +442,21 @@ class CommitmentSCP:
             pending.result = CommitmentResult(
                 pending.transaction_uid, tuple(committed), tuple(failed), self.ae_title
             )
-            await anyio.to_thread.run_sync(self._store.save, pending)
+            await self._keep(self._store.save, pending)
         if request is not None:
             await request.responded()
             if await self._on_same_association(request, pending.result):
-                await anyio.to_thread.run_sync(self._store.delete, pending.transaction_uid)
+                await self._keep(self._store.delete, pending.transaction_uid)
                 return
         await self._deliver_with_retries(pending)
+
+    async def _keep(self, change: Callable[[Any], None], argument: Any) -> None:
+        """Record a report's progress; a store that cannot be reached is logged (the
+        report goes on: at worst it is sent again after a restart)."""
+        try:
+            await anyio.to_thread.run_sync(change, argument)
+        except OSError as exc:
+            log.error("storage commitment: could not record a report's progress: %s", exc)
 
     async def _on_same_association(self, request: NRequest, result: CommitmentResult) -> bool:
         association = request.association
@@ -469,10 +478,10 @@ class CommitmentSCP:
     async def _deliver_with_retries(self, pending: PendingReport) -> None:
         while self._clock() - pending.received < self.keep:
             if await self._deliver(pending):
-                await anyio.to_thread.run_sync(self._store.delete, pending.transaction_uid)
+                await self._keep(self._store.delete, pending.transaction_uid)
                 return
             pending.attempts += 1
-            await anyio.to_thread.run_sync(self._store.save, pending)
+            await self._keep(self._store.save, pending)
             await anyio.sleep(min(600.0, self.retry * math.pow(2, min(pending.attempts - 1, 10))))
         log.error(
             "storage commitment report %s to %r dropped: undelivered after %d attempts",
@@ -480,7 +489,7 @@ class CommitmentSCP:
             pending.requestor,
             pending.attempts,
         )
-        await anyio.to_thread.run_sync(self._store.delete, pending.transaction_uid)
+        await self._keep(self._store.delete, pending.transaction_uid)
 
     async def _deliver(self, pending: PendingReport) -> bool:
         """Send the report on a new association to the requestor, we as SCP."""
