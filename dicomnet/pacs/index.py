@@ -299,7 +299,7 @@ class Index:
         errors for a file that cannot be read."""
         record = self._record(os.fspath(path), dataset)
         with self._write() as conn:
-            self._store(conn, record, {})
+            self._store(conn, [record], {})
 
     def add_many(
         self,
@@ -330,19 +330,19 @@ class Index:
     def _store_all(
         self, conn: Executor, records: Iterable[tuple[str, Record]], guarded: bool = False
     ) -> int:
-        """Store `records`; `guarded`: each in a savepoint of its own, so that one the
-        database refuses is logged and left out (a round trip more per record, so taken
-        only when a batch was refused)."""
-        count = 0
+        """Store `records`, at once; `guarded`: each in a savepoint of its own, so that
+        one the database refuses is logged and left out (a round trip more per record,
+        so taken only when a batch was refused)."""
         cache: dict[str, tuple[object, int]] = {}
+        if not guarded:
+            batch = [record for _, record in records]
+            self._store(conn, batch, cache)
+            return len(batch)
+        count = 0
         for path, record in records:
-            if not guarded:
-                self._store(conn, record, cache)
-                count += 1
-                continue
             try:
                 with self._db.one_record(conn):
-                    self._store(conn, record, cache)
+                    self._store(conn, [record], cache)
             except self._db.refused_value as exc:  # the others of the batch go in
                 log.warning("not indexed: %s: %s", path, exc)
                 cache.clear()
@@ -398,18 +398,52 @@ class Index:
     def _record(self, path: str, dataset: Dataset | None) -> Record:
         return self._records.read(path, dataset)
 
-    def _store(self, conn: Executor, record: Record, cache: dict[str, tuple[object, int]]) -> None:
-        """Upsert one instance and its parents, then prune what it left empty.
+    def _store(
+        self, conn: Executor, records: list[Record], cache: dict[str, tuple[object, int]]
+    ) -> None:
+        """Upsert instances and their parents, then prune what they left empty.
+
+        The parents of every record first (`_parents`), then the instance rows all at
+        once (in PostgreSQL, one round trip for all: `Database.insert_each`); only an
+        instance indexed before (a conflict) is looked up, to be updated and to prune
+        the series, study and patient it may have left. Pruning comes last, so the
+        parents remembered in `cache` stay valid throughout."""
+        old: tuple[set[int], set[int], set[int]] = (set(), set(), set())
+        rows = [
+            [self._parents(conn, record, cache, old), *record.rows["instance"]]
+            for record in records
+        ]
+        inserted = self._db.insert_each(conn, self._statements.insert_instance, rows)
+        for record, instance, new in zip(records, rows, inserted, strict=True):
+            if new:
+                continue
+            # Indexed before: it may leave its series (and their parents) empty.
+            row = conn.execute(
+                self._statements.instance_parents, (record.sop_instance_uid,)
+            ).fetchone()
+            if row is not None:
+                for pks, pk in zip(old, row[1:4], strict=True):
+                    pks.add(pk)
+            conn.execute(self._statements.upserts["instance"][0], instance)
+        if self._prune(conn, *old):
+            cache.clear()  # a remembered row may be gone
+
+    def _parents(
+        self,
+        conn: Executor,
+        record: Record,
+        cache: dict[str, tuple[object, int]],
+        old: tuple[set[int], set[int], set[int]],
+    ) -> int:
+        """Upsert the patient, study and series of `record`; its series' pk.
 
         `cache` (per transaction) remembers the last patient / study / series row
         written: an instance whose parents are the same as the previous one's skips
-        their upserts (a rebuild walks folders series by series). The instance row is
-        inserted first; only an instance indexed before (a conflict) is looked up, to
-        prune the series, study and patient it may have left. An instance without
-        Patient ID goes to the patient of its study (`_patient_without_id`)."""
-        old_series: set[int] = set()
-        old_studies: set[int] = set()
-        old_patients: set[int] = set()
+        their upserts (a rebuild walks folders series by series). A study or series that
+        moves to another parent adds the one it leaves to `old` (series, studies,
+        patients) to be pruned. An instance without Patient ID goes to the patient of
+        its study (`_patient_without_id`)."""
+        _, old_studies, old_patients = old
         parent: int | None = None
         study_uid = cast(str, record.rows["study"][0])
         for table in PARENT_TABLES:
@@ -425,8 +459,8 @@ class Index:
                 cache[table.name] = (key, parent)
                 continue
             if table.name == "study":  # the study may move to another patient
-                for (old,) in conn.execute(self._statements.parent_of["study"], (values[0],)):
-                    old_patients.add(old)
+                for (previous,) in conn.execute(self._statements.parent_of["study"], (values[0],)):
+                    old_patients.add(previous)
             elif table.name == "series":  # the series may move to another study
                 parents = conn.execute(self._statements.parent_of["series"], (values[0],))
                 for old_study, old_patient in parents:
@@ -436,19 +470,7 @@ class Index:
             params = [parent, *values] if table.parent else values
             parent = conn.execute(sql, params).fetchone()[0]
             cache[table.name] = (key, cast(int, parent))
-        instance = [parent, *record.rows["instance"]]
-        if conn.execute(self._statements.insert_instance, instance).fetchone() is None:
-            # Indexed before: it may leave its series (and their parents) empty.
-            row = conn.execute(
-                self._statements.instance_parents, (record.sop_instance_uid,)
-            ).fetchone()
-            if row is not None:
-                old_series.add(row[1])
-                old_studies.add(row[2])
-                old_patients.add(row[3])
-            conn.execute(self._statements.upserts["instance"][0], instance)
-        if self._prune(conn, old_series, old_studies, old_patients):
-            cache.clear()  # a remembered row may be gone
+        return cast(int, parent)
 
     def _patient_without_id(
         self, conn: Executor, values: list[str | int | None], study_uid: str

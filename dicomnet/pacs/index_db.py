@@ -121,6 +121,11 @@ class Database(Protocol):
         """A connection of its own for one query, closed after."""
         ...
 
+    def insert_each(self, conn: Executor, sql: str, rows: list[list[Any]]) -> list[bool]:
+        """Run the ``INSERT ... RETURNING`` `sql` for each of `rows` (in a write
+        transaction): whether each inserted a row."""
+        ...
+
     def one_record(self, conn: Executor) -> AbstractContextManager[object]:
         """Around the statements of one record in a write transaction: undone alone
         when it raises `refused_value`."""
@@ -169,6 +174,9 @@ class SQLiteDatabase(_Connected):
 
     def one_record(self, conn: Executor) -> AbstractContextManager[object]:
         return contextlib.nullcontext()
+
+    def insert_each(self, conn: Executor, sql: str, rows: list[list[Any]]) -> list[bool]:
+        return [conn.execute(sql, row).fetchone() is not None for row in rows]
 
     def __init__(self, path: Path, version: int, timeout: float) -> None:
         super().__init__()
@@ -382,6 +390,18 @@ class PostgreSQLDatabase(_Connected):
 
     def _connect_reader(self) -> Any:
         return self._connect(autocommit=False)
+
+    def insert_each(self, conn: Executor, sql: str, rows: list[list[Any]]) -> list[bool]:
+        """All of `rows` in one round trip (psycopg's pipeline), their results after."""
+        if not rows:
+            return []
+        cursor = conn.cursor()  # type: ignore[attr-defined]
+        cursor.executemany(sql, rows, returning=True)
+        inserted = []
+        while True:
+            inserted.append(cursor.fetchone() is not None)
+            if not cursor.nextset():
+                return inserted
 
     def one_record(self, conn: Executor) -> AbstractContextManager[object]:
         transaction: AbstractContextManager[object] = conn.transaction()  # type: ignore[attr-defined]
