@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import statistics
 import sys
@@ -45,7 +46,11 @@ def _date(rng: random.Random) -> str:
     return time.strftime("%Y%m%d", time.gmtime(day * 86400))
 
 
-def instances(count: int, file_meta: FileMetaDataset) -> Iterator[Dataset]:
+def instances(
+    count: int, file_meta: FileMetaDataset, part: tuple[int, int] = (0, 1)
+) -> Iterator[Dataset]:
+    """The first `count` instances; `part` (k, n): only those of every n-th patient from
+    the k-th (what node k of n receives)."""
     rng = random.Random(1452)
     for p in range(count // PER_PATIENT + 1):
         name = f"{rng.choice(FAMILY)}^{rng.choice(GIVEN)}"
@@ -58,6 +63,8 @@ def instances(count: int, file_meta: FileMetaDataset) -> Iterator[Dataset]:
                     if count <= 0:
                         return
                     count -= 1
+                    if p % part[1] != part[0]:
+                        continue
                     ds = Dataset()
                     ds.file_meta = file_meta
                     ds.PatientID, ds.PatientName, ds.PatientBirthDate = f"P{p:07d}", name, birth
@@ -70,18 +77,52 @@ def instances(count: int, file_meta: FileMetaDataset) -> Iterator[Dataset]:
                     yield ds
 
 
-def ingest(index: Index, count: int, path: str, file_meta: FileMetaDataset) -> float:
+def ingest(
+    index: Index, count: int, path: str, file_meta: FileMetaDataset, part: tuple[int, int] = (0, 1)
+) -> float:
     """Instances indexed per second (transactions of BATCH)."""
     start = time.perf_counter()
     batch: list[tuple[str, Dataset]] = []
-    for ds in instances(count, file_meta):
+    added = 0
+    for ds in instances(count, file_meta, part):
         batch.append((path, ds))
         if len(batch) == BATCH:
-            index.add_many(batch)
+            added += index.add_many(batch)
             batch = []
     if batch:
-        index.add_many(batch)
-    return count / (time.perf_counter() - start)
+        added += index.add_many(batch)
+    return added / (time.perf_counter() - start)
+
+
+def _node(location: str, root: str, count: int, part: tuple[int, int], go: Any) -> None:
+    """One node of `ingest_nodes`, in a process of its own."""
+    with Index(location, root=root) as index:
+        go.wait()
+        ingest(index, count, str(Path(root) / "one.dcm"), _file_meta(), part)
+
+
+def ingest_nodes(location: str, root: Path, count: int, nodes: int) -> float:
+    """Instances indexed per second by `nodes` processes at once, each its share of the
+    patients, into one database (what several `serve` nodes do)."""
+    Index(location, root=root).close()  # the schema made before they start
+    context = multiprocessing.get_context("fork")
+    go = context.Event()
+    workers = [
+        context.Process(target=_node, args=(location, str(root), count, (k, nodes), go))
+        for k in range(nodes)
+    ]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.0)  # each has connected and is waiting
+    start = time.perf_counter()
+    go.set()
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0, worker.exitcode
+    elapsed = time.perf_counter() - start
+    with Index(location, root=root) as index:
+        assert index.counts().instances == count, index.counts()
+    return count / elapsed
 
 
 def _query(level: str, **keys: object) -> Dataset:
@@ -154,11 +195,16 @@ def latencies(index: Index, count: int, repeat: int = 30) -> dict[str, dict[str,
     return out
 
 
-def run(count: int, location: str, root: Path) -> dict[str, Any]:
+def _file_meta() -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.MediaStorageSOPClassUID = CT
     meta.MediaStorageSOPInstanceUID = f"{ROOT}.0"
+    return meta
+
+
+def run(count: int, location: str, root: Path) -> dict[str, Any]:
+    meta = _file_meta()
     dummy = root / "one.dcm"
     if not dummy.exists():
         ds = next(instances(1, meta))
@@ -192,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                 for backend, location in (("sqlite", str(root / f"{count}.sqlite")),
                                           ("postgresql", url)):  # fmt: skip
                     result = {"backend": backend, **run(count, location, root)}
+                    # Two nodes at once, into a second, empty database (with a URL
+                    # given, there is none to make: PostgreSQL's is left out).
+                    two = None if backend == "postgresql" else str(root / f"{count}-2.sqlite")
+                    if backend == "postgresql" and server is not None:
+                        two = postgres.fresh_schema(server)
+                    if two is not None:
+                        result["ingest_per_s_2_nodes"] = ingest_nodes(two, root, count, 2)
                     results.append(result)
                     print(json.dumps(result), flush=True)
     finally:
