@@ -5,6 +5,7 @@ the generated data holds. Nothing about speed is asserted."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,23 @@ def test_index_scale_runs_on_both_databases(tmp_path: Path, postgresql_server: A
         assert find["SERIES of a study"]["matches_median"] == 3
         assert find["PATIENT by PatientID"]["matches_median"] == 1
         assert all(0 < kind["p50_ms"] <= kind["p99_ms"] for kind in find.values())
+
+
+@pytest.mark.timeout(300)
+def test_three_archives_find_the_same(tmp_path: Path, postgresql_server: Any) -> None:
+    """serve on SQLite, serve on PostgreSQL and Orthanc, over DICOM: every query kind
+    finds as many matches on each (Orthanc: when installed; CI installs it)."""
+    out = tmp_path / "archives.json"
+    argv = [sys.executable, "-m", "benchmarks.index_archives", "--instances", "600"]
+    argv += ["--json", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    names = [r["archive"] for r in results]
+    assert names[:2] == ["serve (SQLite)", "serve (PostgreSQL)"]
+    assert len(names) == 3 or shutil.which("Orthanc") is None
+    for result in results:
+        assert result["instances"] == 600 and result["ingest_per_s"] > 0
+    matches = [{k: v["matches_median"] for k, v in r["find"].items()} for r in results]
+    assert all(m == matches[0] for m in matches), matches
+    assert matches[0]["IMAGE of a series"] == 20 and matches[0]["SERIES of a study"] == 3

@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 import dicomnet
+from dicomnet.database import redacted
 from dicomnet.pacs import indexer_process
 from dicomnet.pacs.index import Index
-from dicomnet.pacs.index_db import redacted
 from dicomnet.pacs.mpps import MPPSRecords
 from dicomnet.pacs.scp import StorageSCP
 

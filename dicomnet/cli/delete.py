@@ -102,8 +102,8 @@ def _check_database(url: str) -> None:
     """The same check, for an index in PostgreSQL."""
     import psycopg
 
+    from dicomnet.database import redacted
     from dicomnet.pacs.index import SCHEMA_VERSION
-    from dicomnet.pacs.index_db import redacted
 
     with psycopg.connect(url, autocommit=True) as conn:
         (kept,) = conn.execute("SELECT to_regclass('dicomnet_schema')").fetchall()

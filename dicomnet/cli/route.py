@@ -144,7 +144,7 @@ def status_file(folder: Path, node: str | None) -> Path:
     nodes sharing a queue, in a file of its own."""
     if node is None:
         return folder / STATUS_FILE
-    from dicomnet.pacs.index_db import node_folder
+    from dicomnet.database import node_folder
 
     return folder / STATUS_FOLDER / f"{node_folder(node)}.json"
 

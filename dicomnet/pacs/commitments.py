@@ -19,7 +19,8 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from dicomnet.pacs.index_db import SCHEMA_LOCK, SharedConnection
+from dicomnet.database import SharedConnection
+from dicomnet.pacs.index_db import SCHEMA_LOCK
 from dicomnet.services.commitment import (
     CLASS_INSTANCE_CONFLICT,
     NO_SUCH_OBJECT_INSTANCE,

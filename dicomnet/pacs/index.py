@@ -120,13 +120,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from dicomnet.database import is_database_url, redacted
 from dicomnet.pacs.index_db import (
     Database,
     Executor,
     PostgreSQLDatabase,
     SQLiteDatabase,
-    is_database_url,
-    redacted,
 )
 from dicomnet.pacs.index_files import (
     walk_files,

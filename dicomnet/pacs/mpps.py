@@ -19,7 +19,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnet.pacs.index_db import SCHEMA_LOCK, SharedConnection, is_database_url
+from dicomnet.database import SharedConnection, is_database_url
+from dicomnet.pacs.index_db import SCHEMA_LOCK
 from dicomnet.pacs.matching import POSTGRESQL, SQLITE
 
 __all__ = ["MPPSRecords"]

@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 from pydicom.dataset import Dataset
 
+from dicomnet.database import node_folder
 from dicomnet.pacs.commitments import (
     COMMITMENTS_FOLDER,
     DatabaseReportStore,
@@ -32,7 +33,6 @@ from dicomnet.pacs.commitments import (
     check_stored,
 )
 from dicomnet.pacs.index import INDEX_FILE_NAME, Index, QueryError
-from dicomnet.pacs.index_db import node_folder
 from dicomnet.pacs.indexer_process import spawn_indexer
 from dicomnet.pacs.mpps import MPPSRecords
 from dicomnet.pacs.worklist import WorklistFolder

@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from dicomnet.pacs.index_db import SharedConnection, node_folder, redacted
+from dicomnet.database import SharedConnection, node_folder, redacted
 from dicomnet.route.queue import DestinationStatus, Entry, QueueFull, fsync_folder, new_sequence
 
 __all__ = ["QueueUnavailable", "SharedQueue"]

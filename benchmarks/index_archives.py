@@ -1,0 +1,175 @@
+"""Three archives on the same instances, end to end over DICOM: `dicomnet serve` (its
+embedded SQLite index), `dicomnet serve --index postgresql://...`, and Orthanc with its
+default index (SQLite, no plugin).
+
+The instances are index_scale's (patients of 2 studies of 3 series of 20 instances),
+written as small Part-10 files (no pixel data). Each archive receives them all from
+`dicomnet store --concurrency 4` (a C-STORE is answered once the instance is indexed
+by `serve --index URL` and by Orthanc; `serve` on SQLite indexes in the background, so
+its rate is taken once its index counts them all), then answers index_scale's C-FIND
+queries, each 30 times with random values, from one association of our SCU: p50 / p99
+in ms, with the median number of matches.
+
+    python -m benchmarks.index_archives --instances 10000 [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydicom.dataset import Dataset
+
+import dicomnet
+from benchmarks.index_scale import _file_meta, instances, queries
+from benchmarks.peers import _base_env, _loop_env
+from benchmarks.procs import HOST, ServerProcess, free_port
+
+REPEAT = 30
+Archive = Callable[[Path], Iterator[ServerProcess]]
+
+
+def write_files(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True)
+    meta = _file_meta()
+    for ds in instances(count, meta):
+        ds.file_meta = _file_meta()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+
+
+@contextmanager
+def serve(workdir: Path, index: str | None = None) -> Iterator[ServerProcess]:
+    port = free_port()
+    argv = [sys.executable, "-m", "dicomnet", "serve", "--host", HOST, "--port", str(port)]
+    argv += ["--aet", "ARCHIVE", "--storage", str(workdir / "storage"), "--no-fsync"]
+    if index is not None:
+        argv += ["--index", index]
+    env = _loop_env(_base_env(nodelay=False), "uvloop")
+    log = workdir / "serve.log"
+    with ServerProcess("dicomnet serve", argv, port, log, env=env) as server:
+        yield server
+
+
+@contextmanager
+def orthanc(workdir: Path) -> Iterator[ServerProcess]:
+    """Orthanc's defaults but for private folders, free ports, no plugins, and C-FIND and
+    C-STORE allowed from any AE title; storage area not fsynced, as `serve --no-fsync`."""
+    port = free_port()
+    config = {
+        "Name": "bench-archive",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "DicomAet": "ARCHIVE",
+        "DicomPort": port,
+        "HttpPort": free_port(),
+        "RemoteAccessAllowed": False,
+        "Plugins": [],
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": True,
+        "SyncStorageArea": False,
+    }
+    path = workdir / "orthanc.json"
+    path.write_text(json.dumps(config, indent=2))
+    env = _base_env(nodelay=True)  # DCMTK's network layer: Nagle off only when told
+    with ServerProcess("Orthanc", ["Orthanc", str(path)], port, workdir / "o.log", env=env) as o:
+        yield o
+
+
+async def _count(port: int) -> int:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    query.NumberOfStudyRelatedInstances = ""
+    total = 0
+    async with dicomnet.connect(HOST, port, aet="BENCHSCU", aec="ARCHIVE") as assoc:
+        async for found in assoc.find(query, model="study"):
+            total += int(found.get("NumberOfStudyRelatedInstances", 0) or 0)
+    return total
+
+
+def ingest(port: int, files: Path, count: int) -> float:
+    """Instances indexed per second: the sending, and the wait until all are found."""
+    argv = [sys.executable, "-m", "dicomnet", "store", HOST, str(port), str(files)]
+    argv += ["--aec", "ARCHIVE", "--concurrency", "4"]
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, timeout=3600)
+    while anyio.run(_count, port) < count:
+        time.sleep(0.05)
+    return count / (time.perf_counter() - start)
+
+
+async def _latencies(port: int, count: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    async with dicomnet.connect(HOST, port, aet="BENCHSCU", aec="ARCHIVE") as assoc:
+        for name, make in queries(count).items():
+            rng = random.Random(name)
+            times, matches = [], []
+            for _ in range(REPEAT):
+                model, _level, query = make(rng)
+                start = time.perf_counter()
+                found = [r async for r in assoc.find(query, model=model)]
+                times.append((time.perf_counter() - start) * 1000)
+                matches.append(len(found))
+            times.sort()
+            out[name] = {
+                "p50_ms": statistics.median(times),
+                "p99_ms": times[min(len(times) - 1, round(0.99 * (len(times) - 1)))],
+                "matches_median": statistics.median(matches),
+            }
+    return out
+
+
+def run(name: str, archive: Callable[[Path], Any], root: Path, count: int) -> dict[str, Any]:
+    workdir = root / name
+    workdir.mkdir()
+    with archive(workdir) as server:
+        rate = ingest(server.port, root / "files", count)
+        return {"archive": name, "instances": count, "ingest_per_s": rate,
+                "find": anyio.run(_latencies, server.port, count)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=10_000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import postgres  # the tests' private server
+
+    results = []
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="archives-") as folder:
+        root = Path(folder)
+        write_files(root / "files", args.instances)
+        server = postgres.Server()
+        server.start()
+        stack.callback(server.stop)
+        archives: dict[str, Callable[[Path], Any]] = {
+            "serve (SQLite)": serve,
+            "serve (PostgreSQL)": lambda w: serve(w, postgres.fresh_schema(server)),
+        }
+        if shutil.which("Orthanc"):
+            archives["Orthanc (SQLite)"] = orthanc
+        for name, archive in archives.items():
+            result = run(name, archive, root, args.instances)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
