@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import index_location
 from peers import HOST, ServerFactory, describe_cli, run_dicomnet, wait_until
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -15,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 import dicomnet
+from dicomnet.pacs.scp import PROGRESS_FILE, SPOOL_FOLDER
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -60,14 +62,17 @@ def test_workers_serve_one_port_and_share_the_index(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_query_sees_what_another_worker_stored_just_before(
-    dicomnet_server: ServerFactory,
+    dicomnet_server: ServerFactory, backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Store one instance, then at once query it on a new association, again and again:
     about half the pairs land on different processes (SO_REUSEPORT spreads them), and
-    each query still finds the instance stored just before, though the other process
-    indexes it in a batch that is still gathering."""
-    server = dicomnet_server(aet="PACS", extra_args=["--workers", "2", "--no-fsync"])
+    each query still finds the instance stored just before. SQLite: though the other
+    process indexes it in a batch that is still gathering (the query waits for it).
+    PostgreSQL: the store is answered once indexed; no file is shared but the database."""
+    index = [] if backend == "sqlite" else ["--index", index_location(request, backend, tmp_path)]
+    server = dicomnet_server(aet="PACS", extra_args=["--workers", "2", "--no-fsync", *index])
     assert wait_until(lambda: len(worker_pids(server.process.pid)) == 1, timeout=20)
     source = dcmread(get_testdata_file("CT_small.dcm"))
 
@@ -89,3 +94,5 @@ def test_a_query_sees_what_another_worker_stored_just_before(
 
     assert anyio.run(store_then_find, 24) == []
     assert len(server.stored()) == 24
+    progress = list((server.storage / SPOOL_FOLDER).rglob(PROGRESS_FILE))
+    assert len(progress) == (1 if backend == "sqlite" else 0)

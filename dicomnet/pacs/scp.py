@@ -580,12 +580,15 @@ class StorageSCP:
             self.ae.sop_class_extended[FIND_MODELS[model]] = b"\x01\x01"
             self.ae.sop_class_extended[MOVE_MODELS[model]] = b"\x01"
             self.ae.sop_class_extended[GET_MODELS[model]] = b"\x01"
-        # One process of several serving this storage (`serve --workers N`): the first
-        # makes the file where each says how far it has indexed (see IndexProgress).
+        # One process of several serving this storage (`serve --workers N`) on SQLite,
+        # where a store is answered before it is indexed: the first makes the file
+        # where each says how far it has indexed (see IndexProgress), for a query to
+        # wait on. With a database that nodes share, a store is answered once indexed
+        # (`_indexed_now`): the database is all the processes need.
         self.progress: IndexProgress | None = None
-        if processes > 1 and process_slot == 0:
+        if index is None and processes > 1 and process_slot == 0:
             self.progress = IndexProgress.create(spool / PROGRESS_FILE, processes)
-        elif process_slot > 0:
+        elif index is None and process_slot > 0:
             self.progress = IndexProgress(spool / PROGRESS_FILE, process_slot)
         self.indexer = Indexer(self.index, progress=self.progress)
         self.ae.on_store(self.store)
