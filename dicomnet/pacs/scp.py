@@ -228,13 +228,19 @@ class Indexer:
         self._retry: list[str] = []
         self._retry_at = 0.0
         self._retry_delay = RETRY_FIRST
+        # Files added, and files whose batch has been through (indexed, or failed), in
+        # the order added: a file's ticket (`add`) is through once `_through` reaches it.
+        self._added = 0
+        self._through = 0
+        self._batch_done = asyncio.Event()
 
     @property
     def all_indexed(self) -> bool:
         """Whether every file handed over was indexed (none pending, none failed)."""
         return self.complete and not self._pending and not self._retry
 
-    def add(self, path: str | os.PathLike[str]) -> None:
+    def add(self, path: str | os.PathLike[str]) -> int:
+        """Index `path` soon; its ticket, for `through`."""
         path = os.fspath(path)
         if self._retry and path in self._retry:  # indexed with this batch instead
             self._retry.remove(path)
@@ -245,6 +251,22 @@ class Indexer:
         self._wake.set()
         if len(self._pending) >= INDEX_BATCH:
             self._hurry.set()
+        self._added += 1
+        return self._added
+
+    async def through(self, ticket: int) -> None:
+        """Wait until the file of `ticket` has been through indexing (`failed` says
+        whether it was indexed), and no longer: not for the files added after it."""
+        if not self._running:
+            await self._flush()
+            return
+        self._drains += 1
+        try:
+            while self._through < ticket:
+                self._hurry.set()
+                await self._batch_done.wait()
+        finally:
+            self._drains -= 1
 
     async def drain(self, *, others: bool = True) -> None:
         """Wait until everything added so far is indexed, and with `progress` (unless not
@@ -361,6 +383,9 @@ class Indexer:
             raise
         if self.progress is not None:
             self.progress.indexed(len(batch))
+        self._through += len(batch)
+        self._batch_done.set()
+        self._batch_done = asyncio.Event()
 
     def failed(self, path: str) -> bool:
         """Whether indexing `path` failed (it is tried again later)."""
@@ -662,23 +687,24 @@ class StorageSCP:
                 # Kept as stored before: by a node that may have died before indexing it.
                 return await self._indexed_now(path) or outcome
             return outcome
-        self.indexer.add(path)
+        ticket = self.indexer.add(path)
         if self.index.path is None:
-            refused = await self._indexed_now(path, added=True)
+            refused = await self._indexed_now(path, ticket)
             if refused is not None:
                 return refused
         log.info("stored %s.dcm from %r (%d bytes)", uid, request.calling_ae_title, request.size)
         return 0x0000
 
-    async def _indexed_now(self, path: str, added: bool = False) -> tuple[int, str] | None:
+    async def _indexed_now(self, path: str, ticket: int | None = None) -> tuple[int, str] | None:
         """With a database other nodes query too, a C-STORE is answered once its instance
         is indexed, so that a query on any node after the answer finds it (it joins the
-        batch in flight or the next one: concurrent stores share a transaction). None
-        once indexed; a failure status (the file is kept) when indexing failed, so that
-        the sender tries again (PS3.4 Annex C: Refused, Out of Resources)."""
-        if not added:
-            self.indexer.add(path)
-        await self.indexer.drain(others=False)
+        next batch: concurrent stores share a transaction, and none waits for the stores
+        that came after it). None once indexed; a failure status (the file is kept) when
+        indexing failed, so that the sender tries again (PS3.4 Annex C: Refused, Out of
+        Resources). `ticket`: the path's, when added already."""
+        if ticket is None:
+            ticket = self.indexer.add(path)
+        await self.indexer.through(ticket)
         if self.indexer.failed(path):
             return 0xA700, "stored, but not indexed yet: send it again"
         return None
