@@ -3,12 +3,15 @@ embedded SQLite index), `dicomnet serve --index postgresql://...`, and Orthanc w
 default index (SQLite, no plugin).
 
 The instances are index_scale's (patients of 2 studies of 3 series of 20 instances),
-written as small Part-10 files (no pixel data). Each archive receives them all from
-`dicomnet store --concurrency 4` (a C-STORE is answered once the instance is indexed
-by `serve --index URL` and by Orthanc; `serve` on SQLite indexes in the background, so
-its rate is taken once its index counts them all), then answers index_scale's C-FIND
-queries, each 30 times with random values, from one association of our SCU: p50 / p99
-in ms, with the median number of matches.
+written as small Part-10 files (no pixel data), every other patient in a second
+folder. Each archive receives them from two `dicomnet store --concurrency 2` at once,
+a folder each (a C-STORE is answered once the instance is indexed by `serve --index
+URL` and by Orthanc; `serve` on SQLite indexes in the background, so every rate is
+taken once the archive finds them all). Two more archives take them on two processes:
+two `serve` nodes on one storage folder and one PostgreSQL database (a sender each),
+and `serve --workers 2` on SQLite. Then each answers index_scale's C-FIND queries, each
+30 times with random values, from one association of our SCU: p50 / p99 in ms, with
+the median number of matches.
 
     python -m benchmarks.index_archives --instances 10000 [--json F]
 """
@@ -38,33 +41,47 @@ from benchmarks.peers import _base_env, _loop_env
 from benchmarks.procs import HOST, ServerProcess, free_port
 
 REPEAT = 30
-Archive = Callable[[Path], Iterator[ServerProcess]]
 
 
 def write_files(folder: Path, count: int) -> None:
-    folder.mkdir(parents=True)
-    meta = _file_meta()
-    for ds in instances(count, meta):
-        ds.file_meta = _file_meta()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    """The instances in `folder`/0 and `folder`/1, every other patient in each."""
+    for part in (0, 1):
+        (folder / str(part)).mkdir(parents=True)
+        for ds in instances(count, _file_meta(), (part, 2)):
+            ds.file_meta = _file_meta()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(folder / str(part) / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
 
 
-@contextmanager
-def serve(workdir: Path, index: str | None = None) -> Iterator[ServerProcess]:
+def _serve(workdir: Path, *args: str, node: str = "") -> ServerProcess:
     port = free_port()
     argv = [sys.executable, "-m", "dicomnet", "serve", "--host", HOST, "--port", str(port)]
-    argv += ["--aet", "ARCHIVE", "--storage", str(workdir / "storage"), "--no-fsync"]
-    if index is not None:
-        argv += ["--index", index]
+    argv += ["--aet", "ARCHIVE", "--storage", str(workdir / "storage"), "--no-fsync", *args]
     env = _loop_env(_base_env(nodelay=False), "uvloop")
-    log = workdir / "serve.log"
-    with ServerProcess("dicomnet serve", argv, port, log, env=env) as server:
-        yield server
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    log = workdir / f"serve{node}.log"
+    return ServerProcess("dicomnet serve", argv, port, log, env=env, listeners=workers)
 
 
 @contextmanager
-def orthanc(workdir: Path) -> Iterator[ServerProcess]:
+def serve(workdir: Path, *args: str) -> Iterator[list[int]]:
+    with _serve(workdir, *args) as server:
+        yield [server.port]
+
+
+@contextmanager
+def two_nodes(workdir: Path, index: str) -> Iterator[list[int]]:
+    """Two `serve` nodes on one storage folder and one database."""
+    with ExitStack() as stack:
+        nodes = [
+            stack.enter_context(_serve(workdir, "--index", index, "--node", n, node=n))
+            for n in ("a", "b")
+        ]
+        yield [node.port for node in nodes]
+
+
+@contextmanager
+def orthanc(workdir: Path) -> Iterator[list[int]]:
     """Orthanc's defaults but for private folders, free ports, no plugins, and C-FIND and
     C-STORE allowed from any AE title; storage area not fsynced, as `serve --no-fsync`."""
     port = free_port()
@@ -84,8 +101,8 @@ def orthanc(workdir: Path) -> Iterator[ServerProcess]:
     path = workdir / "orthanc.json"
     path.write_text(json.dumps(config, indent=2))
     env = _base_env(nodelay=True)  # DCMTK's network layer: Nagle off only when told
-    with ServerProcess("Orthanc", ["Orthanc", str(path)], port, workdir / "o.log", env=env) as o:
-        yield o
+    with ServerProcess("Orthanc", ["Orthanc", str(path)], port, workdir / "o.log", env=env):
+        yield [port]
 
 
 async def _count(port: int) -> int:
@@ -100,13 +117,19 @@ async def _count(port: int) -> int:
     return total
 
 
-def ingest(port: int, files: Path, count: int) -> float:
-    """Instances indexed per second: the sending, and the wait until all are found."""
-    argv = [sys.executable, "-m", "dicomnet", "store", HOST, str(port), str(files)]
-    argv += ["--aec", "ARCHIVE", "--concurrency", "4"]
+def ingest(ports: list[int], files: Path, count: int) -> float:
+    """Instances indexed per second: two senders at once (folder k to node k, or both
+    to the one), and the wait until all are found."""
+    senders = []
     start = time.perf_counter()
-    subprocess.run(argv, check=True, capture_output=True, timeout=3600)
-    while anyio.run(_count, port) < count:
+    for part in (0, 1):
+        argv = [sys.executable, "-m", "dicomnet", "store", HOST, str(ports[part % len(ports)])]
+        argv += [str(files / str(part)), "--aec", "ARCHIVE", "--concurrency", "2"]
+        senders.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for sender in senders:
+        _, err = sender.communicate(timeout=3600)
+        assert sender.returncode == 0, err[-2000:]
+    while anyio.run(_count, ports[-1]) < count:
         time.sleep(0.05)
     return count / (time.perf_counter() - start)
 
@@ -135,10 +158,10 @@ async def _latencies(port: int, count: int) -> dict[str, dict[str, float]]:
 def run(name: str, archive: Callable[[Path], Any], root: Path, count: int) -> dict[str, Any]:
     workdir = root / name
     workdir.mkdir()
-    with archive(workdir) as server:
-        rate = ingest(server.port, root / "files", count)
+    with archive(workdir) as ports:
+        rate = ingest(ports, root / "files", count)
         return {"archive": name, "instances": count, "ingest_per_s": rate,
-                "find": anyio.run(_latencies, server.port, count)}  # fmt: skip
+                "find": anyio.run(_latencies, ports[0], count)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,10 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(server.stop)
         archives: dict[str, Callable[[Path], Any]] = {
             "serve (SQLite)": serve,
-            "serve (PostgreSQL)": lambda w: serve(w, postgres.fresh_schema(server)),
+            "serve (PostgreSQL)": lambda w: serve(w, "--index", postgres.fresh_schema(server)),
         }
         if shutil.which("Orthanc"):
             archives["Orthanc (SQLite)"] = orthanc
+        archives["serve --workers 2 (SQLite)"] = lambda w: serve(w, "--workers", "2")
+        archives["serve, 2 nodes (PostgreSQL)"] = lambda w: two_nodes(
+            w, postgres.fresh_schema(server)
+        )
         for name, archive in archives.items():
             result = run(name, archive, root, args.instances)
             results.append(result)

@@ -39,8 +39,9 @@ def test_index_scale_runs_on_both_databases(tmp_path: Path, postgresql_server: A
 
 @pytest.mark.timeout(300)
 def test_three_archives_find_the_same(tmp_path: Path, postgresql_server: Any) -> None:
-    """serve on SQLite, serve on PostgreSQL and Orthanc, over DICOM: every query kind
-    finds as many matches on each (Orthanc: when installed; CI installs it)."""
+    """serve on SQLite (one process, two workers), on PostgreSQL (one node, two) and
+    Orthanc, over DICOM: every query kind finds as many matches on each (Orthanc: when
+    installed; CI installs it)."""
     out = tmp_path / "archives.json"
     argv = [sys.executable, "-m", "benchmarks.index_archives", "--instances", "600"]
     argv += ["--json", str(out)]
@@ -49,7 +50,8 @@ def test_three_archives_find_the_same(tmp_path: Path, postgresql_server: Any) ->
     results = json.loads(out.read_text())
     names = [r["archive"] for r in results]
     assert names[:2] == ["serve (SQLite)", "serve (PostgreSQL)"]
-    assert len(names) == 3 or shutil.which("Orthanc") is None
+    assert names[-2:] == ["serve --workers 2 (SQLite)", "serve, 2 nodes (PostgreSQL)"]
+    assert "Orthanc (SQLite)" in names or shutil.which("Orthanc") is None
     for result in results:
         assert result["instances"] == 600 and result["ingest_per_s"] > 0
     matches = [{k: v["matches_median"] for k, v in r["find"].items()} for r in results]
