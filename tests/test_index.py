@@ -814,6 +814,22 @@ def test_batch_of_one_series_with_changing_parent_attributes(
         assert numbers == [1, 2, 3, 5]
 
 
+def test_reconcile_removes_parents_left_empty(corpus: Corpus, tmp_path: Path, db: str) -> None:
+    """A node stopped between an addition and its prune leaves a series, study and
+    patient without instances: the reconcile after an unclean stop removes them, and
+    indexes what the index lacks."""
+    lonely, other = tmp_path / "lonely.dcm", tmp_path / "other.dcm"
+    lonely_copy(corpus.instances[0].path).save_as(lonely, enforce_file_format=True)
+    with Index(db, root=tmp_path) as idx:
+        idx.add(lonely)
+        lonely.unlink()  # gone, and its row too, without the prune
+        _sql(db, "DELETE FROM instance")
+        assert idx.counts() == IndexCounts(1, 1, 1, 0)
+        lonely_copy(corpus.instances[1].path).save_as(other, enforce_file_format=True)
+        assert idx.reconcile() == 1
+        assert idx.counts() == IndexCounts(1, 1, 1, 1)  # the other's, and nothing else
+
+
 def lonely_copy(path: Path) -> Dataset:
     """The data set of `path` as a new instance, alone in a new series, study and patient."""
     ds = dcmread(path)
@@ -848,12 +864,16 @@ def test_moving_an_instance_prunes_empty_parents(
     assert fresh.counts() == before
 
 
-def test_moving_an_instance_within_one_batch(corpus: Corpus, fresh: Index, tmp_path: Path) -> None:
-    """One transaction: an instance is indexed in a series of its own, then again in a
-    series already indexed. The second is an insert that conflicts: the first one's
-    series, study and patient, left empty, go."""
+@pytest.mark.parametrize("lonely", ["LONELY", "ZZZ"])  # before and after, by patient
+def test_moving_an_instance_within_one_batch(
+    corpus: Corpus, fresh: Index, tmp_path: Path, lonely: str
+) -> None:
+    """One batch: an instance in a series of its own, then again in a series already
+    indexed. The later one is indexed, whichever patient sorts first; nothing of the
+    earlier one's series, study and patient is left."""
     inst = corpus.instances[0]
     ds = lonely_copy(inst.path)
+    ds.PatientID = lonely
     first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
     ds.save_as(first, enforce_file_format=True)
     ds.PatientID = inst.patient_id

@@ -82,9 +82,53 @@ def test_a_nul_in_a_value_is_dropped_and_the_batch_goes_in(
         assert _patients(index, "nul*") == ["Nul^Name"]
 
 
+@pytest.mark.timeout(60)
+def test_two_nodes_add_side_by_side(tmp_path: Path, postgresql_server: Any) -> None:
+    """Adding transactions of two nodes run at once (a shared advisory lock)."""
+    url = postgres.fresh_schema(postgresql_server)
+    path = _write(tmp_path)
+    with Index(url, root=tmp_path) as node_a, Index(url, root=tmp_path) as node_b:
+        with node_a._write(adding=True):
+            writer = threading.Thread(target=node_b.add, args=(path,))
+            writer.start()
+            writer.join(10)
+            assert not writer.is_alive(), "node B waited for node A's adding transaction"
+        assert node_a.counts().instances == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_prune_waits_for_the_other_node_s_additions(
+    tmp_path: Path, postgresql_server: Any
+) -> None:
+    """Node A is adding an instance to a study (its transaction open); node B removes
+    that study's only instance, which would leave it empty: B's prune waits for A's
+    commit, then finds the study not empty, and keeps it with A's instance."""
+    url = postgres.fresh_schema(postgresql_server)
+    first = _write(tmp_path)
+    ds = dcmread(first)
+    second = _write(tmp_path, StudyInstanceUID=ds.StudyInstanceUID, PatientID=ds.PatientID)
+    with Index(url, root=tmp_path) as node_a, Index(url, root=tmp_path) as node_b:
+        node_a.add(first)
+        removed = threading.Event()
+        with node_a._write(adding=True) as conn:
+            node_a._store_all(conn, list(node_a._readable([second])))
+            remover = threading.Thread(
+                target=lambda: (node_b.remove(ds.SOPInstanceUID), removed.set())
+            )
+            remover.start()
+            time.sleep(0.5)
+            assert not removed.is_set(), "node B pruned while node A was adding"
+        remover.join(10)
+        assert removed.is_set()
+        counts = node_a.counts()
+        assert (counts.studies, counts.instances) == (1, 1)  # the study kept, A's in it
+
+
+@pytest.mark.timeout(60)
 def test_writers_of_two_nodes_take_turns(tmp_path: Path, postgresql_server: Any) -> None:
-    """A node's write waits for another node's open write transaction (an advisory
-    lock): pruning an emptied patient cannot delete what the other is adding to it."""
+    """A node's write waits for another node's open write transaction that may delete
+    (an exclusive advisory lock): pruning an emptied patient cannot delete what the
+    other is adding to it."""
     url = postgres.fresh_schema(postgresql_server)
     path = _write(tmp_path)
     with Index(url, root=tmp_path) as node_a, Index(url, root=tmp_path) as node_b:

@@ -182,6 +182,17 @@ class IndexCounts(NamedTuple):
 
 
 RECONCILE_BATCH = 1024  # files indexed per transaction by `Index.reconcile`
+#: Times a batch is tried when the database ended it in a deadlock with another node's.
+_ATTEMPTS = 3
+
+#: Series, studies and patients (their pks) that may have been left empty.
+Parents = tuple[set[int], set[int], set[int]]
+
+
+def _lock_order(item: tuple[str, Record]) -> tuple[str, str, str]:
+    """The order a batch is stored in: by patient, study and series."""
+    rows = item[1].rows
+    return (str(rows["patient"][0] or ""), str(rows["study"][0]), str(rows["series"][0]))
 
 
 # -- the index ---------------------------------------------------------------------------------
@@ -255,8 +266,8 @@ class Index:
     def __repr__(self) -> str:
         return f"Index({redacted(self.location)!r})"
 
-    def _write(self) -> AbstractContextManager[Executor]:
-        return self._db.write()
+    def _write(self, *, adding: bool = False) -> AbstractContextManager[Executor]:
+        return self._db.write(adding=adding)
 
     def _check_open(self) -> None:
         if self._db.closed:
@@ -296,9 +307,7 @@ class Index:
         Instance UID) replaces it. Raises `ValueError` for an instance without SOP
         Instance, Study Instance or Series Instance UID, and pydicom's / the OS's
         errors for a file that cannot be read."""
-        record = self._record(os.fspath(path), dataset)
-        with self._write() as conn:
-            self._store(conn, [record], {})
+        self._add_records([(os.fspath(path), self._record(os.fspath(path), dataset))])
 
     def add_many(
         self,
@@ -306,13 +315,35 @@ class Index:
     ) -> int:
         """`add` each of `items` (paths, or (path, dataset) pairs) in one transaction;
         files that cannot be indexed are logged and skipped. Returns how many were."""
-        records = list(self._readable(items))  # read before the writers' turn is taken
-        try:
+        return self._add_records(list(self._readable(items)))  # read before the lock
+
+    def _add_records(self, records: list[tuple[str, Record]]) -> int:
+        """Store `records` in one adding transaction (beside other nodes' adding ones),
+        then, in one that runs alone, prune the parents that moved or replaced
+        instances left empty. In the order of their patient, study and series, so that
+        transactions of several nodes lock shared rows in one order (a deadlock, should
+        one happen all the same, is tried again). Of one instance given twice, the
+        later is stored (the earlier counts as indexed, replaced at once)."""
+        latest = {record.sop_instance_uid: (path, record) for path, record in records}
+        replaced = len(records) - len(latest)
+        ordered = sorted(latest.values(), key=_lock_order)
+        for attempt in range(_ATTEMPTS):
+            try:
+                with self._write(adding=True) as conn:
+                    count, old = self._store_all(conn, ordered)
+                break
+            except self._db.refused_value:  # a value the database cannot hold: one by one
+                with self._write(adding=True) as conn:
+                    count, old = self._store_all(conn, ordered, guarded=True)
+                break
+            except self._db.contended:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+                log.info("index: a deadlock with another node's transaction: again")
+        if any(old):
             with self._write() as conn:
-                return self._store_all(conn, records)
-        except self._db.refused_value:  # a value the database cannot hold: one by one
-            with self._write() as conn:
-                return self._store_all(conn, records, guarded=True)
+                self._prune(conn, *old)
+        return count + replaced
 
     def _readable(
         self,
@@ -328,26 +359,27 @@ class Index:
 
     def _store_all(
         self, conn: Executor, records: Iterable[tuple[str, Record]], guarded: bool = False
-    ) -> int:
+    ) -> tuple[int, Parents]:
         """Store `records`, at once; `guarded`: each in a savepoint of its own, so that
         one the database refuses is logged and left out (a round trip more per record,
-        so taken only when a batch was refused)."""
+        so taken only when a batch was refused). How many, and the parents to prune."""
         cache: dict[str, tuple[object, int]] = {}
+        old: Parents = (set(), set(), set())
         if not guarded:
             batch = [record for _, record in records]
-            self._store(conn, batch, cache)
-            return len(batch)
+            self._store(conn, batch, cache, old)
+            return len(batch), old
         count = 0
         for path, record in records:
             try:
                 with self._db.one_record(conn):
-                    self._store(conn, [record], cache)
+                    self._store(conn, [record], cache, old)
             except self._db.refused_value as exc:  # the others of the batch go in
                 log.warning("not indexed: %s: %s", path, exc)
                 cache.clear()
                 continue
             count += 1
-        return count
+        return count, old
 
     def remove(self, sop_instance_uid: str) -> bool:
         """Forget an instance (its file is not touched); series, studies and patients
@@ -370,13 +402,16 @@ class Index:
         with self._write() as conn:
             for table in reversed(TABLES):
                 conn.execute(f"DELETE FROM {table.name}")
-            return self._store_all(conn, self._readable(walk_files(folder)), guarded=True)
+            count, old = self._store_all(conn, self._readable(walk_files(folder)), guarded=True)
+            self._prune(conn, *old)
+            return count
 
     def reconcile(self, storage_folder: str | os.PathLike[str] | None = None) -> int:
         """Index the ``*.dcm`` files under `storage_folder` (default: `root`) that the
         index lacks, or holds with another size (replaced since), in transactions of
-        `RECONCILE_BATCH`: what a crash left stored but not indexed. Returns how many
-        were indexed."""
+        `RECONCILE_BATCH`: what a crash left stored but not indexed; and remove the
+        series, studies and patients left without instances (a crash between an
+        addition and its prune). Returns how many were indexed."""
         folder = Path(storage_folder) if storage_folder is not None else self.root
         with self._db.read() as conn:
             known = dict(conn.execute("SELECT path, size FROM instance").fetchall())
@@ -392,22 +427,28 @@ class Index:
         count = 0
         for start in range(0, len(missing), RECONCILE_BATCH):
             count += self.add_many(missing[start : start + RECONCILE_BATCH])
+        with self._write() as conn:  # left empty by a node stopped before its prune
+            for sql in self._statements.prune_all:
+                conn.execute(sql)
         return count
 
     def _record(self, path: str, dataset: Dataset | None) -> Record:
         return self._records.read(path, dataset)
 
     def _store(
-        self, conn: Executor, records: list[Record], cache: dict[str, tuple[object, int]]
+        self,
+        conn: Executor,
+        records: list[Record],
+        cache: dict[str, tuple[object, int]],
+        old: Parents,
     ) -> None:
-        """Upsert instances and their parents, then prune what they left empty.
+        """Upsert instances and their parents; add to `old` the parents they may have
+        left empty (pruned after, by the caller: `_prune`).
 
         The parents of every record first (`_parents`), then the instance rows all at
         once (in PostgreSQL, one round trip for all: `Database.insert_each`); only an
-        instance indexed before (a conflict) is looked up, to be updated and to prune
-        the series, study and patient it may have left. Pruning comes last, so the
-        parents remembered in `cache` stay valid throughout."""
-        old: tuple[set[int], set[int], set[int]] = (set(), set(), set())
+        instance indexed before (a conflict) is looked up, to be updated, and the
+        series, study and patient it may have left noted."""
         rows = [
             [self._parents(conn, record, cache, old), *record.rows["instance"]]
             for record in records
@@ -424,15 +465,13 @@ class Index:
                 for pks, pk in zip(old, row[1:4], strict=True):
                     pks.add(pk)
             conn.execute(self._statements.upserts["instance"][0], instance)
-        if self._prune(conn, *old):
-            cache.clear()  # a remembered row may be gone
 
     def _parents(
         self,
         conn: Executor,
         record: Record,
         cache: dict[str, tuple[object, int]],
-        old: tuple[set[int], set[int], set[int]],
+        old: Parents,
     ) -> int:
         """Upsert the patient, study and series of `record`; its series' pk.
 

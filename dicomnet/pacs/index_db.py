@@ -86,8 +86,14 @@ class Database(Protocol):
     #: The file's path or the database's URL.
     location: str
 
-    def write(self) -> AbstractContextManager[Executor]:
-        """One write transaction (serialised with the other writes of this process)."""
+    #: What a transaction may end in when another node's contends for the same rows
+    #: (a deadlock): worth trying again.
+    contended: type[Exception] | tuple[type[Exception], ...]
+
+    def write(self, *, adding: bool = False) -> AbstractContextManager[Executor]:
+        """One write transaction (serialised with the other writes of this process).
+        `adding`: it only adds and updates rows (no delete), and may run beside other
+        nodes' adding transactions; any other runs alone."""
         ...
 
     def read(self) -> AbstractContextManager[Executor]:
@@ -144,6 +150,7 @@ class SQLiteDatabase(_Connected):
 
     dialect = SQLITE
     refused_value: type[Exception] | tuple[type[Exception], ...] = _NeverRaised  # any value fits
+    contended: type[Exception] | tuple[type[Exception], ...] = _NeverRaised  # writers queue
 
     def one_record(self, conn: Executor) -> AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -174,8 +181,8 @@ class SQLiteDatabase(_Connected):
                 conn.execute(f"PRAGMA user_version = {version}")
 
     @contextmanager
-    def write(self) -> Iterator[Executor]:
-        with self._lock:
+    def write(self, *, adding: bool = False) -> Iterator[Executor]:
+        with self._lock:  # SQLite's writers take turns, adding or not
             conn = self._open()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -248,6 +255,9 @@ class PostgreSQLDatabase(_Connected):
             psycopg.DataError,
             UnicodeEncodeError,
         )
+        self.contended: type[Exception] | tuple[type[Exception], ...] = (
+            psycopg.errors.DeadlockDetected
+        )
         self._psycopg = psycopg
         self.location = url
         self._timeout = timeout
@@ -290,15 +300,18 @@ class PostgreSQLDatabase(_Connected):
             return created
 
     @contextmanager
-    def write(self) -> Iterator[Executor]:
-        """One write transaction. Writers of every node take turns (an advisory lock held
-        to the commit), as SQLite's writers do: pruning a parent that another node's
-        transaction is giving a child cannot delete that child. A connection lost (the
-        server restarted, a failover) is opened again for the next write."""
+    def write(self, *, adding: bool = False) -> Iterator[Executor]:
+        """One write transaction, holding an advisory lock to its commit: shared by the
+        adding transactions of every node (they run side by side; rows they both touch
+        are locked row by row), exclusive for any other: pruning a parent that another
+        node's transaction is giving a child waits for that transaction, so it cannot
+        delete that child. A connection lost (the server restarted, a failover) is
+        opened again for the next write."""
+        lock = "pg_advisory_xact_lock_shared" if adding else "pg_advisory_xact_lock"
         with self._lock:
             conn = self._conn = reopened_if_dropped(self._open(), self._connect_writer)
             with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+                conn.execute(f"SELECT {lock}(%s)", (_WRITE_LOCK,))
                 yield conn
 
     def _connect_writer(self) -> Any:

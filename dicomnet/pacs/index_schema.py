@@ -323,6 +323,9 @@ class Statements:
     parent_of: dict[str, str]
     #: Bottom up (series, study, patient): delete the row (pk, pk) if no child is left.
     prune: tuple[str, ...]
+    #: Bottom up: delete every row without a child (what a node stopped between an
+    #: addition and its prune may have left).
+    prune_all: tuple[str, ...]
 
 
 @functools.cache
@@ -344,6 +347,11 @@ def statements(dialect: SqlDialect = SQLITE) -> Statements:
         tuple(
             f"DELETE FROM {table} WHERE pk = {p}"
             f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {column} = {p})"
+            for table, child, column in _CHILDREN
+        ),
+        tuple(
+            f"DELETE FROM {table} WHERE NOT EXISTS"
+            f" (SELECT 1 FROM {child} WHERE {child}.{column} = {table}.pk)"
             for table, child, column in _CHILDREN
         ),
     )
