@@ -217,7 +217,8 @@ _FETCH_ROWS = 500
 _IDLE_READERS = 8
 #: The advisory lock under which a node creates (or recreates) the schema.
 SCHEMA_LOCK = 0x44434D4E  # "DCMN"
-#: The advisory lock each write transaction holds to its end (writers take turns).
+#: The advisory lock each write transaction holds to its end: shared by those that only
+#: add, exclusive for the others.
 _WRITE_LOCK = 0x44434D57  # "DCMW"
 
 
