@@ -162,3 +162,14 @@ def test_without_its_database_nothing_is_queued(tmp_path: Path, url: str) -> Non
 def test_without_a_database_at_start_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(QueueUnavailable, match="the database at postgresql://u:\\*\\*\\*@"):
         SharedQueue(tmp_path, "postgresql://u:secret@127.0.0.1:1/db", "a", ["archive"])
+
+
+def test_a_look_from_outside_lets_go_of_nothing(tmp_path: Path, url: str) -> None:
+    """`route status` and `route retry` open the queue as its node's name, as the
+    running router does: closing it must not let go of that router's copies."""
+    a = node(tmp_path, url, "a")
+    put(a)
+    look = node(tmp_path, url, "a", recover=False)
+    assert look.status()["archive"].queued == 1
+    look.close()
+    assert node(tmp_path, url, "b").pending("archive") == []  # still a's

@@ -111,6 +111,7 @@ class SharedQueue:
         self.fsync = fsync
         self.max_queued = max_queued
         self._tag = node_folder(node)
+        self._running = recover  # a node's router (not a look at the queue from outside)
         self.tmp = self.root / ".tmp" / "nodes" / self._tag
         if recover:
             shutil.rmtree(self.tmp, ignore_errors=True)  # never acknowledged
@@ -333,7 +334,11 @@ class SharedQueue:
         return out
 
     def close(self) -> None:
-        """Let go of the copies this node holds (another node may take them at once)."""
+        """Let go of the copies this node holds (another node may take them at once);
+        a look from outside (`recover=False`: `route status`) lets go of nothing."""
+        if not self._running:
+            self._db.close()
+            return
         try:
             self._update(
                 "UPDATE route_queue SET owner = NULL, lease_until = NULL WHERE owner = %s",
