@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import anyio
 from pydicom.dataset import Dataset
 
 import dicomnet
-from benchmarks.index_scale import _file_meta, instances, queries
+from benchmarks.index_scale import _file_meta, instances, queries, summary
 from benchmarks.peers import _base_env, _loop_env
 from benchmarks.procs import HOST, ServerProcess, free_port
 
@@ -146,12 +145,7 @@ async def _latencies(port: int, count: int) -> dict[str, dict[str, float]]:
                 found = [r async for r in assoc.find(query, model=model)]
                 times.append((time.perf_counter() - start) * 1000)
                 matches.append(len(found))
-            times.sort()
-            out[name] = {
-                "p50_ms": statistics.median(times),
-                "p99_ms": times[min(len(times) - 1, round(0.99 * (len(times) - 1)))],
-                "matches_median": statistics.median(matches),
-            }
+            out[name] = summary(times, matches)
     return out
 
 

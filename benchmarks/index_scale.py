@@ -186,13 +186,18 @@ def latencies(index: Index, count: int, repeat: int = 30) -> dict[str, dict[str,
             found = sum(1 for _ in index.query(model, level, query))  # type: ignore[arg-type]
             times.append((time.perf_counter() - start) * 1000)
             matches.append(found)
-        times.sort()
-        out[name] = {
-            "p50_ms": statistics.median(times),
-            "p99_ms": times[min(len(times) - 1, round(0.99 * (len(times) - 1)))],
-            "matches_median": statistics.median(matches),
-        }
+        out[name] = summary(times, matches)
     return out
+
+
+def summary(times: list[float], matches: list[int]) -> dict[str, float]:
+    """p50 and p99 of `times` (ms) and the median of `matches`."""
+    times = sorted(times)
+    return {
+        "p50_ms": statistics.median(times),
+        "p99_ms": times[min(len(times) - 1, round(0.99 * (len(times) - 1)))],
+        "matches_median": statistics.median(matches),
+    }
 
 
 def _file_meta() -> FileMetaDataset:

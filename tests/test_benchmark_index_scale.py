@@ -16,15 +16,21 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _run(module: str, tmp_path: Path, timeout: float) -> list[dict[str, Any]]:
+    """`python -m benchmarks.MODULE --instances 600`: its JSON results."""
+    out = tmp_path / "results.json"
+    argv = [sys.executable, "-m", f"benchmarks.{module}", "--instances", "600"]
+    argv += ["--json", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results: list[dict[str, Any]] = json.loads(out.read_text())
+    return results
+
+
 @pytest.mark.timeout(180)
 def test_index_scale_runs_on_both_databases(tmp_path: Path, postgresql_server: Any) -> None:
-    out = tmp_path / "scale.json"
     # Its own private server (as the tests'): a second, empty database for two nodes.
-    argv = [sys.executable, "-m", "benchmarks.index_scale", "--instances", "600"]
-    argv += ["--json", str(out)]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=170)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = _run("index_scale", tmp_path, 170)
     assert [r["backend"] for r in results] == ["sqlite", "postgresql"]
     for result in results:
         assert result["instances"] == 600 and result["ingest_per_s"] > 0
@@ -42,12 +48,7 @@ def test_three_archives_find_the_same(tmp_path: Path, postgresql_server: Any) ->
     """serve on SQLite (one process, two workers), on PostgreSQL (one node, two) and
     Orthanc, over DICOM: every query kind finds as many matches on each (Orthanc: when
     installed; CI installs it)."""
-    out = tmp_path / "archives.json"
-    argv = [sys.executable, "-m", "benchmarks.index_archives", "--instances", "600"]
-    argv += ["--json", str(out)]
-    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads(out.read_text())
+    results = _run("index_archives", tmp_path, 280)
     names = [r["archive"] for r in results]
     assert names[:2] == ["serve (SQLite)", "serve (PostgreSQL)"]
     assert names[-2:] == ["serve --workers 2 (SQLite)", "serve, 2 nodes (PostgreSQL)"]

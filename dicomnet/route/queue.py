@@ -94,6 +94,27 @@ class RouteQueue(Protocol):
     def close(self) -> None: ...
 
 
+class Removals:
+    """Folders where copies were removed and the removals not yet made durable: one
+    fsync of a folder serves all its removals (`sync`, a forwarder's every second)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: set[Path] = set()
+
+    def add(self, folder: Path) -> None:
+        with self._lock:
+            self._folders.add(folder)
+
+    def sync(self) -> int:
+        """Fsync the folders so far; how many."""
+        with self._lock:
+            folders, self._folders = self._folders, set()
+        for folder in folders:
+            fsync_folder(folder)
+        return len(folders)
+
+
 def fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -136,7 +157,7 @@ class Queue:
             destinations = sorted(p.parent.name for p in self.root.glob("*/pending"))
         self._queued: dict[str, int] = {}
         self._lock = threading.Lock()  # the counts, from the threads that put and remove
-        self._removed_from: set[Path] = set()  # folders with removals not yet fsynced
+        self._removals = Removals()
         for name in destinations:
             for sub in ("pending", "dead"):
                 (self.root / name / sub).mkdir(parents=True, exist_ok=True)
@@ -196,16 +217,12 @@ class Queue:
         entry.path.unlink(missing_ok=True)
         with self._lock:
             self._queued[entry.destination] -= 1
-            if self.fsync:
-                self._removed_from.add(entry.path.parent)
+        if self.fsync:
+            self._removals.add(entry.path.parent)
 
     def sync_removals(self) -> int:
         """Make the removals so far durable (fsync their folders); how many folders."""
-        with self._lock:
-            folders, self._removed_from = self._removed_from, set()
-        for folder in folders:
-            fsync_folder(folder)
-        return len(folders)
+        return self._removals.sync()
 
     def failed(self, entry: Entry) -> Entry:
         """One more attempt of `entry` failed: the count is kept in its name."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
@@ -33,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from dicomnet.database import SharedConnection, node_folder, redacted
-from dicomnet.route.queue import DestinationStatus, Entry, QueueFull, fsync_folder, new_sequence
+from dicomnet.route.queue import (
+    DestinationStatus,
+    Entry,
+    QueueFull,
+    Removals,
+    fsync_folder,
+    new_sequence,
+)
 
 __all__ = ["QueueUnavailable", "SharedQueue"]
 
@@ -116,8 +122,7 @@ class SharedQueue:
         if recover:
             shutil.rmtree(self.tmp, ignore_errors=True)  # never acknowledged
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # the removals, from the forwarders' threads
-        self._removed_from: set[Path] = set()
+        self._removals = Removals()
         self._renewed = -float("inf")  # time.monotonic() of the last renewal sent
         try:
             self._create_table()
@@ -246,16 +251,11 @@ class SharedQueue:
             return
         entry.path.unlink(missing_ok=True)
         if self.fsync:
-            with self._lock:
-                self._removed_from.add(entry.path.parent)
+            self._removals.add(entry.path.parent)
 
     def sync_removals(self) -> int:
         """Make the removals so far durable (fsync their folders); how many folders."""
-        with self._lock:
-            folders, self._removed_from = self._removed_from, set()
-        for folder in folders:
-            fsync_folder(folder)
-        return len(folders)
+        return self._removals.sync()
 
     def failed(self, entry: Entry) -> Entry:
         """One more attempt of `entry` failed."""
