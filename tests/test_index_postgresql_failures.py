@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 import dicomnet
 from dicomnet.database import redacted
-from dicomnet.pacs import indexer_process
+from dicomnet.pacs import index_db, indexer_process
 from dicomnet.pacs.index import Index
 from dicomnet.pacs.mpps import MPPSRecords
 from dicomnet.pacs.scp import StorageSCP
@@ -140,6 +140,27 @@ def test_writers_of_two_nodes_take_turns(tmp_path: Path, postgresql_server: Any)
             assert not done.is_set(), "node B wrote while node A's transaction was open"
         writer.join(10)
         assert done.is_set() and node_b.counts().instances == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_write_waits_for_its_turn_a_while_only(
+    tmp_path: Path, postgresql_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's write that waits too long for another's (a rebuild, say) fails, so that
+    the stores it was for are refused and sent again rather than left hanging."""
+    import psycopg
+
+    monkeypatch.setattr(index_db, "WRITE_WAIT", 0.5)
+    url = postgres.fresh_schema(postgresql_server)
+    path = _write(tmp_path)
+    with Index(url, root=tmp_path) as node_a, Index(url, root=tmp_path) as node_b:
+        with node_a._write():
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                node_b.add(path)
+            assert time.monotonic() - started < 5
+        node_b.add(path)  # its turn now
+        assert node_a.counts().instances == 1
 
 
 def test_no_password_in_logs_or_on_a_command_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from qr_peers import findscu, movescu
+from qr_peers import findscu, getscu, movescu
 
 import dicomnet
 from dicomnet.pacs.index import Index
@@ -100,6 +100,20 @@ def test_two_nodes_answer_as_one_archive(
     assert moved.final is not None and moved.final.status == 0x0000, moved.result
     expected = {uid for uid, (of, _) in written.items() if of == study}
     assert set(dest.received()) == expected
+
+    # And the other study by C-GET on node B (getscu), exactly its instances.
+    other = next(of for of, _ in written.values() if of != study)
+    got = getscu(
+        node_b.port,
+        {"StudyInstanceUID": other},
+        level="STUDY",
+        model="study",
+        out_dir=tmp_path / "got",
+        aec="PACS",
+    )
+    assert got.final is not None and got.final.status == 0x0000, got.result
+    received = {str(dcmread(p).SOPInstanceUID) for p in (tmp_path / "got").iterdir()}
+    assert received == {uid for uid, (of, _) in written.items() if of == other}
 
 
 @pytest.mark.timeout(120)

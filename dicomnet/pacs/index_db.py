@@ -217,6 +217,8 @@ _FETCH_ROWS = 500
 _IDLE_READERS = 8
 #: The advisory lock under which a node creates (or recreates) the schema.
 SCHEMA_LOCK = 0x44434D4E  # "DCMN"
+#: Seconds a write waits for its turn at most (PostgreSQL's ``lock_timeout``).
+WRITE_WAIT = 10.0
 #: The advisory lock each write transaction holds to its end: shared by those that only
 #: add, exclusive for the others.
 _WRITE_LOCK = 0x44434D57  # "DCMW"
@@ -262,7 +264,7 @@ class PostgreSQLDatabase(_Connected):
         self._psycopg = psycopg
         self.location = url
         self._timeout = timeout
-        self._conn = self._connect(autocommit=True)
+        self._conn = self._connect_writer()
         try:
             self.created = self._create_schema(version)
         except BaseException:
@@ -316,7 +318,12 @@ class PostgreSQLDatabase(_Connected):
                 yield conn
 
     def _connect_writer(self) -> Any:
-        return self._connect(autocommit=True)
+        """The write connection: a write waits `WRITE_WAIT` at most for its turn (for a
+        rebuild, say, that holds every node's writes): then it fails, and the stores
+        it was for are refused, to be sent again, rather than left hanging."""
+        conn = self._connect(autocommit=True)
+        conn.execute(f"SET lock_timeout = {int(WRITE_WAIT * 1000)}")
+        return conn
 
     def _connect_reader(self) -> Any:
         return self._connect(autocommit=False)
