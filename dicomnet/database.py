@@ -14,12 +14,27 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
+    "DEAD_PEER",
     "SharedConnection",
     "is_database_url",
     "node_folder",
     "redacted",
     "reopened_if_dropped",
 ]
+
+
+#: libpq settings that notice a server gone without a word (a host down, a network cut):
+#: TCP keepalives, and unacknowledged data given up after 30 s, instead of the kernel's
+#: quarter of an hour of retransmissions.
+DEAD_PEER: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+#: Milliseconds a statement on a `SharedConnection` may take (theirs are all short).
+STATEMENT_TIMEOUT = 30_000
 
 
 def is_database_url(location: str) -> bool:
@@ -76,12 +91,15 @@ class SharedConnection:
         self._conn: Any = None
 
     def _connect(self) -> Any:
-        return self._psycopg.connect(
+        conn = self._psycopg.connect(
             self.url,
             autocommit=True,
             connect_timeout=max(1, int(self._timeout)),
             prepare_threshold=None,
+            **DEAD_PEER,
         )
+        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT}")
+        return conn
 
     @contextmanager
     def use(self) -> Iterator[Any]:

@@ -19,7 +19,8 @@ from pydicom.uid import generate_uid
 import dicomnet
 from dicomnet.database import redacted
 from dicomnet.pacs import index_db, indexer_process
-from dicomnet.pacs.index import Index
+from dicomnet.pacs.index import SCHEMA_VERSION, Index
+from dicomnet.pacs.index_db import SchemaTooNew
 from dicomnet.pacs.mpps import MPPSRecords
 from dicomnet.pacs.scp import StorageSCP
 
@@ -161,6 +162,90 @@ def test_a_write_waits_for_its_turn_a_while_only(
             assert time.monotonic() - started < 5
         node_b.add(path)  # its turn now
         assert node_a.counts().instances == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_node_starts_after_a_long_write_of_another(
+    tmp_path: Path, postgresql_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the index waits for a write longer than `WRITE_WAIT` (another node's
+    rebuild): only the writes after it give up."""
+    monkeypatch.setattr(index_db, "WRITE_WAIT", 0.3)
+    url = postgres.fresh_schema(postgresql_server)
+    with Index(url, root=tmp_path) as node_a:
+        holding = threading.Event()
+
+        def long_write() -> None:
+            with node_a._write():
+                holding.set()
+                time.sleep(1.0)
+
+        writer = threading.Thread(target=long_write)
+        writer.start()
+        holding.wait(5)
+        with Index(url, root=tmp_path) as node_b:  # waited, then opened
+            assert not node_b.created
+        writer.join(5)
+
+
+@pytest.mark.timeout(60)
+def test_a_newer_schema_without_these_tables_is_refused(
+    tmp_path: Path, postgresql_server: Any
+) -> None:
+    url = postgres.fresh_schema(postgresql_server)
+    Index(url, root=tmp_path).close()
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"UPDATE dicomnet_schema SET version = {SCHEMA_VERSION + 1}")
+        conn.execute("DROP TABLE instance, series, study, patient")  # renamed, say
+    with pytest.raises(SchemaTooNew):
+        Index(url, root=tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_ended_by_a_deadlock_is_stored_again(
+    tmp_path: Path, postgresql_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres.fresh_schema(postgresql_server)
+    with Index(url, root=tmp_path) as index:
+        store_all = index._store_all
+        calls: list[int] = []
+
+        def deadlocked_once(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise index._db.contended("deadlock detected")  # type: ignore[operator]
+            return store_all(*args, **kwargs)
+
+        monkeypatch.setattr(index, "_store_all", deadlocked_once)
+        assert index.add_many([_write(tmp_path)]) == 1
+        assert len(calls) == 2 and index.counts().instances == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_prune_that_fails_leaves_the_batch_indexed(
+    tmp_path: Path, postgresql_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """An instance moved to another study: its old study is to be pruned after; if that
+    fails, the move is indexed all the same (the store is not refused), and the old
+    study waits for a reconcile."""
+    url = postgres.fresh_schema(postgresql_server)
+    path = _write(tmp_path)
+    with Index(url, root=tmp_path) as index:
+        index.add(path)
+        moved = _write(tmp_path, SOPInstanceUID=dcmread(path).SOPInstanceUID)
+
+        def failing(*args: Any) -> int:
+            raise index._db.errors("connection lost")
+
+        monkeypatch.setattr(index, "_prune", failing)
+        assert index.add_many([moved]) == 1
+        assert "stay until a reconcile" in caplog.text
+        monkeypatch.undo()
+        assert index.counts().instances == 1 and index.counts().studies == 2
+        index.reconcile()
+        assert index.counts().studies == 1
 
 
 def test_no_password_in_logs_or_on_a_command_line(monkeypatch: pytest.MonkeyPatch) -> None:

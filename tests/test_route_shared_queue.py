@@ -73,30 +73,32 @@ def test_a_node_that_stops_renewing_loses_its_copies_to_another(tmp_path: Path, 
     a = node(tmp_path, url, "a", lease=0.5)
     b = node(tmp_path, url, "b", lease=0.5)
     entries = put(a) + put(a)
-    assert a.holds()
+    assert all(a.holds(e) for e in entries)
     assert b.pending("archive") == []
     time.sleep(0.6)  # a is killed, or cut off: its leases end
-    assert not a.holds()  # a would send nothing now
+    assert not any(a.holds(e) for e in entries)  # a would send nothing now
     taken = b.pending("archive")
     assert [e.row for e in taken] == [e.row for e in entries]
     a.done(entries[0])  # too late: b has it now, its file stays for b
     assert entries[0].path.exists()
     b.done(taken[0])
     assert not taken[0].path.exists()
-    a.renew()  # a is back: it holds nothing of b's
+    a.renew()  # a is back: it holds nothing of b's, and would send none of its copies
+    assert not any(a.holds(e) for e in entries)
     assert a.pending("archive") == []
-    assert a.holds()
+    mine = put(a)
+    assert a.holds(mine[0])  # what a takes from now on is its own
 
 
 def test_renewed_leases_keep_a_node_s_copies(tmp_path: Path, url: str) -> None:
     a = node(tmp_path, url, "a", lease=0.6)
     b = node(tmp_path, url, "b", lease=0.6)
-    put(a)
+    [entry] = put(a)
     for _ in range(4):
         time.sleep(0.2)
         a.renew()
         assert b.pending("archive") == []
-        assert a.holds()
+        assert a.holds(entry)
 
 
 def test_a_restarted_node_takes_back_its_own_copies_at_once(tmp_path: Path, url: str) -> None:
@@ -153,7 +155,8 @@ def test_without_its_database_nothing_is_queued(tmp_path: Path, url: str) -> Non
     with pytest.raises(QueueUnavailable):
         put(a)
     assert not list((tmp_path / "queue" / "archive").glob("*.dcm"))  # no copy left behind
-    assert a.pending("archive") == []  # logged, not raised
+    with pytest.raises(QueueUnavailable):
+        a.pending("archive")
     renewed = a._renewed
     a.renew()  # logged, not raised; the leases are not counted as renewed
     assert a._renewed == renewed
@@ -173,3 +176,99 @@ def test_a_look_from_outside_lets_go_of_nothing(tmp_path: Path, url: str) -> Non
     assert look.status()["archive"].queued == 1
     look.close()
     assert node(tmp_path, url, "b").pending("archive") == []  # still a's
+
+
+def test_a_confirmation_the_database_missed_is_recorded_once_it_is_back(
+    tmp_path: Path, url: str
+) -> None:
+    """The destination confirmed a copy while the database was away: the row goes (and
+    the file) when the database is back, before the next renewal; the copy is not
+    left queued, to be sent again or never."""
+    a = node(tmp_path, url, "a")
+    [entry] = put(a)
+    real = a._db.url
+    a._db.url = "postgresql://nobody@127.0.0.1:1/none"
+    a._db.close()
+    a.done(entry)  # logged, owed
+    assert entry.path.exists()
+    a._db.url = real
+    a.renew()
+    assert not entry.path.exists()
+    assert a.status()["archive"].queued == 0
+
+
+def test_a_row_whose_file_is_gone_leaves_the_queue(tmp_path: Path, url: str) -> None:
+    """A copy's file removed by hand: its row goes too once the forwarder comes to it
+    (it had stayed, owned and renewed, counted against max_queued)."""
+    import anyio
+
+    from dicomnet.route.config import Destination
+    from dicomnet.route.forwarder import Forwarder
+
+    a = node(tmp_path, url, "a")
+    [entry] = put(a)
+    entry.path.unlink()
+
+    class Sender:
+        async def store(self, path: Any) -> int:
+            open(path, "rb").close()  # as a Pool does: the file is opened to be sent
+            return 0
+
+    async def main() -> None:
+        destination = Destination("archive", "ARCHIVE", "127.0.0.1", 104)
+        forwarder = Forwarder(a, destination, Sender())
+        with anyio.move_on_after(1.0):
+            await forwarder.run(rescan_every=0.1)
+
+    a.renew()
+    anyio.run(main)
+    assert a.status()["archive"].queued == 0
+
+
+def test_copies_let_go_while_the_database_was_away_are_sent_once_it_is_back(
+    tmp_path: Path, url: str
+) -> None:
+    """The database goes away for longer than the leases: the forwarder sends nothing
+    it may no longer hold, and once the database is back it takes its copies again and
+    sends them (they had stayed owned, renewed and never sent)."""
+    import anyio
+
+    from dicomnet.route.config import Destination
+    from dicomnet.route.forwarder import Forwarder
+
+    a = node(tmp_path, url, "a", lease=0.6)
+    [entry] = put(a)
+    real = a._db.url
+    sent: list[str] = []
+
+    class Sender:
+        async def store(self, path: Any) -> int:
+            sent.append(str(path))
+            return 0
+
+    async def renewing() -> None:
+        while True:
+            await anyio.to_thread.run_sync(a.renew)
+            await anyio.sleep(0.2)
+
+    async def main() -> None:
+        a._db.url = "postgresql://nobody@127.0.0.1:1/none"  # away
+        a._db.close()
+        await anyio.sleep(0.6)  # the leases are not surely a's any more
+        forwarder = Forwarder(a, Destination("archive", "ARCHIVE", "127.0.0.1", 104), Sender())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(renewing)
+            tg.start_soon(forwarder.run, 0.1)
+            forwarder.add([entry])
+            await anyio.sleep(0.5)
+            assert sent == []  # nothing sent that it may not hold
+            a._db.url = real  # back
+            with anyio.move_on_after(5):
+                while not sent:
+                    await anyio.sleep(0.05)
+            await anyio.sleep(0.3)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert sent == [str(entry.path)]
+    assert a.status()["archive"].queued == 0

@@ -341,8 +341,11 @@ class Index:
                     raise
                 log.info("index: a deadlock with another node's transaction: again")
         if any(old):
-            with self._write() as conn:
-                self._prune(conn, *old)
+            try:
+                with self._write() as conn:
+                    self._prune(conn, *old)
+            except self._db.errors as exc:  # indexed all the same: pruned by a reconcile
+                log.warning("index: parents left empty stay until a reconcile: %s", exc)
         return count + replaced
 
     def _readable(

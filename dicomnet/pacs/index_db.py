@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from dicomnet.database import redacted, reopened_if_dropped
+from dicomnet.database import DEAD_PEER, redacted, reopened_if_dropped
 from dicomnet.pacs import index_schema
 from dicomnet.pacs.index_schema import TABLES, schema_statements
 from dicomnet.pacs.matching import POSTGRESQL, SQLITE, SqlDialect
@@ -89,6 +89,8 @@ class Database(Protocol):
     #: What a transaction may end in when another node's contends for the same rows
     #: (a deadlock): worth trying again.
     contended: type[Exception] | tuple[type[Exception], ...]
+    #: Every error the database may raise.
+    errors: type[Exception]
 
     def write(self, *, adding: bool = False) -> AbstractContextManager[Executor]:
         """One write transaction (serialised with the other writes of this process).
@@ -151,6 +153,7 @@ class SQLiteDatabase(_Connected):
     dialect = SQLITE
     refused_value: type[Exception] | tuple[type[Exception], ...] = _NeverRaised  # any value fits
     contended: type[Exception] | tuple[type[Exception], ...] = _NeverRaised  # writers queue
+    errors: type[Exception] = sqlite3.Error
 
     def one_record(self, conn: Executor) -> AbstractContextManager[object]:
         return contextlib.nullcontext()
@@ -261,12 +264,14 @@ class PostgreSQLDatabase(_Connected):
         self.contended: type[Exception] | tuple[type[Exception], ...] = (
             psycopg.errors.DeadlockDetected
         )
+        self.errors: type[Exception] = psycopg.Error
         self._psycopg = psycopg
         self.location = url
         self._timeout = timeout
-        self._conn = self._connect_writer()
+        self._conn = self._connect(autocommit=True)
         try:
-            self.created = self._create_schema(version)
+            self.created = self._create_schema(version)  # waits as long as a rebuild
+            self._wait_at_most(self._conn)
         except BaseException:
             self._conn.close()
             raise
@@ -276,6 +281,7 @@ class PostgreSQLDatabase(_Connected):
             self.location,
             autocommit=autocommit,
             connect_timeout=max(1, int(self._timeout)),
+            **DEAD_PEER,
             # Statements are sent as they are: behind a pooler too.
             prepare_threshold=None,
         )
@@ -293,10 +299,12 @@ class PostgreSQLDatabase(_Connected):
             whole = len(tables) == len(TABLES)
             if found is not None and found[0] == version and whole:
                 return False
-            # A version without its tables, or tables without a version: made anew.
-            known = found[0] if found is not None and (whole or found[0] != version) else None
+            # This version without its tables, or tables without a version: made anew.
+            # Another version (a newer one may have none of these tables): migrated,
+            # recreated or refused, as it says.
+            known = found[0] if found is not None and found[0] != version else None
             where = redacted(self.location)
-            created = _bring_to(conn, known if tables else None, version, POSTGRESQL, where)
+            created = _bring_to(conn, known, version, POSTGRESQL, where)
             conn.execute("DROP TABLE IF EXISTS dicomnet_schema")
             conn.execute("CREATE TABLE dicomnet_schema (version INTEGER NOT NULL)")
             conn.execute("INSERT INTO dicomnet_schema VALUES (%s)", (version,))
@@ -321,7 +329,10 @@ class PostgreSQLDatabase(_Connected):
         """The write connection: a write waits `WRITE_WAIT` at most for its turn (for a
         rebuild, say, that holds every node's writes): then it fails, and the stores
         it was for are refused, to be sent again, rather than left hanging."""
-        conn = self._connect(autocommit=True)
+        return self._wait_at_most(self._connect(autocommit=True))
+
+    @staticmethod
+    def _wait_at_most(conn: Any) -> Any:
         conn.execute(f"SET lock_timeout = {int(WRITE_WAIT * 1000)}")
         return conn
 

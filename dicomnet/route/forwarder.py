@@ -97,7 +97,11 @@ class Forwarder:
         self._arrived = anyio.Event()  # wakes the releasing of held copies
         if destination.trigger != "instance":
             self.groups = Groups(destination.trigger, destination.stable_after)
-        self.add(queue.pending(destination.name, memory_limit))
+        try:
+            self.add(queue.pending(destination.name, memory_limit))
+        except OSError as exc:  # a shared queue's database away: taken at a rescan
+            log.warning("%s: %s", destination.name, exc)
+            self._lost = True
         self._down = 0  # connection failures in a row
         self._resume = 0.0  # no sending before this (anyio.current_time())
         self.in_flight = 0
@@ -144,9 +148,14 @@ class Forwarder:
             partial(self.queue.pending, self.destination.name, self.memory_limit, own=own)
         )
         # A copy sent while the folder was listed is gone now (its removal comes before
-        # it leaves `_known`, here on the event loop): it must not be taken again.
+        # it leaves `_known`, here on the event loop): it must not be taken again. (A
+        # shared queue's row is gone then: one whose file is missing leaves the queue.)
         known = self._known
-        new = [e for e in pending if e.sequence not in known and os.path.exists(e.path)]
+        new = [
+            e
+            for e in pending
+            if e.sequence not in known and (e.row is not None or os.path.exists(e.path))
+        ]
         before = len(known)
         self.add(new)
         return len(known) - before
@@ -186,7 +195,7 @@ class Forwarder:
     async def _deliver(self, sender: Sender, entry: Entry, tg: anyio.abc.TaskGroup) -> bool:
         """Send one copy; False when the destination could not be reached (the copy was
         not charged an attempt and is to be sent again)."""
-        if not self.queue.holds():  # its lease may have ended: taken again if still ours
+        if not self.queue.holds(entry):  # its lease may have ended: taken again if ours
             self._forget(entry, tg)
             self._lost = True
             return True
@@ -194,7 +203,8 @@ class Forwarder:
             await sender.store(entry.path)
         except DicomNetError as exc:
             return await self._failed(entry, exc, tg)
-        except FileNotFoundError:  # removed by hand
+        except FileNotFoundError:  # removed by hand: it leaves the queue
+            await anyio.to_thread.run_sync(self.queue.done, entry)
             self._forget(entry, tg)
             return True
         await anyio.to_thread.run_sync(self.queue.done, entry)
@@ -251,6 +261,9 @@ class Forwarder:
         try:
             self._on_disk = False
             await self.rescan()
+        except OSError as exc:  # a shared queue's database away: again later
+            log.warning("%s: %s", self.destination.name, exc)
+            self._on_disk = self._lost = True
         finally:
             self._refilling = False
 
@@ -268,7 +281,11 @@ class Forwarder:
         while True:
             await anyio.sleep(every)
             own, self._lost = self._lost, False
-            await self.rescan(own)
+            try:
+                await self.rescan(own)
+            except OSError as exc:  # a shared queue's database away: again later
+                log.warning("%s: %s", self.destination.name, exc)
+                self._lost = self._lost or own
 
     async def _later(self, entry: Entry, pause: float) -> None:
         await anyio.sleep(pause)

@@ -90,7 +90,7 @@ class RouteQueue(Protocol):
     def status(self, now: float | None = None) -> dict[str, DestinationStatus]: ...
     def last_reason(self, destination: str) -> str | None: ...
     def renew(self) -> None: ...
-    def holds(self) -> bool: ...
+    def holds(self, entry: Entry) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -264,8 +264,8 @@ class Queue:
     def renew(self) -> None:
         """Nothing to renew: no other process takes this folder's copies."""
 
-    def holds(self) -> bool:
-        """Whether the copies taken are still this process's: always, here."""
+    def holds(self, entry: Entry) -> bool:
+        """Whether `entry` is still this process's to send: always, here."""
         return True
 
     def close(self) -> None:

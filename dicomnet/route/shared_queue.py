@@ -13,11 +13,15 @@ before its C-STORE is answered. The node that queues a copy takes it at once (th
 is in its cache); a node takes copies that no node has, or whose lease ended, with
 ``FOR UPDATE SKIP LOCKED``: two nodes never take the same row. A node renews its leases
 every third of a lease: one that stops (killed, cut off from the database) loses its
-copies to the others when the lease ends, and one that could not renew in time sends
-nothing until it has taken its copies again. A copy's row is deleted, only by the node
-that holds it, once its destination confirmed it, then its file: a node killed between
-the confirmation and the deletion leaves that copy to be sent once more, the only
-duplicate there can be (as in the folder queue). Blocking: call from a worker thread.
+copies to the others when the lease ends; one that could not renew in time sends
+nothing until it has renewed, and then only the copies its renewal found still its
+own. A copy's row is deleted, only by the node that holds it, once its destination
+confirmed it, then its file (a confirmation the database could not take is given to it
+before the next renewal). A copy is sent twice only when it was on its way as its node
+lost it: the node killed between the confirmation and the deletion (as in the folder
+queue), or cut off from the database for longer than the lease while sending it.
+Node names must differ: two nodes of one name would take each other's copies for
+their own. Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
@@ -124,6 +129,14 @@ class SharedQueue:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._removals = Removals()
         self._renewed = -float("inf")  # time.monotonic() of the last renewal sent
+        # The rows this node surely holds: those its last renewal renewed, and those it
+        # took since (`_since`, while a renewal is under way). A copy is sent only then.
+        self._held: set[int] = set()
+        self._since: set[int] | None = None
+        self._state = threading.Lock()
+        # What the database could not be told (a confirmation, a dead letter): told
+        # before the next renewal, so that a copy sent is not sent again.
+        self._owed: list[tuple[str, tuple[Any, ...], Path | None]] = []
         try:
             self._create_table()
             names = list(destinations) if destinations is not None else self._known_destinations()
@@ -194,7 +207,14 @@ class SharedQueue:
             raise QueueUnavailable(f"the queue's database: {exc}") from None
         for source in set(copies.values()):
             source.unlink()
+        self._hold(rows.values())
         return [Entry(name, targets[name], sequence, 0, rows[name]) for name in copies]
+
+    def _hold(self, rows: Iterable[int]) -> None:
+        with self._state:
+            self._held.update(rows)
+            if self._since is not None:
+                self._since.update(rows)
 
     def _insert(self, sequence: str, copies: Mapping[str, Path]) -> dict[str, int]:
         values = ", ".join("(%s, %s, %s, %s, now() + %s * interval '1 second')" for _ in copies)
@@ -213,15 +233,15 @@ class SharedQueue:
         self, destination: str, limit: int | None = None, *, own: bool = True
     ) -> list[Entry]:
         """Take the copies for `destination` that no node has, oldest first, `limit` at
-        most (None: all), with (`own`) those this node has taken before; none when the
-        database is not there."""
+        most (None: all), with (`own`) those this node has taken before.
+        `QueueUnavailable` when the database is not there."""
         params = {"node": self.node, "lease": self.lease, "destination": destination, "own": own}
         try:
             with self._connection() as conn:
                 rows = conn.execute(_TAKE, {**params, "limit": limit}).fetchall()
         except self._error as exc:
-            log.warning("queue %s: could not take copies: %s", destination, exc)
-            return []
+            raise QueueUnavailable(f"queue {destination}: could not take copies: {exc}") from None
+        self._hold(row for row, _, _ in rows)
         folder = self.root / destination
         return [
             Entry(destination, folder / f"{sequence}.dcm", sequence, attempts, row)
@@ -236,22 +256,26 @@ class SharedQueue:
         return count
 
     def done(self, entry: Entry) -> None:
-        """The destination confirmed `entry`: its row goes, then its file (made durable by
-        `sync_removals`). A confirmation the database could not record leaves the copy
-        to be sent again."""
+        """The destination confirmed `entry` (or its file is gone): its row goes, then its
+        file (made durable by `sync_removals`). A confirmation the database could not
+        record is recorded before the next renewal."""
+        sql, params = "DELETE FROM route_queue WHERE id = %s AND owner = %s", (entry.row, self.node)
         try:
-            gone = self._update(
-                "DELETE FROM route_queue WHERE id = %s AND owner = %s", (entry.row, self.node)
-            )
+            gone = self._update(sql, params)
         except self._error as exc:
-            log.warning("sent %s, but could not record it (%s): it is sent again", entry, exc)
+            log.warning("sent %s; recorded once the database is back (%s)", entry, exc)
+            with self._state:
+                self._owed.append((sql, params, entry.path))
             return
         if not gone:
             log.warning("%s was taken by another node before it was sent: sent twice", entry)
             return
-        entry.path.unlink(missing_ok=True)
+        self._removed(entry.path)
+
+    def _removed(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
         if self.fsync:
-            self._removals.add(entry.path.parent)
+            self._removals.add(path.parent)
 
     def sync_removals(self) -> int:
         """Make the removals so far durable (fsync their folders); how many folders."""
@@ -269,15 +293,19 @@ class SharedQueue:
         return Entry(entry.destination, entry.path, entry.sequence, entry.attempts + 1, entry.row)
 
     def give_up(self, entry: Entry, reason: str) -> Entry:
-        """`entry` becomes a dead letter, with `reason` (its file stays where it is)."""
+        """`entry` becomes a dead letter, with `reason` (its file stays where it is; the
+        database told before the next renewal if it cannot be now)."""
+        sql = (
+            "UPDATE route_queue SET state = 'dead', reason = %s, attempts = %s, "
+            "owner = NULL, lease_until = NULL WHERE id = %s AND owner = %s"
+        )
+        params = (reason, entry.attempts + 1, entry.row, self.node)
         try:
-            self._update(
-                "UPDATE route_queue SET state = 'dead', reason = %s, attempts = %s, "
-                "owner = NULL, lease_until = NULL WHERE id = %s AND owner = %s",
-                (reason, entry.attempts + 1, entry.row, self.node),
-            )
+            self._update(sql, params)
         except self._error as exc:
-            log.warning("could not give up %s (%s): it stays queued", entry, exc)
+            log.warning("gave up %s; recorded once the database is back (%s)", entry, exc)
+            with self._state:
+                self._owed.append((sql, params, None))
         return entry
 
     def retry_dead(self, destination: str) -> int:
@@ -299,25 +327,48 @@ class SharedQueue:
         return None if row is None else str(row[0])
 
     def renew(self) -> None:
-        """Renew the leases of every copy this node holds (a forwarder's task, every
-        third of a lease). One that fails is logged: the copies are let go when their
-        leases end, and `holds` says so before then."""
+        """Tell the database what it was owed, then renew the leases of every copy this
+        node holds (the router's task, every third of a lease). One that fails is
+        logged: the copies are let go when their leases end, and `holds` says so before
+        then; the rows renewed are those still this node's (after a lapse, others may
+        have taken some)."""
         started = time.monotonic()
+        with self._state:
+            self._since = set()
         try:
-            self._update(
-                "UPDATE route_queue SET lease_until = now() + %s * interval '1 second' "
-                "WHERE owner = %s AND state = 'queued'",
-                (self.lease, self.node),
-            )
+            self._settle()
+            with self._connection() as conn:
+                rows = conn.execute(
+                    "UPDATE route_queue SET lease_until = now() + %s * interval '1 second' "
+                    "WHERE owner = %s AND state = 'queued' RETURNING id",
+                    (self.lease, self.node),
+                ).fetchall()
         except self._error as exc:
             log.warning("queue: could not renew this node's leases: %s", exc)
+            with self._state:
+                self._since = None
             return
-        self._renewed = started
+        with self._state:
+            self._held = {row for (row,) in rows} | (self._since or set())
+            self._since = None
+            self._renewed = started
 
-    def holds(self) -> bool:
-        """Whether this node's leases surely last a while yet (a copy is sent only then:
-        one whose lease may have ended may be another node's by now)."""
-        return time.monotonic() < self._renewed + self.lease * 5 / 6
+    def _settle(self) -> None:
+        """Run what the database was owed, in order."""
+        while self._owed:
+            sql, params, path = self._owed[0]
+            if self._update(sql, params) and path is not None:
+                self._removed(path)
+            with self._state:
+                self._owed.pop(0)
+
+    def holds(self, entry: Entry) -> bool:
+        """Whether this node surely holds `entry` for a while yet (a copy is sent only
+        then): renewed lately, and among the rows renewed or taken since."""
+        if time.monotonic() >= self._renewed + self.lease * 5 / 6:
+            return False
+        with self._state:
+            return entry.row in self._held
 
     def status(self, now: float | None = None) -> dict[str, DestinationStatus]:
         """Per destination: copies queued, dead letters, the oldest one's age."""
