@@ -126,6 +126,29 @@ def test_a_prune_waits_for_the_other_node_s_additions(
 
 
 @pytest.mark.timeout(60)
+def test_a_series_moved_by_one_node_while_another_adds_it(
+    tmp_path: Path, postgresql_server: Any
+) -> None:
+    """Node A is adding series S under study T1 of patient P1 (not committed yet); node
+    B adds S under study T2 of patient P2 at the same moment. B waits for A, sees S
+    under T1 once A committed, and moves it: T1 and P1, left empty, are pruned."""
+    url = postgres.fresh_schema(postgresql_server)
+    series = generate_uid()
+    first = _write(tmp_path, SeriesInstanceUID=series, PatientID="P1")
+    second = _write(tmp_path, SeriesInstanceUID=series, PatientID="P2")
+    with Index(url, root=tmp_path) as node_a, Index(url, root=tmp_path) as node_b:
+        with node_a._write(adding=True) as conn:
+            node_a._store_all(conn, list(node_a._readable([first])))
+            adder = threading.Thread(target=node_b.add, args=(second,))
+            adder.start()
+            time.sleep(0.5)  # B is waiting on A's new row
+        adder.join(10)
+        assert not adder.is_alive()
+        counts = node_a.counts()
+    assert (counts.patients, counts.studies, counts.series, counts.instances) == (1, 1, 1, 2)
+
+
+@pytest.mark.timeout(60)
 def test_writers_of_two_nodes_take_turns(tmp_path: Path, postgresql_server: Any) -> None:
     """A node's write waits for another node's open write transaction that may delete
     (an exclusive advisory lock): pruning an emptied patient cannot delete what the

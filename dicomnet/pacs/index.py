@@ -484,7 +484,6 @@ class Index:
         moves to another parent adds the one it leaves to `old` (series, studies,
         patients) to be pruned. An instance without Patient ID goes to the patient of
         its study (`_patient_without_id`)."""
-        _, old_studies, old_patients = old
         parent: int | None = None
         study_uid = cast(str, record.rows["study"][0])
         for table in PARENT_TABLES:
@@ -499,19 +498,28 @@ class Index:
                 parent = self._patient_without_id(conn, values, study_uid)
                 cache[table.name] = (key, parent)
                 continue
-            if table.name == "study":  # the study may move to another patient
-                for (previous,) in conn.execute(self._statements.parent_of["study"], (values[0],)):
-                    old_patients.add(previous)
-            elif table.name == "series":  # the series may move to another study
-                parents = conn.execute(self._statements.parent_of["series"], (values[0],))
-                for old_study, old_patient in parents:
-                    old_studies.add(old_study)
-                    old_patients.add(old_patient)
-            sql, _ = self._statements.upserts[table.name]
             params = [parent, *values] if table.parent else values
-            parent = conn.execute(sql, params).fetchone()[0]
+            row = None
+            if table.parent:  # the usual case: new, or under the same parent as before
+                row = conn.execute(self._statements.upserts_in_place[table.name], params)
+                row = row.fetchone()
+            if row is None and table.parent:  # under another parent: it moves
+                self._leaving(conn, table.name, values[0], old)
+            if row is None:
+                row = conn.execute(self._statements.upserts[table.name][0], params).fetchone()
+            parent = row[0]
             cache[table.name] = (key, cast(int, parent))
         return cast(int, parent)
+
+    def _leaving(self, conn: Executor, level: str, uid: object, old: Parents) -> None:
+        """Note the parents that the study or series of `uid` leaves (to be pruned if
+        left empty). The row is read, and in PostgreSQL locked, only now: a row another
+        node has just added is seen with the parent it committed."""
+        _, old_studies, old_patients = old
+        for parents in conn.execute(self._statements.parent_of[level], (uid,)):
+            if level == "series":
+                old_studies.add(parents[0])
+            old_patients.add(parents[-1])
 
     def _patient_without_id(
         self, conn: Executor, values: list[str | int | None], study_uid: str

@@ -15,6 +15,7 @@ from pydicom.tag import BaseTag, Tag
 
 from dicomnet.pacs.matching import (
     KEYED_VRS,
+    POSTGRESQL,
     SQLITE,
     SqlDialect,
 )
@@ -246,10 +247,13 @@ def schema_statements(dialect: SqlDialect = SQLITE) -> list[str]:
     return statements
 
 
-def _upsert_sql(table: _Table, p: str, by_pk: bool = False) -> tuple[str, list[str]]:
+def _upsert_sql(
+    table: _Table, p: str, by_pk: bool = False, same_parent: bool = False
+) -> tuple[str, list[str]]:
     """INSERT ... ON CONFLICT(unique) DO UPDATE ... RETURNING pk, and its column order;
-    `by_pk`: the first column is the row's pk (NULL for a new row), the conflict on it.
-    `p` is the placeholder.
+    `by_pk`: the first column is the row's pk (NULL for a new row), the conflict on it;
+    `same_parent`: a row indexed under another parent is left alone (and no pk is
+    returned: a move, for the caller to see). `p` is the placeholder.
 
     A NULL (attribute absent from the new instance) keeps the indexed value."""
     columns: list[str] = ["pk"] if by_pk else []
@@ -282,7 +286,8 @@ def _upsert_sql(table: _Table, p: str, by_pk: bool = False) -> tuple[str, list[s
         f"INSERT INTO {table.name} ({', '.join(columns)})"
         f" VALUES ({', '.join(values)})"
         f" ON CONFLICT{conflict} DO UPDATE SET {', '.join(updates)}"
-        " RETURNING pk"
+        + (f" WHERE {table.name}.{table.parent} = excluded.{table.parent}" if same_parent else "")
+        + " RETURNING pk"
     )
     return sql, columns
 
@@ -311,6 +316,8 @@ class Statements:
 
     #: Per table, the upsert by its unique key and its column order.
     upserts: dict[str, tuple[str, list[str]]]
+    #: "study" / "series": the upsert that leaves a row of another parent alone.
+    upserts_in_place: dict[str, str]
     #: A patient without Patient ID: a row of its own, found through its study.
     upsert_patient_by_pk: str
     study_patient: str
@@ -319,7 +326,8 @@ class Statements:
     #: An instance's pk and its series', study's and patient's, by SOP Instance UID.
     instance_parents: str
     delete_instance: str
-    #: "study" / "series": the parent keys of the row of that unique key.
+    #: "study" / "series": the parent keys of the row of that unique key (locked to the
+    #: end of the transaction, where the database can).
     parent_of: dict[str, str]
     #: Bottom up (series, study, patient): delete the row (pk, pk) if no child is left.
     prune: tuple[str, ...]
@@ -333,8 +341,10 @@ def statements(dialect: SqlDialect = SQLITE) -> Statements:
     p = dialect.placeholder
     upserts = {table.name: _upsert_sql(table, p) for table in TABLES}
     instance_columns = upserts["instance"][1]
+    lock = " FOR UPDATE OF " if dialect is POSTGRESQL else ""
     return Statements(
         upserts,
+        {name: _upsert_sql(_TABLE[name], p, same_parent=True)[0] for name in ("study", "series")},
         _upsert_sql(_TABLE["patient"], p, by_pk=True)[0],
         "SELECT p.pk, p.patient_id FROM study AS st JOIN patient AS p"
         f" ON p.pk = st.patient_pk WHERE st.study_instance_uid = {p}",
@@ -343,7 +353,10 @@ def statements(dialect: SqlDialect = SQLITE) -> Statements:
         f" ON CONFLICT({_TABLE['instance'].unique.column}) DO NOTHING RETURNING pk",
         _INSTANCE_PARENTS.format(p=p),
         f"DELETE FROM instance WHERE pk = {p}",
-        {table: sql.format(p=p) for table, sql in _PARENT_OF.items()},
+        {
+            table: sql.format(p=p) + (f"{lock}{alias}" if lock else "")
+            for (table, sql), alias in zip(_PARENT_OF.items(), ("study", "se"), strict=True)
+        },
         tuple(
             f"DELETE FROM {table} WHERE pk = {p}"
             f" AND NOT EXISTS (SELECT 1 FROM {child} WHERE {column} = {p})"
