@@ -112,7 +112,7 @@ def test_a_prune_waits_for_the_other_node_s_additions(
         node_a.add(first)
         removed = threading.Event()
         with node_a._write(adding=True) as conn:
-            node_a._store_all(conn, list(node_a._readable([second])))
+            node_a._writer.store_all(conn, list(node_a._readable([second])))
             remover = threading.Thread(
                 target=lambda: (node_b.remove(ds.SOPInstanceUID), removed.set())
             )
@@ -138,7 +138,7 @@ def test_a_series_moved_by_one_node_while_another_adds_it(
     second = _write(tmp_path, SeriesInstanceUID=series, PatientID="P2")
     with Index(url, root=tmp_path) as node_a, Index(url, root=tmp_path) as node_b:
         with node_a._write(adding=True) as conn:
-            node_a._store_all(conn, list(node_a._readable([first])))
+            node_a._writer.store_all(conn, list(node_a._readable([first])))
             adder = threading.Thread(target=node_b.add, args=(second,))
             adder.start()
             time.sleep(0.5)  # B is waiting on A's new row
@@ -232,7 +232,7 @@ def test_a_batch_ended_by_a_deadlock_is_stored_again(
 ) -> None:
     url = postgres.fresh_schema(postgresql_server)
     with Index(url, root=tmp_path) as index:
-        store_all = index._store_all
+        store_all = index._writer.store_all
         calls: list[int] = []
 
         def deadlocked_once(*args: Any, **kwargs: Any) -> Any:
@@ -241,7 +241,7 @@ def test_a_batch_ended_by_a_deadlock_is_stored_again(
                 raise index._db.contended("deadlock detected")  # type: ignore[operator]
             return store_all(*args, **kwargs)
 
-        monkeypatch.setattr(index, "_store_all", deadlocked_once)
+        monkeypatch.setattr(index._writer, "store_all", deadlocked_once)
         assert index.add_many([_write(tmp_path)]) == 1
         assert len(calls) == 2 and index.counts().instances == 1
 
@@ -262,7 +262,7 @@ def test_a_prune_that_fails_leaves_the_batch_indexed(
         def failing(*args: Any) -> int:
             raise index._db.errors("connection lost")
 
-        monkeypatch.setattr(index, "_prune", failing)
+        monkeypatch.setattr(index._writer, "prune", failing)
         assert index.add_many([moved]) == 1
         assert "stay until a reconcile" in caplog.text
         monkeypatch.undo()
