@@ -6,8 +6,12 @@ a folder name."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import select
+import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +19,9 @@ from typing import Any
 
 __all__ = [
     "DEAD_PEER",
+    "NODES_TABLE",
+    "NodeInUse",
+    "NodeName",
     "SharedConnection",
     "is_database_url",
     "node_folder",
@@ -116,3 +123,103 @@ class SharedConnection:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+class NodeInUse(OSError):
+    """Another running process holds this node name."""
+
+
+#: The table of `NodeName`, to create (under a lock of the caller's) before a claim.
+NODES_TABLE = """CREATE TABLE IF NOT EXISTS dicomnet_node (
+    kind TEXT NOT NULL,
+    node TEXT NOT NULL,
+    token TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    seen TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (kind, node))"""
+
+# Taken when free: nobody holds it, its holder has not been seen for a lease, or the
+# holder is named (`token`) as a process of this host that is gone (or this one).
+_CLAIM = """INSERT INTO dicomnet_node VALUES (%(kind)s, %(node)s, %(token)s, %(host)s,
+        %(pid)s, now())
+    ON CONFLICT (kind, node) DO UPDATE SET token = excluded.token, host = excluded.host,
+        pid = excluded.pid, seen = now()
+    WHERE dicomnet_node.seen < now() - %(lease)s * interval '1 second'
+        OR dicomnet_node.token = %(gone)s
+    RETURNING token"""
+
+
+def _gone(host: str, pid: int) -> bool:
+    """Whether process `pid` of `host` is this one, or no longer runs (as far as this
+    host can tell: another host's processes cannot be seen from here)."""
+    if host != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, as another user
+        return False
+    return False
+
+
+class NodeName:
+    """A node's name among those sharing a database, held there while the node runs
+    (table ``dicomnet_node``, per `kind` of node): a second process given a name in
+    use (a mistake that would make both take the same work for their own) is refused
+    (`NodeInUse`). A node restarted on the same host takes its name back at once; one
+    that vanished lets it go `lease` seconds after it was last seen (`renew`)."""
+
+    def __init__(self, db: SharedConnection, kind: str, node: str, lease: float) -> None:
+        self._db = db
+        self.kind, self.node, self.lease = kind, node, lease
+        self._token = secrets.token_hex(8)
+
+    def claim(self, wait: float) -> None:
+        """Take the name, waiting `wait` seconds at most for its holder to let it go."""
+        params = {
+            "kind": self.kind,
+            "node": self.node,
+            "token": self._token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "lease": self.lease,
+        }
+        deadline = time.monotonic() + wait
+        while True:
+            with self._db.use() as conn:
+                holder = conn.execute(
+                    "SELECT token, host, pid, extract(epoch FROM now() - seen)"
+                    " FROM dicomnet_node WHERE kind = %s AND node = %s",
+                    (self.kind, self.node),
+                ).fetchone()
+                gone = holder[0] if holder is not None and _gone(holder[1], holder[2]) else ""
+                if conn.execute(_CLAIM, {**params, "gone": gone}).fetchone() is not None:
+                    return
+            if time.monotonic() >= deadline:
+                raise NodeInUse(
+                    f"node name {self.node!r} is in use by a running process (on "
+                    f"{holder[1]}, seen {float(holder[3]):.0f} s ago): give each node a "
+                    "name of its own"
+                )
+            time.sleep(min(1.0, self.lease / 4))
+
+    def renew(self) -> bool:
+        """Say this node still runs; False if another process has taken the name."""
+        with self._db.use() as conn:
+            cursor = conn.execute(
+                "UPDATE dicomnet_node SET seen = now() WHERE kind = %s AND node = %s"
+                " AND token = %s",
+                (self.kind, self.node, self._token),
+            )
+            return bool(cursor.rowcount)
+
+    def release(self) -> None:
+        with self._db.use() as conn:
+            conn.execute(
+                "DELETE FROM dicomnet_node WHERE kind = %s AND node = %s AND token = %s",
+                (self.kind, self.node, self._token),
+            )

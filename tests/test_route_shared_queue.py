@@ -11,6 +11,7 @@ from typing import Any
 import postgres
 import pytest
 
+from dicomnet.database import NODES_TABLE, NodeInUse
 from dicomnet.route.queue import Entry, QueueFull
 from dicomnet.route.shared_queue import QueueUnavailable, SharedQueue
 
@@ -272,3 +273,58 @@ def test_copies_let_go_while_the_database_was_away_are_sent_once_it_is_back(
     anyio.run(main)
     assert sent == [str(entry.path)]
     assert a.status()["archive"].queued == 0
+
+
+def _holder(url: str, node: str, host: str, pid: int) -> None:
+    """A registration of `node` as held by process `pid` of `host`, seen just now."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(NODES_TABLE)
+        conn.execute(
+            "INSERT INTO dicomnet_node VALUES ('route', %s, 'held', %s, %s, now())"
+            " ON CONFLICT (kind, node) DO UPDATE SET seen = now()",
+            (node, host, pid),
+        )
+
+
+def test_a_node_name_in_use_is_refused(tmp_path: Path, url: str) -> None:
+    """Two routers given one name would take each other's copies for their own: the
+    second is refused, with what to do, while the first runs (seen within a lease)."""
+    import os
+    import socket
+
+    stop = threading.Event()
+
+    def running() -> None:  # another process of this host, alive, renewing
+        while not stop.is_set():
+            _holder(url, "a", socket.gethostname(), os.getppid())
+            time.sleep(0.1)
+
+    holder = threading.Thread(target=running)
+    holder.start()
+    try:
+        time.sleep(0.2)
+        with pytest.raises(NodeInUse, match="give each node a name of its own"):
+            node(tmp_path, url, "a", lease=0.4)
+    finally:
+        stop.set()
+        holder.join(5)
+
+
+def test_a_node_name_is_taken_back_from_a_process_gone(tmp_path: Path, url: str) -> None:
+    """Restarted on the same host after a kill: the name is taken at once. Held on
+    another host that is no longer seen: taken once its lease is over."""
+    import socket
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()  # its pid: a process of this host that is gone
+    _holder(url, "a", socket.gethostname(), done.pid)
+    started = time.monotonic()
+    node(tmp_path, url, "a", lease=30).close()
+    assert time.monotonic() - started < 5
+    _holder(url, "b", "another-host", 1)
+    started = time.monotonic()
+    node(tmp_path, url, "b", lease=0.5).close()
+    assert 0.3 < time.monotonic() - started < 5

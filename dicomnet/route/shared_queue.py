@@ -20,8 +20,9 @@ confirmed it, then its file (a confirmation the database could not take is given
 before the next renewal). A copy is sent twice only when it was on its way as its node
 lost it: the node killed between the confirmation and the deletion (as in the folder
 queue), or cut off from the database for longer than the lease while sending it.
-Node names must differ: two nodes of one name would take each other's copies for
-their own. Blocking: call from a worker thread.
+Node names must differ (two nodes of one name would take each other's copies for
+their own): a node's name is held in the database while it runs (`NodeName`), and a
+second one given it is refused. Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from dicomnet.database import SharedConnection, node_folder, redacted
+from dicomnet.database import NODES_TABLE, NodeName, SharedConnection, node_folder, redacted
 from dicomnet.route.queue import (
     DestinationStatus,
     Entry,
@@ -145,13 +146,18 @@ class SharedQueue:
         self.destinations = names
         for name in names:
             (self.root / name).mkdir(parents=True, exist_ok=True)
+        self._name = NodeName(self._db, "route", node, lease)
         if recover:
+            try:  # before anything of the queue is taken as this node's
+                self._name.claim(wait=lease * 1.5)
+            except self._error as exc:
+                raise QueueUnavailable(f"the database at {redacted(url)}: {exc}") from None
             self.renew()
 
     def _create_table(self) -> None:
         with self._connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, NODES_TABLE):
                 conn.execute(statement)
 
     def __repr__(self) -> str:
@@ -337,6 +343,8 @@ class SharedQueue:
             self._since = set()
         try:
             self._settle()
+            if not self._name.renew():
+                log.error("queue: another router took the node name %r", self.node)
             with self._connection() as conn:
                 rows = conn.execute(
                     "UPDATE route_queue SET lease_until = now() + %s * interval '1 second' "
@@ -395,6 +403,7 @@ class SharedQueue:
                 "UPDATE route_queue SET owner = NULL, lease_until = NULL WHERE owner = %s",
                 (self.node,),
             )
+            self._name.release()
         except self._error as exc:
             log.warning("queue: could not let go of this node's copies: %s", exc)
         self._db.close()
