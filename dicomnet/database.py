@@ -23,8 +23,10 @@ __all__ = [
     "NodeInUse",
     "NodeName",
     "SharedConnection",
+    "connect",
     "is_database_url",
     "node_folder",
+    "psycopg",
     "redacted",
     "reopened_if_dropped",
 ]
@@ -42,6 +44,29 @@ DEAD_PEER: dict[str, Any] = {
 }
 #: Milliseconds a statement on a `SharedConnection` may take (theirs are all short).
 STATEMENT_TIMEOUT = 30_000
+
+
+def psycopg() -> Any:
+    """The psycopg module; `RuntimeError` saying how to install it when it is not."""
+    try:
+        import psycopg
+    except ImportError:
+        raise RuntimeError(
+            "a database in PostgreSQL needs psycopg: pip install 'dicomnet[postgresql]'"
+        ) from None
+    return psycopg
+
+
+def connect(url: str, *, autocommit: bool = True, timeout: float = 10.0) -> Any:
+    """A psycopg connection to `url` as dicomnet's are: statements sent as they are
+    (behind a pooler too), a server gone without a word noticed (`DEAD_PEER`)."""
+    return psycopg().connect(
+        url,
+        autocommit=autocommit,
+        connect_timeout=max(1, int(timeout)),
+        prepare_threshold=None,
+        **DEAD_PEER,
+    )
 
 
 def is_database_url(location: str) -> bool:
@@ -84,27 +109,14 @@ class SharedConnection:
     when psycopg is not installed."""
 
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
-        try:
-            import psycopg
-        except ImportError:
-            raise RuntimeError(
-                "a database in PostgreSQL needs psycopg: pip install 'dicomnet[postgresql]'"
-            ) from None
         self.url = url
-        self.error: type[Exception] = psycopg.Error
-        self._psycopg = psycopg
+        self.error: type[Exception] = psycopg().Error
         self._timeout = timeout
         self._lock = threading.Lock()
         self._conn: Any = None
 
     def _connect(self) -> Any:
-        conn = self._psycopg.connect(
-            self.url,
-            autocommit=True,
-            connect_timeout=max(1, int(self._timeout)),
-            prepare_threshold=None,
-            **DEAD_PEER,
-        )
+        conn = connect(self.url, timeout=self._timeout)
         conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT}")
         return conn
 

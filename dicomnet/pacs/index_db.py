@@ -24,7 +24,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from dicomnet.database import DEAD_PEER, redacted, reopened_if_dropped
+from dicomnet import database
+from dicomnet.database import redacted, reopened_if_dropped
 from dicomnet.pacs import index_schema
 from dicomnet.pacs.index_schema import TABLES, schema_statements
 from dicomnet.pacs.matching import POSTGRESQL, SQLITE, SqlDialect
@@ -248,12 +249,7 @@ class PostgreSQLDatabase(_Connected):
     dialect = POSTGRESQL
 
     def __init__(self, url: str, version: int, timeout: float) -> None:
-        try:
-            import psycopg
-        except ImportError:
-            raise RuntimeError(
-                "an index in PostgreSQL needs psycopg: pip install 'dicomnet[postgresql]'"
-            ) from None
+        psycopg = database.psycopg()
         super().__init__()
         self._idle: list[Any] = []  # reader connections between queries
         self._idle_lock = threading.Lock()
@@ -265,7 +261,6 @@ class PostgreSQLDatabase(_Connected):
             psycopg.errors.DeadlockDetected
         )
         self.errors: type[Exception] = psycopg.Error
-        self._psycopg = psycopg
         self.location = url
         self._timeout = timeout
         self._conn = self._connect(autocommit=True)
@@ -277,14 +272,7 @@ class PostgreSQLDatabase(_Connected):
             raise
 
     def _connect(self, autocommit: bool) -> Any:
-        return self._psycopg.connect(
-            self.location,
-            autocommit=autocommit,
-            connect_timeout=max(1, int(self._timeout)),
-            **DEAD_PEER,
-            # Statements are sent as they are: behind a pooler too.
-            prepare_threshold=None,
-        )
+        return database.connect(self.location, autocommit=autocommit, timeout=self._timeout)
 
     def _create_schema(self, version: int) -> bool:
         with self.write() as conn:

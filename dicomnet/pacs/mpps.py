@@ -67,8 +67,9 @@ class MPPSRecords:
             self._shared = SharedConnection(location)
             self._duplicate: type[Exception] = psycopg.errors.UniqueViolation
             self._dialect = POSTGRESQL
-            with self._shared.use() as conn, conn.transaction():  # nodes starting at
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))  # once: once
+            # Under the schema lock: nodes starting at once create it once.
+            with self._shared.use() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 conn.execute(_SCHEMA.format(real="DOUBLE PRECISION"))
         else:
             self._conn = sqlite3.connect(

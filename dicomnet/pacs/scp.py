@@ -212,9 +212,7 @@ class Indexer:
         self._pending: list[str] = []
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._drains = 0  # drain() calls waiting: no lingering meanwhile
+        self._drains = 0  # `through` calls waiting: no lingering meanwhile
         self._running = False
         self._process: subprocess.Popen[bytes] | None = None
         self._connection: Connection | None = None
@@ -247,7 +245,6 @@ class Indexer:
         self._pending.append(path)
         if self.progress is not None:
             self.progress.handed()
-        self._idle.clear()
         self._wake.set()
         if len(self._pending) >= INDEX_BATCH:
             self._hurry.set()
@@ -258,7 +255,7 @@ class Indexer:
         """Wait until the file of `ticket` has been through indexing (`failed` says
         whether it was indexed), and no longer: not for the files added after it."""
         if not self._running:
-            await self._flush()
+            await self._flush()  # nobody runs the background task: index now
             return
         self._drains += 1
         try:
@@ -273,15 +270,7 @@ class Indexer:
         `others`), everything the other serving processes had added by now."""
         progress = self.progress if others else None
         handed = progress.handed_by_others() if progress is not None else None
-        if not self._running:
-            await self._flush()  # nobody runs the background task: index now
-        elif self._pending or not self._idle.is_set():
-            self._drains += 1
-            try:
-                self._hurry.set()
-                await self._idle.wait()
-            finally:
-                self._drains -= 1
+        await self.through(self._added)
         if handed:
             await self._wait_for_others(handed)
 
@@ -416,7 +405,6 @@ class Indexer:
     async def _flush(self) -> None:
         while self._pending:
             await self._send_batch()
-        self._idle.set()
 
     async def run(self) -> None:
         self._start_process()
@@ -444,8 +432,6 @@ class Indexer:
                     self._wake.set()
                     if len(self._pending) >= INDEX_BATCH:
                         self._hurry.set()
-                else:
-                    self._idle.set()
         finally:
             self._running = False
             with anyio.CancelScope(shield=True):
